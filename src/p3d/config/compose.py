@@ -1,0 +1,129 @@
+"""Compose the p3d config with Hydra from `conf/`, `recipes/` and command-line overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from p3d.config.schema import P3DConfig
+from p3d.errors import ConfigError
+
+SCHEMA_NAME = "p3d_schema"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+# Overrides that change how a run is laid out or reported, not what it computes: they do not
+# change the default run directory, so rerunning with another layout or more steps resumes.
+_RUN_ID_EXCLUDED = ("parallel", "train.steps", "train.micro_batch_size", "checkpoint", "logging", "run", "dist")
+
+
+def _shipped_dir(installed_name: str, repo_name: str) -> Path:
+    """conf/ and recipes/ sit inside the installed package, or at the root of a source checkout."""
+    installed = PACKAGE_DIR / installed_name
+    return installed if installed.is_dir() else PACKAGE_DIR.parents[1] / repo_name
+
+
+def conf_dir() -> Path:
+    return _shipped_dir("_conf", "conf")
+
+
+def recipes_dir() -> Path:
+    return _shipped_dir("_recipes", "recipes")
+
+
+@lru_cache(maxsize=None)
+def register_configs() -> None:
+    """Store the schema and every recipe in Hydra's ConfigStore (once per process)."""
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=P3DConfig)
+    for recipe in sorted(recipes_dir().glob("*.yaml")):
+        store.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
+
+
+def _normalise_overrides(overrides: Sequence[str]) -> list[str]:
+    """`model.config.<field>=v` may name any Hugging Face config field, present in the preset or not."""
+    normalised = []
+    for override in overrides:
+        if override.startswith("model.config.") and "=" in override:
+            override = "++" + override
+        normalised.append(override)
+    return normalised
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `conf/config.yaml` with the overrides; every problem becomes a one-line ConfigError."""
+    for override in overrides:
+        if override.startswith("-"):
+            raise ConfigError(f"{override}: p3d takes only key=value overrides here (Hydra flags and multirun are not supported)")
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=_normalise_overrides(overrides))
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        raise ConfigError(describe_compose_error(error)) from error
+    cfg_run = cfg.run
+    if cfg_run.dir is None:
+        OmegaConf.update(cfg, "run.dir", str(Path(cfg_run.root) / f"{cfg.model.name}-{run_id(overrides)}"))
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> P3DConfig:
+    """Typed view of a composed config (attribute access with real types and enums)."""
+    return OmegaConf.to_object(cfg)
+
+
+def run_id(overrides: Sequence[str]) -> str:
+    """A short id shared by all ranks (it depends only on the overrides, never on a clock)."""
+    kept = sorted(o.lstrip("+~") for o in overrides if not _is_layout_override(o.lstrip("+~")))
+    return hashlib.sha1("\n".join(kept).encode()).hexdigest()[:8]
+
+
+def _is_layout_override(override: str) -> bool:
+    key = override.split("=", 1)[0]
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in _RUN_ID_EXCLUDED)
+
+
+def describe_compose_error(error: BaseException) -> str:
+    """One line for Hydra's and OmegaConf's multi-line composition messages."""
+    if isinstance(error, MissingConfigException):
+        return _describe_missing(error)
+    chain = []
+    current: BaseException | None = error
+    while current is not None:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for link in chain:
+        full_key = getattr(link, "full_key", None)
+        if isinstance(link, OmegaConfBaseException) and full_key:
+            reason = str(link).splitlines()[0]
+            if "not in" in reason or "is not in struct" in reason:
+                return f"{full_key}: unknown config key (check the spelling; `p3d ls` lists groups and presets)"
+            return f"{full_key}: {reason}"
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    override = re.search(r"Could not override '([^']+)'", text)
+    if override:
+        return f"{override.group(1)}: unknown config key (check the spelling)"
+    return text
+
+
+def _describe_missing(error: MissingConfigException) -> str:
+    text = str(error)
+    match = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if not match:
+        match = re.search(r"In '[^']*': Could not find '([^/']+)/([^']+)'", text)
+    if match:
+        group, name = match.groups()
+        options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        if group == "recipe":
+            options = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+        return f"{group}={name}: no such preset in group '{group}' (available: {', '.join(options) or 'none'})"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -1,0 +1,108 @@
+"""Typed schema of every p3d config key.
+
+Each group of `conf/` merges into one dataclass below; Hydra's ConfigStore holds them, so an
+unknown key or a value of the wrong type fails when the config is composed. The one-line
+comment after each field is its documentation (docs/config.md is generated from it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, Optional
+
+
+class InitMode(Enum):
+    random = "random"
+    pretrained = "pretrained"
+
+
+class CPLayout(Enum):
+    balanced = "balanced"
+    contiguous = "contiguous"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "model"  # preset name; names the default run directory
+    arch: str = "llama"  # Hugging Face `model_type` used to build the config for random init (llama, opt, ...)
+    init: InitMode = InitMode.random  # random: build from the config alone (no download); pretrained: load `model.pretrained`
+    pretrained: Optional[str] = None  # local directory or hub id of a Hugging Face checkpoint (used by init=pretrained)
+    config: Dict[str, Any] = field(default_factory=dict)  # overrides of Hugging Face config fields, e.g. model.config.num_hidden_layers=3
+    tp_plan: Any = "auto"  # "auto" (the model's own Hugging Face tp plan) or a map {module pattern: style}
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # data-parallel degree (FSDP2 shards over dp*cp); -1 infers it as world_size / (cp*tp)
+    cp: int = 1  # context-parallel degree: the sequence is split over this many ranks
+    tp: int = 1  # tensor-parallel degree (innermost mesh dimension)
+    cp_layout: CPLayout = CPLayout.balanced  # sequence sharding under CP: balanced (rank i holds chunks i and 2cp-1-i) or contiguous
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # local file/dir (.txt, .json, .jsonl, .parquet) or hub dataset id; null: the built-in corpus
+    name: Optional[str] = None  # hub dataset configuration name (with a hub id in data.path)
+    split: str = "train"  # dataset split to read
+    text_field: str = "text"  # column holding the text
+    seq_len: int = 128  # tokens per training sequence
+    tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.1  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    warmup_steps: int = 2  # linear warmup steps before the cosine decay
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of optim.lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20  # optimizer steps to train (the run stops at this step)
+    seed: int = 0  # seed for model init and the data order (the same on every rank)
+    global_batch_size: int = 8  # sequences per optimizer step, whole job
+    micro_batch_size: int = 2  # sequences per dp rank per forward; accumulation = global / (micro * dp)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  # save a DCP checkpoint every this many steps; 0: no periodic saves
+    at_end: bool = True  # save after the last step
+    resume: bool = True  # resume from the newest complete checkpoint in run.dir if there is one
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1  # print a console line every this many steps (metrics.jsonl gets every step)
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None  # where every output of the run goes; null: <run.root>/<model.name>-<id of the overrides>
+    root: str = "runs"  # parent directory of derived run directories
+
+
+@dataclass
+class DistConfig:
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, xpu or hpu
+    backend: str = "auto"  # auto picks from the device: cuda nccl, cpu gloo, xpu xccl, hpu hccl
+    timeout_s: int = 600  # collective timeout in seconds
+
+
+@dataclass
+class P3DConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)

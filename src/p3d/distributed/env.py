@@ -1,0 +1,85 @@
+"""Process group, device and seeds: everything that is per process and set up once."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from p3d.config.schema import DistConfig
+from p3d.errors import ConfigError
+
+BACKEND_FOR_DEVICE = {"cuda": "nccl", "cpu": "gloo", "xpu": "xccl", "hpu": "hccl"}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def resolve_device_type(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested not in BACKEND_FOR_DEVICE:
+        raise ConfigError(f"dist.device={requested}: unknown device (use auto, {', '.join(BACKEND_FOR_DEVICE)})")
+    available = requested == "cpu" or (hasattr(torch, requested) and getattr(torch, requested).is_available())
+    if not available:
+        raise ConfigError(f"dist.device={requested}: no {requested} device is available here (use dist.device=cpu or auto)")
+    return requested
+
+
+def resolve_backend(requested: str, device_type: str) -> str:
+    if requested != "auto":
+        return requested
+    backend = BACKEND_FOR_DEVICE[device_type]
+    # CPU tensors (checkpoint metadata, small counters) need gloo beside an accelerator's backend.
+    return backend if device_type == "cpu" else f"cpu:gloo,{device_type}:{backend}"
+
+
+def init_distributed(cfg: DistConfig) -> DistEnv:
+    """Join the process group (torchrun's env vars, or a one-process group when launched plainly)."""
+    device_type = resolve_device_type(cfg.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cpu":
+        device = torch.device("cpu")
+    else:
+        device = torch.device(device_type, local_rank)
+        getattr(torch, device_type).set_device(device)
+    timeout = timedelta(seconds=cfg.timeout_s)
+    backend = resolve_backend(cfg.backend, device_type)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device_type != "cpu" else None)
+    else:
+        store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

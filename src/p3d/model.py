@@ -1,0 +1,278 @@
+"""Build a Hugging Face causal LM on the meta device and materialise only this rank's shards.
+
+The model code stays plain transformers. p3d builds it on the meta device (no memory), the
+parallel/ modules shard it, and only then does each rank allocate and fill its own shards:
+- random init: every module is initialised at full size, one module at a time, with a seed
+  derived from its name and `train.seed`, by the model's own `_init_weights`; each rank keeps
+  only its slice. The full value of every parameter is thus the same on any layout.
+- pretrained: each rank reads only its slice of every tensor from the checkpoint files
+  (safetensors slicing, or memory-mapped torch files).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from p3d.config.schema import InitMode, ModelConfig
+from p3d.errors import ConfigError
+from p3d.compat import local_box
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
+    """The Hugging Face config: from `model.arch` (random init) or the checkpoint, plus `model.config`."""
+    overrides = dict(model_cfg.config)
+    if model_cfg.init is InitMode.pretrained:
+        config = _pretrained_config(model_cfg.pretrained)
+    else:
+        try:
+            config = AutoConfig.for_model(model_cfg.arch)
+        except ValueError:
+            raise ConfigError(f"model.arch={model_cfg.arch}: not a Hugging Face model type (e.g. llama, opt, mistral, qwen2)") from None
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        raise ConfigError(
+            f"model.config.{unknown[0]}: not a field of {type(config).__name__}"
+            + (f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else "")
+        )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _pretrained_config(source: str | None) -> PretrainedConfig:
+    if not source:
+        raise ConfigError("model.init=pretrained: set model.pretrained=<local directory or hub id>")
+    if _looks_local(source) and not Path(source).expanduser().is_dir():
+        raise ConfigError(f"model.pretrained={source}: no such directory")
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(source))
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0]
+        raise ConfigError(f"model.pretrained={source}: cannot read its config ({reason}); point it at a local copy") from None
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).exists()
+
+
+def build_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
+    """The whole model on the meta device: shapes and structure, no memory.
+
+    Each model gets its own copy of the config: transformers writes the attention
+    implementation into it, and context parallelism changes that per model.
+    """
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="sdpa")
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (the classes transformers lists in `_no_split_modules`)."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in block_classes]
+
+
+def tie_weights_if_configured(model: PreTrainedModel) -> None:
+    """Re-point the output embedding at the input embedding (sharding replaces parameter objects)."""
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        output = model.get_output_embeddings()
+        if output is not None:
+            output.weight = model.get_input_embeddings().weight
+
+
+@dataclass
+class _Target:
+    """Where a full tensor of the reference model lands in the (sharded) training model."""
+
+    tensor: torch.Tensor
+
+    def write(self, full: torch.Tensor) -> None:
+        """Keep this rank's slice of the full tensor."""
+        self.write_local(full[local_box(self.tensor)])
+
+    def write_local(self, values: torch.Tensor) -> None:
+        """Fill this rank's shard with values already sliced to it."""
+        local = self.tensor.to_local() if isinstance(self.tensor, DTensor) else self.tensor
+        local.copy_(values)
+
+
+def _targets(model: nn.Module) -> dict[str, _Target]:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return {name: _Target(tensor) for name, tensor in named.items()}
+
+
+def _module_seed(seed: int, module_name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{module_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _init_owner(reference: PreTrainedModel, module_name: str) -> PreTrainedModel:
+    """The innermost PreTrainedModel containing the module (composite models init per sub-model)."""
+    owner, owner_name = reference, ""
+    for name, module in reference.named_modules():
+        if isinstance(module, PreTrainedModel) and len(name) > len(owner_name) and (module_name + ".").startswith(name + "."):
+            owner, owner_name = module, name
+    return owner
+
+
+@torch.no_grad()
+def initialize_random(model: nn.Module, hf_config: PretrainedConfig, seed: int, buffers_only: bool = False) -> None:
+    """Fill `model` (already sharded and materialised) with a layout-independent random init."""
+    reference = build_meta_model(hf_config)
+    targets = _targets(model)
+    written: set[int] = set()
+    for module_name, ref_module in reference.named_modules():
+        own_params = list(ref_module.named_parameters(recurse=False))
+        own_buffers = list(ref_module.named_buffers(recurse=False))
+        if not own_buffers and (buffers_only or not own_params):
+            continue
+        ref_module.to_empty(device="cpu", recurse=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_module_seed(seed, module_name))
+            _init_owner(reference, module_name)._init_weights(ref_module)
+        tensors = list(ref_module.named_buffers(recurse=False))
+        if not buffers_only:
+            tensors += list(ref_module.named_parameters(recurse=False))
+        for local_name, full in tensors:
+            target = targets.get(f"{module_name}.{local_name}" if module_name else local_name)
+            if target is None or id(target.tensor) in written:
+                continue  # a tied weight is initialised once, by the module that owns it first
+            target.write(full)
+            written.add(id(target.tensor))
+        ref_module.to_empty(device="meta", recurse=False)
+
+
+def materialize(model: PreTrainedModel, model_cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, device: torch.device) -> None:
+    """Allocate this rank's shards on `device` and fill them (random init or the checkpoint)."""
+    model.to_empty(device=device)
+    tie_weights_if_configured(model)
+    if model_cfg.init is InitMode.pretrained:
+        initialize_random(model, hf_config, seed, buffers_only=True)
+        load_pretrained_shards(model, resolve_pretrained_dir(model_cfg.pretrained))
+    else:
+        initialize_random(model, hf_config, seed)
+
+
+def resolve_pretrained_dir(source: str) -> Path:
+    """A local directory holding the checkpoint (downloaded from the hub if `source` is a hub id)."""
+    local = Path(os.path.expanduser(source))
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+    except Exception as error:  # the hub client raises many types; all mean "not reachable here"
+        raise ConfigError(f"model.pretrained={source}: not a local directory and the hub is unreachable ({type(error).__name__}); use a local copy") from None
+
+
+class _CheckpointReader:
+    """Reads slices of named tensors from a Hugging Face checkpoint directory without loading it whole."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.key_to_file = self._index(directory)
+        self._stack = ExitStack()
+        self._open: dict[str, object] = {}
+
+    @staticmethod
+    def _index(directory: Path) -> dict[str, str]:
+        for name in WEIGHT_FILES:
+            path = directory / name
+            if not path.exists():
+                continue
+            if name.endswith(".index.json"):
+                return dict(json.loads(path.read_text())["weight_map"])
+            return {key: name for key in _keys_of(path)}
+        raise ConfigError(f"model.pretrained={directory}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+
+    def read(self, key: str, box: tuple[slice, ...]) -> torch.Tensor:
+        handle = self._handle(self.key_to_file[key])
+        if isinstance(handle, dict):
+            return handle[key][box]
+        return handle.get_slice(key)[box]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle = self._handle(self.key_to_file[key])
+        if isinstance(handle, dict):
+            return tuple(handle[key].shape)
+        return tuple(handle.get_slice(key).get_shape())
+
+    def _handle(self, file_name: str):
+        if file_name not in self._open:
+            path = self.directory / file_name
+            if file_name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                self._open[file_name] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            else:
+                self._open[file_name] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return self._open[file_name]
+
+    def close(self) -> None:
+        self._stack.close()
+        self._open.clear()
+
+
+def _keys_of(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+
+
+def _strip_prefix(key: str, prefix: str) -> str:
+    return key[len(prefix) + 1 :] if prefix and key.startswith(prefix + ".") else key
+
+
+@torch.no_grad()
+def load_pretrained_shards(model: PreTrainedModel, directory: Path) -> None:
+    """Copy each parameter's local slice from the checkpoint; missing or unexpected keys are an error."""
+    reader = _CheckpointReader(directory)
+    prefix = model.base_model_prefix
+    by_normalised = {_strip_prefix(key, prefix): key for key in reader.key_to_file}
+    used: set[str] = set()
+    missing: list[str] = []
+    try:
+        for name, param in model.named_parameters():  # remove_duplicate: a tied weight once
+            key = by_normalised.get(_strip_prefix(name, prefix))
+            if key is None:
+                missing.append(name)
+                continue
+            if reader.shape(key) != tuple(param.shape):
+                raise ConfigError(
+                    f"model.pretrained={directory}: '{key}' has shape {reader.shape(key)} but the model expects "
+                    f"{tuple(param.shape)} (do model.config overrides change the shape?)"
+                )
+            _Target(param).write_local(reader.read(key, local_box(param)))
+            used.add(key)
+    finally:
+        reader.close()
+    unexpected = sorted(k for k in reader.key_to_file if k not in used and not _is_known_extra(k))
+    problems = []
+    if missing:
+        problems.append(f"model.pretrained={directory}: checkpoint lacks {len(missing)} weights: {', '.join(missing[:8])}")
+    if unexpected:
+        problems.append(f"model.pretrained={directory}: checkpoint has {len(unexpected)} unexpected weights: {', '.join(unexpected[:8])}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _is_known_extra(key: str) -> bool:
+    """Buffers some checkpoints carry that the model recomputes (rotary frequencies, position ids)."""
+    return key.endswith(("rotary_emb.inv_freq", ".position_ids", ".masked_bias", ".attn.bias"))

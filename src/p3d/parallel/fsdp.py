@@ -1,0 +1,25 @@
+"""FSDP2 (`fully_shard`) over the dp*cp ranks: one unit per decoder block, then the root."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from p3d.model import decoder_blocks
+
+
+def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh) -> None:
+    """Shard parameters, gradients and optimizer state over `dp_cp_mesh`.
+
+    p3d divides the loss by the global token count itself, so gradients are summed across
+    ranks, not averaged (FSDP2 averages by default). Plain SUM collectives also run on gloo,
+    which has no PREMUL_SUM.
+    """
+    for block in decoder_blocks(model):
+        fully_shard(block, mesh=dp_cp_mesh)
+    fully_shard(model, mesh=dp_cp_mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)

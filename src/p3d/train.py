@@ -1,0 +1,99 @@
+"""`python -m p3d.train [key=value ...]` (one process) or `torchrun ... -m p3d.train [key=value ...]`.
+
+Compose -> validate (before any collective) -> process group -> mesh -> model -> data -> train.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from p3d.checkpoint import Checkpointer
+from p3d.config.compose import compose, to_object
+from p3d.config.schema import P3DConfig
+from p3d.config.validate import ValidatedSetup, validate
+from p3d.data import build_sampler
+from p3d.distributed.env import DistEnv, init_distributed, shutdown, world_size_from_env
+from p3d.distributed.mesh import Meshes
+from p3d.errors import exits_cleanly_on_config_error
+from p3d.metrics import MetricsLogger
+from p3d.optim import build_optimizer, build_scheduler
+from p3d.parallel.parallelize import build_parallel_model
+from p3d.parallel.context import ContextParallel, SequenceSharding
+from p3d.trainer import Trainer
+
+USAGE = """usage: python -m p3d.train [key=value ...]
+       torchrun --nproc_per_node=N -m p3d.train [key=value ...]
+       p3d train [--nproc-per-node N] [key=value ...]
+
+Pick presets with group=name (model=tiny_opt parallel=tp2dp2cp2 +recipe=tiny_llama_3d) and
+override any key with group.key=value (train.steps=100 model.config.num_hidden_layers=4).
+`p3d ls` lists presets; docs/config.md lists every key."""
+
+
+@exits_cleanly_on_config_error
+def main(argv: Sequence[str] | None = None) -> None:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in overrides):
+        print(USAGE)
+        return
+    cfg = compose(overrides)
+    config = to_object(cfg)
+    setup = validate(config, world_size_from_env())
+    env = init_distributed(config.dist)
+    try:
+        train(cfg, config, setup, env)
+    finally:
+        shutdown()
+
+
+def prepare_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
+    """Rank 0 alone creates the run directory and writes the resolved config into it."""
+    run_dir = Path(cfg.run.dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    dist.barrier()
+    return run_dir
+
+
+def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, env: DistEnv) -> None:
+    meshes = Meshes(setup.dims, env.device.type)
+    run_dir = prepare_run_dir(cfg, env)
+    metrics = MetricsLogger(run_dir, env.is_main, config.logging.every, config.train.steps)
+    metrics.info(f"{config.model.name} on {setup.dims.describe()}, run dir {run_dir}")
+    model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)
+    sampler = build_sampler(
+        config.data, config.model, config.train.seed, config.train.global_batch_size, config.train.micro_batch_size,
+        setup.dims.dp, meshes.dp.get_local_rank(),
+    )
+    optimizer = build_optimizer(model, config.optim)
+    trainer = Trainer(
+        config=config,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config.optim, config.train.steps),
+        sampler=sampler,
+        meshes=meshes,
+        context_parallel=_context_parallel(config, meshes),
+        device=env.device,
+        metrics=metrics,
+        checkpointer=Checkpointer(run_dir, env.is_main),
+    )
+    trainer.resume_if_possible()
+    trainer.fit()
+
+
+def _context_parallel(config: P3DConfig, meshes: Meshes) -> ContextParallel | None:
+    if meshes.dims.cp == 1:
+        return None
+    sharding = SequenceSharding(meshes.dims.cp, config.parallel.cp_layout)
+    return ContextParallel(meshes.cp.get_group(), meshes.cp.get_local_rank(), sharding)
+
+
+if __name__ == "__main__":
+    main()

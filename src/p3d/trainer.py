@@ -1,0 +1,131 @@
+"""The train loop: micro-batches -> forward/backward (loss over the global token count) -> clip -> step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState
+from p3d.config.schema import P3DConfig
+from p3d.data import IGNORE_INDEX, DataParallelSampler, inputs_and_labels
+from p3d.distributed.mesh import Meshes
+from p3d.errors import ConfigError
+from p3d.metrics import MetricsLogger, peak_memory_gb
+from p3d.optim import clip_grad_norm_
+from p3d.parallel.context import ContextParallel
+
+
+@dataclass
+class Trainer:
+    config: P3DConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: DataParallelSampler
+    meshes: Meshes
+    context_parallel: ContextParallel | None
+    device: torch.device
+    metrics: MetricsLogger
+    checkpointer: Checkpointer
+
+    def __post_init__(self):
+        self.state = TrainState()
+
+    def checkpoint_state(self) -> dict:
+        return {"app": ModelAndOptimizer(self.model, self.optimizer), "scheduler": self.scheduler, "train": self.state}
+
+    def resume_if_possible(self) -> None:
+        if not self.config.checkpoint.resume:
+            return
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return
+        self.checkpointer.load(latest, self.checkpoint_state())
+        self.metrics.info(f"resumed from {latest} (step {self.state.step}, {self.state.consumed_samples} samples consumed)")
+
+    def fit(self) -> None:
+        steps = self.config.train.steps
+        if self.state.step >= steps:
+            self.metrics.info(f"nothing to do: already trained to step {self.state.step} (train.steps={steps})")
+            return
+        while self.state.step < steps:
+            record = self.train_step()
+            self.metrics.log(record)
+            if self._should_save():
+                path = self.checkpointer.save(self.state.step, self.checkpoint_state())
+                self.metrics.info(f"saved checkpoint {path}")
+
+    def _should_save(self) -> bool:
+        every, step = self.config.checkpoint.every, self.state.step
+        return (every > 0 and step % every == 0) or (self.config.checkpoint.at_end and step == self.config.train.steps)
+
+    def train_step(self) -> dict:
+        started = time.perf_counter()
+        pairs = [inputs_and_labels(batch) for batch in self.sampler.micro_batches(self.state.consumed_samples)]
+        global_tokens = self._global_valid_tokens(pairs)
+        loss = torch.zeros((), device=self.device)
+        for inputs, labels in pairs:
+            loss += self._forward_backward(inputs, labels, global_tokens)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        dist.all_reduce(loss, group=self.meshes.dp_cp.get_group())
+        self._check_finite(loss, grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.consumed_samples += self.config.train.global_batch_size
+        elapsed = time.perf_counter() - started
+        tokens = self.config.train.global_batch_size * self.config.data.seq_len
+        return {
+            "step": self.state.step,
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed,
+            "step_time_s": elapsed,
+            "peak_mem_gb": self._peak_memory_all_ranks(),
+        }
+
+    def _global_valid_tokens(self, pairs) -> torch.Tensor:
+        """Valid label tokens of the whole step over all dp ranks (each dp group holds whole sequences)."""
+        count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in pairs)
+        total = torch.tensor(float(count), device=self.device)
+        dist.all_reduce(total, group=self.meshes.dp.get_group())
+        return total.clamp(min=1.0)
+
+    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
+        batch, seq_len = inputs.shape
+        positions = torch.arange(seq_len).expand(batch, seq_len)
+        attending = contextlib.nullcontext()
+        if self.context_parallel is not None:
+            cp = self.context_parallel
+            inputs, labels, positions = (cp.split(t, seq_len) for t in (inputs, labels, positions))
+            attending = cp.attending(seq_len, self.device)
+        with attending:
+            logits = self.model(input_ids=inputs.to(self.device), position_ids=positions.to(self.device), use_cache=False).logits
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.to(self.device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ) / global_tokens
+            loss.backward()
+        return loss.detach()
+
+    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+            raise ConfigError(
+                f"step {self.state.step + 1}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite; "
+                f"lower optim.lr or raise optim.warmup_steps (no checkpoint was written for this step)"
+            )
+
+    def _peak_memory_all_ranks(self) -> float:
+        peak = torch.tensor(peak_memory_gb(self.device), device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return peak.item()
