@@ -39,6 +39,13 @@ class MetricsLogger:
             f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | peak mem {record['peak_mem_gb']:.2f} GB"
         )
 
+    def forget_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint (they will be trained again)."""
+        if not self.is_main or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def info(self, message: str) -> None:
         if self.is_main:
             print(f"p3d: {message}", flush=True)

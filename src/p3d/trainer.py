@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -20,6 +22,17 @@ from p3d.errors import ConfigError
 from p3d.metrics import MetricsLogger, peak_memory_gb
 from p3d.optim import clip_grad_norm_
 from p3d.parallel.context import ContextParallel
+
+
+def fail_if_injected(step: int) -> None:
+    """Test-only fault injection: P3D_FAIL_AFTER_STEP=n [P3D_FAIL_RANK=r] kills a rank after step n."""
+    fail_step = os.environ.get("P3D_FAIL_AFTER_STEP")
+    if fail_step is None or int(fail_step) != step:
+        return
+    fail_rank = os.environ.get("P3D_FAIL_RANK")
+    if fail_rank is None or int(fail_rank) == dist.get_rank():
+        print(f"p3d: injected failure after step {step} on rank {dist.get_rank()}", file=sys.stderr, flush=True)
+        os._exit(17)
 
 
 @dataclass
@@ -48,6 +61,7 @@ class Trainer:
         if latest is None:
             return
         self.checkpointer.load(latest, self.checkpoint_state())
+        self.metrics.forget_after(self.state.step)
         self.metrics.info(f"resumed from {latest} (step {self.state.step}, {self.state.consumed_samples} samples consumed)")
 
     def fit(self) -> None:
@@ -61,6 +75,7 @@ class Trainer:
             if self._should_save():
                 path = self.checkpointer.save(self.state.step, self.checkpoint_state())
                 self.metrics.info(f"saved checkpoint {path}")
+            fail_if_injected(self.state.step)
 
     def _should_save(self) -> bool:
         every, step = self.config.checkpoint.every, self.state.step

@@ -1,0 +1,165 @@
+"""The `p3d` command line.
+
+    p3d train [torchrun options] [key=value ...]   validate, then launch (torchrun in-process)
+    p3d ls                                         presets of every config group, and the recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from p3d.errors import ConfigError, exits_cleanly_on_config_error
+
+USAGE = """usage: p3d <command> [...]
+
+commands:
+  train [torchrun options] [key=value ...]   validate the config, then launch training
+                                             (--nproc-per-node defaults to dp*cp*tp)
+  ls                                         list the presets of every config group and the recipes
+
+examples:
+  p3d train parallel=tp2dp2cp2 model=tiny_llama train.steps=20
+  p3d train --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:29500 parallel=tp2dp4cp2
+  p3d ls"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `p3d ls | head` ends quietly
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    if command == "train":
+        train_command(rest)
+    elif command == "ls":
+        list_command()
+    else:
+        print(f"p3d: error: unknown command '{command}' (use train or ls)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _torchrun_parser() -> argparse.ArgumentParser:
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser()
+
+
+def split_launcher_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate torchrun options (`--x v`, `--x=v`, `--flag`) from Hydra overrides (`key=value`)."""
+    takes_value = {}
+    for action in _torchrun_parser()._actions:
+        for option in action.option_strings:
+            takes_value[option] = action.nargs != 0
+    launcher, overrides = [], []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            if name not in takes_value:
+                raise ConfigError(f"{name}: not a torchrun option (Hydra overrides are key=value, without dashes)")
+            launcher.append(arg)
+            if takes_value[name] and "=" not in arg:
+                if index + 1 >= len(args):
+                    raise ConfigError(f"{name}: needs a value")
+                launcher.append(args[index + 1])
+                index += 1
+        else:
+            overrides.append(arg)
+        index += 1
+    return launcher, overrides
+
+
+def _option_value(launcher: list[str], *names: str) -> str | None:
+    for index, arg in enumerate(launcher):
+        name, _, value = arg.partition("=")
+        if name in names:
+            return value if value else launcher[index + 1]
+    return None
+
+
+@exits_cleanly_on_config_error
+def train_command(args: Sequence[str]) -> None:
+    from p3d.config.compose import compose, to_object
+    from p3d.config.validate import validate
+
+    if any(arg in ("-h", "--help") for arg in args):
+        print(USAGE)
+        return
+    launcher, overrides = split_launcher_args(args)
+    config = to_object(compose(overrides))
+    nproc = _option_value(launcher, "--nproc-per-node", "--nproc_per_node")
+    nnodes = _option_value(launcher, "--nnodes") or "1"
+    if nproc is None:
+        dp = config.parallel.dp
+        if dp == -1 and nnodes == "1":
+            nproc = "1"
+        elif dp == -1:
+            raise ConfigError("parallel.dp=-1 with several nodes: pass --nproc-per-node or set parallel.dp")
+        else:
+            world = dp * config.parallel.cp * config.parallel.tp
+            nodes = int(nnodes) if nnodes.isdigit() else 1
+            nproc = str(max(world // nodes, 1))
+        launcher += ["--nproc-per-node", nproc]
+    if nnodes.isdigit() and nproc.isdigit():
+        validate(config, int(nnodes) * int(nproc))
+    if launcher == ["--nproc-per-node", "1"]:
+        from p3d.train import main as train_main
+
+        train_main(overrides)
+        return
+    _launch(launcher, overrides, int(nproc) if nproc.isdigit() else 1)
+
+
+def _launch(launcher: list[str], overrides: list[str], nproc: int) -> None:
+    """Run torchrun in this process; a failed worker becomes one line, not torchrun's traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max((os.cpu_count() or 1) // nproc, 1))
+    if nnodes_is_single(launcher) and "--rdzv-endpoint" not in " ".join(launcher) and "--master-port" not in " ".join(launcher):
+        launcher = ["--standalone", *launcher]
+    try:
+        run(parse_args([*launcher, "-m", "p3d.train", *overrides]))
+    except ChildFailedError as error:
+        failures = error.failures
+        first_rank = min(failures) if failures else None
+        code = failures[first_rank].exitcode if first_rank is not None else 1
+        print(f"p3d: error: training failed: rank {first_rank} exited with code {code} (its message is above)", file=sys.stderr)
+        sys.exit(code if isinstance(code, int) and code > 0 else 1)
+
+
+def nnodes_is_single(launcher: list[str]) -> bool:
+    return (_option_value(launcher, "--nnodes") or "1") in ("1", "1:1")
+
+
+def list_command() -> None:
+    from p3d.config.compose import conf_dir, recipes_dir
+
+    root = conf_dir()
+    for group in sorted(p for p in root.iterdir() if p.is_dir()):
+        print(f"{group.name}:")
+        for preset in sorted(group.glob("*.yaml")):
+            print(f"  {preset.stem:<22} {_summary(preset)}")
+    print("recipe (select with +recipe=NAME):")
+    for recipe in sorted(recipes_dir().glob("*.yaml")):
+        print(f"  {recipe.stem:<22} {_summary(recipe)}")
+
+
+def _summary(path: Path) -> str:
+    """The first comment line of a YAML file that is not a Hydra directive."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+if __name__ == "__main__":
+    main()
