@@ -1,0 +1,106 @@
+"""Corpus, tokenizer, packing, and the layout-independent global sample order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from p3d.config.compose import compose, to_object
+from p3d.data import (
+    ByteTokenizer,
+    DataParallelSampler,
+    GlobalSampleOrder,
+    build_sampler,
+    builtin_documents,
+    inputs_and_labels,
+    load_documents,
+    tokenize_and_pack,
+)
+from p3d.errors import ConfigError
+
+
+def data_config(*overrides):
+    return to_object(compose(list(overrides))).data
+
+
+def test_builtin_corpus_is_real_text_and_needs_no_download():
+    documents = builtin_documents()
+    assert len(documents) > 50
+    assert sum(len(d) for d in documents) > 300_000
+    assert any("the" in d and "." in d for d in documents)
+
+
+def test_byte_tokenizer_round_trips():
+    tokenizer = ByteTokenizer()
+    (ids,) = tokenizer.encode_batch(["héllo"])
+    assert bytes(ids).decode("utf-8") == "héllo"
+    assert max(ids) < tokenizer.eos_token_id < tokenizer.vocab_size
+
+
+def test_packing_makes_windows_of_seq_len_plus_one_with_document_separators():
+    dataset = load_documents(data_config())
+    windows = tokenize_and_pack(dataset, ByteTokenizer(), "text", 32)
+    assert windows.shape[1] == 33
+    assert (windows == ByteTokenizer.eos_token_id).any()
+
+
+def test_labels_are_inputs_shifted_by_one():
+    windows = torch.arange(10).reshape(2, 5)
+    inputs, labels = inputs_and_labels(windows)
+    assert torch.equal(inputs[:, 1:], labels[:, :-1])
+    assert inputs.shape == labels.shape == (2, 4)
+
+
+def test_global_order_is_deterministic_and_each_epoch_a_permutation():
+    order = GlobalSampleOrder(10, seed=3)
+    first_epoch = order.windows(0, 10)
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    assert torch.equal(first_epoch, GlobalSampleOrder(10, seed=3).windows(0, 10))
+    second_epoch = order.windows(10, 10)
+    assert sorted(second_epoch.tolist()) == list(range(10))
+    assert not torch.equal(first_epoch, second_epoch)
+    assert not torch.equal(first_epoch, GlobalSampleOrder(10, seed=4).windows(0, 10))
+
+
+@pytest.mark.parametrize("dp, micro", [(1, 8), (1, 2), (2, 2), (4, 1), (8, 1)])
+def test_a_step_covers_the_same_global_batch_on_every_layout(dp, micro):
+    windows = torch.arange(40 * 3).reshape(40, 3)
+    order = GlobalSampleOrder(40, seed=0)
+    expected = windows[order.windows(16, 8)]
+    rows = []
+    for rank in range(dp):
+        sampler = DataParallelSampler(windows, order, global_batch_size=8, micro_batch_size=micro, dp=dp, dp_rank=rank)
+        batches = sampler.micro_batches(consumed_samples=16)
+        assert len(batches) == sampler.accumulation_steps == 8 // (dp * micro)
+        rows += [row for batch in batches for row in batch]
+    assert torch.equal(torch.stack(rows), expected)
+
+
+def test_local_jsonl_text_and_parquet_files_load(tmp_path):
+    rows = [{"text": f"document number {i} " * 20} for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert len(load_documents(data_config(f"data.path={tmp_path / 'a.jsonl'}"))) == 5
+    text_dir = tmp_path / "texts"
+    text_dir.mkdir()
+    for i in range(3):
+        (text_dir / f"{i}.txt").write_text(f"file {i}\nsecond line\n")
+    assert len(load_documents(data_config(f"data.path={text_dir}"))) == 3
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "b.parquet"))
+    assert len(load_documents(data_config(f"data.path={tmp_path / 'b.parquet'}"))) == 5
+
+
+def test_missing_text_column_names_the_key(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(ConfigError, match="data.text_field=text"):
+        load_documents(data_config(f"data.path={tmp_path / 'a.jsonl'}"))
+
+
+def test_sampler_from_config_is_deterministic():
+    config = to_object(compose(["data.seq_len=64"]))
+    first = build_sampler(config.data, config.model, 0, 4, 2, 1, 0).micro_batches(0)
+    second = build_sampler(config.data, config.model, 0, 4, 2, 1, 0).micro_batches(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

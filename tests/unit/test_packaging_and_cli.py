@@ -1,0 +1,37 @@
+"""A plain `pip install .` ships conf/ and recipes/; `p3d ls` lists them; checkpoints count only when complete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+from p3d.checkpoint import COMPLETE_MARKER, Checkpointer
+
+
+def test_wheel_carries_configs_and_recipes(tmp_path):
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("p3d-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "p3d/_conf/config.yaml" in names
+    assert "p3d/_conf/parallel/tp2dp2cp2.yaml" in names
+    assert "p3d/_conf/model/opt1.3b.yaml" in names
+    assert "p3d/_recipes/tiny_llama_3d.yaml" in names
+    assert any(name.endswith("entry_points.txt") for name in names)
+
+
+def test_p3d_ls_lists_groups_presets_and_recipes():
+    done = subprocess.run([sys.executable, "-m", "p3d.cli", "ls"], capture_output=True, text=True, check=True)
+    for expected in ("model:", "tiny_llama", "tiny_opt", "opt1.3b", "parallel:", "tp2dp2cp2", "recipe", "tiny_llama_3d"):
+        assert expected in done.stdout
+
+
+def test_incomplete_checkpoints_are_never_latest(tmp_path):
+    checkpointer = Checkpointer(tmp_path, is_main=True)
+    for step in (5, 10, 15):
+        checkpointer.path_for(step).mkdir(parents=True)
+    (checkpointer.path_for(5) / COMPLETE_MARKER).write_text("{}")
+    (checkpointer.path_for(10) / COMPLETE_MARKER).write_text("{}")
+    assert checkpointer.latest() == checkpointer.path_for(10)  # step 15 has no marker: a save that died
+    assert [step for step, _ in checkpointer.complete()] == [5, 10]

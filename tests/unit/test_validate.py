@@ -1,0 +1,121 @@
+"""Validation before any collective: each problem is one line that names the keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from p3d.config.compose import compose, to_object
+from p3d.config.validate import validate
+from p3d.errors import ConfigError
+
+
+def problems(overrides, world_size):
+    with pytest.raises(ConfigError) as error:
+        validate(to_object(compose(overrides)), world_size)
+    return error.value.problems
+
+
+def test_valid_config_passes_and_infers_dp():
+    setup = validate(to_object(compose(["parallel.tp=2", "parallel.cp=2"])), 8)
+    assert (setup.dims.dp, setup.dims.cp, setup.dims.tp) == (2, 2, 2)
+
+
+def test_world_size_must_be_dp_cp_tp():
+    (problem,) = problems(["parallel=tp2dp2cp2"], 6)
+    assert "parallel.dp*parallel.cp*parallel.tp" in problem and "world size is 6" in problem
+
+
+def test_inferred_dp_needs_divisible_world():
+    (problem,) = problems(["parallel.tp=4"], 6)
+    assert "parallel.cp*parallel.tp" in problem
+
+
+def test_tp_must_divide_heads():
+    found = problems(["parallel.tp=3", "parallel.dp=1"], 3)
+    assert any("model.config.num_attention_heads=8" in p and "parallel.tp=3" in p for p in found)
+
+
+def test_tp_must_divide_kv_heads():
+    found = problems(["parallel=tp8dp1cp1"], 8)
+    assert any("model.config.num_key_value_heads=4" in p for p in found)
+
+
+@pytest.mark.parametrize("layout, chunks", [("balanced", 4), ("contiguous", 2)])
+def test_seq_len_divisible_for_cp(layout, chunks):
+    found = problems(["parallel=tp1dp1cp2", "data.seq_len=66", f"parallel.cp_layout={layout}"], 2) if layout == "balanced" else problems(["parallel=tp1dp1cp2", "data.seq_len=65", f"parallel.cp_layout={layout}"], 2)
+    assert any(p.startswith("data.seq_len=") and f"divisible by {chunks}" in p for p in found)
+
+
+def test_global_batch_divisible_by_micro_times_dp():
+    (problem,) = problems(["parallel=tp1dp2cp1", "train.global_batch_size=6", "train.micro_batch_size=2"], 2)
+    assert "train.global_batch_size=6" in problem and "train.micro_batch_size*dp" in problem
+
+
+def test_missing_data_path():
+    (problem,) = problems(["data.path=./no/such/file.jsonl"], 1)
+    assert problem.startswith("data.path=./no/such/file.jsonl") and "no such file" in problem
+
+
+def plan_problems(plan: dict[str, str]) -> list[str]:
+    """A model YAML's own plan (patterns contain dots, so YAML, not key=value, is where plans live)."""
+    config = to_object(compose(["model=tiny_opt", "parallel=tp2dp1cp1"]))
+    config.model.tp_plan = plan
+    with pytest.raises(ConfigError) as error:
+        validate(config, 2)
+    return error.value.problems
+
+
+def test_tp_plan_pattern_must_match_a_module():
+    found = plan_problems({"model.decoder.layers.*.fc1": "colwise", "model.decoder.layers.*.nope": "colwise"})
+    assert any("pattern 'model.decoder.layers.*.nope' matches no module" in p for p in found)
+
+
+def test_tp_plan_style_must_be_supported():
+    found = plan_problems({"model.decoder.layers.*.fc1": "packed_colwise"})
+    assert any("style 'packed_colwise'" in p and "model.tp_plan" in p for p in found)
+
+
+def test_tp_plan_must_shard_tied_embeddings_alike():
+    found = plan_problems({"model.decoder.embed_tokens": "embedding_rowwise"})
+    assert any("tied embeddings" in p for p in found)
+
+
+def test_plan_entries_merge_from_the_command_line():
+    config = to_object(compose(["model=tiny_opt", "model.tp_plan={model.decoder.layers.*.fc1: rowwise}"]))
+    plan = validate(config, 1).tp_plan
+    assert plan["model.decoder.layers.*.fc1"] == "rowwise" and plan["lm_head"] == "colwise_gather_output"
+
+
+def test_whole_plan_can_be_replaced_from_the_command_line():
+    overrides = ["model=tiny_opt", "model.tp_plan=null", "model.tp_plan={model.decoder.layers.*.fc1: colwise, model.decoder.layers.*.fc2: rowwise}"]
+    assert validate(to_object(compose(overrides)), 1).tp_plan == {"model.decoder.layers.*.fc1": "colwise", "model.decoder.layers.*.fc2": "rowwise"}
+
+
+def test_model_without_plan_needs_one_under_tp():
+    found = problems(["model=tiny_opt", "parallel=tp2dp1cp1", "model.tp_plan=auto"], 2)
+    assert any("OPTForCausalLM has no tensor-parallel plan" in p for p in found)
+
+
+def test_tokenizer_must_fit_the_vocabulary():
+    found = problems(["model.config.vocab_size=200"], 1)
+    assert any("model.config.vocab_size=200" in p for p in found)
+
+
+def test_several_problems_are_all_reported():
+    found = problems(["parallel=tp2dp2cp2", "train.global_batch_size=6", "data.path=./nope.txt"], 6)
+    assert len(found) == 3
+
+
+def test_unknown_architecture():
+    found = problems(["model.arch=not_a_model"], 1)
+    assert any(p.startswith("model.arch=not_a_model") for p in found)
+
+
+def test_pretrained_needs_a_source():
+    found = problems(["model.init=pretrained"], 1)
+    assert any("model.pretrained" in p for p in found)
+
+
+def test_sliding_window_models_are_refused_under_cp():
+    found = problems(["model.arch=mistral", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2)
+    assert any("parallel.cp=2" in p and "sliding-window" in p for p in found)
