@@ -39,6 +39,10 @@ class MetricsLogger:
             f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | peak mem {record['peak_mem_gb']:.2f} GB"
         )
 
+    def summary(self, record: dict) -> None:
+        if self.is_main:
+            (self.path.parent / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
+
     def forget_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint (they will be trained again)."""
         if not self.is_main or not self.path.exists():

@@ -133,24 +133,25 @@ def initialize_random(model: nn.Module, hf_config: PretrainedConfig, seed: int, 
     """Fill `model` (already sharded and materialised) with a layout-independent random init."""
     reference = build_meta_model(hf_config)
     targets = _targets(model)
-    written: set[int] = set()
+    written: set[int] = set()  # a tied weight is filled once, by the first module that owns it
     for module_name, ref_module in reference.named_modules():
-        own_params = list(ref_module.named_parameters(recurse=False))
-        own_buffers = list(ref_module.named_buffers(recurse=False))
-        if not own_buffers and (buffers_only or not own_params):
+        names = [name for name, _ in ref_module.named_buffers(recurse=False)]
+        if not buffers_only:
+            names += [name for name, _ in ref_module.named_parameters(recurse=False)]
+        destinations = {}
+        for name in names:
+            target = targets.get(f"{module_name}.{name}" if module_name else name)
+            if target is not None and id(target.tensor) not in written:
+                destinations[name] = target
+        if not destinations:
             continue
         ref_module.to_empty(device="cpu", recurse=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_module_seed(seed, module_name))
             _init_owner(reference, module_name)._init_weights(ref_module)
-        tensors = list(ref_module.named_buffers(recurse=False))
-        if not buffers_only:
-            tensors += list(ref_module.named_parameters(recurse=False))
-        for local_name, full in tensors:
-            target = targets.get(f"{module_name}.{local_name}" if module_name else local_name)
-            if target is None or id(target.tensor) in written:
-                continue  # a tied weight is initialised once, by the module that owns it first
-            target.write(full)
+        full = dict(ref_module.named_buffers(recurse=False)) | dict(ref_module.named_parameters(recurse=False))
+        for name, target in destinations.items():
+            target.write(full[name])
             written.add(id(target.tensor))
         ref_module.to_empty(device="meta", recurse=False)
 

@@ -69,6 +69,7 @@ class Trainer:
         if self.state.step >= steps:
             self.metrics.info(f"nothing to do: already trained to step {self.state.step} (train.steps={steps})")
             return
+        started, first_step = time.perf_counter(), self.state.step
         while self.state.step < steps:
             record = self.train_step()
             self.metrics.log(record)
@@ -76,6 +77,22 @@ class Trainer:
                 path = self.checkpointer.save(self.state.step, self.checkpoint_state())
                 self.metrics.info(f"saved checkpoint {path}")
             fail_if_injected(self.state.step)
+        self._write_summary(record, self.state.step - first_step, time.perf_counter() - started)
+
+    def _write_summary(self, last: dict, steps_run: int, seconds: float) -> None:
+        """<run.dir>/summary.json: the last step, wall time and every rank's peak memory."""
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, round(peak_memory_gb(self.device), 4))
+        self.metrics.summary(
+            {
+                "step": last["step"],
+                "loss": last["loss"],
+                "steps_run": steps_run,
+                "seconds": round(seconds, 3),
+                "peak_mem_gb_per_rank": peaks,
+                "layout": self.meshes.dims.describe(),
+            }
+        )
 
     def _should_save(self) -> bool:
         every, step = self.config.checkpoint.every, self.state.step

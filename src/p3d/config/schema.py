@@ -17,6 +17,17 @@ class InitMode(Enum):
     pretrained = "pretrained"
 
 
+class DType(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class ACMode(Enum):
+    none = "none"
+    full = "full"
+    selective = "selective"
+
+
 class CPLayout(Enum):
     balanced = "balanced"
     contiguous = "contiguous"
@@ -68,6 +79,10 @@ class TrainConfig:
     seed: int = 0  # seed for model init and the data order (the same on every rank)
     global_batch_size: int = 8  # sequences per optimizer step, whole job
     micro_batch_size: int = 2  # sequences per dp rank per forward; accumulation = global / (micro * dp)
+    dtype: DType = DType.fp32  # compute dtype; bf16 keeps fp32 master weights, optimizer state and gradient reduction
+    activation_checkpointing: ACMode = ACMode.none  # recompute block activations in backward: none, full (every block) or selective
+    ac_every: int = 2  # with activation_checkpointing=selective: checkpoint every n-th block (blocks 0, n, 2n, ...)
+    compile: bool = False  # torch.compile each decoder block (after TP and activation checkpointing, before FSDP)
 
 
 @dataclass

@@ -62,6 +62,7 @@ def _check_positive(config: P3DConfig) -> list[str]:
         "train.micro_batch_size": config.train.micro_batch_size,
         "data.seq_len": config.data.seq_len,
         "logging.every": config.logging.every,
+        "train.ac_every": config.train.ac_every,
     }
     problems = [f"{key}={value}: must be >= 1" for key, value in values.items() if value < 1]
     if config.checkpoint.every < 0:

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from p3d.model import decoder_blocks
 
 
-def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh) -> None:
+def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32) -> None:
     """Shard parameters, gradients and optimizer state over `dp_cp_mesh`.
 
     p3d divides the loss by the global token count itself, so gradients are summed across
     ranks, not averaged (FSDP2 averages by default). Plain SUM collectives also run on gloo,
-    which has no PREMUL_SUM.
+    which has no PREMUL_SUM. With a lower compute dtype, parameters are cast for compute only:
+    the sharded master weights, the optimizer state and the gradient reduction stay fp32.
     """
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in decoder_blocks(model):
-        fully_shard(block, mesh=dp_cp_mesh)
-    fully_shard(model, mesh=dp_cp_mesh)
+        fully_shard(block, mesh=dp_cp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_cp_mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
