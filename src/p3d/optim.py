@@ -13,12 +13,20 @@ from p3d.config.schema import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel per parameter, no full-size temporaries (foreach would allocate them).
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    """Fused AdamW (no full-size temporaries); biases and norm weights (1-D) get no weight decay.
+
+    A fused step handles one kind of tensor per group, so parameters are also grouped by their
+    DTensor mesh (under TP without FSDP, norms stay plain tensors beside TP-sharded DTensors).
+    """
+    groups: dict[tuple, list[nn.Parameter]] = defaultdict(list)
+    for param in model.parameters():
+        if param.requires_grad:
+            mesh = param.device_mesh if isinstance(param, DTensor) else None
+            groups[(param.ndim >= 2, mesh)].append(param)
+    param_groups = [
+        {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0} for (decays, _), params in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 class WarmupCosine:

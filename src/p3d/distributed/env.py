@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,15 +68,9 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
     if "RANK" in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device_type != "cpu" else None)
     else:
-        store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: the OS picks a free one
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
     return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def shutdown() -> None:
