@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -49,32 +50,74 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
 
 
-def _norm_group_key(grad: torch.Tensor):
+def squared_norm_share(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's share of ||grad||^2: summed over all ranks, the shares give the full squared norm.
+
+    A rank's local shard is divided by how many ranks hold the same values: the mesh dims where
+    the DTensor is replicated, and the ranks outside its mesh (e.g. the tp ranks for a weight
+    sharded over dp_cp only). A plain tensor (no FSDP) is the same on every rank.
+    """
+    world = dist.get_world_size()
     if isinstance(grad, DTensor):
-        return (grad.device_mesh, tuple(grad.placements))
-    return None
+        copies = world // grad.device_mesh.size()
+        for dim, placement in enumerate(grad.placements):
+            if placement.is_replicate():
+                copies *= grad.device_mesh.size(dim)
+        local = grad.to_local()
+    else:
+        copies, local = world, grad
+    return local.float().pow(2).sum() / copies
+
+
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros((), device=grads[0].device if grads else "cpu")
+    for grad in grads:
+        total += squared_norm_share(grad).to(total.device)
+    dist.all_reduce(total)
+    return total.sqrt()
 
 
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Global L2 norm of all gradients (clipped to max_norm if > 0); returns the norm before clipping.
 
-    Gradients live on different meshes (tp x dp_cp for TP-sharded weights, dp_cp alone for the
-    rest), which torch's clip_grad_norm_ cannot stack: take each group's norm, combine squares.
+    torch's clip_grad_norm_ cannot mix gradients on different meshes (tp x dp_cp for TP-sharded
+    weights, dp_cp alone for the rest); one all-reduce of per-rank shares can.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for grad in grads:
-        groups[_norm_group_key(grad)].append(grad)
-    squares = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares.append(norm.float() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
+    total = global_grad_norm(grads)
     if max_norm > 0:
         coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for grad in grads:
             (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coefficient.to(grad.device))
     return total
+
+
+class OptimizerInBackward:
+    """Step each parameter as soon as its gradient is ready, then free the gradient.
+
+    Gradients never coexist for the whole model (torchtune's optimizer_in_bwd). The optimizer is
+    the ordinary AdamW: when a parameter's hook runs, it is the only one holding a gradient, so
+    `optimizer.step()` updates just it (checkpoints and LR schedule are unchanged). There is no
+    global norm before the updates, hence no clipping and no gradient accumulation.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._squared_norm = torch.zeros(())
+        for param in model.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(self._step)
+
+    @torch.no_grad()
+    def _step(self, param: torch.Tensor) -> None:
+        self._squared_norm = self._squared_norm.to(param.grad.device) + squared_norm_share(param.grad)
+        self.optimizer.step()
+        param.grad = None
+
+    def take_grad_norm(self) -> torch.Tensor:
+        """The global norm of the gradients applied since the last call."""
+        total = self._squared_norm.clone()
+        dist.all_reduce(total)
+        self._squared_norm = torch.zeros((), device=total.device)
+        return total.sqrt()

@@ -20,7 +20,7 @@ from p3d.data import IGNORE_INDEX, DataParallelSampler, inputs_and_labels
 from p3d.distributed.mesh import Meshes
 from p3d.errors import ConfigError
 from p3d.metrics import MetricsLogger, peak_memory_gb
-from p3d.optim import clip_grad_norm_
+from p3d.optim import OptimizerInBackward, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
 
 
@@ -50,6 +50,7 @@ class Trainer:
 
     def __post_init__(self):
         self.state = TrainState()
+        self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
 
     def checkpoint_state(self) -> dict:
         return {"app": ModelAndOptimizer(self.model, self.optimizer), "scheduler": self.scheduler, "train": self.state}
@@ -105,11 +106,15 @@ class Trainer:
         loss = torch.zeros((), device=self.device)
         for inputs, labels in pairs:
             loss += self._forward_backward(inputs, labels, global_tokens)
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        if self.in_backward is not None:
+            grad_norm = self.in_backward.take_grad_norm()  # the weights are already updated
+        else:
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         dist.all_reduce(loss, group=self.meshes.dp_cp.get_group())
         self._check_finite(loss, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self.in_backward is None:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1

@@ -18,23 +18,33 @@ LAYOUTS = {
     "tp2cp4": (2, 1, 4),
 }
 
-_reference: dict[str, list[float]] = {}
+_reference: dict[str, list[dict]] = {}
 
 
-def reference_losses(model: str, p3d_runner) -> list[float]:
+def reference_records(model: str, p3d_runner) -> list[dict]:
     """One process, micro-batch = global batch (no accumulation)."""
     if model not in _reference:
         result = p3d_runner([f"model={model}", *FAST, "train.micro_batch_size=4"])
         assert_ok(result)
         assert len(result.losses) == 6
-        _reference[model] = result.losses
+        _reference[model] = result.records
     return _reference[model]
+
+
+def reference_losses(model: str, p3d_runner) -> list[float]:
+    return [record["loss"] for record in reference_records(model, p3d_runner)]
 
 
 def assert_parity(losses: list[float], reference: list[float]) -> None:
     assert len(losses) == len(reference)
     worst = max(abs(a - b) for a, b in zip(losses, reference))
     assert worst < TOLERANCE, f"max |loss - reference| = {worst:.2e}\n{losses}\n{reference}"
+
+
+def assert_grad_norm_parity(records: list[dict], reference: list[dict]) -> None:
+    """The global gradient norm (over differently sharded grads) matches too, within 0.1%."""
+    pairs = [(r["grad_norm"], s["grad_norm"]) for r, s in zip(records, reference)]
+    assert all(abs(a - b) <= 1e-3 * b for a, b in pairs), pairs
 
 
 @pytest.mark.slow
@@ -46,6 +56,7 @@ def test_layout_matches_one_process(model, layout, p3d_runner):
     result = p3d_runner([f"model={model}", *FAST, *layout_overrides(tp, dp, cp), f"train.micro_batch_size={micro}"], nproc=tp * dp * cp)
     assert_ok(result)
     assert_parity(result.losses, reference_losses(model, p3d_runner))
+    assert_grad_norm_parity(result.records, reference_records(model, p3d_runner))
 
 
 @pytest.mark.slow

@@ -90,3 +90,16 @@ def test_activation_checkpointing_keeps_exact_parity(mode, p3d_runner):
     result = p3d_runner(overrides, nproc=8)
     assert_ok(result)
     assert max(abs(a - b) for a, b in zip(result.losses, reference.losses)) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_opt"])
+def test_optimizer_in_backward_matches_the_ordinary_step(model, p3d_runner):
+    common = [f"model={model}", *FAST, "optim.grad_clip=0"]
+    reference = p3d_runner([*common, "train.micro_batch_size=4"])
+    assert_ok(reference)
+    result = p3d_runner([*common, *layout_overrides(2, 2, 2), "optim.in_backward=true", "train.micro_batch_size=2"], nproc=8)
+    assert_ok(result)
+    assert max(abs(a - b) for a, b in zip(result.losses, reference.losses)) < 1e-4
+    norms = [(r["grad_norm"], s["grad_norm"]) for r, s in zip(result.records, reference.records)]
+    assert all(abs(a - b) < 1e-3 * b for a, b in norms), norms

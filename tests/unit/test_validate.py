@@ -106,6 +106,12 @@ def test_several_problems_are_all_reported():
     assert len(found) == 3
 
 
+def test_optimizer_in_backward_needs_no_clipping_and_no_accumulation():
+    found = problems(["optim.in_backward=true", "train.global_batch_size=8", "train.micro_batch_size=2"], 1)
+    assert any(p.startswith("optim.in_backward=true") and "optim.grad_clip=0" in p for p in found)
+    assert any("train.micro_batch_size=8" in p for p in found)
+
+
 def test_unknown_architecture():
     found = problems(["model.arch=not_a_model"], 1)
     assert any(p.startswith("model.arch=not_a_model") for p in found)

@@ -69,6 +69,7 @@ class OptimConfig:
     beta2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    in_backward: bool = False  # step each weight as soon as its gradient is ready and free it (saves gradient memory; needs grad_clip=0, no accumulation)
     warmup_steps: int = 2  # linear warmup steps before the cosine decay
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of optim.lr
 

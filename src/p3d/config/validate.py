@@ -69,6 +69,8 @@ def _check_positive(config: P3DConfig) -> list[str]:
         problems.append(f"checkpoint.every={config.checkpoint.every}: must be >= 0 (0 disables periodic saves)")
     if config.optim.lr <= 0:
         problems.append(f"optim.lr={config.optim.lr}: must be > 0")
+    if config.optim.in_backward and config.optim.grad_clip > 0:
+        problems.append("optim.in_backward=true has no global gradient norm before the updates: set optim.grad_clip=0")
     return problems
 
 
@@ -80,6 +82,11 @@ def _check_batch(config: P3DConfig, dp: int) -> list[str]:
         return [
             f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size*dp = "
             f"{train.micro_batch_size}*{dp}: make it a multiple of {train.micro_batch_size * dp}"
+        ]
+    if config.optim.in_backward and train.global_batch_size != train.micro_batch_size * dp:
+        return [
+            f"optim.in_backward=true updates weights during backward, so it cannot accumulate gradients: set "
+            f"train.micro_batch_size={train.global_batch_size // dp} (= train.global_batch_size / dp)"
         ]
     return []
 
