@@ -103,3 +103,12 @@ def test_optimizer_in_backward_matches_the_ordinary_step(model, p3d_runner):
     assert max(abs(a - b) for a, b in zip(result.losses, reference.losses)) < 1e-4
     norms = [(r["grad_norm"], s["grad_norm"]) for r, s in zip(result.records, reference.records)]
     assert all(abs(a - b) < 1e-3 * b for a, b in norms), norms
+
+
+@pytest.mark.slow
+def test_compiled_blocks_keep_parity_under_dp_and_cp(p3d_runner):
+    reference = p3d_runner(["model=tiny_llama", *FAST, "train.micro_batch_size=4"])
+    assert_ok(reference)
+    result = p3d_runner(["model=tiny_llama", *FAST, *layout_overrides(1, 2, 2), "train.compile=true", "train.micro_batch_size=2"], nproc=4)
+    assert_ok(result)
+    assert max(abs(a - b) for a, b in zip(result.losses, reference.losses)) < 1e-4

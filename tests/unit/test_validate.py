@@ -112,6 +112,11 @@ def test_optimizer_in_backward_needs_no_clipping_and_no_accumulation():
     assert any("train.micro_batch_size=8" in p for p in found)
 
 
+def test_compile_is_refused_with_tensor_parallelism():
+    found = problems(["train.compile=true", "parallel=tp2dp1cp1"], 2)
+    assert any(p.startswith("train.compile=true") and "parallel.tp=1" in p for p in found)
+
+
 def test_unknown_architecture():
     found = problems(["model.arch=not_a_model"], 1)
     assert any(p.startswith("model.arch=not_a_model") for p in found)

@@ -1,0 +1,191 @@
+"""Per-rank peak memory of one model under several layouts, against one process and the ideal 1/N.
+
+    python benchmarks/memory.py                       # defaults: OPT-1.3B shape cut to 8 layers
+    python benchmarks/memory.py --layers 4 --steps 1 --out /tmp/mem   # a quick run
+
+For every layout it runs `p3d.train` (torchrun on gloo, CPU), reads each rank's peak RSS from
+the run's summary.json and samples the machine's used memory from outside for the whole job's
+peak. Every process pays a fixed cost for its imports (torch, transformers, datasets); that
+baseline is measured in the same run, and the model's share is the peak above it. The ideal
+per-rank share is the one-process share divided by the number of ranks. A second table shows
+activation checkpointing (none / selective / full) on a long-sequence config. Writes
+<out>/memory.md, <out>/memory.json and <out>/memory.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+LAYOUTS = {  # name: (tp, dp, cp)
+    "1 process": (1, 1, 1),
+    "dp2": (1, 2, 1),
+    "tp2": (2, 1, 1),
+    "dp4": (1, 4, 1),
+    "tp2dp2": (2, 2, 1),
+    "dp8": (1, 8, 1),
+    "tp2dp2cp2": (2, 2, 2),
+}
+
+
+def used_memory_gb() -> float:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    kib = lambda key: int(info[key].split()[0])  # noqa: E731
+    return (kib("MemTotal") - kib("MemAvailable")) / 2**20
+
+
+class MemorySampler:
+    """Peak of the machine's used memory while a job runs, above what was used before it."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s = interval_s
+        self.before = used_memory_gb()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, used_memory_gb())
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def job_peak_gb(self) -> float:
+        return self.peak - self.before
+
+
+def import_baseline_gb() -> float:
+    """Peak RSS of a process that only imports what a p3d rank imports."""
+    code = "import resource, p3d.train, datasets, transformers.models.opt.modeling_opt; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+
+
+def run_layout(name: str, layout: tuple[int, int, int], overrides: list[str], workdir: Path) -> dict:
+    tp, dp, cp = layout
+    world = tp * dp * cp
+    run_dir = workdir / name.replace(" ", "_")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "p3d.train"]
+    command += [*overrides, f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.dir={run_dir}", "checkpoint=none"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    started = time.monotonic()
+    with MemorySampler() as sampler:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "layout": name,
+        "ranks": world,
+        "per_rank_peak_gb": summary["peak_mem_gb_per_rank"],
+        "job_peak_gb": round(sampler.job_peak_gb, 3),
+        "final_loss": summary["loss"],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def layout_table(results: list[dict], baseline: float) -> list[dict]:
+    single_share = max(results[0]["per_rank_peak_gb"]) - baseline
+    rows = []
+    for result in results:
+        peak = max(result["per_rank_peak_gb"])
+        ideal = single_share / result["ranks"]
+        rows.append({
+            **result,
+            "max_rank_peak_gb": round(peak, 3),
+            "model_share_gb": round(peak - baseline, 3),
+            "ideal_share_gb": round(ideal, 3),
+            "share_vs_one_process": round((peak - baseline) / single_share, 3),
+            "share_vs_ideal": round((peak - baseline) / ideal, 2),
+        })
+    return rows
+
+
+def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc: str, ac_desc: str) -> str:
+    lines = [
+        f"Model: {model_desc}. Import baseline per process (torch, transformers, datasets): {baseline:.2f} GB.",
+        "",
+        "| layout | ranks | max per-rank peak RSS (GB) | model share above baseline (GB) | ideal 1/N share (GB) | share vs 1 process | share vs ideal | job peak, whole machine (GB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layout']} | {r['ranks']} | {r['max_rank_peak_gb']:.2f} | {r['model_share_gb']:.2f} | {r['ideal_share_gb']:.2f} | "
+            f"{r['share_vs_one_process']:.2f} | {r['share_vs_ideal']:.2f} | {r['job_peak_gb']:.2f} |"
+        )
+    lines += ["", f"Activation checkpointing ({ac_desc}):", "", "| train.activation_checkpointing | max per-rank peak RSS (GB) | vs none |", "| --- | --- | --- |"]
+    none_peak = max(ac_rows[0]["per_rank_peak_gb"])
+    for r in ac_rows:
+        peak = max(r["per_rank_peak_gb"])
+        lines.append(f"| {r['layout']} | {peak:.2f} | {peak / none_peak:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["layout"] for r in rows]
+    x = range(len(rows))
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    axis.bar([i - 0.2 for i in x], [r["model_share_gb"] for r in rows], width=0.4, label="measured per-rank share (peak RSS - baseline)")
+    axis.bar([i + 0.2 for i in x], [r["ideal_share_gb"] for r in rows], width=0.4, label="ideal: one-process share / ranks")
+    axis.set_xticks(list(x), [f"{n}\n({r['ranks']} ranks)" for n, r in zip(names, rows)])
+    axis.set_ylabel("GB per rank")
+    axis.set_title("Per-rank memory above the import baseline, by layout")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the OPT-1.3B shape (24 is the real model)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from: " + ", ".join(LAYOUTS))
+    parser.add_argument("--out", default="docs/results")
+    args = parser.parse_args()
+
+    model = ["model=opt1.3b", f"model.config.num_hidden_layers={args.layers}", f"data.seq_len={args.seq_len}", f"train.steps={args.steps}", "train.global_batch_size=8", "train.micro_batch_size=1"]
+    ac_common = ["model=tiny_llama", "model.config.hidden_size=256", "model.config.intermediate_size=1024", "model.config.num_hidden_layers=4",
+                 "data.seq_len=2048", "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=4"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = import_baseline_gb()
+    with tempfile.TemporaryDirectory() as workdir:
+        results = []
+        for name in args.layouts.split(","):
+            results.append(run_layout(name, LAYOUTS[name], model, Path(workdir)))
+            print(f"{name}: {results[-1]}", flush=True)
+        ac_results = [
+            run_layout(mode, (1, 1, 1), [*ac_common, f"train.activation_checkpointing={mode}"], Path(workdir))
+            for mode in ("none", "selective", "full")
+        ]
+    rows = layout_table(results, baseline)
+    model_desc = f"OPT-1.3B shape with {args.layers} layers, fp32, seq_len {args.seq_len}, micro-batch 1, {args.steps} steps"
+    ac_desc = "tiny_llama widened to hidden 256, 4 layers, seq_len 2048, micro-batch 4, 1 process; selective = every 2nd block"
+    text = markdown(rows, ac_results, baseline, model_desc, ac_desc)
+    print(text)
+    (out / "memory.md").write_text("# Memory by layout\n\nGenerated by `python benchmarks/memory.py`.\n\n" + text)
+    (out / "memory.json").write_text(json.dumps({"baseline_gb": baseline, "layouts": rows, "activation_checkpointing": ac_results}, indent=1))
+    plot(rows, out / "memory.png")
+
+
+if __name__ == "__main__":
+    main()
