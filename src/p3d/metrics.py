@@ -1,13 +1,42 @@
-"""Per-step metrics: one JSON object per step in <run.dir>/metrics.jsonl, a console line on rank 0."""
+"""Per-step metrics and where they go: console, metrics.jsonl, TensorBoard, Weights & Biases.
+
+Rank 0 alone writes. Every step appends one JSON object to <run.dir>/metrics.jsonl; the console
+shows a progress bar with ETA on a terminal and a plain line every `logging.every` steps
+otherwise (CI logs, files); TensorBoard and W&B are opt-in.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from p3d.config.schema import LoggingConfig
+
+# Dense bf16 peak TFLOP/s of one device (datasheet figures, without sparsity). MFU is reported
+# against these; on CPU, or an accelerator not listed, set logging.peak_tflops.
+PEAK_TFLOPS_BY_DEVICE_NAME = {
+    "H200": 989.5,
+    "H100 PCIe": 756.0,
+    "H100": 989.5,
+    "GH200": 989.5,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "MI300X": 1307.0,
+}
+
+SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -17,27 +46,144 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def peak_tflops(device: torch.device, configured: float | None) -> float | None:
+    """Peak TFLOP/s of one device: the configured figure, else looked up from the GPU's name."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS_BY_DEVICE_NAME.items():  # longest, most specific names first
+        if key in name:
+            return value
+    return None
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters that take part in matmuls: all but embedding lookups (a tied output head counts)."""
+    unique = {id(p): p for p in model.parameters()}
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        lookups.discard(id(output.weight))
+    return sum(p.numel() for key, p in unique.items() if key not in lookups)
+
+
+def flops_per_token(model: nn.Module, hf_config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter, plus causal attention's 12·L·H·S."""
+    text = hf_config.get_text_config()
+    attention = 12 * text.num_hidden_layers * text.hidden_size * seq_len
+    return 6 * matmul_params(model) + attention
+
+
+class ConsoleSink:
+    """A tqdm progress bar with ETA on a terminal; a plain line every `every` steps otherwise."""
+
+    def __init__(self, cfg: LoggingConfig, total_steps: int, first_step: int):
+        self.every = cfg.every
+        self.total_steps = total_steps
+        self.bar = None
+        if cfg.progress and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            # tqdm hides its bar on a terminal that reports no size (0 x 0): fall back to 100 x 24.
+            size = shutil.get_terminal_size((100, 24))
+            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", ncols=size.columns or 100, nrows=size.lines or 24, file=sys.stdout)
+
+    def write(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | mem {record['peak_mem_gb']:.2f} GB", refresh=False)
+            self.bar.update(1)
+        elif record["step"] % self.every == 0 or record["step"] == self.total_steps:
+            print(format_line(record, self.total_steps), flush=True)
+
+    def message(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_line(record: dict, total_steps: int) -> str:
+    mfu = f" | mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
+    return (
+        f"step {record['step']:>5}/{total_steps} | loss {record['loss']:.4f} | grad_norm {record['grad_norm']:.3f} | "
+        f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s{mfu} | peak mem {record['peak_mem_gb']:.2f} GB"
+    )
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        for key in SCALARS:
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Weights & Biases; offline mode writes under <run.dir>/wandb and needs no network or key."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, resolved_config: dict):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.wandb_project,
+            name=run_dir.name,
+            id=run_dir.name,
+            resume="allow",
+            dir=str(run_dir),
+            mode=cfg.wandb_mode.value,
+            config=resolved_config,
+        )
+
+    def write(self, record: dict) -> None:
+        self.run.log({f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, is_main: bool, print_every: int, total_steps: int):
+    def __init__(self, run_dir: Path, is_main: bool, cfg: LoggingConfig, total_steps: int, resolved_config: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.is_main = is_main
-        self.print_every = print_every
+        self.cfg = cfg
         self.total_steps = total_steps
+        self.resolved_config = resolved_config or {}
+        self.sinks: list = []
+
+    def start(self, first_step: int) -> None:
+        """Open the sinks once the first step to train is known (after a resume)."""
+        if not self.is_main:
+            return
+        self.console = ConsoleSink(self.cfg, self.total_steps, first_step)
+        self.sinks = [self.console]
+        if self.cfg.tensorboard:
+            self.sinks.append(TensorBoardSink(self.path.parent))
+        if self.cfg.wandb:
+            self.sinks.append(WandbSink(self.cfg, self.path.parent, self.resolved_config))
 
     def log(self, record: dict) -> None:
         if not self.is_main:
             return
         with self.path.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
-        step = record["step"]
-        if step % self.print_every == 0 or step == self.total_steps:
-            print(self.format(record), file=sys.stdout, flush=True)
+        for sink in self.sinks:
+            sink.write(record)
 
-    def format(self, record: dict) -> str:
-        return (
-            f"step {record['step']:>5}/{self.total_steps} | loss {record['loss']:.4f} | grad_norm {record['grad_norm']:.3f} | "
-            f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | peak mem {record['peak_mem_gb']:.2f} GB"
-        )
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def summary(self, record: dict) -> None:
         if self.is_main:
@@ -51,5 +197,10 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def info(self, message: str) -> None:
-        if self.is_main:
-            print(f"p3d: {message}", flush=True)
+        if not self.is_main:
+            return
+        text = f"p3d: {message}"
+        if self.sinks:
+            self.console.message(text)
+        else:
+            print(text, flush=True)

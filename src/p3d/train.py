@@ -20,7 +20,7 @@ from p3d.data import build_sampler
 from p3d.distributed.env import DistEnv, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
 from p3d.errors import exits_cleanly_on_config_error
-from p3d.metrics import MetricsLogger
+from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
 from p3d.optim import build_optimizer, build_scheduler
 from p3d.parallel.parallelize import build_parallel_model
 from p3d.parallel.context import ContextParallel, SequenceSharding
@@ -64,7 +64,7 @@ def prepare_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
 def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, env: DistEnv) -> None:
     meshes = Meshes(setup.dims, env.device.type)
     run_dir = prepare_run_dir(cfg, env)
-    metrics = MetricsLogger(run_dir, env.is_main, config.logging.every, config.train.steps)
+    metrics = MetricsLogger(run_dir, env.is_main, config.logging, config.train.steps, OmegaConf.to_container(cfg, resolve=True))
     metrics.info(f"{config.model.name} on {setup.dims.describe()}, run dir {run_dir}")
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)
     sampler = build_sampler(
@@ -83,6 +83,8 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, env: DistEn
         device=env.device,
         metrics=metrics,
         checkpointer=Checkpointer(run_dir, env.is_main),
+        flops_per_token=flops_per_token(model, setup.hf_config, config.data.seq_len),
+        peak_tflops=peak_tflops(env.device, config.logging.peak_tflops),
     )
     trainer.resume_if_possible()
     trainer.fit()

@@ -48,6 +48,9 @@ class Trainer:
     metrics: MetricsLogger
     checkpointer: Checkpointer
 
+    flops_per_token: float = 0.0
+    peak_tflops: float | None = None
+
     def __post_init__(self):
         self.state = TrainState()
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
@@ -71,13 +74,17 @@ class Trainer:
             self.metrics.info(f"nothing to do: already trained to step {self.state.step} (train.steps={steps})")
             return
         started, first_step = time.perf_counter(), self.state.step
-        while self.state.step < steps:
-            record = self.train_step()
-            self.metrics.log(record)
-            if self._should_save():
-                path = self.checkpointer.save(self.state.step, self.checkpoint_state())
-                self.metrics.info(f"saved checkpoint {path}")
-            fail_if_injected(self.state.step)
+        self.metrics.start(first_step)
+        try:
+            while self.state.step < steps:
+                record = self.train_step()
+                self.metrics.log(record)
+                if self._should_save():
+                    path = self.checkpointer.save(self.state.step, self.checkpoint_state())
+                    self.metrics.info(f"saved checkpoint {path}")
+                fail_if_injected(self.state.step)
+        finally:
+            self.metrics.close()
         self._write_summary(record, self.state.step - first_step, time.perf_counter() - started)
 
     def _write_summary(self, last: dict, steps_run: int, seconds: float) -> None:
@@ -102,6 +109,7 @@ class Trainer:
     def train_step(self) -> dict:
         started = time.perf_counter()
         pairs = [inputs_and_labels(batch) for batch in self.sampler.micro_batches(self.state.consumed_samples)]
+        data_wait = time.perf_counter() - started
         global_tokens = self._global_valid_tokens(pairs)
         loss = torch.zeros((), device=self.device)
         for inputs, labels in pairs:
@@ -121,14 +129,22 @@ class Trainer:
         self.state.consumed_samples += self.config.train.global_batch_size
         elapsed = time.perf_counter() - started
         tokens = self.config.train.global_batch_size * self.config.data.seq_len
+        tokens_per_s = tokens / elapsed
+        devices = dist.get_world_size()
+        mfu = None
+        if self.peak_tflops is not None:
+            mfu = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * devices)
         return {
             "step": self.state.step,
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "tokens": tokens,
-            "tokens_per_s": tokens / elapsed,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / devices,
+            "mfu": mfu,
             "step_time_s": elapsed,
+            "data_wait_frac": data_wait / elapsed,
             "peak_mem_gb": self._peak_memory_all_ranks(),
         }
 

@@ -28,6 +28,11 @@ class ACMode(Enum):
     selective = "selective"
 
 
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+
+
 class CPLayout(Enum):
     balanced = "balanced"
     contiguous = "contiguous"
@@ -95,7 +100,13 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 1  # print a console line every this many steps (metrics.jsonl gets every step)
+    every: int = 1  # print a console line every this many steps when not on a terminal (metrics.jsonl gets every step)
+    progress: bool = True  # a progress bar with ETA when stdout is a terminal (plain lines otherwise)
+    tensorboard: bool = False  # write TensorBoard event files to <run.dir>/tensorboard
+    wandb: bool = False  # log to Weights & Biases (needs the wandb extra)
+    wandb_project: str = "p3d"  # W&B project name
+    wandb_mode: WandbMode = WandbMode.offline  # offline: files under <run.dir>/wandb, no network or key (sync later); online
+    peak_tflops: Optional[float] = None  # peak TFLOP/s of one device for MFU; null: looked up from the GPU name (bf16 dense), no MFU on CPU
 
 
 @dataclass

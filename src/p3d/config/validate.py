@@ -65,10 +65,13 @@ def _check_positive(config: P3DConfig) -> list[str]:
         "train.ac_every": config.train.ac_every,
     }
     problems = [f"{key}={value}: must be >= 1" for key, value in values.items() if value < 1]
+    if config.logging.peak_tflops is not None and config.logging.peak_tflops <= 0:
+        problems.append(f"logging.peak_tflops={config.logging.peak_tflops}: must be > 0 (or null)")
     if config.checkpoint.every < 0:
         problems.append(f"checkpoint.every={config.checkpoint.every}: must be >= 0 (0 disables periodic saves)")
     if config.optim.lr <= 0:
         problems.append(f"optim.lr={config.optim.lr}: must be > 0")
+    problems += _check_logging_packages(config)
     if config.train.compile and config.parallel.tp > 1:
         # Measured with torch 2.13 on CPU: compiled TP blocks fail in DTensor's backward without
         # FSDP, and give losses that differ from one process with it.
@@ -76,6 +79,17 @@ def _check_positive(config: P3DConfig) -> list[str]:
     if config.optim.in_backward and config.optim.grad_clip > 0:
         problems.append("optim.in_backward=true has no global gradient norm before the updates: set optim.grad_clip=0")
     return problems
+
+
+def _check_logging_packages(config: P3DConfig) -> list[str]:
+    import importlib.util
+
+    needed = {"logging.tensorboard": ("tensorboard", config.logging.tensorboard), "logging.wandb": ("wandb", config.logging.wandb)}
+    return [
+        f"{key}=true needs the {package} package: pip install {package}"
+        for key, (package, enabled) in needed.items()
+        if enabled and importlib.util.find_spec(package) is None
+    ]
 
 
 def _check_batch(config: P3DConfig, dp: int) -> list[str]:
