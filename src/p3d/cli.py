@@ -20,11 +20,14 @@ USAGE = """usage: p3d <command> [...]
 commands:
   train [torchrun options] [key=value ...]   validate the config, then launch training
                                              (--nproc-per-node defaults to dp*cp*tp)
+  plan [key=value ...] --world-size N        validate and explain a config for N ranks (no GPU, no
+                                             process group): rank map, memory per rank, collectives
   ls                                         list the presets of every config group and the recipes
 
 examples:
   p3d train parallel=tp2dp2cp2 model=tiny_llama train.steps=20
   p3d train --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:29500 parallel=tp2dp4cp2
+  p3d plan parallel=tp2dp2cp2 model=opt1.3b --world-size 8
   p3d ls"""
 
 
@@ -37,10 +40,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     command, rest = args[0], args[1:]
     if command == "train":
         train_command(rest)
+    elif command == "plan":
+        plan_command(rest)
     elif command == "ls":
         list_command()
     else:
-        print(f"p3d: error: unknown command '{command}' (use train or ls)", file=sys.stderr)
+        print(f"p3d: error: unknown command '{command}' (use train, plan or ls)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -138,6 +143,44 @@ def _launch(launcher: list[str], overrides: list[str], nproc: int) -> None:
 
 def nnodes_is_single(launcher: list[str]) -> bool:
     return (_option_value(launcher, "--nnodes") or "1") in ("1", "1:1")
+
+
+def plan_command(args: Sequence[str]) -> None:
+    """Print the plan; exit 1 with the validation messages when the config is invalid."""
+    from omegaconf import OmegaConf
+
+    from p3d.config.compose import compose, to_object
+    from p3d.config.validate import validate
+    from p3d.plan import render
+
+    world_size, overrides = _world_size_arg(args)
+    try:
+        cfg = compose(overrides)
+        config = to_object(cfg)
+        setup = validate(config, world_size)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"p3d: error: {problem}", file=sys.stderr)
+        sys.exit(1)
+    print(render(config, setup, OmegaConf.to_yaml(cfg), world_size))
+
+
+def _world_size_arg(args: Sequence[str]) -> tuple[int, list[str]]:
+    overrides, world_size = [], None
+    iterator = iter(args)
+    for arg in iterator:
+        if arg.startswith("--world-size") or arg.startswith("--world_size"):
+            value = arg.split("=", 1)[1] if "=" in arg else next(iterator, "")
+            if not value.isdigit() or int(value) < 1:
+                print(f"p3d: error: --world-size needs a positive number, got '{value}'", file=sys.stderr)
+                sys.exit(2)
+            world_size = int(value)
+        else:
+            overrides.append(arg)
+    if world_size is None:
+        print("p3d: error: p3d plan needs --world-size N (the number of ranks to plan for)", file=sys.stderr)
+        sys.exit(2)
+    return world_size, overrides
 
 
 def list_command() -> None:

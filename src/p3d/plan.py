@@ -1,0 +1,215 @@
+"""`p3d plan`: what a config will do on N ranks, worked out without any process group or GPU.
+
+It validates the config for the world size, maps ranks to (dp, cp, tp), estimates each rank's
+memory from the model's real parameter shapes and the TP plan, and lists the collectives of a
+step. The memory model follows what p3d allocates:
+
+- fp32 master weights, fp32 gradients (none kept with optim.in_backward) and AdamW's two fp32
+  moments, each sharded by TP (planned modules) and then by FSDP over dp*cp;
+- FSDP's working set: the largest unit (a decoder block or the root with the embeddings)
+  unsharded in the compute dtype, its gradient, and the fp32 reduce-scatter buffer;
+- activations saved for backward per block (fewer with activation checkpointing), the
+  attention scores of the local queries against the whole sequence, and the logits;
+- a per-process baseline (torch, transformers, datasets imports), measured on this stack.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from torch import nn
+
+from p3d.config.schema import ACMode, DType, P3DConfig
+from p3d.config.validate import ValidatedSetup
+from p3d.model import build_meta_model, decoder_blocks
+from p3d.parallel.activation import checkpointed_block_indices
+from p3d.parallel.tensor import _SPLIT_DIM, match_plan
+
+GB = 2**30
+FP32 = 4
+# Peak RSS of a process that has imported what a rank imports (torch 2.13 CPU, transformers 5.23,
+# datasets), measured by benchmarks/memory.py; on a GPU this is host memory, not device memory.
+PROCESS_BASELINE_GB = 0.41
+DTYPE_BYTES = {DType.fp32: 4, DType.bf16: 2}
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-rank peak memory estimate, in GB."""
+
+    baseline: float
+    weights: float
+    gradients: float
+    optimizer: float
+    fsdp_working_set: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [(f.name.replace("_", " "), getattr(self, f.name)) for f in fields(self)] + [("total", self.total)]
+
+
+@dataclass
+class Collective:
+    name: str
+    group: str
+    per_step: int
+    megabytes_per_step: float
+
+
+def _tp_divisor(name: str, matched: dict[str, str], tp: int) -> int:
+    """How many ways TP splits a parameter (1 for parameters outside the plan; biases of rowwise layers too)."""
+    module, _, leaf = name.rpartition(".")
+    style = matched.get(module)
+    if style is None or tp == 1:
+        return 1
+    if leaf == "bias" and _SPLIT_DIM[style] == 1:
+        return 1  # a rowwise layer's bias is added after the reduction, replicated
+    return tp
+
+
+def local_parameter_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp: int) -> int:
+    matched = match_plan(plan, model) if tp > 1 else {}
+    total = 0
+    for name, param in model.named_parameters():
+        total += -(-param.numel() // (_tp_divisor(name, matched, tp) * dp_cp))
+    return total
+
+
+def _unit_numel(module: nn.Module, matched: dict[str, str], tp: int, prefix: str, exclude: set[int]) -> int:
+    total = 0
+    for name, param in module.named_parameters():
+        if id(param) not in exclude:
+            total += param.numel() // _tp_divisor(f"{prefix}{name}", matched, tp)
+    return total
+
+
+def largest_fsdp_unit_numel(model: nn.Module, plan: dict[str, str], tp: int) -> int:
+    """TP-local elements of the largest FSDP unit: a decoder block, or the root's own parameters."""
+    matched = match_plan(plan, model) if tp > 1 else {}
+    names = {module: name for name, module in model.named_modules()}
+    blocks = decoder_blocks(model)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    block_sizes = [_unit_numel(block, matched, tp, names[block] + ".", set()) for block in blocks]
+    root = _unit_numel(model, matched, tp, "", in_blocks)
+    return max([root, *block_sizes])
+
+
+def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None) -> MemoryEstimate:
+    model = model or build_meta_model(setup.hf_config)
+    dims = setup.dims
+    text = setup.hf_config.get_text_config()
+    compute_bytes = DTYPE_BYTES[config.train.dtype]
+    weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) * FP32
+    gradients = 0 if config.optim.in_backward else weights
+    fsdp = 0.0
+    if dims.dp_cp > 1 or config.train.dtype is not DType.fp32:
+        unit = largest_fsdp_unit_numel(model, setup.tp_plan, dims.tp)
+        fsdp = unit * (2 * compute_bytes + FP32)  # unsharded weights + their gradient + fp32 reduce-scatter buffer
+    activations = _activation_bytes(config, text, dims, len(decoder_blocks(model)), compute_bytes)
+    local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
+    logits = local_tokens * text.vocab_size * (compute_bytes + 2 * FP32)  # logits, fp32 copy for the loss, its gradient
+    return MemoryEstimate(
+        baseline=PROCESS_BASELINE_GB,
+        weights=weights / GB,
+        gradients=gradients / GB,
+        optimizer=2 * weights / GB,
+        fsdp_working_set=fsdp / GB,
+        activations=activations / GB,
+        logits=logits / GB,
+    )
+
+
+def _activation_bytes(config: P3DConfig, text, dims, blocks: int, compute_bytes: int) -> float:
+    """Tensors a block keeps for backward, after Korthikanti et al. (2022), for p3d's layout.
+
+    Per block and local token: ~8 hidden-size tensors (norm inputs/outputs, residuals, outputs of
+    the row-parallel layers), ~6 TP-sharded hidden-size tensors (q, k, v, attention output and
+    the gathered keys/values under CP), 3 TP-sharded MLP tensors, plus the attention
+    probabilities of the local queries over the whole sequence.
+    """
+    hidden = text.hidden_size
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden
+    heads = text.num_attention_heads
+    batch, seq_len = config.train.micro_batch_size, config.data.seq_len
+    local_tokens = batch * seq_len // dims.cp
+    per_token = 8 * hidden + 6 * hidden / dims.tp + 3 * intermediate / dims.tp
+    attention = batch * (heads / dims.tp) * (seq_len / dims.cp) * seq_len
+    per_block = (local_tokens * per_token + attention) * compute_bytes
+    checkpointed = len(checkpointed_block_indices(blocks, config.train.activation_checkpointing, config.train.ac_every))
+    if config.train.activation_checkpointing is ACMode.none:
+        return blocks * per_block
+    kept_input = local_tokens * hidden * compute_bytes  # a checkpointed block keeps only its input
+    return (blocks - checkpointed) * per_block + checkpointed * kept_input + per_block  # + one block recomputed
+
+
+def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None) -> list[Collective]:
+    model = model or build_meta_model(setup.hf_config)
+    dims = setup.dims
+    text = setup.hf_config.get_text_config()
+    blocks = len(decoder_blocks(model))
+    micro = config.train.global_batch_size // (config.train.micro_batch_size * dims.dp)
+    compute_bytes = DTYPE_BYTES[config.train.dtype]
+    local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
+    hidden_mb = local_tokens * text.hidden_size * compute_bytes / 2**20
+    collectives = []
+    if dims.dp_cp > 1:
+        matched = match_plan(setup.tp_plan, model) if dims.tp > 1 else {}
+        unsharded = sum(p.numel() // _tp_divisor(n, matched, dims.tp) for n, p in model.named_parameters())
+        units = blocks + 1
+        collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * unsharded * compute_bytes / 2**20))
+        collectives.append(Collective("FSDP reduce-scatter of gradients", "dp_cp", micro * units, micro * unsharded * FP32 / 2**20))
+    if dims.tp > 1:
+        collectives.append(Collective("TP all-reduce of row-parallel outputs and column-parallel input gradients", "tp", micro * 4 * blocks, micro * 4 * blocks * hidden_mb))
+    if dims.cp > 1:
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        kv_mb = config.train.micro_batch_size * config.data.seq_len * kv_heads / dims.tp * (text.hidden_size // text.num_attention_heads) * compute_bytes / 2**20
+        collectives.append(Collective("CP all-gather of keys and values; all-reduce of their gradients", "cp", micro * 4 * blocks, micro * 4 * blocks * kv_mb))
+    collectives.append(Collective("valid-token count (all-reduce)", "dp", 1, 0.0))
+    collectives.append(Collective("loss (all-reduce)", "dp_cp", 1, 0.0))
+    collectives.append(Collective("gradient norm and peak memory (all-reduce)", "world", 2, 0.0))
+    return collectives
+
+
+def machine_memory_gb() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    except (ValueError, OSError):
+        return None
+
+
+def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_size: int) -> str:
+    model = build_meta_model(setup.hf_config)
+    dims = setup.dims
+    estimate = estimate_memory(config, setup, model)
+    lines = ["# resolved config", resolved_yaml.rstrip(), "", f"# validation: OK for world size {world_size} ({dims.describe()})", ""]
+    lines += ["# ranks", "rank  dp  cp  tp"]
+    for rank in range(dims.world_size):
+        coords = dims.coords(rank)
+        lines.append(f"{rank:>4}  {coords['dp']:>2}  {coords['cp']:>2}  {coords['tp']:>2}")
+    accumulation = config.train.global_batch_size // (config.train.micro_batch_size * dims.dp)
+    total_params = sum(p.numel() for p in model.parameters())
+    lines += [
+        "",
+        f"# model: {total_params / 1e6:,.1f}M parameters; this rank holds {local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) / 1e6:,.1f}M",
+        f"# batch: {config.train.global_batch_size} sequences x {config.data.seq_len} tokens per step; "
+        f"{config.train.micro_batch_size} per dp rank per forward, {accumulation} accumulation step(s); "
+        f"{config.train.micro_batch_size * config.data.seq_len // dims.cp} tokens per rank per forward",
+        "",
+        "# memory per rank (estimate, GB)",
+    ]
+    lines += [f"{name:<18} {value:8.2f}" for name, value in estimate.rows()]
+    job = estimate.total * dims.world_size
+    machine = machine_memory_gb()
+    lines.append(f"{'whole job':<18} {job:8.2f}   (all {dims.world_size} ranks on one machine)")
+    if machine is not None and job > machine and os.environ.get("LOCAL_WORLD_SIZE") is None:
+        lines.append(f"warning: {dims.world_size} ranks on this machine would need about {job:.1f} GB; it has {machine:.1f} GB")
+    lines += ["", "# collectives per step (count, MB moved per rank)"]
+    for collective in collectives_per_step(config, setup, model):
+        lines.append(f"{collective.per_step:>6}  {collective.megabytes_per_step:10.1f} MB  [{collective.group}] {collective.name}")
+    return "\n".join(lines)

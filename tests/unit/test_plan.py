@@ -1,0 +1,68 @@
+"""`p3d plan`: validation, rank map and a memory estimate, without a process group."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from p3d.config.compose import compose, to_object
+from p3d.config.validate import validate
+from p3d.model import build_meta_model
+from p3d.plan import estimate_memory, local_parameter_numel
+
+
+def plan(*args):
+    return subprocess.run([sys.executable, "-m", "p3d.cli", "plan", *args], capture_output=True, text=True)
+
+
+def test_plan_runs_in_seconds_and_prints_every_section():
+    started = time.monotonic()
+    done = plan("parallel=tp2dp2cp2", "model=opt1.3b", "--world-size", "8")
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 30
+    for section in ("# resolved config", "# validation: OK", "# ranks", "# memory per rank", "# collectives per step"):
+        assert section in done.stdout
+    assert "   7   1   1   1" in done.stdout  # rank 7 is dp=1 cp=1 tp=1
+
+
+def test_invalid_plan_exits_1_with_the_validation_message():
+    done = plan("parallel=tp2dp2cp2", "model=opt1.3b", "--world-size", "6")
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("p3d: error: parallel.dp*parallel.cp*parallel.tp")
+    assert "Traceback" not in done.stderr
+
+
+def test_world_size_is_required():
+    done = plan("parallel=tp2dp2cp2")
+    assert done.returncode == 2 and "--world-size" in done.stderr
+
+
+def setup_for(overrides, world):
+    config = to_object(compose(overrides))
+    return config, validate(config, world)
+
+
+def test_local_parameters_divide_by_tp_and_fsdp():
+    config, setup = setup_for(["model=opt1.3b"], 1)
+    model = build_meta_model(setup.hf_config)
+    whole = local_parameter_numel(model, setup.tp_plan, 1, 1)
+    assert whole == sum(p.numel() for p in model.parameters())
+    _, sharded = setup_for(["model=opt1.3b", "parallel=tp2dp2cp2"], 8)
+    local = local_parameter_numel(model, sharded.tp_plan, 2, 4)
+    assert whole / 8 < local < whole / 7  # non-TP weights (norms, positions) are split only 4 ways
+
+
+@pytest.mark.parametrize("key, effect", [
+    ("optim.in_backward=true", "gradients"),
+    ("train.activation_checkpointing=full", "activations"),
+])
+def test_memory_options_lower_their_term(key, effect):
+    base = ["model=opt1.3b", "parallel=tp2dp2cp2", "train.global_batch_size=4", "optim.grad_clip=0"]
+    config, setup = setup_for(base, 8)
+    changed_config, changed_setup = setup_for([*base, key], 8)
+    before, after = estimate_memory(config, setup), estimate_memory(changed_config, changed_setup)
+    assert getattr(after, effect) < getattr(before, effect) / 2
+    assert after.total < before.total
