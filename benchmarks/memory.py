@@ -1,7 +1,7 @@
 """Per-rank peak memory of one model under several layouts, against one process and the ideal 1/N.
 
-    python benchmarks/memory.py                       # defaults: OPT-1.3B shape cut to 8 layers
-    python benchmarks/memory.py --layers 4 --steps 1 --out /tmp/mem   # a quick run
+    python benchmarks/memory.py                       # a Llama-shaped 334M model (1.3 GB in fp32)
+    python benchmarks/memory.py --layers 2 --steps 1 --out /tmp/mem   # a quick run
 
 For every layout it runs `p3d.train` (torchrun on gloo, CPU), reads each rank's peak RSS from
 the run's summary.json and samples the machine's used memory from outside for the whole job's
@@ -155,14 +155,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the OPT-1.3B shape (24 is the real model)")
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers of the Llama-shaped model")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from: " + ", ".join(LAYOUTS))
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args()
 
-    model = ["model=opt1.3b", f"model.config.num_hidden_layers={args.layers}", f"data.seq_len={args.seq_len}", f"train.steps={args.steps}", "train.global_batch_size=8", "train.micro_batch_size=1"]
+    model = [
+        "model=tiny_llama", "model.config.hidden_size=1024", "model.config.intermediate_size=4096", f"model.config.num_hidden_layers={args.layers}",
+        "model.config.num_attention_heads=16", "model.config.num_key_value_heads=16", "model.config.vocab_size=32000",
+        f"data.seq_len={args.seq_len}", f"train.steps={args.steps}", "train.global_batch_size=8", "train.micro_batch_size=1",
+    ]
     ac_common = ["model=tiny_llama", "model.config.hidden_size=256", "model.config.intermediate_size=1024", "model.config.num_hidden_layers=4",
                  "data.seq_len=2048", "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=4"]
     out = Path(args.out)
@@ -178,7 +182,7 @@ def main() -> None:
             for mode in ("none", "selective", "full")
         ]
     rows = layout_table(results, baseline)
-    model_desc = f"OPT-1.3B shape with {args.layers} layers, fp32, seq_len {args.seq_len}, micro-batch 1, {args.steps} steps"
+    model_desc = f"Llama shape, hidden 1024, {args.layers} layers, vocab 32000 (334M parameters at 16 layers), fp32, seq_len {args.seq_len}, micro-batch 1, {args.steps} steps"
     ac_desc = "tiny_llama widened to hidden 256, 4 layers, seq_len 2048, micro-batch 4, 1 process; selective = every 2nd block"
     text = markdown(rows, ac_results, baseline, model_desc, ac_desc)
     print(text)

@@ -113,13 +113,31 @@ def train_command(args: Sequence[str]) -> None:
             nproc = str(max(world // nodes, 1))
         launcher += ["--nproc-per-node", nproc]
     if nnodes.isdigit() and nproc.isdigit():
-        validate(config, int(nnodes) * int(nproc))
+        setup = validate(config, int(nnodes) * int(nproc))
+        _warn_if_it_will_not_fit(config, setup, int(nproc))
     if launcher == ["--nproc-per-node", "1"]:
         from p3d.train import main as train_main
 
         train_main(overrides)
         return
     _launch(launcher, overrides, int(nproc) if nproc.isdigit() else 1)
+
+
+def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:
+    """On CPU, compare p3d plan's estimate for the ranks of this machine with its memory."""
+    from p3d.distributed.env import resolve_device_type
+    from p3d.plan import estimate_memory, machine_memory_gb
+
+    machine = machine_memory_gb()
+    if resolve_device_type(config.dist.device) != "cpu" or machine is None:
+        return
+    needed = estimate_memory(config, setup).total * ranks_here
+    if needed > machine:
+        print(
+            f"p3d: warning: {ranks_here} ranks need about {needed:.1f} GB by `p3d plan`'s estimate and this machine has "
+            f"{machine:.1f} GB; see docs/parallelism.md for memory levers",
+            file=sys.stderr,
+        )
 
 
 def _launch(launcher: list[str], overrides: list[str], nproc: int) -> None:

@@ -89,15 +89,31 @@ def _unit_numel(module: nn.Module, matched: dict[str, str], tp: int, prefix: str
     return total
 
 
-def largest_fsdp_unit_numel(model: nn.Module, plan: dict[str, str], tp: int) -> int:
-    """TP-local elements of the largest FSDP unit: a decoder block, or the root's own parameters."""
+@dataclass(frozen=True)
+class FsdpUnit:
+    """TP-local element counts of one FSDP unit while it is unsharded."""
+
+    weights: int
+    extra_gradients: int  # a tied output head's gradient coexists with the embedding's
+
+    def working_set_bytes(self, compute_bytes: int) -> int:
+        """Unsharded weights and gradients in the compute dtype, plus the fp32 reduce-scatter buffer."""
+        return self.weights * compute_bytes + (self.weights + self.extra_gradients) * compute_bytes + self.weights * FP32
+
+
+def largest_fsdp_unit(model: nn.Module, plan: dict[str, str], tp: int) -> FsdpUnit:
+    """The largest FSDP unit: a decoder block, or the root's own parameters (embeddings, final norm)."""
     matched = match_plan(plan, model) if tp > 1 else {}
     names = {module: name for name, module in model.named_modules()}
     blocks = decoder_blocks(model)
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
-    block_sizes = [_unit_numel(block, matched, tp, names[block] + ".", set()) for block in blocks]
-    root = _unit_numel(model, matched, tp, "", in_blocks)
-    return max([root, *block_sizes])
+    units = [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
+    tied = 0
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is model.get_input_embeddings().weight:
+        tied = output.weight.numel() // _tp_divisor(names[output] + ".weight", matched, tp)
+    units.append(FsdpUnit(_unit_numel(model, matched, tp, "", in_blocks), tied))
+    return max(units, key=lambda unit: unit.working_set_bytes(FP32))
 
 
 def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None) -> MemoryEstimate:
@@ -109,8 +125,7 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
     gradients = 0 if config.optim.in_backward else weights
     fsdp = 0.0
     if dims.dp_cp > 1 or config.train.dtype is not DType.fp32:
-        unit = largest_fsdp_unit_numel(model, setup.tp_plan, dims.tp)
-        fsdp = unit * (2 * compute_bytes + FP32)  # unsharded weights + their gradient + fp32 reduce-scatter buffer
+        fsdp = largest_fsdp_unit(model, setup.tp_plan, dims.tp).working_set_bytes(compute_bytes)
     activations = _activation_bytes(config, text, dims, len(decoder_blocks(model)), compute_bytes)
     local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
     logits = local_tokens * text.vocab_size * (compute_bytes + 2 * FP32)  # logits, fp32 copy for the loss, its gradient

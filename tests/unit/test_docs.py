@@ -21,3 +21,13 @@ def test_every_schema_section_and_key_is_documented():
     for section, field in ((s, f) for s in SECTIONS for f in dataclasses.fields(type(getattr(P3DConfig(), s)))):
         row = next(line for line in text.splitlines() if line.startswith(f"| `{section}.{field.name}` |"))
         assert not row.rstrip().endswith("|  |"), f"{section}.{field.name} has no one-line doc"
+
+
+def test_docs_site_builds_strictly(tmp_path):
+    """mkdocs --strict fails on broken links and pages missing from the navigation."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "site" / "parallelism" / "index.html").exists()
