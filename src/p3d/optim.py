@@ -66,7 +66,7 @@ def squared_norm_share(grad: torch.Tensor) -> torch.Tensor:
         local = grad.to_local()
     else:
         copies, local = world, grad
-    return local.float().pow(2).sum() / copies
+    return torch.linalg.vector_norm(local, dtype=torch.float32) ** 2 / copies  # no full-size temporary
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
