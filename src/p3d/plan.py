@@ -6,11 +6,13 @@ step. The memory model follows what p3d allocates:
 
 - fp32 master weights, fp32 gradients (none kept with optim.in_backward) and AdamW's two fp32
   moments, each sharded by TP (planned modules) and then by FSDP over dp*cp;
-- FSDP's working set: the largest unit (a decoder block or the root with the embeddings)
-  unsharded in the compute dtype, its gradient, and the fp32 reduce-scatter buffer;
+- step transients: FSDP's working set (the root unit unsharded throughout, a block's unsharded
+  weights, gradients and fp32 reduce-scatter buffer, the next block prefetched), or without
+  FSDP a tied output head's second gradient;
 - activations saved for backward per block (fewer with activation checkpointing), the
   attention scores of the local queries against the whole sequence, and the logits;
-- a per-process baseline (torch, transformers, datasets imports), measured on this stack.
+- a per-process baseline (torch, transformers, datasets imports), measured on this stack;
+- on CPU, memory the C allocator retains: half of what a step allocates and frees (measured).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from p3d.config.schema import ACMode, DType, P3DConfig
 from p3d.config.validate import ValidatedSetup
+from p3d.distributed.env import resolve_device_type
 from p3d.model import build_meta_model, decoder_blocks
 from p3d.parallel.activation import checkpointed_block_indices
 from p3d.parallel.tensor import _SPLIT_DIM, match_plan
@@ -32,6 +35,10 @@ FP32 = 4
 # datasets), measured by benchmarks/memory.py; on a GPU this is host memory, not device memory.
 PROCESS_BASELINE_GB = 0.41
 DTYPE_BYTES = {DType.fp32: 4, DType.bf16: 2}
+# On CPU, glibc keeps freed mid-size blocks (< 32 MiB: activations, per-parameter copies) in its
+# heap, so peak RSS exceeds the live tensors by a share of what a step allocates and frees.
+# Measured here (benchmarks/memory.py, OPT and Llama shapes, 1 to 8 ranks): about half of it.
+CPU_HEAP_RETENTION = 0.5
 
 
 @dataclass
@@ -42,9 +49,10 @@ class MemoryEstimate:
     weights: float
     gradients: float
     optimizer: float
-    fsdp_working_set: float
+    step_transients: float
     activations: float
     logits: float
+    allocator_retention: float
 
     @property
     def total(self) -> float:
@@ -101,42 +109,57 @@ class FsdpUnit:
         return self.weights * compute_bytes + (self.weights + self.extra_gradients) * compute_bytes + self.weights * FP32
 
 
-def largest_fsdp_unit(model: nn.Module, plan: dict[str, str], tp: int) -> FsdpUnit:
-    """The largest FSDP unit: a decoder block, or the root's own parameters (embeddings, final norm)."""
+def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUnit, list[FsdpUnit]]:
+    """The root unit (embeddings, final norm, output head) and one unit per decoder block."""
     matched = match_plan(plan, model) if tp > 1 else {}
     names = {module: name for name, module in model.named_modules()}
     blocks = decoder_blocks(model)
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
-    units = [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
     tied = 0
     output = model.get_output_embeddings()
     if output is not None and output.weight is model.get_input_embeddings().weight:
         tied = output.weight.numel() // _tp_divisor(names[output] + ".weight", matched, tp)
-    units.append(FsdpUnit(_unit_numel(model, matched, tp, "", in_blocks), tied))
-    return max(units, key=lambda unit: unit.working_set_bytes(FP32))
+    root = FsdpUnit(_unit_numel(model, matched, tp, "", in_blocks), tied)
+    return root, [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
 
 
-def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None) -> MemoryEstimate:
+def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int) -> int:
+    """Memory that exists only during a step, beyond the sharded state.
+
+    With FSDP: the root unit stays unsharded through forward and backward; a block's working set
+    is added on top, with the next block prefetched and the all-gather output buffer it is
+    copied out of. Without FSDP: a tied output head's gradient is buffered beside the embedding's.
+    """
+    root, blocks = fsdp_units(model, plan, tp)
+    if not sharded:
+        return root.extra_gradients * compute_bytes
+    largest_block = max(blocks, key=lambda unit: unit.weights, default=FsdpUnit(0, 0))
+    block_phase = root.weights * compute_bytes + largest_block.working_set_bytes(compute_bytes) + 2 * largest_block.weights * compute_bytes
+    return max(root.working_set_bytes(compute_bytes), block_phase)
+
+
+def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None, on_cpu: bool = True) -> MemoryEstimate:
     model = model or build_meta_model(setup.hf_config)
     dims = setup.dims
     text = setup.hf_config.get_text_config()
     compute_bytes = DTYPE_BYTES[config.train.dtype]
     weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) * FP32
     gradients = 0 if config.optim.in_backward else weights
-    fsdp = 0.0
-    if dims.dp_cp > 1 or config.train.dtype is not DType.fp32:
-        fsdp = largest_fsdp_unit(model, setup.tp_plan, dims.tp).working_set_bytes(compute_bytes)
+    sharded = dims.dp_cp > 1 or config.train.dtype is not DType.fp32  # FSDP2 is applied
+    transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes)
     activations = _activation_bytes(config, text, dims, len(decoder_blocks(model)), compute_bytes)
     local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
     logits = local_tokens * text.vocab_size * (compute_bytes + 2 * FP32)  # logits, fp32 copy for the loss, its gradient
+    churn = transients + activations + logits
     return MemoryEstimate(
         baseline=PROCESS_BASELINE_GB,
         weights=weights / GB,
         gradients=gradients / GB,
         optimizer=2 * weights / GB,
-        fsdp_working_set=fsdp / GB,
+        step_transients=transients / GB,
         activations=activations / GB,
         logits=logits / GB,
+        allocator_retention=(CPU_HEAP_RETENTION * churn if on_cpu else 0.0) / GB,
     )
 
 
@@ -201,7 +224,7 @@ def machine_memory_gb() -> float | None:
 def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_size: int) -> str:
     model = build_meta_model(setup.hf_config)
     dims = setup.dims
-    estimate = estimate_memory(config, setup, model)
+    estimate = estimate_memory(config, setup, model, on_cpu=resolve_device_type(config.dist.device) == "cpu")
     lines = ["# resolved config", resolved_yaml.rstrip(), "", f"# validation: OK for world size {world_size} ({dims.describe()})", ""]
     lines += ["# ranks", "rank  dp  cp  tp"]
     for rank in range(dims.world_size):
