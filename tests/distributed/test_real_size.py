@@ -62,7 +62,11 @@ def test_no_rank_allocates_the_full_model(tmp_path):
     report = json.loads(out.read_text())
     assert report["full_model_gb"] > 1.2
     worst = max(report["build_growth_gb_per_rank"])
-    assert worst < report["full_model_gb"] / 4, report
+    # A rank holds its 1/8 share plus, transiently, one full tensor: the random init draws each module's
+    # full value (layout-independent) and keeps its slice. The rest is allocator slack (measured <= 0.09 GB).
+    share = report["full_model_gb"] / 8
+    assert worst < share + report["largest_tensor_gb"] + 0.15, report
+    assert worst < report["full_model_gb"] / 3, report
 
 
 BF16_TOLERANCE = 5e-3  # measured: 3e-4 over 6 steps (tp2dp2cp2 vs one process)

@@ -29,11 +29,12 @@ def main(out_path: str, overrides: list[str]) -> None:
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)
     growth = peak_rss_gb() - before
     full_gb = sum(p.numel() for p in model.parameters()) * 4 / 2**30
+    largest_tensor_gb = max(p.numel() for p in model.parameters()) * 4 / 2**30
     growths = [None] * dist.get_world_size()
     dist.all_gather_object(growths, growth)
     if env.is_main:
         with open(out_path, "w") as stream:
-            json.dump({"full_model_gb": full_gb, "build_growth_gb_per_rank": growths}, stream)
+            json.dump({"full_model_gb": full_gb, "largest_tensor_gb": largest_tensor_gb, "build_growth_gb_per_rank": growths}, stream)
     shutdown()
 
 
