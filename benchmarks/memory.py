@@ -85,7 +85,11 @@ def run_layout(name: str, layout: tuple[int, int, int], overrides: list[str], wo
     with MemorySampler() as sampler:
         done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        killed = "SIGKILL" in done.stderr  # the kernel's OOM killer; the table says so instead of stopping
+        if not killed:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        return {"layout": name, "ranks": world, "killed": True, "job_peak_gb": round(sampler.job_peak_gb, 3),
+                "seconds": round(time.monotonic() - started, 1)}
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "layout": name,
@@ -101,6 +105,9 @@ def layout_table(results: list[dict], baseline: float) -> list[dict]:
     single_share = max(results[0]["per_rank_peak_gb"]) - baseline
     rows = []
     for result in results:
+        if result.get("killed"):
+            rows.append(result)
+            continue
         peak = max(result["per_rank_peak_gb"])
         ideal = single_share / result["ranks"]
         rows.append({
@@ -122,6 +129,9 @@ def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        if r.get("killed"):
+            lines.append(f"| {r['layout']} | {r['ranks']} | killed by the OOM killer | | | | | {r['job_peak_gb']:.2f} when killed |")
+            continue
         lines.append(
             f"| {r['layout']} | {r['ranks']} | {r['max_rank_peak_gb']:.2f} | {r['model_share_gb']:.2f} | {r['ideal_share_gb']:.2f} | "
             f"{r['share_vs_one_process']:.2f} | {r['share_vs_ideal']:.2f} | {r['job_peak_gb']:.2f} |"
@@ -140,6 +150,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not r.get("killed")]
     names = [r["layout"] for r in rows]
     x = range(len(rows))
     figure, axis = plt.subplots(figsize=(9, 4.5))

@@ -6,7 +6,8 @@ step. The memory model follows what p3d allocates:
 
 - fp32 master weights, fp32 gradients (none kept with optim.in_backward) and AdamW's two fp32
   moments, each sharded by TP (planned modules) and then by FSDP over dp*cp;
-- step transients: FSDP's working set (the root unit unsharded throughout, a block's unsharded
+- step transients: FSDP's working set (the root unit unsharded throughout; untied embeddings
+  and output head as units of their own, gathered only around their use; a block's unsharded
   weights, gradients and fp32 reduce-scatter buffer, the next block prefetched), or without
   FSDP a tied output head's second gradient;
 - activations saved for backward per block (fewer with activation checkpointing), the
@@ -26,6 +27,7 @@ from p3d.config.schema import ACMode, DType, P3DConfig
 from p3d.config.validate import ValidatedSetup
 from p3d.distributed.env import resolve_device_type
 from p3d.model import build_meta_model, decoder_blocks
+from p3d.parallel.fsdp import embedding_units
 from p3d.parallel.activation import checkpointed_block_indices
 from p3d.parallel.tensor import _SPLIT_DIM, match_plan
 
@@ -109,33 +111,45 @@ class FsdpUnit:
         return self.weights * compute_bytes + (self.weights + self.extra_gradients) * compute_bytes + self.weights * FP32
 
 
-def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUnit, list[FsdpUnit]]:
-    """The root unit (embeddings, final norm, output head) and one unit per decoder block."""
+def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUnit, list[FsdpUnit], list[FsdpUnit]]:
+    """The root unit, the untied embedding units (input, output head) and one unit per decoder block.
+
+    This mirrors p3d.parallel.fsdp.apply_fsdp: a tied embedding stays in the root unit.
+    """
     matched = match_plan(plan, model) if tp > 1 else {}
     names = {module: name for name, module in model.named_modules()}
     blocks = decoder_blocks(model)
-    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    own_unit = {id(p) for block in blocks for p in block.parameters()}
     tied = 0
     output = model.get_output_embeddings()
     if output is not None and output.weight is model.get_input_embeddings().weight:
         tied = output.weight.numel() // _tp_divisor(names[output] + ".weight", matched, tp)
-    root = FsdpUnit(_unit_numel(model, matched, tp, "", in_blocks), tied)
-    return root, [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
+    embeddings = []
+    for unit, _ in embedding_units(model):
+        embeddings.append(FsdpUnit(_unit_numel(unit, matched, tp, names[unit] + ".", set()), 0))
+        own_unit |= {id(p) for p in unit.parameters()}
+    root = FsdpUnit(_unit_numel(model, matched, tp, "", own_unit), tied)
+    return root, embeddings, [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
 
 
 def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int) -> int:
     """Memory that exists only during a step, beyond the sharded state.
 
-    With FSDP: the root unit stays unsharded through forward and backward; a block's working set
-    is added on top, with the next block prefetched and the all-gather output buffer it is
-    copied out of. Without FSDP: a tied output head's gradient is buffered beside the embedding's.
+    With FSDP the root unit stays unsharded through forward and backward. On top of it, the
+    largest of: an embedding unit's working set (the output head's as the backward starts, the
+    input embedding's as it ends), or a block's with the next block prefetched and the all-gather
+    output buffer it is copied out of. Without FSDP: a tied output head's gradient is buffered
+    beside the embedding's.
     """
-    root, blocks = fsdp_units(model, plan, tp)
+    root, embeddings, blocks = fsdp_units(model, plan, tp)
     if not sharded:
         return root.extra_gradients * compute_bytes
     largest_block = max(blocks, key=lambda unit: unit.weights, default=FsdpUnit(0, 0))
-    block_phase = root.weights * compute_bytes + largest_block.working_set_bytes(compute_bytes) + 2 * largest_block.weights * compute_bytes
-    return max(root.working_set_bytes(compute_bytes), block_phase)
+    phases = [
+        largest_block.working_set_bytes(compute_bytes) + 2 * largest_block.weights * compute_bytes,
+        *(unit.working_set_bytes(compute_bytes) for unit in embeddings),
+    ]
+    return max(root.working_set_bytes(compute_bytes), root.weights * compute_bytes + max(phases))
 
 
 def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None, on_cpu: bool = True) -> MemoryEstimate:

@@ -21,8 +21,25 @@ def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dt
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in decoder_blocks(model):
         fully_shard(block, mesh=dp_cp_mesh, mp_policy=policy)
+    for unit, reshard_after_forward in embedding_units(model):
+        fully_shard(unit, mesh=dp_cp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_cp_mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+
+
+def embedding_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Untied input and output embeddings as FSDP units of their own, with reshard-after-forward.
+
+    In the root unit they would stay unsharded from the first forward to the last backward, and
+    both gradients would be reduced together at the end. As their own units, the input embedding
+    is freed after its forward and the output head's gradient is reduced as soon as the backward
+    has passed it (the head stays gathered after forward: the backward starts with it). A tied
+    pair is one parameter and stays in the root unit.
+    """
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is inputs.weight:
+        return []
+    return [(inputs, True), (outputs, False)]
