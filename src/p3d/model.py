@@ -36,20 +36,27 @@ def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
     overrides = dict(model_cfg.config)
     if model_cfg.init is InitMode.pretrained:
         config = _pretrained_config(model_cfg.pretrained)
-    else:
-        try:
-            config = AutoConfig.for_model(model_cfg.arch)
-        except ValueError:
-            raise ConfigError(f"model.arch={model_cfg.arch}: not a Hugging Face model type (e.g. llama, opt, mistral, qwen2)") from None
+        _refuse_unknown_fields(config, overrides)
+        for key, value in overrides.items():  # the checkpoint's shapes are fixed; these change depth, dropout, ...
+            setattr(config, key, value)
+        return config
+    try:
+        defaults = AutoConfig.for_model(model_cfg.arch)
+    except ValueError:
+        raise ConfigError(f"model.arch={model_cfg.arch}: not a Hugging Face model type (e.g. llama, opt, mistral, qwen2)") from None
+    _refuse_unknown_fields(defaults, overrides)
+    # Passed to the constructor, not set afterwards, so that derived fields (Llama's head_dim from
+    # hidden_size and num_attention_heads) follow the given sizes instead of the defaults'.
+    return AutoConfig.for_model(model_cfg.arch, **overrides)
+
+
+def _refuse_unknown_fields(config: PretrainedConfig, overrides: dict) -> None:
     unknown = sorted(key for key in overrides if not hasattr(config, key))
     if unknown:
         raise ConfigError(
             f"model.config.{unknown[0]}: not a field of {type(config).__name__}"
             + (f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else "")
         )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
 
 
 def _pretrained_config(source: str | None) -> PretrainedConfig:

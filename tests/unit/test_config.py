@@ -40,6 +40,15 @@ def test_model_config_override_changes_the_model():
     assert len(default.model.layers) == 2
 
 
+@pytest.mark.parametrize("overrides", [[], ["model.config.hidden_size=256", "model.config.num_attention_heads=8"]])
+def test_derived_fields_follow_the_given_sizes(overrides):
+    """Llama derives head_dim from hidden_size / num_attention_heads: never the class default's 128."""
+    config = build_hf_config(to_object(compose(["model=tiny_llama", *overrides])).model)
+    assert config.head_dim == config.hidden_size // config.num_attention_heads
+    model = build_meta_model(config)
+    assert model.model.layers[0].self_attn.q_proj.out_features == config.hidden_size
+
+
 def test_model_config_override_may_name_a_field_absent_from_the_preset():
     config = to_object(compose(["model.config.rms_norm_eps=0.001"]))
     assert build_hf_config(config.model).rms_norm_eps == 0.001
