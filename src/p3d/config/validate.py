@@ -161,19 +161,27 @@ def _check_cp_impl(config: P3DConfig, cp_impl: CPImpl, device_type: str | None) 
 
 
 def _check_attention_for_cp(hf_config: PretrainedConfig, config: P3DConfig) -> list[str]:
-    """p3d's CP attention (also used for packed documents) is causal, dropout-free: refuse models that are not."""
-    cp, packing = config.parallel.cp, config.data.packing
+    """p3d's CP attention (also used for packed documents) is plain causal and dropout-free: refuse other attention."""
+    cp, packing, seq_len = config.parallel.cp, config.data.packing, config.data.seq_len
     if not uses_p3d_attention(cp, packing):
         return []
     why = f"parallel.cp={cp}" if cp > 1 else f"data.packing={packing.value}"
     fix = "use parallel.cp=1" if cp > 1 else "use data.packing=stream"
     text = hf_config.get_text_config()
-    layer_types = set(getattr(text, "layer_types", None) or ())
-    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
-    if sliding or (layer_types - {"full_attention"}):
-        return [f"{why}: {type(hf_config).__name__} uses sliding-window or non-causal attention, which p3d's context-parallel attention does not support; {fix}"]
-    if getattr(text, "is_decoder", True) is False and not getattr(text, "is_causal", True):
-        return [f"{why}: {type(hf_config).__name__} is not a causal decoder; {fix}"]
+    name = type(text).__name__
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or ()
+    local_layers = sorted(set(layer_types) - {"full_attention"})
+    if local_layers:
+        return [f"model.config.layer_types: {name} has {', '.join(local_layers)} layers, which p3d's attention under {why} does not support (plain causal only); {fix}"]
+    if window and getattr(text, "use_sliding_window", True) and window < seq_len:
+        return [
+            f"model.config.sliding_window={window}: sliding-window attention is not supported under {why} (plain causal only); "
+            f"{fix}, or data.seq_len<={window} / model.config.sliding_window=null"
+        ]
+    if getattr(text, "is_causal", True) is False or getattr(text, "is_decoder", True) is False:
+        key = "is_causal" if getattr(text, "is_causal", True) is False else "is_decoder"
+        return [f"model.config.{key}=false: {name} attends bidirectionally, which p3d's attention under {why} does not support (causal only); {fix}"]
     dropout = getattr(text, "attention_dropout", 0.0) or 0.0
     if dropout > 0:
         return [f"model.config.attention_dropout={dropout}: p3d's context-parallel attention ({why}) has no attention dropout; set it to 0"]
