@@ -21,6 +21,8 @@ from p3d.errors import ConfigError
 
 FILE_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 IGNORE_INDEX = -100
+# Files one of which a local directory needs to hold a tokenizer (a checkpoint may carry none).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 class Tokenizer(Protocol):
@@ -66,8 +68,15 @@ def build_tokenizer(data_cfg: DataConfig, model_cfg: ModelConfig) -> Tokenizer:
 def _load_hf_tokenizer(source: str, key: str, required: bool):
     from transformers import AutoTokenizer
 
+    local = Path(source).expanduser()
     try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if Path(source).expanduser().exists() else source))
+        if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+            raise OSError(f"no tokenizer files in {local}")
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(str(local) if local.exists() else source))
+        if tokenizer.vocab_size < 2:
+            # transformers 5.23 builds an empty tokenizer from a bare OPT config.json rather than failing
+            raise ValueError(f"the tokenizer found has a vocabulary of {tokenizer.vocab_size}")
+        return tokenizer
     except (OSError, ValueError, TypeError) as error:
         if not required:
             return None

@@ -121,3 +121,17 @@ def test_sampler_from_config_is_deterministic():
     first = build_sampler(config.data, config.model, 0, 4, 2, 1, 0).micro_batches(0)
     second = build_sampler(config.data, config.model, 0, 4, 2, 1, 0).micro_batches(0)
     assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_a_checkpoint_without_tokenizer_files_falls_back_to_bytes(arch, tmp_path):
+    """transformers builds an empty tokenizer from a bare OPT config.json; p3d must not train on it."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(arch).save_pretrained(tmp_path)
+    config = to_object(compose(["model.init=pretrained", f"model.pretrained={tmp_path}"]))
+    from p3d.data import build_tokenizer
+
+    assert isinstance(build_tokenizer(config.data, config.model), ByteTokenizer)
+    with pytest.raises(ConfigError, match=r"^data.tokenizer="):
+        build_tokenizer(data_config(f"data.tokenizer={tmp_path}"), config.model)
