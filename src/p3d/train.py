@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from p3d.checkpoint import Checkpointer
 from p3d.config.compose import compose, to_object
-from p3d.config.schema import P3DConfig
+from p3d.config.schema import CPLayout, P3DConfig
 from p3d.config.validate import ValidatedSetup, validate
 from p3d.data import build_sampler
 from p3d.distributed.env import DistEnv, init_distributed, shutdown, world_size_from_env
@@ -22,10 +22,9 @@ from p3d.distributed.mesh import Meshes
 from p3d.errors import exits_cleanly_on_config_error
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
 from p3d.optim import build_optimizer, build_scheduler
-from p3d.parallel.parallelize import build_parallel_model
-from p3d.config.schema import CPLayout
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer
+from p3d.parallel.parallelize import build_parallel_model
 from p3d.trainer import Trainer
 
 USAGE = """usage: python -m p3d.train [key=value ...]

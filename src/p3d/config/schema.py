@@ -122,7 +122,7 @@ class LoggingConfig:
     wandb_project: str = "p3d"  # W&B project name
     wandb_mode: WandbMode = WandbMode.offline  # offline: files under <run.dir>/wandb, no network or key (sync later); online
     peak_tflops: Optional[float] = None  # peak TFLOP/s of one device for MFU; null: looked up from the GPU name (bf16 dense), no MFU on CPU
-    attention_timing: bool = False  # time p3d's CP attention per rank (compute and total) into summary.json; adds a sync per call on GPUs
+    attention_timing: bool = False  # time p3d's CP attention per rank into summary.json: tile math (CPU: thread CPU time) and total wall time; adds syncs on GPUs
 
 
 @dataclass

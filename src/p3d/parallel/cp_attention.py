@@ -93,7 +93,12 @@ class TilePlan:
 
 
 class AttentionTimer:
-    """Wall time this rank spends in CP attention: tile math alone, and all of it (with communication)."""
+    """Seconds this rank spends in CP attention: the tiles' math alone, and all of it (with communication).
+
+    `total_s` is wall time. `compute_s` is the work of the tiles: on CPU the calling thread's CPU
+    time (so ranks that share cores are still compared by their own work), on CUDA synchronised
+    wall time.
+    """
 
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled = enabled
@@ -102,23 +107,23 @@ class AttentionTimer:
         self.total_s = 0.0
 
     @contextmanager
-    def _timed(self, attribute: str) -> Iterator[None]:
+    def _timed(self, attribute: str, clock) -> Iterator[None]:
         if not self.enabled:
             yield
             return
         self._sync()
-        started = time.perf_counter()
+        started = clock()
         try:
             yield
         finally:
             self._sync()
-            setattr(self, attribute, getattr(self, attribute) + time.perf_counter() - started)
+            setattr(self, attribute, getattr(self, attribute) + clock() - started)
 
     def compute(self):
-        return self._timed("compute_s")
+        return self._timed("compute_s", time.thread_time if self.device.type == "cpu" else time.perf_counter)
 
     def total(self):
-        return self._timed("total_s")
+        return self._timed("total_s", time.perf_counter)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
