@@ -5,6 +5,9 @@ Each wrapper names what it relies on, so a PyTorch upgrade has a single file to 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -27,3 +30,28 @@ def local_box(tensor: torch.Tensor) -> tuple[slice, ...]:
 
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return tuple(slice(start, start + size) for start, size in zip(offset, shape))
+
+
+@contextmanager
+def torch_ring_attention(cp_mesh: DeviceMesh, load_balanced: bool) -> Iterator[None]:
+    """Within the block, `F.scaled_dot_product_attention` on q/k/v already sharded along the
+    sequence (dim 2) over `cp_mesh` runs PyTorch's ring attention (CUDA flash / efficient kernels).
+
+    The public `torch.distributed.tensor.experimental.context_parallel` also shards buffers with
+    its own load balancer; p3d shards the batch itself (balanced = PyTorch's head-tail order, rank
+    i holding chunks i and 2*cp-1-i), so only the dispatcher is enabled here, through private
+    names of `torch.distributed.tensor.experimental._context_parallel._attention` (torch 2.13):
+    `_cp_options.enable_load_balance` (which blocks are causal) and the monkey-patch dispatcher.
+    """
+    from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp
+
+    previous = torch_cp._cp_options.enable_load_balance
+    torch_cp._cp_options.enable_load_balance = load_balanced
+    torch_cp._dispatch_mode = torch_cp._DispatchMode.MONKEY_PATCH
+    torch_cp._enable_context_parallel_dispatcher_impl(seq_dim=2, mesh=cp_mesh)
+    try:
+        yield
+    finally:
+        torch_cp._disable_context_parallel_dispatcher_impl()
+        torch_cp._cp_options.enable_load_balance = previous
+

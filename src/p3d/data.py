@@ -16,11 +16,13 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from p3d.config.schema import DataConfig, InitMode, ModelConfig
+from p3d.config.schema import DataConfig, InitMode, ModelConfig, Packing
 from p3d.errors import ConfigError
 
 FILE_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 IGNORE_INDEX = -100
+# Files one of which a local directory needs to hold a tokenizer (a checkpoint may carry none).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 class Tokenizer(Protocol):
@@ -66,8 +68,15 @@ def build_tokenizer(data_cfg: DataConfig, model_cfg: ModelConfig) -> Tokenizer:
 def _load_hf_tokenizer(source: str, key: str, required: bool):
     from transformers import AutoTokenizer
 
+    local = Path(source).expanduser()
     try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if Path(source).expanduser().exists() else source))
+        if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+            raise OSError(f"no tokenizer files in {local}")
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(str(local) if local.exists() else source))
+        if tokenizer.vocab_size < 2:
+            # transformers 5.23 builds an empty tokenizer from a bare OPT config.json rather than failing
+            raise ValueError(f"the tokenizer found has a vocabulary of {tokenizer.vocab_size}")
+        return tokenizer
     except (OSError, ValueError, TypeError) as error:
         if not required:
             return None
@@ -177,6 +186,8 @@ class DataParallelSampler:
     micro_batch_size: int
     dp: int
     dp_rank: int
+    packing: Packing = Packing.stream
+    eos_token_id: int = ByteTokenizer.eos_token_id
 
     @property
     def per_rank(self) -> int:
@@ -186,19 +197,55 @@ class DataParallelSampler:
     def accumulation_steps(self) -> int:
         return self.per_rank // self.micro_batch_size
 
-    def micro_batches(self, consumed_samples: int) -> list[torch.Tensor]:
+    def micro_batches(self, consumed_samples: int) -> list["TokenBatch"]:
         """Micro-batches of the step whose global batch starts at sample `consumed_samples`."""
         start = consumed_samples + self.dp_rank * self.per_rank
         rows = self.windows[self.order.windows(start, self.per_rank)]
-        return list(rows.split(self.micro_batch_size))
+        return [make_batch(part, self.packing, self.eos_token_id) for part in rows.split(self.micro_batch_size)]
 
 
-def inputs_and_labels(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token pairs over the whole (unsplit) sequence: labels are shifted globally."""
-    return windows[:, :-1], windows[:, 1:]
+@dataclass(frozen=True)
+class TokenBatch:
+    """One micro-batch over the whole (unsplit) sequence; context parallelism splits it later."""
+
+    input_ids: torch.Tensor  # [batch, seq_len]
+    labels: torch.Tensor  # [batch, seq_len]: the next token, or IGNORE_INDEX
+    position_ids: torch.Tensor  # [batch, seq_len]: 0..seq_len-1, or restarting at each document
+    document_ids: torch.Tensor | None  # [batch, seq_len]: which document each token is in (packing=documents), else None
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def valid_label_count(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def make_batch(windows: torch.Tensor, packing: Packing, eos_token_id: int) -> TokenBatch:
+    """Next-token pairs over the whole window: labels are shifted globally, before any split.
+
+    With packing=documents a document ends at (and includes) its end-of-document token, the next
+    one starts after it with position 0, and no token predicts across a boundary: the label of an
+    end-of-document input (the next document's first token) is ignored. A window that starts in
+    the middle of a document treats that part as a document of its own.
+    """
+    input_ids, labels = windows[:, :-1], windows[:, 1:].clone()
+    batch, seq_len = input_ids.shape
+    if packing is Packing.stream:
+        return TokenBatch(input_ids, labels, torch.arange(seq_len).expand(batch, seq_len), None)
+    ends = input_ids == eos_token_id
+    document_ids = torch.cumsum(ends, dim=1) - ends.long()  # an end token belongs to the document it ends
+    index = torch.arange(seq_len).expand(batch, seq_len)
+    starts = torch.zeros_like(ends)
+    starts[:, 0] = True
+    starts[:, 1:] = ends[:, :-1]
+    first_index = torch.cummax(torch.where(starts, index, 0), dim=1).values
+    labels[ends] = IGNORE_INDEX
+    return TokenBatch(input_ids, labels, index - first_index, document_ids)
 
 
 def build_sampler(data_cfg: DataConfig, model_cfg: ModelConfig, seed: int, global_batch: int, micro_batch: int, dp: int, dp_rank: int) -> DataParallelSampler:
     tokenizer = build_tokenizer(data_cfg, model_cfg)
     windows = tokenize_and_pack(load_documents(data_cfg), tokenizer, data_cfg.text_field, data_cfg.seq_len)
-    return DataParallelSampler(windows, GlobalSampleOrder(len(windows), seed), global_batch, micro_batch, dp, dp_rank)
+    order = GlobalSampleOrder(len(windows), seed)
+    return DataParallelSampler(windows, order, global_batch, micro_batch, dp, dp_rank, data_cfg.packing, tokenizer.eos_token_id)

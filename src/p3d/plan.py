@@ -10,8 +10,10 @@ step. The memory model follows what p3d allocates:
   and output head as units of their own, gathered only around their use; a block's unsharded
   weights, gradients and fp32 reduce-scatter buffer, the next block prefetched), or without
   FSDP a tied output head's second gradient;
-- activations saved for backward per block (fewer with activation checkpointing), the
-  attention scores of the local queries against the whole sequence, and the logits;
+- activations saved for backward per block (fewer with activation checkpointing; the norm and
+  residual tensors split over tp with sequence parallelism), what attention keeps (the model's
+  own: scores of the local queries over the whole sequence; p3d's ring: only the local queries'
+  log-sum-exp; allgather: the gathered keys and values), and the logits;
 - a per-process baseline (torch, transformers, datasets imports), measured on this stack;
 - on CPU, memory the C allocator retains: half of what a step allocates and frees (measured).
 """
@@ -23,10 +25,11 @@ from dataclasses import dataclass, fields
 
 from torch import nn
 
-from p3d.config.schema import ACMode, DType, P3DConfig
+from p3d.config.schema import ACMode, CPImpl, DType, P3DConfig
 from p3d.config.validate import ValidatedSetup
 from p3d.distributed.env import resolve_device_type
 from p3d.model import build_meta_model, decoder_blocks
+from p3d.parallel.context import uses_p3d_attention
 from p3d.parallel.fsdp import embedding_units
 from p3d.parallel.activation import checkpointed_block_indices
 from p3d.parallel.tensor import _SPLIT_DIM, match_plan
@@ -161,7 +164,7 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
     gradients = 0 if config.optim.in_backward else weights
     sharded = dims.dp_cp > 1 or config.train.dtype is not DType.fp32  # FSDP2 is applied
     transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes)
-    activations = _activation_bytes(config, text, dims, len(decoder_blocks(model)), compute_bytes)
+    activations = _activation_bytes(config, setup, text, dims, len(decoder_blocks(model)), compute_bytes)
     local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
     logits = local_tokens * text.vocab_size * (compute_bytes + 2 * FP32)  # logits, fp32 copy for the loss, its gradient
     churn = transients + activations + logits
@@ -177,21 +180,28 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
     )
 
 
-def _activation_bytes(config: P3DConfig, text, dims, blocks: int, compute_bytes: int) -> float:
+def _activation_bytes(config: P3DConfig, setup: ValidatedSetup, text, dims, blocks: int, compute_bytes: int) -> float:
     """Tensors a block keeps for backward, after Korthikanti et al. (2022), for p3d's layout.
 
     Per block and local token: ~8 hidden-size tensors (norm inputs/outputs, residuals, outputs of
-    the row-parallel layers), ~6 TP-sharded hidden-size tensors (q, k, v, attention output and
-    the gathered keys/values under CP), 3 TP-sharded MLP tensors, plus the attention
-    probabilities of the local queries over the whole sequence.
+    the row-parallel layers; split over tp with sequence parallelism), ~6 TP-sharded hidden-size
+    tensors (q, k, v, attention output), 3 TP-sharded MLP tensors, plus what attention keeps.
     """
     hidden = text.hidden_size
     intermediate = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden
     heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = hidden // heads
     batch, seq_len = config.train.micro_batch_size, config.data.seq_len
     local_tokens = batch * seq_len // dims.cp
-    per_token = 8 * hidden + 6 * hidden / dims.tp + 3 * intermediate / dims.tp
-    attention = batch * (heads / dims.tp) * (seq_len / dims.cp) * seq_len
+    residual_split = dims.tp if config.parallel.sequence_parallel else 1
+    per_token = 8 * hidden / residual_split + 6 * hidden / dims.tp + 3 * intermediate / dims.tp
+    if not uses_p3d_attention(dims.cp, config.data.packing) or setup.cp_impl is CPImpl.torch:
+        attention = batch * (heads / dims.tp) * (seq_len / dims.cp) * seq_len  # scores of the local queries
+    elif setup.cp_impl is CPImpl.allgather:
+        attention = 2 * batch * seq_len * (kv_heads / dims.tp) * head_dim * FP32 / compute_bytes  # gathered fp32 K/V
+    else:
+        attention = local_tokens * (heads / dims.tp) * FP32 / compute_bytes  # ring: the fp32 log-sum-exp
     per_block = (local_tokens * per_token + attention) * compute_bytes
     checkpointed = len(checkpointed_block_indices(blocks, config.train.activation_checkpointing, config.train.ac_every))
     if config.train.activation_checkpointing is ACMode.none:
@@ -216,12 +226,21 @@ def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Mod
         units = blocks + 1
         collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * unsharded * compute_bytes / 2**20))
         collectives.append(Collective("FSDP reduce-scatter of gradients", "dp_cp", micro * units, micro * unsharded * FP32 / 2**20))
-    if dims.tp > 1:
+    if dims.tp > 1 and config.parallel.sequence_parallel:
+        collectives.append(Collective("TP all-gather of norm outputs and reduce-scatter of row-parallel outputs (sequence parallel)", "tp", micro * 8 * blocks, micro * 4 * blocks * hidden_mb))
+    elif dims.tp > 1:
         collectives.append(Collective("TP all-reduce of row-parallel outputs and column-parallel input gradients", "tp", micro * 4 * blocks, micro * 4 * blocks * hidden_mb))
     if dims.cp > 1:
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         kv_mb = config.train.micro_batch_size * config.data.seq_len * kv_heads / dims.tp * (text.hidden_size // text.num_attention_heads) * compute_bytes / 2**20
-        collectives.append(Collective("CP all-gather of keys and values; all-reduce of their gradients", "cp", micro * 4 * blocks, micro * 4 * blocks * kv_mb))
+        hops = dims.cp - 1
+        if setup.cp_impl is CPImpl.ring:
+            # forward: K/V pass cp-1 hops; backward: K/V again and dK/dV (cp hops, back to their owner)
+            collectives.append(Collective("CP ring send/recv of K/V blocks (forward, backward) and dK/dV blocks", "cp", micro * blocks * (3 * hops + 1), micro * blocks * kv_mb / dims.cp * (3 * hops + 1)))
+        elif setup.cp_impl is CPImpl.allgather:
+            collectives.append(Collective("CP all-gather of keys and values; reduce-scatter of their gradients", "cp", micro * 2 * blocks, micro * 2 * blocks * kv_mb))
+        else:
+            collectives.append(Collective("CP ring attention of PyTorch (K/V rotation, forward and backward)", "cp", micro * blocks * 3 * hops, micro * blocks * kv_mb / dims.cp * 3 * hops))
     collectives.append(Collective("valid-token count (all-reduce)", "dp", 1, 0.0))
     collectives.append(Collective("loss (all-reduce)", "dp_cp", 1, 0.0))
     collectives.append(Collective("gradient norm and peak memory (all-reduce)", "world", 2, 0.0))

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from p3d.checkpoint import Checkpointer
 from p3d.config.compose import compose, to_object
-from p3d.config.schema import P3DConfig
+from p3d.config.schema import CPLayout, P3DConfig
 from p3d.config.validate import ValidatedSetup, validate
 from p3d.data import build_sampler
 from p3d.distributed.env import DistEnv, init_distributed, shutdown, world_size_from_env
@@ -22,8 +22,9 @@ from p3d.distributed.mesh import Meshes
 from p3d.errors import exits_cleanly_on_config_error
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
 from p3d.optim import build_optimizer, build_scheduler
+from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
+from p3d.parallel.cp_attention import AttentionTimer
 from p3d.parallel.parallelize import build_parallel_model
-from p3d.parallel.context import ContextParallel, SequenceSharding
 from p3d.trainer import Trainer
 
 USAGE = """usage: python -m p3d.train [key=value ...]
@@ -79,7 +80,7 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, env: DistEn
         scheduler=build_scheduler(optimizer, config.optim, config.train.steps),
         sampler=sampler,
         meshes=meshes,
-        context_parallel=_context_parallel(config, meshes),
+        context_parallel=_context_parallel(config, setup, meshes, env),
         device=env.device,
         metrics=metrics,
         checkpointer=Checkpointer(run_dir, env.is_main),
@@ -90,11 +91,13 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, env: DistEn
     trainer.fit()
 
 
-def _context_parallel(config: P3DConfig, meshes: Meshes) -> ContextParallel | None:
-    if meshes.dims.cp == 1:
+def _context_parallel(config: P3DConfig, setup: ValidatedSetup, meshes: Meshes, env: DistEnv) -> ContextParallel | None:
+    cp = meshes.dims.cp
+    if not uses_p3d_attention(cp, config.data.packing):
         return None
-    sharding = SequenceSharding(meshes.dims.cp, config.parallel.cp_layout)
-    return ContextParallel(meshes.cp.get_group(), meshes.cp.get_local_rank(), sharding)
+    layout = config.parallel.cp_layout if cp > 1 else CPLayout.contiguous  # one rank: nothing to balance
+    timer = AttentionTimer(config.logging.attention_timing, env.device)
+    return ContextParallel(meshes.cp, SequenceSharding(cp, layout), setup.cp_impl, timer)
 
 
 if __name__ == "__main__":

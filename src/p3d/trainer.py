@@ -16,7 +16,7 @@ from torch import nn
 
 from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState
 from p3d.config.schema import P3DConfig
-from p3d.data import IGNORE_INDEX, DataParallelSampler, inputs_and_labels
+from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
 from p3d.errors import ConfigError
 from p3d.metrics import MetricsLogger, peak_memory_gb
@@ -99,8 +99,21 @@ class Trainer:
                 "seconds": round(seconds, 3),
                 "peak_mem_gb_per_rank": peaks,
                 "layout": self.meshes.dims.describe(),
+                **self._attention_times(),
             }
         )
+
+    def _attention_times(self) -> dict:
+        """With logging.attention_timing: every rank's seconds in CP attention (tile math, and in all)."""
+        cp = self.context_parallel
+        if cp is None or not cp.timer.enabled:
+            return {}
+        times = [None] * dist.get_world_size()
+        dist.all_gather_object(times, (round(cp.timer.compute_s, 4), round(cp.timer.total_s, 4)))
+        return {
+            "attention_compute_s_per_rank": [compute for compute, _ in times],
+            "attention_total_s_per_rank": [total for _, total in times],
+        }
 
     def _should_save(self) -> bool:
         every, step = self.config.checkpoint.every, self.state.step
@@ -108,12 +121,12 @@ class Trainer:
 
     def train_step(self) -> dict:
         started = time.perf_counter()
-        pairs = [inputs_and_labels(batch) for batch in self.sampler.micro_batches(self.state.consumed_samples)]
+        batches = self.sampler.micro_batches(self.state.consumed_samples)
         data_wait = time.perf_counter() - started
-        global_tokens = self._global_valid_tokens(pairs)
+        global_tokens = self._global_valid_tokens(batches)
         loss = torch.zeros((), device=self.device)
-        for inputs, labels in pairs:
-            loss += self._forward_backward(inputs, labels, global_tokens)
+        for batch in batches:
+            loss += self._forward_backward(batch, global_tokens)
         if self.in_backward is not None:
             grad_norm = self.in_backward.take_grad_norm()  # the weights are already updated
         else:
@@ -148,25 +161,23 @@ class Trainer:
             "peak_mem_gb": self._peak_memory_all_ranks(),
         }
 
-    def _global_valid_tokens(self, pairs) -> torch.Tensor:
+    def _global_valid_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
         """Valid label tokens of the whole step over all dp ranks (each dp group holds whole sequences)."""
-        count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in pairs)
+        count = sum(batch.valid_label_count() for batch in batches)
         total = torch.tensor(float(count), device=self.device)
         dist.all_reduce(total, group=self.meshes.dp.get_group())
         return total.clamp(min=1.0)
 
-    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
-        batch, seq_len = inputs.shape
-        positions = torch.arange(seq_len).expand(batch, seq_len)
-        attending = contextlib.nullcontext()
+    def _forward_backward(self, batch: TokenBatch, global_tokens: torch.Tensor) -> torch.Tensor:
+        attending = contextlib.nullcontext(batch)
         if self.context_parallel is not None:
-            cp = self.context_parallel
-            inputs, labels, positions = (cp.split(t, seq_len) for t in (inputs, labels, positions))
-            attending = cp.attending(seq_len, self.device)
-        with attending:
-            logits = self.model(input_ids=inputs.to(self.device), position_ids=positions.to(self.device), use_cache=False).logits
+            attending = self.context_parallel.attending(batch, self.device)
+        with attending as local:
+            logits = self.model(
+                input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False
+            ).logits
             loss = F.cross_entropy(
-                logits.float().flatten(0, 1), labels.to(self.device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                logits.float().flatten(0, 1), local.labels.to(self.device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             ) / global_tokens
             loss.backward()
         return loss.detach()

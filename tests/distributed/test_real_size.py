@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from p3d.config.compose import compose, to_object
-from p3d.data import build_sampler, inputs_and_labels
+from p3d.data import build_sampler
 from p3d.model import build_hf_config, build_meta_model, materialize
 from tests.conftest import FAST, assert_ok, layout_overrides, run_command
 
@@ -24,7 +24,7 @@ def transformers_step_one_loss(path: Path, overrides: list[str]) -> float:
     config = to_object(compose(overrides))
     sampler = build_sampler(config.data, config.model, config.train.seed, config.train.global_batch_size, config.train.global_batch_size, 1, 0)
     (batch,) = sampler.micro_batches(0)
-    inputs, labels = inputs_and_labels(batch)
+    inputs, labels = batch.input_ids, batch.labels
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
     with torch.no_grad():
         logits = model(input_ids=inputs).logits

@@ -14,10 +14,12 @@ from p3d.data import (
     GlobalSampleOrder,
     build_sampler,
     builtin_documents,
-    inputs_and_labels,
     load_documents,
+    make_batch,
     tokenize_and_pack,
 )
+from p3d.config.schema import Packing
+from p3d.data import IGNORE_INDEX
 from p3d.errors import ConfigError
 
 
@@ -48,9 +50,24 @@ def test_packing_makes_windows_of_seq_len_plus_one_with_document_separators():
 
 def test_labels_are_inputs_shifted_by_one():
     windows = torch.arange(10).reshape(2, 5)
-    inputs, labels = inputs_and_labels(windows)
-    assert torch.equal(inputs[:, 1:], labels[:, :-1])
-    assert inputs.shape == labels.shape == (2, 4)
+    batch = make_batch(windows, Packing.stream, eos_token_id=99)
+    assert torch.equal(batch.input_ids[:, 1:], batch.labels[:, :-1])
+    assert batch.input_ids.shape == batch.labels.shape == (2, 4)
+    assert torch.equal(batch.position_ids, torch.arange(4).expand(2, 4))
+    assert batch.document_ids is None
+
+
+def test_document_packing_restarts_positions_and_ignores_cross_document_labels():
+    eos = 9
+    # documents: [1 2 eos] [3 eos] [4 5 ...; the second row starts inside a document
+    windows = torch.tensor([[1, 2, eos, 3, eos, 4, 5], [6, eos, 7, 8, 8, eos, 1]])
+    batch = make_batch(windows, Packing.documents, eos)
+    assert batch.input_ids.tolist() == [[1, 2, eos, 3, eos, 4], [6, eos, 7, 8, 8, eos]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]]
+    assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 1]]
+    # an end-of-document input would predict the next document's first token: ignored
+    assert batch.labels.tolist() == [[2, eos, IGNORE_INDEX, eos, IGNORE_INDEX, 5], [eos, IGNORE_INDEX, 8, 8, eos, IGNORE_INDEX]]
+    assert batch.valid_label_count() == 8
 
 
 def test_global_order_is_deterministic_and_each_epoch_a_permutation():
@@ -74,7 +91,7 @@ def test_a_step_covers_the_same_global_batch_on_every_layout(dp, micro):
         sampler = DataParallelSampler(windows, order, global_batch_size=8, micro_batch_size=micro, dp=dp, dp_rank=rank)
         batches = sampler.micro_batches(consumed_samples=16)
         assert len(batches) == sampler.accumulation_steps == 8 // (dp * micro)
-        rows += [row for batch in batches for row in batch]
+        rows += [torch.cat([inputs, labels[-1:]]) for batch in batches for inputs, labels in zip(batch.input_ids, batch.labels)]
     assert torch.equal(torch.stack(rows), expected)
 
 
@@ -103,4 +120,18 @@ def test_sampler_from_config_is_deterministic():
     config = to_object(compose(["data.seq_len=64"]))
     first = build_sampler(config.data, config.model, 0, 4, 2, 1, 0).micro_batches(0)
     second = build_sampler(config.data, config.model, 0, 4, 2, 1, 0).micro_batches(0)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_a_checkpoint_without_tokenizer_files_falls_back_to_bytes(arch, tmp_path):
+    """transformers builds an empty tokenizer from a bare OPT config.json; p3d must not train on it."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(arch).save_pretrained(tmp_path)
+    config = to_object(compose(["model.init=pretrained", f"model.pretrained={tmp_path}"]))
+    from p3d.data import build_tokenizer
+
+    assert isinstance(build_tokenizer(config.data, config.model), ByteTokenizer)
+    with pytest.raises(ConfigError, match=r"^data.tokenizer="):
+        build_tokenizer(data_config(f"data.tokenizer={tmp_path}"), config.model)

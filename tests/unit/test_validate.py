@@ -129,4 +129,59 @@ def test_pretrained_needs_a_source():
 
 def test_sliding_window_models_are_refused_under_cp():
     found = problems(["model.arch=mistral", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2)
-    assert any("parallel.cp=2" in p and "sliding-window" in p for p in found)
+    assert any("parallel.cp=2" in p and "sliding-window" in p for p in found), found
+
+
+def test_sliding_window_is_refused_under_cp_naming_the_key():
+    (problem,) = [p for p in problems(["model.arch=mistral", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2) if "sliding" in p]
+    assert problem.startswith("model.config.sliding_window=16:") and "parallel.cp=2" in problem and "\n" not in problem
+
+
+def test_a_window_longer_than_the_sequence_is_plain_causal_and_allowed():
+    setup = validate(to_object(compose(["model.arch=mistral", "model.config.sliding_window=256", "data.seq_len=128", "parallel=tp1dp1cp2"])), 2)
+    assert setup.dims.cp == 2
+
+
+def test_sliding_layers_are_refused_under_cp():
+    found = problems(["model.arch=qwen2", "model.config.layer_types=[full_attention,sliding_attention]", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2)
+    assert any(p.startswith("model.config.layer_types:") and "sliding_attention" in p and "parallel.cp=2" in p for p in found), found
+
+
+def test_bidirectional_attention_is_refused_under_cp():
+    found = problems(["model.arch=bert", "~model.config.num_key_value_heads", "parallel=tp1dp1cp2"], 2)
+    assert any(p.startswith("model.config.is_decoder=false:") and "bidirectionally" in p and "parallel.cp=2" in p for p in found), found
+
+
+def test_packed_documents_need_causal_attention_too():
+    found = problems(["model.arch=mistral", "model.config.sliding_window=16", "data.packing=documents"], 1)
+    assert any(p.startswith("model.config.sliding_window=16:") and "data.packing=documents" in p for p in found), found
+
+
+def test_torch_cp_impl_needs_cuda():
+    (problem,) = problems(["parallel=tp1dp1cp2", "parallel.cp_impl=torch", "dist.device=cpu"], 2)
+    assert problem.startswith("parallel.cp_impl=torch needs CUDA")
+
+
+def test_torch_cp_impl_cannot_keep_documents_apart():
+    found = problems(["parallel=tp1dp1cp2", "parallel.cp_impl=torch", "data.packing=documents"], 2)
+    assert any(p.startswith("parallel.cp_impl=torch") and "data.packing=documents" in p for p in found), found
+
+
+def test_auto_cp_impl_is_ring_on_cpu():
+    setup = validate(to_object(compose(["parallel=tp1dp1cp2", "dist.device=cpu"])), 2)
+    assert setup.cp_impl.value == "ring"
+
+
+def test_sequence_parallel_needs_tensor_parallelism():
+    (problem,) = problems(["parallel.sequence_parallel=true"], 1)
+    assert problem.startswith("parallel.sequence_parallel=true needs parallel.tp > 1")
+
+
+def test_sequence_parallel_needs_tokens_divisible_by_tp():
+    found = problems(["parallel=tp2dp1cp1", "parallel.sequence_parallel=true", "data.seq_len=33"], 2)
+    assert any(p.startswith("data.seq_len:") and "parallel.tp=2" in p for p in found), found
+
+
+def test_sequence_parallel_is_offered_only_for_verified_models():
+    found = problems(["model.arch=qwen2", "parallel=tp2dp1cp1", "parallel.sequence_parallel=true"], 2)
+    assert any("not verified for model type 'qwen2'" in p for p in found), found

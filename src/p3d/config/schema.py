@@ -38,6 +38,18 @@ class CPLayout(Enum):
     contiguous = "contiguous"
 
 
+class CPImpl(Enum):
+    auto = "auto"
+    allgather = "allgather"
+    ring = "ring"
+    torch = "torch"
+
+
+class Packing(Enum):
+    stream = "stream"
+    documents = "documents"
+
+
 @dataclass
 class ModelConfig:
     name: str = "model"  # preset name; names the default run directory
@@ -54,6 +66,8 @@ class ParallelConfig:
     cp: int = 1  # context-parallel degree: the sequence is split over this many ranks
     tp: int = 1  # tensor-parallel degree (innermost mesh dimension)
     cp_layout: CPLayout = CPLayout.balanced  # sequence sharding under CP: balanced (rank i holds chunks i and 2cp-1-i) or contiguous
+    cp_impl: CPImpl = CPImpl.auto  # CP attention: ring (p2p K/V rotation, any backend), allgather, torch (PyTorch's, CUDA only), auto (torch on CUDA, else ring)
+    sequence_parallel: bool = False  # with tp > 1: norms and residuals between TP regions hold 1/tp of the sequence (llama and opt)
 
 
 @dataclass
@@ -64,6 +78,7 @@ class DataConfig:
     text_field: str = "text"  # column holding the text
     seq_len: int = 128  # tokens per training sequence
     tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
+    packing: Packing = Packing.stream  # stream: windows cut from one token stream, attention crosses documents; documents: attention and positions stay inside each document
 
 
 @dataclass
@@ -107,6 +122,7 @@ class LoggingConfig:
     wandb_project: str = "p3d"  # W&B project name
     wandb_mode: WandbMode = WandbMode.offline  # offline: files under <run.dir>/wandb, no network or key (sync later); online
     peak_tflops: Optional[float] = None  # peak TFLOP/s of one device for MFU; null: looked up from the GPU name (bf16 dense), no MFU on CPU
+    attention_timing: bool = False  # time p3d's CP attention per rank into summary.json: tile math (CPU: thread CPU time) and total wall time; adds syncs on GPUs
 
 
 @dataclass

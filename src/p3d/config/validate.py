@@ -6,11 +6,14 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from p3d.config.schema import CPLayout, P3DConfig
+from p3d.config.schema import CPImpl, CPLayout, P3DConfig, Packing
 from p3d.data import build_tokenizer, check_data_source
+from p3d.distributed.env import resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
 from p3d.model import build_hf_config, build_meta_model
+from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
+from p3d.parallel.sequence import sequence_parallel_problems
 from p3d.parallel.tensor import check_plan, resolve_plan
 
 
@@ -21,6 +24,7 @@ class ValidatedSetup:
     dims: ParallelDims
     hf_config: PretrainedConfig
     tp_plan: dict[str, str]
+    cp_impl: CPImpl  # resolved: never auto
 
 
 def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
@@ -32,19 +36,25 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems += _check_batch(config, dp)
     problems += _check_sequence(config)
     problems += check_data_source(config.data)
+    device_type = _collect(problems, lambda: resolve_device_type(config.dist.device))
+    cp_impl = resolve_cp_impl(config.parallel.cp_impl, device_type or "cpu", config.data.packing)
+    problems += _check_cp_impl(config, cp_impl, device_type)
     hf_config = _collect(problems, lambda: build_hf_config(config.model))
     tp_plan: dict[str, str] = {}
     if hf_config is not None:
         problems += _check_heads(hf_config, config.parallel.tp)
         problems += _check_positions(hf_config, config)
-        problems += _check_attention_for_cp(hf_config, config.parallel.cp)
+        problems += _check_attention_for_cp(hf_config, config)
         meta_model = build_meta_model(hf_config)
         tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, meta_model)) or {}
         problems += check_plan(tp_plan, meta_model, config.parallel.tp)
+        if config.parallel.sequence_parallel:
+            local_seq_len = config.data.seq_len // max(config.parallel.cp, 1)
+            problems += sequence_parallel_problems(hf_config, meta_model, tp_plan, config.parallel.tp, local_seq_len)
         problems += _check_vocab(config, hf_config)
     if problems:
         raise ConfigError(problems)
-    return ValidatedSetup(dims=dims, hf_config=hf_config, tp_plan=tp_plan)
+    return ValidatedSetup(dims=dims, hf_config=hf_config, tp_plan=tp_plan, cp_impl=cp_impl)
 
 
 def _collect(problems: list[str], make):
@@ -139,17 +149,42 @@ def _check_positions(hf_config: PretrainedConfig, config: P3DConfig) -> list[str
     return []
 
 
-def _check_attention_for_cp(hf_config: PretrainedConfig, cp: int) -> list[str]:
-    """CP attention here is plain causal: refuse models whose attention is not."""
-    if cp == 1:
+def _check_cp_impl(config: P3DConfig, cp_impl: CPImpl, device_type: str | None) -> list[str]:
+    """PyTorch's CP attention runs CUDA flash / efficient SDPA kernels, plain causal only."""
+    if cp_impl is not CPImpl.torch or not uses_p3d_attention(config.parallel.cp, config.data.packing):
         return []
+    if config.data.packing is Packing.documents:
+        return ["parallel.cp_impl=torch: PyTorch's CP attention is plain causal and cannot keep packed documents apart (data.packing=documents); use parallel.cp_impl=ring"]
+    if device_type is not None and device_type != "cuda":
+        return [f"parallel.cp_impl=torch needs CUDA (its flash / efficient SDPA kernels have no {device_type} version); use parallel.cp_impl=ring or auto"]
+    return []
+
+
+def _check_attention_for_cp(hf_config: PretrainedConfig, config: P3DConfig) -> list[str]:
+    """p3d's CP attention (also used for packed documents) is plain causal and dropout-free: refuse other attention."""
+    cp, packing, seq_len = config.parallel.cp, config.data.packing, config.data.seq_len
+    if not uses_p3d_attention(cp, packing):
+        return []
+    why = f"parallel.cp={cp}" if cp > 1 else f"data.packing={packing.value}"
+    fix = "use parallel.cp=1" if cp > 1 else "use data.packing=stream"
     text = hf_config.get_text_config()
-    layer_types = set(getattr(text, "layer_types", None) or ())
-    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
-    if sliding or (layer_types - {"full_attention"}):
-        return [f"parallel.cp={cp}: {type(hf_config).__name__} uses sliding-window or non-causal attention, which p3d's context parallelism does not support; use parallel.cp=1"]
-    if getattr(text, "is_decoder", True) is False and not getattr(text, "is_causal", True):
-        return [f"parallel.cp={cp}: {type(hf_config).__name__} is not a causal decoder; use parallel.cp=1"]
+    name = type(text).__name__
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or ()
+    local_layers = sorted(set(layer_types) - {"full_attention"})
+    if local_layers:
+        return [f"model.config.layer_types: {name} has {', '.join(local_layers)} layers, which p3d's attention under {why} does not support (plain causal only); {fix}"]
+    if window and getattr(text, "use_sliding_window", True) and window < seq_len:
+        return [
+            f"model.config.sliding_window={window}: sliding-window attention is not supported under {why} (plain causal only); "
+            f"{fix}, or data.seq_len<={window} / model.config.sliding_window=null"
+        ]
+    if getattr(text, "is_causal", True) is False or getattr(text, "is_decoder", True) is False:
+        key = "is_causal" if getattr(text, "is_causal", True) is False else "is_decoder"
+        return [f"model.config.{key}=false: {name} attends bidirectionally, which p3d's attention under {why} does not support (causal only); {fix}"]
+    dropout = getattr(text, "attention_dropout", 0.0) or 0.0
+    if dropout > 0:
+        return [f"model.config.attention_dropout={dropout}: p3d's context-parallel attention ({why}) has no attention dropout; set it to 0"]
     return []
 
 

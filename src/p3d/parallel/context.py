@@ -1,135 +1,128 @@
 """Context parallelism: the sequence is split over the cp ranks; attention stays exact.
 
-Before the split, positions and next-token labels are computed for the whole sequence, so
-every token keeps its global position and its global label. Each cp rank then holds a subset
-of the tokens (balanced: chunks i and 2*cp-1-i of 2*cp equal chunks; contiguous: chunk i).
-Attention gathers every rank's keys and values and masks causally by global position, so
-the result equals one process attending over the whole sequence. Transformers models call
-it through their attention interface (`config._attn_implementation = "p3d_cp"`).
+Before the split, positions, next-token labels and document ids are computed for the whole
+sequence (`data.make_batch`), so every token keeps its global index, label and document. Each
+cp rank then holds a subset of the tokens (`sharding.py`). Transformers models call p3d's
+attention through their attention interface (`config._attn_implementation = "p3d_cp"`), which
+serves the micro-batch set up by `ContextParallel.attending()` with one implementation:
+
+- ring / allgather (`cp_attention.py`): p3d's own exact blockwise attention, any backend,
+  causal by global token index and, with packed documents, within each document;
+- torch: PyTorch's ring attention (`context_parallel`'s SDPA dispatcher, flash / efficient
+  kernels), CUDA only, plain causal only.
+
+With `data.packing=documents` one process also uses p3d's attention (a cp group of one): the
+model's own attention would let documents see each other.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from p3d.config.schema import CPLayout
+from p3d import compat
+from p3d.config.schema import CPImpl, CPLayout, Packing
+from p3d.data import TokenBatch
+from p3d.parallel.cp_attention import AllGatherAttention, AttentionTimer, CPComm, RingAttention, TilePlan
+from p3d.parallel.sharding import SequenceSharding
+
+__all__ = ["ATTENTION_NAME", "ContextParallel", "SequenceSharding", "enable_context_parallel", "resolve_cp_impl", "uses_p3d_attention"]
 
 ATTENTION_NAME = "p3d_cp"
 
 
-@dataclass(frozen=True)
-class SequenceSharding:
-    """Which global positions of a sequence each cp rank holds."""
-
-    cp: int
-    layout: CPLayout
-
-    @property
-    def chunks(self) -> int:
-        return 2 * self.cp if self.layout is CPLayout.balanced else self.cp
-
-    def positions(self, cp_rank: int, seq_len: int) -> torch.Tensor:
-        """Global positions held by `cp_rank`, in the order the rank stores them."""
-        size = seq_len // self.chunks
-        chunk_ids = [cp_rank, 2 * self.cp - 1 - cp_rank] if self.layout is CPLayout.balanced else [cp_rank]
-        return torch.cat([torch.arange(c * size, (c + 1) * size) for c in chunk_ids])
-
-    def gathered_positions(self, seq_len: int) -> torch.Tensor:
-        """Global positions in all-gather order (rank 0's tokens, then rank 1's, ...)."""
-        return torch.cat([self.positions(rank, seq_len) for rank in range(self.cp)])
+def resolve_cp_impl(requested: CPImpl, device_type: str, packing: Packing) -> CPImpl:
+    """`auto`: PyTorch's ring attention where it runs (CUDA, plain causal), else p3d's ring."""
+    if requested is not CPImpl.auto:
+        return requested
+    return CPImpl.torch if device_type == "cuda" and packing is Packing.stream else CPImpl.ring
 
 
-class _AllGatherSequence(torch.autograd.Function):
-    """All-gather along a dim; backward sums the gradient over ranks and keeps this rank's part.
-
-    (torch.distributed.nn.functional.all_gather's backward fails on gloo sub-groups.)
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim, ctx.length = group, dim, tensor.shape[dim]
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, tensor, group=group)
-        return torch.cat(parts, dim=dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        rank = dist.get_rank(ctx.group)
-        return grad.narrow(ctx.dim, rank * ctx.length, ctx.length), None, None
+def uses_p3d_attention(cp: int, packing: Packing) -> bool:
+    """Whether the model's attention is replaced by p3d's (also at cp=1 for packed documents)."""
+    return cp > 1 or packing is Packing.documents
 
 
 @dataclass
 class _ActiveBatch:
-    group: dist.ProcessGroup
-    query_positions: torch.Tensor  # [local tokens]
-    key_positions: torch.Tensor  # [all tokens, all-gather order]
+    """What attention needs to serve the current micro-batch."""
+
+    impl: CPImpl
+    plan: TilePlan
+    comm: CPComm
+    timer: AttentionTimer
 
 
 _active: _ActiveBatch | None = None
 
 
 class ContextParallel:
-    """Splits batches over the cp group and serves the attention of the current batch."""
+    """Splits micro-batches over the cp group and serves their attention."""
 
-    def __init__(self, group: dist.ProcessGroup, cp_rank: int, sharding: SequenceSharding):
-        self.group = group
-        self.cp_rank = cp_rank
+    def __init__(self, cp_mesh: DeviceMesh, sharding: SequenceSharding, impl: CPImpl, timer: AttentionTimer):
+        if impl is CPImpl.auto:
+            raise ValueError("resolve parallel.cp_impl before building ContextParallel")
+        self.mesh = cp_mesh
+        self.rank = cp_mesh.get_local_rank()
         self.sharding = sharding
+        self.impl = impl
+        self.timer = timer
+        self.comm = CPComm(cp_mesh.get_group())
 
-    def local_positions(self, seq_len: int) -> torch.Tensor:
-        return self.sharding.positions(self.cp_rank, seq_len)
-
-    def split(self, tensor: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """This rank's tokens of a [batch, seq_len] tensor."""
-        return tensor[:, self.local_positions(seq_len).to(tensor.device)]
+    def split(self, batch: TokenBatch) -> TokenBatch:
+        """This rank's tokens of every [batch, seq_len] tensor, all through the same permutation."""
+        index = self.sharding.token_indices(self.rank, batch.seq_len)
+        documents = batch.document_ids[:, index] if batch.document_ids is not None else None
+        return replace(batch, input_ids=batch.input_ids[:, index], labels=batch.labels[:, index], position_ids=batch.position_ids[:, index], document_ids=documents)
 
     @contextmanager
-    def attending(self, seq_len: int, device: torch.device) -> Iterator[None]:
-        """Within this block, p3d_cp attention serves a sequence of `seq_len` tokens."""
+    def attending(self, batch: TokenBatch, device: torch.device) -> Iterator[TokenBatch]:
+        """Within this block (forward and backward), p3d_cp attention serves `batch`; yields this rank's part."""
         global _active
-        _active = _ActiveBatch(
-            group=self.group,
-            query_positions=self.local_positions(seq_len).to(device),
-            key_positions=self.sharding.gathered_positions(seq_len).to(device),
-        )
+        documents = batch.document_ids.to(device) if batch.document_ids is not None else None
+        plan = TilePlan(self.sharding, self.rank, batch.seq_len, documents, device)
+        _active = _ActiveBatch(self.impl, plan, self.comm, self.timer)
+        torch_ring = compat.torch_ring_attention(self.mesh, self.sharding.layout is CPLayout.balanced) if self.impl is CPImpl.torch else nullcontext()
         try:
-            yield
+            with torch_ring:
+                yield self.split(batch)
         finally:
             _active = None
 
 
 def context_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Transformers attention interface: exact causal attention over the gathered sequence."""
+    """Transformers attention interface: query [b, heads, q, d], key/value [b, kv heads, k, d] -> [b, q, heads, d]."""
     if _active is None:
         raise RuntimeError("p3d_cp attention called outside ContextParallel.attending()")
-    key = _AllGatherSequence.apply(key, _active.group, 2)
-    value = _AllGatherSequence.apply(value, _active.group, 2)
-    causal = _active.query_positions[:, None] >= _active.key_positions[None, :]
-    output = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=causal,
-        dropout_p=dropout if module.training else 0.0,
-        scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+    if dropout and module.training:
+        raise RuntimeError("p3d_cp attention has no attention dropout; set the model's attention dropout to 0")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if _active.impl is CPImpl.torch:
+        output = _torch_ring_attention(query, key, value, scale, _active.timer)
+    else:
+        schedule = RingAttention if _active.impl is CPImpl.ring else AllGatherAttention
+        output = schedule.apply(query, key, value, _active.plan, _active.comm, scale, _active.timer)
     return output.transpose(1, 2).contiguous(), None
 
 
+def _torch_ring_attention(query, key, value, scale: float, timer: AttentionTimer) -> torch.Tensor:
+    """PyTorch's CP: SDPA on sequence-sharded q/k/v is dispatched to its ring attention (CUDA kernels)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    with timer.total(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+
+
 def _no_mask(*args, **kwargs):
-    """p3d_cp builds its causal mask from global positions; transformers' local mask would be wrong."""
+    """p3d_cp masks by global token index and document; transformers' local mask would be wrong."""
     return None
 
 

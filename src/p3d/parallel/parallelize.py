@@ -1,6 +1,6 @@
 """Parallelism applied from outside the (single-device) model, in one fixed order.
 
-    meta build -> tensor parallel -> context-parallel attention -> activation checkpointing
+    meta build -> tensor (and sequence) parallel -> context-parallel attention -> activation checkpointing
                -> torch.compile -> FSDP2 -> materialise shards
 
 TP comes first because FSDP2 shards the TP-local weights (2-D DTensors over dp_cp x tp);
@@ -17,8 +17,9 @@ from p3d.config.schema import DType, P3DConfig
 from p3d.distributed.mesh import Meshes
 from p3d.model import build_meta_model, materialize, tie_weights_if_configured
 from p3d.parallel.activation import apply_activation_checkpointing, compile_blocks
-from p3d.parallel.context import enable_context_parallel
+from p3d.parallel.context import enable_context_parallel, uses_p3d_attention
 from p3d.parallel.fsdp import apply_fsdp
+from p3d.parallel.sequence import apply_sequence_parallel
 from p3d.parallel.tensor import apply_tensor_parallel
 
 COMPUTE_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16}
@@ -29,9 +30,12 @@ def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], 
     compute_dtype = COMPUTE_DTYPES[config.train.dtype]
     model = build_meta_model(hf_config)
     if dims.tp > 1:
-        apply_tensor_parallel(model, tp_plan, meshes.tp)
+        sequence_parallel = config.parallel.sequence_parallel
+        apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel)
+        if sequence_parallel:
+            apply_sequence_parallel(model, meshes.tp)
         tie_weights_if_configured(model)
-    if dims.cp > 1:
+    if uses_p3d_attention(dims.cp, config.data.packing):
         enable_context_parallel(model)
     apply_activation_checkpointing(model, config.train.activation_checkpointing, config.train.ac_every)
     if config.train.compile:

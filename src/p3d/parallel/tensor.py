@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from p3d.errors import ConfigError
@@ -24,6 +24,12 @@ STYLES: dict[str, Callable[[], ParallelStyle]] = {
     "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
     "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
     "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate()),
+}
+
+# Under sequence parallelism a row-parallel layer reduce-scatters its output onto the tokens
+# (the second-to-last dim) instead of all-reducing it (see sequence.py).
+SEQUENCE_PARALLEL_STYLES: dict[str, Callable[[], ParallelStyle]] = {
+    "rowwise": lambda: RowwiseParallel(output_layouts=Shard(-2)),
 }
 
 # Which weight dimension a style splits (Linear weights are [out, in], Embedding [vocab, dim]).
@@ -114,10 +120,11 @@ def _tied_embedding_problems(plan: dict[str, str], model: nn.Module) -> list[str
     return []
 
 
-def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     """Shard the planned modules over `tp_mesh` (the model may still be on the meta device)."""
     matched = match_plan(plan, model)
-    parallelize_module(model, tp_mesh, {name: STYLES[style]() for name, style in matched.items()})
+    styles = {**STYLES, **SEQUENCE_PARALLEL_STYLES} if sequence_parallel else STYLES
+    parallelize_module(model, tp_mesh, {name: styles[style]() for name, style in matched.items()})
     _localise_head_counts(model, matched, tp_mesh.size())
 
 
