@@ -154,6 +154,10 @@ def _launch(launcher: list[str], overrides: list[str], nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # torch 2.13's default shares the rendezvous TCPStore with the workers, and a restarted group
+    # (--max-restarts) then reads the previous attempt's addresses and cannot connect
+    # (pytorch/pytorch#135712); a store per rendezvous round avoids it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max((os.cpu_count() or 1) // nproc, 1))
     if nnodes_is_single(launcher) and "--rdzv-endpoint" not in " ".join(launcher) and "--master-port" not in " ".join(launcher):

@@ -94,14 +94,18 @@ class Trainer:
         saved_layout = read_marker(path)["layout"]
         dims = self.meshes.dims
         own_file = rng_file(path, dist.get_rank())
-        if saved_layout == {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp} and own_file.is_file():
+        same_layout = saved_layout == {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp}
+        found = torch.tensor(float(same_layout and own_file.is_file()), device=self.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)  # all ranks restore, or all re-seed
+        if found.item():
             rng.restore(rng.load(own_file))
             return
         rng.seed_all(self.config.train.seed, self.state.step, dist.get_rank())
         layout = " ".join(f"{key}={value}" for key, value in saved_layout.items())
+        reason = "are missing for some rank" if same_layout else f"were saved under {layout} and restore only on that layout"
         self.metrics.info(
-            f"random-number states were saved under {layout} and restore only on that layout: re-seeded every rank "
-            f"from train.seed, the step and the rank (dropout masks differ from an uninterrupted run)"
+            f"the checkpoint's random-number states {reason}: re-seeded every rank from train.seed, the step and the "
+            f"rank (dropout masks differ from an uninterrupted run)"
         )
 
     def fit(self) -> None:
