@@ -147,6 +147,7 @@ class PendingSave:
     future: Future
     started: float
     blocked_s: float
+    written_at: float | None = None  # when this rank's background write finished
 
 
 class Checkpointer:
@@ -203,8 +204,10 @@ class Checkpointer:
         self._write_side_files(path)
         if self.group is not None and not sync:
             future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
-            self.pending = PendingSave(path, step, future, started, time.perf_counter() - started)
-            return self.pending.blocked_s
+            pending = PendingSave(path, step, future, started, time.perf_counter() - started)
+            future.add_done_callback(lambda _: setattr(pending, "written_at", time.perf_counter()))
+            self.pending = pending
+            return pending.blocked_s
         dcp.save(state, checkpoint_id=str(path))
         self._mark_complete(path, step, started)
         return time.perf_counter() - started
@@ -224,7 +227,8 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         if global_status == SAVE_FAILED:
             self._raise_failure(pending)
-        self._mark_complete(pending.path, pending.step, pending.started, blocked_s=pending.blocked_s)
+        written_s = (pending.written_at or time.perf_counter()) - pending.started
+        self._mark_complete(pending.path, pending.step, pending.started, blocked_s=pending.blocked_s, written_s=written_s)
         return time.perf_counter() - started
 
     def wait(self) -> float:
@@ -251,7 +255,11 @@ class Checkpointer:
             (path / HF_CONFIG_FILE).write_text(self.hf_config_json)
         rng.save(rng_file(path, dist.get_rank()))
 
-    def _mark_complete(self, path: Path, step: int, started: float, blocked_s: float | None = None) -> None:
+    def _mark_complete(
+        self, path: Path, step: int, started: float, blocked_s: float | None = None, written_s: float | None = None
+    ) -> None:
+        """The marker records save_s (sync: the whole save; async: until rank 0's write finished) and,
+        for async saves, blocked_s (how long training waited) and marked_s (until the marker)."""
         faults.kill_in_save(step)
         dist.barrier()  # every rank's files are on disk before the marker says so
         if self.is_main:
@@ -261,13 +269,15 @@ class Checkpointer:
                 "layout": {"dp": self.dims.dp, "cp": self.dims.cp, "tp": self.dims.tp},
                 "world_size": self.dims.world_size,
                 "saved_at": time.time(),
-                "save_s": round(seconds, 3),
+                "save_s": round(seconds if written_s is None else written_s, 3),
                 "async": blocked_s is not None,
             }
+            if blocked_s is not None:
+                marker.update(blocked_s=round(blocked_s, 3), marked_s=round(seconds, 3))
             _write_atomically(path / COMPLETE_MARKER, json.dumps(marker, indent=1))
             self._apply_retention(step)
             blocked = f", training blocked {blocked_s:.2f} s" if blocked_s is not None else ""
-            self.info(f"checkpoint {path} complete ({seconds:.2f} s{blocked})")
+            self.info(f"checkpoint {path} complete ({marker['save_s']:.2f} s{blocked})")
         dist.barrier()
 
     def _apply_retention(self, newest_step: int) -> None:

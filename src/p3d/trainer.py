@@ -68,6 +68,7 @@ class Trainer:
 
     def __post_init__(self):
         self.state = TrainState()
+        self.load_s: float | None = None  # seconds the checkpoint load took, when resumed
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
 
     def checkpoint_state(self) -> dict:
@@ -80,14 +81,19 @@ class Trainer:
         if plan.path is None:
             rng.seed_all(self.config.train.seed, 0, dist.get_rank())
             return
+        started = time.perf_counter()
         self.checkpointer.load(plan.path, self.checkpoint_state())
+        self.load_s = time.perf_counter() - started
         apply_hyperparameters(self.optimizer, self.config.optim)
         self.scheduler = build_scheduler(self.optimizer, self.config.optim, self.config.train.steps, self.state.step)
         self._restore_rng(plan.path)
         self.metrics.forget_after(self.state.step)
         for change in plan.changes:
             self.metrics.info(f"config change since {plan.path.name}: {change}")
-        self.metrics.info(f"resumed from {plan.path} (step {self.state.step}, {self.state.consumed_samples} samples consumed)")
+        self.metrics.info(
+            f"resumed from {plan.path} (step {self.state.step}, {self.state.consumed_samples} samples consumed) "
+            f"in {self.load_s:.2f} s"
+        )
 
     def _restore_rng(self, path) -> None:
         """Per-rank states map 1:1 only onto the layout that saved them; other layouts re-seed."""
@@ -157,6 +163,7 @@ class Trainer:
                 "peak_mem_gb_per_rank": peaks,
                 "layout": self.meshes.dims.describe(),
                 "stopped_by_sigterm": stopped,
+                "resume_load_s": None if self.load_s is None else round(self.load_s, 3),
             }
         )
 

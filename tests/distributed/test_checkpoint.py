@@ -69,6 +69,7 @@ def test_checkpoint_of_tp2dp2cp2_resumes_on_any_layout_with_the_uninterrupted_lo
     assert_ok(resumed)
     assert f"resumed from {checkpoint} (step 10, 80 samples consumed)" in resumed.stdout
     assert ("re-seeded every rank" in resumed.stdout) == (layout != "tp2dp2cp2")
+    assert json.loads((resumed.run_dir / "summary.json").read_text())["resume_load_s"] > 0
     assert_same_losses(resumed.records, uninterrupted_3d.records[10:])
 
 
@@ -125,6 +126,8 @@ def test_async_saves_overlap_training_keep_the_last_two_and_resume_exactly(dp2_r
     checkpoints = run.run_dir / "checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step_00000008", "step_00000010"]
     assert all(checkpoint_problem(path) is None for path in checkpoints.iterdir())
+    marker = json.loads((checkpoints / "step_00000008" / COMPLETE_MARKER).read_text())
+    assert marker["async"] and 0 <= marker["blocked_s"] <= marker["marked_s"] and 0 < marker["save_s"] <= marker["marked_s"]
     resumed = run_p3d(tmp_path / "resumed", [*DP2, f"checkpoint.load_from={checkpoints / 'step_00000008'}"], nproc=2)
     assert_ok(resumed)
     assert_same_losses(resumed.records, dp2_reference.records[8:])
