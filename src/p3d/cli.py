@@ -1,6 +1,7 @@
 """The `p3d` command line.
 
     p3d train [torchrun options] [key=value ...]   validate, then launch (torchrun in-process)
+    p3d export <checkpoint> <out_dir>              a checkpoint as a Hugging Face model directory
     p3d ls                                         presets of every config group, and the recipes
 """
 
@@ -22,12 +23,15 @@ commands:
                                              (--nproc-per-node defaults to dp*cp*tp)
   plan [key=value ...] --world-size N        validate and explain a config for N ranks (no GPU, no
                                              process group): rank map, memory per rank, collectives
+  export <checkpoint or run dir> <out_dir>   write a checkpoint as a Hugging Face model directory
+                                             (safetensors, config, tokenizer); a run dir means its newest
   ls                                         list the presets of every config group and the recipes
 
 examples:
   p3d train parallel=tp2dp2cp2 model=tiny_llama train.steps=20
   p3d train --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:29500 parallel=tp2dp4cp2
   p3d plan parallel=tp2dp2cp2 model=opt1.3b --world-size 8
+  p3d export runs/tiny_llama-1a2b3c4d/checkpoints/step_00000020 exported/tiny_llama
   p3d ls"""
 
 
@@ -42,10 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_command(rest)
     elif command == "plan":
         plan_command(rest)
+    elif command == "export":
+        export_command(rest)
     elif command == "ls":
         list_command()
     else:
-        print(f"p3d: error: unknown command '{command}' (use train, plan or ls)", file=sys.stderr)
+        print(f"p3d: error: unknown command '{command}' (use train, plan, export or ls)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -93,6 +99,7 @@ def _option_value(launcher: list[str], *names: str) -> str | None:
 def train_command(args: Sequence[str]) -> None:
     from p3d.config.compose import compose, to_object
     from p3d.config.validate import validate
+    from p3d.resume import plan_resume
 
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
@@ -114,6 +121,7 @@ def train_command(args: Sequence[str]) -> None:
         launcher += ["--nproc-per-node", nproc]
     if nnodes.isdigit() and nproc.isdigit():
         setup = validate(config, int(nnodes) * int(nproc))
+        plan_resume(config, setup.hf_config)  # a bad checkpoint or refused change fails here, before any worker
         _warn_if_it_will_not_fit(config, setup, int(nproc))
     if launcher == ["--nproc-per-node", "1"]:
         from p3d.train import main as train_main
@@ -142,9 +150,14 @@ def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:
 
 def _launch(launcher: list[str], overrides: list[str], nproc: int) -> None:
     """Run torchrun in this process; a failed worker becomes one line, not torchrun's traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # torch 2.13's default shares the rendezvous TCPStore with the workers, and a restarted group
+    # (--max-restarts) then reads the previous attempt's addresses and cannot connect
+    # (pytorch/pytorch#135712); a store per rendezvous round avoids it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max((os.cpu_count() or 1) // nproc, 1))
     if nnodes_is_single(launcher) and "--rdzv-endpoint" not in " ".join(launcher) and "--master-port" not in " ".join(launcher):
@@ -157,6 +170,11 @@ def _launch(launcher: list[str], overrides: list[str], nproc: int) -> None:
         code = failures[first_rank].exitcode if first_rank is not None else 1
         print(f"p3d: error: training failed: rank {first_rank} exited with code {code} (its message is above)", file=sys.stderr)
         sys.exit(code if isinstance(code, int) and code > 0 else 1)
+    except SignalException as error:
+        # torchrun passed the signal on to the workers, which save a checkpoint before they exit.
+        name = signal.Signals(error.sigval).name
+        print(f"p3d: stopped by {name}; the workers saved a checkpoint if they had time (see above); rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + int(error.sigval))
 
 
 def nnodes_is_single(launcher: list[str]) -> bool:
@@ -199,6 +217,19 @@ def _world_size_arg(args: Sequence[str]) -> tuple[int, list[str]]:
         print("p3d: error: p3d plan needs --world-size N (the number of ranks to plan for)", file=sys.stderr)
         sys.exit(2)
     return world_size, overrides
+
+
+@exits_cleanly_on_config_error
+def export_command(args: Sequence[str]) -> None:
+    from p3d.export import export_checkpoint
+
+    if any(arg in ("-h", "--help") for arg in args) or len(args) != 2:
+        print("usage: p3d export <checkpoint dir, or a run dir for its newest checkpoint> <out_dir>")
+        if len(args) != 2 and not any(arg in ("-h", "--help") for arg in args):
+            sys.exit(2)
+        return
+    out_dir = export_checkpoint(Path(args[0]), Path(args[1]))
+    print(f"p3d: exported to {out_dir}")
 
 
 def list_command() -> None:

@@ -46,8 +46,24 @@ class WarmupCosine:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule positioned at `start_step` (0 for a fresh run, the checkpoint's step on resume).
+
+    The schedule is a pure function of the config and the step, so a resumed run rebuilds it
+    rather than loading it: changes of optim.* or train.steps then take effect.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio), last_epoch=start_step - 1)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Set the config's AdamW hyperparameters on every group (a checkpoint's loaded ones are replaced)."""
+    for group in optimizer.param_groups:
+        decays = all(param.ndim >= 2 for param in group["params"])
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["eps"] = cfg.eps
+        group["weight_decay"] = cfg.weight_decay if decays else 0.0
 
 
 def squared_norm_share(grad: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,13 @@ from p3d.config.validate import ValidatedSetup, validate
 from p3d.data import build_sampler
 from p3d.distributed.env import DistEnv, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
-from p3d.errors import exits_cleanly_on_config_error
+from p3d.errors import ConfigError, exits_cleanly_on_config_error
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
 from p3d.optim import build_optimizer, build_scheduler
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer
 from p3d.parallel.parallelize import build_parallel_model
+from p3d.resume import ResumePlan, hf_config_json, plan_resume
 from p3d.trainer import Trainer
 
 USAGE = """usage: python -m p3d.train [key=value ...]
@@ -45,9 +46,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = compose(overrides)
     config = to_object(cfg)
     setup = validate(config, world_size_from_env())
+    resume_plan = plan_resume(config, setup.hf_config)
     env = init_distributed(config.dist)
     try:
-        train(cfg, config, setup, env)
+        train(cfg, config, setup, resume_plan, env)
     finally:
         shutdown()
 
@@ -62,8 +64,21 @@ def prepare_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
     return run_dir
 
 
-def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, env: DistEnv) -> None:
+def agree_on_checkpoint(plan: ResumePlan) -> None:
+    """Every rank must load the same checkpoint: run.dir has to be on storage that all nodes share."""
+    chosen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(chosen, str(plan.path.resolve()) if plan.path else None)
+    if len(set(chosen)) > 1:
+        differing = next(rank for rank, path in enumerate(chosen) if path != chosen[0])
+        raise ConfigError(
+            f"run.dir: ranks see different checkpoints to resume (rank 0: {chosen[0]}, rank {differing}: {chosen[differing]}); "
+            f"run.dir must be on a filesystem that every node shares"
+        )
+
+
+def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan: ResumePlan, env: DistEnv) -> None:
     meshes = Meshes(setup.dims, env.device.type)
+    agree_on_checkpoint(resume_plan)
     run_dir = prepare_run_dir(cfg, env)
     metrics = MetricsLogger(run_dir, env.is_main, config.logging, config.train.steps, OmegaConf.to_container(cfg, resolve=True))
     metrics.info(f"{config.model.name} on {setup.dims.describe()}, run dir {run_dir}")
@@ -83,11 +98,19 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, env: DistEn
         context_parallel=_context_parallel(config, setup, meshes, env),
         device=env.device,
         metrics=metrics,
-        checkpointer=Checkpointer(run_dir, env.is_main),
+        checkpointer=Checkpointer(
+            run_dir,
+            config.checkpoint,
+            env.is_main,
+            setup.dims,
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            hf_config_json=hf_config_json(setup.hf_config),
+            info=metrics.info,
+        ),
         flops_per_token=flops_per_token(model, setup.hf_config, config.data.seq_len),
         peak_tflops=peak_tflops(env.device, config.logging.peak_tflops),
     )
-    trainer.resume_if_possible()
+    trainer.resume(resume_plan)
     trainer.fit()
 
 

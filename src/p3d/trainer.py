@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -14,25 +14,40 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState
+from p3d import faults, rng
+from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState, read_marker, rng_file
 from p3d.config.schema import P3DConfig
 from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
 from p3d.errors import ConfigError
 from p3d.metrics import MetricsLogger, peak_memory_gb
-from p3d.optim import OptimizerInBackward, clip_grad_norm_
+from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
+from p3d.resume import ResumePlan
 
 
-def fail_if_injected(step: int) -> None:
-    """Test-only fault injection: P3D_FAIL_AFTER_STEP=n [P3D_FAIL_RANK=r] kills a rank after step n."""
-    fail_step = os.environ.get("P3D_FAIL_AFTER_STEP")
-    if fail_step is None or int(fail_step) != step:
-        return
-    fail_rank = os.environ.get("P3D_FAIL_RANK")
-    if fail_rank is None or int(fail_rank) == dist.get_rank():
-        print(f"p3d: injected failure after step {step} on rank {dist.get_rank()}", file=sys.stderr, flush=True)
-        os._exit(17)
+class StopOnSignal:
+    """SIGTERM (preemption, torchrun shutting its workers down) asks the loop to save and stop.
+
+    The handler only sets a flag; the loop finishes the current step, every rank learns of the
+    request through the step's control all-reduce, and all of them save and stop together.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclass
@@ -53,20 +68,51 @@ class Trainer:
 
     def __post_init__(self):
         self.state = TrainState()
+        self.load_s: float | None = None  # seconds the checkpoint load took, when resumed
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
 
     def checkpoint_state(self) -> dict:
-        return {"app": ModelAndOptimizer(self.model, self.optimizer), "scheduler": self.scheduler, "train": self.state}
+        return {"app": ModelAndOptimizer(self.model, self.optimizer), "train": self.state}
 
-    def resume_if_possible(self) -> None:
-        if not self.config.checkpoint.resume:
+    def resume(self, plan: ResumePlan) -> None:
+        """Load the planned checkpoint, if any; otherwise seed this rank's generators for a fresh run."""
+        for notice in plan.notices:
+            self.metrics.info(notice)
+        if plan.path is None:
+            rng.seed_all(self.config.train.seed, 0, dist.get_rank())
             return
-        latest = self.checkpointer.latest()
-        if latest is None:
-            return
-        self.checkpointer.load(latest, self.checkpoint_state())
+        started = time.perf_counter()
+        self.checkpointer.load(plan.path, self.checkpoint_state())
+        self.load_s = time.perf_counter() - started
+        apply_hyperparameters(self.optimizer, self.config.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.config.optim, self.config.train.steps, self.state.step)
+        self._restore_rng(plan.path)
         self.metrics.forget_after(self.state.step)
-        self.metrics.info(f"resumed from {latest} (step {self.state.step}, {self.state.consumed_samples} samples consumed)")
+        for change in plan.changes:
+            self.metrics.info(f"config change since {plan.path.name}: {change}")
+        self.metrics.info(
+            f"resumed from {plan.path} (step {self.state.step}, {self.state.consumed_samples} samples consumed) "
+            f"in {self.load_s:.2f} s"
+        )
+
+    def _restore_rng(self, path) -> None:
+        """Per-rank states map 1:1 only onto the layout that saved them; other layouts re-seed."""
+        saved_layout = read_marker(path)["layout"]
+        dims = self.meshes.dims
+        own_file = rng_file(path, dist.get_rank())
+        same_layout = saved_layout == {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp}
+        found = torch.tensor(float(same_layout and own_file.is_file()), device=self.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)  # all ranks restore, or all re-seed
+        if found.item():
+            rng.restore(rng.load(own_file))
+            return
+        rng.seed_all(self.config.train.seed, self.state.step, dist.get_rank())
+        layout = " ".join(f"{key}={value}" for key, value in saved_layout.items())
+        reason = "are missing for some rank" if same_layout else f"were saved under {layout} and restore only on that layout"
+        self.metrics.info(
+            f"the checkpoint's random-number states {reason}: re-seeded every rank from train.seed, the step and the "
+            f"rank (dropout masks differ from an uninterrupted run)"
+        )
 
     def fit(self) -> None:
         steps = self.config.train.steps
@@ -75,19 +121,36 @@ class Trainer:
             return
         started, first_step = time.perf_counter(), self.state.step
         self.metrics.start(first_step)
+        stopping = False
         try:
-            while self.state.step < steps:
-                record = self.train_step()
-                self.metrics.log(record)
-                if self._should_save():
-                    path = self.checkpointer.save(self.state.step, self.checkpoint_state())
-                    self.metrics.info(f"saved checkpoint {path}")
-                fail_if_injected(self.state.step)
+            with StopOnSignal() as stop:
+                while self.state.step < steps and not stopping:
+                    record = self.train_step()
+                    stopping, save_status = self._agree(stop.requested)
+                    blocked = self.checkpointer.poll(save_status)
+                    if stopping or self._should_save():
+                        blocked += self.checkpointer.save(self.state.step, self.checkpoint_state(), sync=stopping)
+                    if blocked:
+                        record["checkpoint_blocked_s"] = round(blocked, 4)
+                    self.metrics.log(record)
+                    faults.fail_after_step(self.state.step)
+                self.checkpointer.wait()
         finally:
             self.metrics.close()
-        self._write_summary(record, self.state.step - first_step, time.perf_counter() - started)
+        if stopping:
+            self.metrics.info(
+                f"stopped by SIGTERM after step {self.state.step}: checkpoint {self.checkpointer.path_for(self.state.step)} "
+                f"is complete; rerun the same command to resume"
+            )
+        self._write_summary(record, self.state.step - first_step, time.perf_counter() - started, stopped=stopping)
 
-    def _write_summary(self, last: dict, steps_run: int, seconds: float) -> None:
+    def _agree(self, stop_requested: bool) -> tuple[bool, int]:
+        """One small all-reduce per step: did any rank get SIGTERM, and where is the pending save."""
+        flags = torch.tensor([float(stop_requested), float(self.checkpointer.local_status())], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), int(flags[1].item())
+
+    def _write_summary(self, last: dict, steps_run: int, seconds: float, stopped: bool) -> None:
         """<run.dir>/summary.json: the last step, wall time and every rank's peak memory."""
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, round(peak_memory_gb(self.device), 4))
@@ -99,6 +162,8 @@ class Trainer:
                 "seconds": round(seconds, 3),
                 "peak_mem_gb_per_rank": peaks,
                 "layout": self.meshes.dims.describe(),
+                "stopped_by_sigterm": stopped,
+                "resume_load_s": None if self.load_s is None else round(self.load_s, 3),
                 **self._attention_times(),
             }
         )

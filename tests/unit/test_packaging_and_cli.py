@@ -6,7 +6,7 @@ import subprocess
 import sys
 import zipfile
 
-from p3d.checkpoint import COMPLETE_MARKER, Checkpointer
+from p3d.checkpoint import COMPLETE_MARKER, complete_checkpoints
 
 
 def test_wheel_carries_configs_and_recipes(tmp_path):
@@ -28,10 +28,9 @@ def test_p3d_ls_lists_groups_presets_and_recipes():
 
 
 def test_incomplete_checkpoints_are_never_latest(tmp_path):
-    checkpointer = Checkpointer(tmp_path, is_main=True)
     for step in (5, 10, 15):
-        checkpointer.path_for(step).mkdir(parents=True)
-    (checkpointer.path_for(5) / COMPLETE_MARKER).write_text("{}")
-    (checkpointer.path_for(10) / COMPLETE_MARKER).write_text("{}")
-    assert checkpointer.latest() == checkpointer.path_for(10)  # step 15 has no marker: a save that died
-    assert [step for step, _ in checkpointer.complete()] == [5, 10]
+        (tmp_path / f"step_{step:08d}").mkdir()
+    (tmp_path / "step_00000005" / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "step_00000010" / COMPLETE_MARKER).write_text("{}")
+    found = complete_checkpoints(tmp_path)  # step 15 has no marker: a save that died
+    assert [step for step, _ in found] == [5, 10] and found[-1][1] == tmp_path / "step_00000010"

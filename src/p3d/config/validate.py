@@ -79,6 +79,8 @@ def _check_positive(config: P3DConfig) -> list[str]:
         problems.append(f"logging.peak_tflops={config.logging.peak_tflops}: must be > 0 (or null)")
     if config.checkpoint.every < 0:
         problems.append(f"checkpoint.every={config.checkpoint.every}: must be >= 0 (0 disables periodic saves)")
+    if config.checkpoint.keep_last < 0:
+        problems.append(f"checkpoint.keep_last={config.checkpoint.keep_last}: must be >= 0 (0 keeps every checkpoint)")
     if config.optim.lr <= 0:
         problems.append(f"optim.lr={config.optim.lr}: must be > 0")
     problems += _check_logging_packages(config)

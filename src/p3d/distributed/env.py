@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -66,11 +67,24 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
     timeout = timedelta(seconds=cfg.timeout_s)
     backend = resolve_backend(cfg.backend, device_type)
     if "RANK" in os.environ:
+        _warn_about_shared_store_on_restart()
         dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device_type != "cpu" else None)
     else:
         store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: the OS picks a free one
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
     return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
+
+
+def _warn_about_shared_store_on_restart() -> None:
+    """torchrun's shared rendezvous store keeps a failed attempt's addresses (pytorch/pytorch#135712)."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and rank_from_env() == 0:
+        print(
+            "p3d: warning: torchrun restarted this group with its shared rendezvous store; if the process group cannot "
+            "connect, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (p3d train does)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def shutdown() -> None:

@@ -1,0 +1,240 @@
+"""Checkpoint save and load of an OPT-1.3B-shaped model under tp2dp2cp2 (8 ranks), sync against async.
+
+    python benchmarks/checkpoint.py                         # 1 and 2 decoder layers, extrapolated to 24
+    python benchmarks/checkpoint.py --layers 1 --out /tmp/ckpt   # a quick look
+
+The full OPT-1.3B in fp32 with AdamW state (about 21 GB over the ranks, plus an in-memory copy for
+an async save) does not fit the development machine, so the model is OPT-1.3B with
+`model.config.num_hidden_layers` cut to each of `--layers` (every other shape is the real one:
+hidden 2048, ffn 8192, 32 heads, vocab 50272). For each layer count it runs `p3d.train` under
+torchrun three times: sync saves, async saves (`checkpoint.async_mode=thread`), and a resume
+from the last checkpoint. Saves happen every `--every` steps; the figures are the medians over the
+saves made while training was still going (the final save, after which training has nothing left
+to overlap, is left out):
+
+- save time: sync, the whole save; async, from the save call until rank 0's background write
+  finished (from the completion marker's save_s);
+- blocked: how long the train loop waited for the save (the step record's checkpoint_blocked_s);
+- size: the bytes of the checkpoint directory; load: the resume's load time (summary.json).
+
+Size and times are linear in the layer count (a fixed part: embeddings, final norm, optimizer
+step counters; a per-layer part), so two layer counts give a per-layer figure and an estimate for
+all 24 layers, labelled as such. The size estimate is checked against 12 bytes per parameter
+(fp32 weights and the two AdamW moments). The peak memory of each job's process tree is sampled
+and the job is stopped if it passes --max-rss-gb. Writes <out>/checkpoint.md and checkpoint.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+FULL_LAYERS = 24
+
+
+def process_tree_rss_gb(root: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total_kib = 0
+    for pid in tree:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total_kib / 2**20
+
+
+def run_job(command: list[str], max_rss_gb: float) -> float:
+    """Run a command, sampling its process tree's RSS; returns the peak in GB."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    peak, over = 0.0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while process.poll() is None:
+            peak = max(peak, process_tree_rss_gb(process.pid))
+            if peak > max_rss_gb:
+                over.set()
+                os.killpg(process.pid, 9)
+                return
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    sampler.join()
+    if over.is_set():
+        raise SystemExit(f"stopped: the job's processes used more than --max-rss-gb={max_rss_gb} GB\n{' '.join(command)}")
+    if process.returncode != 0:
+        raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{stderr[-3000:]}")
+    return peak
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def torchrun(world: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "p3d.train"]
+
+
+def base_overrides(layers: int, args) -> list[str]:
+    return [
+        "model=opt1.3b", f"model.config.num_hidden_layers={layers}", "parallel=tp2dp2cp2",
+        f"data.seq_len={args.seq_len}", "train.global_batch_size=4", "train.micro_batch_size=2",
+    ]
+
+
+def measure(layers: int, args, workdir: Path) -> dict:
+    """One layer count: a sync-save run, an async-save run, a resume; medians over the mid-training saves."""
+    steps = args.every * (args.saves + 1)
+    result: dict = {"layers": layers}
+    for mode in ("disabled", "thread"):
+        run_dir = workdir / f"L{layers}-{mode}"
+        overrides = [*base_overrides(layers, args), f"train.steps={steps}", f"checkpoint.every={args.every}",
+                     f"checkpoint.async_mode={mode}", f"run.dir={run_dir}"]
+        peak = run_job(torchrun(8) + overrides, args.max_rss_gb)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        saves = [r for r in records if r["step"] % args.every == 0 and r["step"] < steps]
+        checkpoints = run_dir / "checkpoints"
+        markers = [json.loads((checkpoints / f"step_{r['step']:08d}" / "p3d_complete.json").read_text()) for r in saves]
+        assert all(marker["async"] == (mode == "thread") for marker in markers)
+        key = "sync" if mode == "disabled" else "async"
+        result[f"{key}_blocked_s"] = statistics.median(r["checkpoint_blocked_s"] for r in saves)
+        result[f"{key}_save_s"] = statistics.median(marker["save_s"] for marker in markers)
+        result[f"{key}_step_s"] = statistics.median(r["step_time_s"] for r in records[1:])
+        result[f"{key}_peak_rss_gb"] = peak
+        final = checkpoints / f"step_{steps:08d}"
+        result["size_bytes"] = directory_bytes(final)
+        if mode == "thread":
+            result["final_checkpoint"] = str(final)
+        else:
+            shutil.rmtree(run_dir)
+        print(f"layers={layers} {key}: save {result[f'{key}_save_s']:.2f} s, blocked {result[f'{key}_blocked_s']:.2f} s, "
+              f"size {result['size_bytes'] / 1e9:.3f} GB, peak RSS of the job {peak:.1f} GB", flush=True)
+    resume_dir = workdir / f"L{layers}-resume"
+    overrides = [*base_overrides(layers, args), f"train.steps={steps + 1}", "checkpoint.every=0", "checkpoint.at_end=false",
+                 f"checkpoint.load_from={result.pop('final_checkpoint')}", f"run.dir={resume_dir}"]
+    result["load_peak_rss_gb"] = run_job(torchrun(8) + overrides, args.max_rss_gb)
+    result["load_s"] = json.loads((resume_dir / "summary.json").read_text())["resume_load_s"]
+    print(f"layers={layers}: load {result['load_s']:.2f} s", flush=True)
+    shutil.rmtree(resume_dir)
+    shutil.rmtree(workdir / f"L{layers}-thread")
+    return result
+
+
+def parameter_count(layers: int) -> int:
+    from p3d.config.compose import compose, to_object
+    from p3d.model import build_hf_config, build_meta_model
+
+    config = to_object(compose(["model=opt1.3b", f"model.config.num_hidden_layers={layers}"]))
+    model = build_meta_model(build_hf_config(config.model))
+    return sum(p.numel() for p in model.parameters())
+
+
+def extrapolate(rows: list[dict], key: str) -> tuple[float, float, float] | None:
+    """(fixed part, per layer, at FULL_LAYERS) from the first and last layer counts."""
+    if len(rows) < 2:
+        return None
+    first, last = rows[0], rows[-1]
+    per_layer = (last[key] - first[key]) / (last["layers"] - first["layers"])
+    fixed = first[key] - per_layer * first["layers"]
+    return fixed, per_layer, fixed + per_layer * FULL_LAYERS
+
+
+def render(rows: list[dict], args, params: dict[int, int]) -> str:
+    gb = 1e9
+    lines = [
+        f"OPT-1.3B shapes (hidden 2048, ffn 8192, 32 heads, vocab 50272, tied embeddings) with the decoder cut to "
+        f"{', '.join(str(r['layers']) for r in rows)} layer(s); tp2dp2cp2 on 8 ranks (torchrun, gloo, CPU), fp32 weights "
+        f"and AdamW state; seq_len {args.seq_len}, global batch 4; saves every {args.every} steps, medians over "
+        f"{args.saves} mid-training saves per run. Measured on the development machine (2 cores shared with other "
+        f"jobs, local disk), so times are noisy.",
+        "",
+        "## Measured",
+        "",
+        "| layers | parameters | checkpoint size | save, sync | save, async (total) | async: training blocked | load (resume) | step time (sync run / async run) | peak RSS of the job (sync / async / load) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layers']} | {params[r['layers']] / 1e6:,.0f} M | {r['size_bytes'] / gb:.3f} GB | {r['sync_save_s']:.2f} s | "
+            f"{r['async_save_s']:.2f} s | {r['async_blocked_s']:.2f} s | {r['load_s']:.2f} s | {r['sync_step_s']:.2f} / {r['async_step_s']:.2f} s | "
+            f"{r['sync_peak_rss_gb']:.1f} / {r['async_peak_rss_gb']:.1f} / {r['load_peak_rss_gb']:.1f} GB |"
+        )
+    size = extrapolate(rows, "size_bytes")
+    if size is not None:
+        full_params = params[FULL_LAYERS]
+        lines += [
+            "",
+            f"## Extrapolated to all {FULL_LAYERS} layers (not measured)",
+            "",
+            f"Linear in the layer count: fixed part + {FULL_LAYERS} × per-layer part, both from the {rows[0]['layers']}- and "
+            f"{rows[-1]['layers']}-layer runs above.",
+            "",
+            "| figure | fixed part | per layer | estimate for 24 layers |",
+            "| --- | --- | --- | --- |",
+        ]
+        for key, label in (("size_bytes", "checkpoint size"), ("sync_save_s", "save, sync"), ("async_save_s", "save, async (total)"),
+                           ("async_blocked_s", "async: training blocked"), ("load_s", "load (resume)")):
+            fixed, per_layer, full = extrapolate(rows, key)
+            fmt = (lambda v: f"{v / gb:.3f} GB") if key == "size_bytes" else (lambda v: f"{v:.2f} s")
+            lines.append(f"| {label} | {fmt(fixed)} | {fmt(per_layer)} | {fmt(full)} |")
+        lines += [
+            "",
+            f"Check of the size: the full model has {full_params / 1e9:.3f} B parameters; 12 bytes each (fp32 weights, "
+            f"AdamW exp_avg and exp_avg_sq) is {12 * full_params / gb:.2f} GB against the extrapolated {size[2] / gb:.2f} GB.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="1,2", help="comma-separated decoder layer counts (two or more to extrapolate)")
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--every", type=int, default=2, help="steps between saves")
+    parser.add_argument("--saves", type=int, default=2, help="mid-training saves per run (plus the final one)")
+    parser.add_argument("--max-rss-gb", type=float, default=8.0, help="stop a job whose processes use more than this")
+    parser.add_argument("--out", default="docs/results")
+    args = parser.parse_args()
+    layer_counts = sorted(int(n) for n in args.layers.split(","))
+    params = {n: parameter_count(n) for n in {*layer_counts, FULL_LAYERS}}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("P3D_BENCH_TMP")) as workdir:
+        rows = [measure(layers, args, Path(workdir)) for layers in layer_counts]
+    text = render(rows, args, params)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoint.md").write_text(
+        "# Checkpoint save and load: sync against async\n\nGenerated by `python benchmarks/checkpoint.py` "
+        f"(`--layers {args.layers}`).\n\n" + text
+    )
+    (out / "checkpoint.json").write_text(json.dumps({"rows": rows, "parameters": params}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""`p3d export <checkpoint> <out_dir>`: a p3d checkpoint as a Hugging Face model directory.
+
+The model is rebuilt from the checkpoint's own hf_config.json (so it works from any directory
+and without the run's presets), filled from the DCP files in one process without a process
+group (DCP gathers every shard into full tensors), and written with `save_pretrained`
+(safetensors, fp32 as trained) beside the tokenizer the run used:
+- a Hugging Face tokenizer (the pretrained model's own, or data.tokenizer) is saved as it is;
+- p3d's byte-level tokenizer has no Hugging Face counterpart, so an equivalent one is written:
+  a byte-level BPE without merges whose ids are the UTF-8 bytes (0-255) and whose
+  end-of-document token <|endoftext|> is id 256, exactly p3d's ids. (Only a document that
+  contains that literal text would tokenize differently.)
+The output appears whole or not at all: it is written next to out_dir and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from transformers import PreTrainedModel
+
+from p3d.checkpoint import CONFIG_FILE, HF_CONFIG_FILE, checkpoint_problem, complete_checkpoints, read_marker
+from p3d.config.schema import DataConfig, InitMode, ModelConfig
+from p3d.data import ByteTokenizer, HFTokenizer, build_tokenizer
+from p3d.errors import ConfigError
+from p3d.model import build_meta_model, initialize_random, tie_weights_if_configured
+from p3d.resume import load_hf_config
+
+BYTE_EOS_TOKEN = "<|endoftext|>"
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A checkpoint directory, or the newest complete checkpoint of a run directory."""
+    if (source / "checkpoints").is_dir():
+        found = complete_checkpoints(source / "checkpoints")
+        if not found:
+            raise ConfigError(f"{source}: this run directory has no complete checkpoint to export")
+        return found[-1][1]
+    problem = checkpoint_problem(source)
+    if problem:
+        complete = [path.name for _, path in complete_checkpoints(source.parent)]
+        others = f" (complete ones there: {', '.join(complete)})" if complete else ""
+        raise ConfigError(f"{source}: {problem}; name a complete checkpoint directory or a run directory{others}")
+    return source
+
+
+def export_checkpoint(source: Path, out_dir: Path) -> Path:
+    checkpoint = resolve_checkpoint(source)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"{out_dir}: already exists and is not empty; choose a new output directory")
+    model = load_model(checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    provenance = {"checkpoint": str(checkpoint.resolve()), "step": read_marker(checkpoint)["step"]}
+    (partial / "p3d_export.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    partial.rename(out_dir)
+    return out_dir
+
+
+def load_model(checkpoint: Path) -> PreTrainedModel:
+    """The whole (unsharded) model of a checkpoint, on the CPU, in fp32."""
+    hf_config = load_hf_config((checkpoint / HF_CONFIG_FILE).read_text())
+    model = build_meta_model(hf_config)
+    model.to_empty(device="cpu")
+    tie_weights_if_configured(model)
+    initialize_random(model, hf_config, seed=0, buffers_only=True)  # non-persistent buffers (e.g. rotary) are not saved
+    state = model.state_dict()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed.*")  # "assuming the intent is to load in a single process"
+        dcp.load({"app": {"model": state}}, checkpoint_id=str(checkpoint))
+    model.eval()
+    return model
+
+
+def checkpoint_tokenizer(checkpoint: Path):
+    """The run's tokenizer as a Hugging Face tokenizer (see the module docstring)."""
+    stored = OmegaConf.load(checkpoint / CONFIG_FILE)
+    data_cfg = DataConfig(tokenizer=stored.data.tokenizer)
+    model_cfg = ModelConfig(init=InitMode(stored.model.init), pretrained=stored.model.pretrained)
+    tokenizer = build_tokenizer(data_cfg, model_cfg)
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.tokenizer
+    assert isinstance(tokenizer, ByteTokenizer)
+    return byte_tokenizer()
+
+
+def byte_tokenizer():
+    """A Hugging Face tokenizer with p3d's byte-level ids: UTF-8 bytes 0-255, end-of-document 256."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[byte]: byte for byte in range(256)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(BYTE_EOS_TOKEN, special=True)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=BYTE_EOS_TOKEN)
+    assert tokenizer.eos_token_id == ByteTokenizer.eos_token_id and len(tokenizer) == ByteTokenizer.vocab_size
+    return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which the ByteLevel pre-tokenizer uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars)}
+
