@@ -1,27 +1,31 @@
 """Checkpoint save and load of an OPT-1.3B-shaped model under tp2dp2cp2 (8 ranks), sync against async.
 
-    python benchmarks/checkpoint.py                         # 1 and 2 decoder layers, extrapolated to 24
-    python benchmarks/checkpoint.py --layers 1 --out /tmp/ckpt   # a quick look
+    python benchmarks/checkpoint.py                                   # what docs/results/checkpoint.md shows
+    python benchmarks/checkpoint.py --layers 1 --saves 1 --out /tmp/ckpt   # a quick look
 
 The full OPT-1.3B in fp32 with AdamW state (about 21 GB over the ranks, plus an in-memory copy for
-an async save) does not fit the development machine, so the model is OPT-1.3B with
-`model.config.num_hidden_layers` cut to each of `--layers` (every other shape is the real one:
-hidden 2048, ffn 8192, 32 heads, vocab 50272). For each layer count it runs `p3d.train` under
-torchrun three times: sync saves, async saves (`checkpoint.async_mode=thread`), and a resume
-from the last checkpoint. Saves happen every `--every` steps; the figures are the medians over the
-saves made while training was still going (the final save, after which training has nothing left
-to overlap, is left out):
+an async save) does not fit the development machine beside other jobs, and even one decoder layer
+with the real 50272-token vocabulary takes 12 GB there (8 processes, each with its imports and the
+FSDP working set of a 50M-parameter layer). So the runs use OPT-1.3B's decoder layers unchanged
+(hidden 2048, ffn 8192, 32 heads, with biases and layer norms) with `model.config.num_hidden_layers`
+cut to each of `--layers` and the vocabulary cut to `--vocab-size`. For each layer count it runs
+`p3d.train` under torchrun three times: sync saves, async saves (`checkpoint.async_mode=thread`),
+and a resume from the last checkpoint. Saves happen every `--every` steps; the figures are the
+medians over the saves made while training was still going (the final save, after which training
+has nothing left to overlap, is left out):
 
 - save time: sync, the whole save; async, from the save call until rank 0's background write
-  finished (from the completion marker's save_s);
+  finished (the completion marker's save_s);
 - blocked: how long the train loop waited for the save (the step record's checkpoint_blocked_s);
 - size: the bytes of the checkpoint directory; load: the resume's load time (summary.json).
 
-Size and times are linear in the layer count (a fixed part: embeddings, final norm, optimizer
-step counters; a per-layer part), so two layer counts give a per-layer figure and an estimate for
-all 24 layers, labelled as such. The size estimate is checked against 12 bytes per parameter
-(fp32 weights and the two AdamW moments). The peak memory of each job's process tree is sampled
-and the job is stopped if it passes --max-rss-gb. Writes <out>/checkpoint.md and checkpoint.json.
+The estimate for the whole OPT-1.3B is an extrapolation, labelled as such: every figure is a fixed
+part plus a per-layer part (two layer counts give both); the checkpoint size adds 12 bytes (fp32
+weight, AdamW exp_avg and exp_avg_sq) per parameter of the embedding rows that the cut vocabulary
+left out, and the times add those bytes at the per-layer part's seconds per byte. The size
+estimate is checked against 12 bytes per parameter of the real model. The peak memory of each
+job's process tree (sum of PSS) is sampled and the job is stopped if it passes --max-memory-gb.
+Writes <out>/checkpoint.md and <out>/checkpoint.json.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,10 +44,11 @@ import time
 from pathlib import Path
 
 FULL_LAYERS = 24
+FULL_VOCAB = 50272
 
 
-def process_tree_rss_gb(root: int) -> float:
-    """Resident memory of a process and all its descendants, from /proc."""
+def process_tree(root: int) -> set[int]:
+    """A process and all its descendants (torchrun's workers run in sessions of their own)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -57,18 +63,24 @@ def process_tree_rss_gb(root: int) -> float:
         children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
         tree.update(children)
         frontier.extend(children)
+    return tree
+
+
+def pss_gb(pids: set[int]) -> float:
+    """The sum of the processes' PSS (proportional set size), which counts a page shared by N
+    processes (torch's libraries) as 1/N in each, unlike RSS."""
     total_kib = 0
-    for pid in tree:
+    for pid in pids:
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
             continue
-        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        total_kib += next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
     return total_kib / 2**20
 
 
-def run_job(command: list[str], max_rss_gb: float) -> float:
-    """Run a command, sampling its process tree's RSS; returns the peak in GB."""
+def run_job(command: list[str], max_memory_gb: float) -> float:
+    """Run a command, sampling its process tree's memory (PSS); returns the peak in GB."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     peak, over = 0.0, threading.Event()
@@ -76,10 +88,15 @@ def run_job(command: list[str], max_rss_gb: float) -> float:
     def sample() -> None:
         nonlocal peak
         while process.poll() is None:
-            peak = max(peak, process_tree_rss_gb(process.pid))
-            if peak > max_rss_gb:
+            pids = process_tree(process.pid)
+            peak = max(peak, pss_gb(pids))
+            if peak > max_memory_gb:
                 over.set()
-                os.killpg(process.pid, 9)
+                for pid in sorted(pids, reverse=True):  # the workers first, then torchrun
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 return
             time.sleep(0.5)
 
@@ -88,7 +105,7 @@ def run_job(command: list[str], max_rss_gb: float) -> float:
     stdout, stderr = process.communicate()
     sampler.join()
     if over.is_set():
-        raise SystemExit(f"stopped: the job's processes used more than --max-rss-gb={max_rss_gb} GB\n{' '.join(command)}")
+        raise SystemExit(f"stopped: the job's processes used more than --max-memory-gb={max_memory_gb} GB\n{' '.join(command)}")
     if process.returncode != 0:
         raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{stderr[-3000:]}")
     return peak
@@ -104,7 +121,7 @@ def torchrun(world: int) -> list[str]:
 
 def base_overrides(layers: int, args) -> list[str]:
     return [
-        "model=opt1.3b", f"model.config.num_hidden_layers={layers}", "parallel=tp2dp2cp2",
+        "model=opt1.3b", f"model.config.num_hidden_layers={layers}", f"model.config.vocab_size={args.vocab_size}", "parallel=tp2dp2cp2",
         f"data.seq_len={args.seq_len}", "train.global_batch_size=4", "train.micro_batch_size=2",
     ]
 
@@ -117,7 +134,7 @@ def measure(layers: int, args, workdir: Path) -> dict:
         run_dir = workdir / f"L{layers}-{mode}"
         overrides = [*base_overrides(layers, args), f"train.steps={steps}", f"checkpoint.every={args.every}",
                      f"checkpoint.async_mode={mode}", f"run.dir={run_dir}"]
-        peak = run_job(torchrun(8) + overrides, args.max_rss_gb)
+        peak = run_job(torchrun(8) + overrides, args.max_memory_gb)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         saves = [r for r in records if r["step"] % args.every == 0 and r["step"] < steps]
         checkpoints = run_dir / "checkpoints"
@@ -127,7 +144,7 @@ def measure(layers: int, args, workdir: Path) -> dict:
         result[f"{key}_blocked_s"] = statistics.median(r["checkpoint_blocked_s"] for r in saves)
         result[f"{key}_save_s"] = statistics.median(marker["save_s"] for marker in markers)
         result[f"{key}_step_s"] = statistics.median(r["step_time_s"] for r in records[1:])
-        result[f"{key}_peak_rss_gb"] = peak
+        result[f"{key}_peak_memory_gb"] = peak
         final = checkpoints / f"step_{steps:08d}"
         result["size_bytes"] = directory_bytes(final)
         if mode == "thread":
@@ -135,11 +152,11 @@ def measure(layers: int, args, workdir: Path) -> dict:
         else:
             shutil.rmtree(run_dir)
         print(f"layers={layers} {key}: save {result[f'{key}_save_s']:.2f} s, blocked {result[f'{key}_blocked_s']:.2f} s, "
-              f"size {result['size_bytes'] / 1e9:.3f} GB, peak RSS of the job {peak:.1f} GB", flush=True)
+              f"size {result['size_bytes'] / 1e9:.3f} GB, peak memory (PSS) of the job {peak:.1f} GB", flush=True)
     resume_dir = workdir / f"L{layers}-resume"
     overrides = [*base_overrides(layers, args), f"train.steps={steps + 1}", "checkpoint.every=0", "checkpoint.at_end=false",
                  f"checkpoint.load_from={result.pop('final_checkpoint')}", f"run.dir={resume_dir}"]
-    result["load_peak_rss_gb"] = run_job(torchrun(8) + overrides, args.max_rss_gb)
+    result["load_peak_memory_gb"] = run_job(torchrun(8) + overrides, args.max_memory_gb)
     result["load_s"] = json.loads((resume_dir / "summary.json").read_text())["resume_load_s"]
     print(f"layers={layers}: load {result['load_s']:.2f} s", flush=True)
     shutil.rmtree(resume_dir)
@@ -147,68 +164,73 @@ def measure(layers: int, args, workdir: Path) -> dict:
     return result
 
 
-def parameter_count(layers: int) -> int:
+def parameter_count(layers: int, vocab_size: int) -> int:
     from p3d.config.compose import compose, to_object
     from p3d.model import build_hf_config, build_meta_model
 
-    config = to_object(compose(["model=opt1.3b", f"model.config.num_hidden_layers={layers}"]))
+    config = to_object(compose(["model=opt1.3b", f"model.config.num_hidden_layers={layers}", f"model.config.vocab_size={vocab_size}"]))
     model = build_meta_model(build_hf_config(config.model))
     return sum(p.numel() for p in model.parameters())
 
 
-def extrapolate(rows: list[dict], key: str) -> tuple[float, float, float] | None:
-    """(fixed part, per layer, at FULL_LAYERS) from the first and last layer counts."""
-    if len(rows) < 2:
-        return None
+def linear_fit(rows: list[dict], key: str) -> tuple[float, float]:
+    """(fixed part, per layer) from the first and last layer counts."""
     first, last = rows[0], rows[-1]
     per_layer = (last[key] - first[key]) / (last["layers"] - first["layers"])
-    fixed = first[key] - per_layer * first["layers"]
-    return fixed, per_layer, fixed + per_layer * FULL_LAYERS
+    return first[key] - per_layer * first["layers"], per_layer
 
 
-def render(rows: list[dict], args, params: dict[int, int]) -> str:
+def render(rows: list[dict], args, params: dict) -> str:
     gb = 1e9
+    hidden = 2048
     lines = [
-        f"OPT-1.3B shapes (hidden 2048, ffn 8192, 32 heads, vocab 50272, tied embeddings) with the decoder cut to "
-        f"{', '.join(str(r['layers']) for r in rows)} layer(s); tp2dp2cp2 on 8 ranks (torchrun, gloo, CPU), fp32 weights "
-        f"and AdamW state; seq_len {args.seq_len}, global batch 4; saves every {args.every} steps, medians over "
+        f"OPT-1.3B's decoder layers (hidden 2048, ffn 8192, 32 heads, tied embeddings) with the decoder cut to "
+        f"{', '.join(str(r['layers']) for r in rows)} layer(s) and the vocabulary cut from {FULL_VOCAB} to {args.vocab_size} "
+        f"tokens (memory: see benchmarks/checkpoint.py); tp2dp2cp2 on 8 ranks (torchrun, gloo, CPU); fp32 weights and "
+        f"AdamW state; seq_len {args.seq_len}, global batch 4; saves every {args.every} steps, medians over "
         f"{args.saves} mid-training saves per run. Measured on the development machine (2 cores shared with other "
-        f"jobs, local disk), so times are noisy.",
+        f"jobs, local disk): times are noisy.",
         "",
         "## Measured",
         "",
-        "| layers | parameters | checkpoint size | save, sync | save, async (total) | async: training blocked | load (resume) | step time (sync run / async run) | peak RSS of the job (sync / async / load) |",
+        "| layers | parameters | checkpoint size | save, sync | save, async (total) | async: training blocked | load (resume) | step time (sync run / async run) | peak memory of the job, PSS (sync / async / load) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['layers']} | {params[r['layers']] / 1e6:,.0f} M | {r['size_bytes'] / gb:.3f} GB | {r['sync_save_s']:.2f} s | "
+            f"| {r['layers']} | {params[(r['layers'], args.vocab_size)] / 1e6:,.0f} M | {r['size_bytes'] / gb:.3f} GB | {r['sync_save_s']:.2f} s | "
             f"{r['async_save_s']:.2f} s | {r['async_blocked_s']:.2f} s | {r['load_s']:.2f} s | {r['sync_step_s']:.2f} / {r['async_step_s']:.2f} s | "
-            f"{r['sync_peak_rss_gb']:.1f} / {r['async_peak_rss_gb']:.1f} / {r['load_peak_rss_gb']:.1f} GB |"
+            f"{r['sync_peak_memory_gb']:.1f} / {r['async_peak_memory_gb']:.1f} / {r['load_peak_memory_gb']:.1f} GB |"
         )
-    size = extrapolate(rows, "size_bytes")
-    if size is not None:
-        full_params = params[FULL_LAYERS]
-        lines += [
-            "",
-            f"## Extrapolated to all {FULL_LAYERS} layers (not measured)",
-            "",
-            f"Linear in the layer count: fixed part + {FULL_LAYERS} × per-layer part, both from the {rows[0]['layers']}- and "
-            f"{rows[-1]['layers']}-layer runs above.",
-            "",
-            "| figure | fixed part | per layer | estimate for 24 layers |",
-            "| --- | --- | --- | --- |",
-        ]
-        for key, label in (("size_bytes", "checkpoint size"), ("sync_save_s", "save, sync"), ("async_save_s", "save, async (total)"),
-                           ("async_blocked_s", "async: training blocked"), ("load_s", "load (resume)")):
-            fixed, per_layer, full = extrapolate(rows, key)
-            fmt = (lambda v: f"{v / gb:.3f} GB") if key == "size_bytes" else (lambda v: f"{v:.2f} s")
-            lines.append(f"| {label} | {fmt(fixed)} | {fmt(per_layer)} | {fmt(full)} |")
-        lines += [
-            "",
-            f"Check of the size: the full model has {full_params / 1e9:.3f} B parameters; 12 bytes each (fp32 weights, "
-            f"AdamW exp_avg and exp_avg_sq) is {12 * full_params / gb:.2f} GB against the extrapolated {size[2] / gb:.2f} GB.",
-        ]
+    if len(rows) < 2:
+        return "\n".join(lines) + "\n"
+    full_params = params[(FULL_LAYERS, FULL_VOCAB)]
+    extra_bytes = 12 * (FULL_VOCAB - args.vocab_size) * hidden  # the left-out embedding rows, weight + 2 moments
+    size_fixed, size_per_layer = linear_fit(rows, "size_bytes")
+    full_size = size_fixed + extra_bytes + FULL_LAYERS * size_per_layer
+    lines += [
+        "",
+        f"## Estimated for the whole OPT-1.3B ({FULL_LAYERS} layers, vocabulary {FULL_VOCAB}): extrapolated, not measured",
+        "",
+        f"Fixed part and per-layer part from the {rows[0]['layers']}- and {rows[-1]['layers']}-layer runs; the "
+        f"{(FULL_VOCAB - args.vocab_size) * hidden / 1e6:.0f} M embedding parameters the cut vocabulary left out add "
+        f"{extra_bytes / gb:.2f} GB, and to each time their bytes at the per-layer part's seconds per byte.",
+        "",
+        "| figure | fixed part (cut vocabulary) | per layer | estimate for OPT-1.3B |",
+        "| --- | --- | --- | --- |",
+        f"| checkpoint size | {size_fixed / gb:.3f} GB | {size_per_layer / gb:.3f} GB | {full_size / gb:.2f} GB |",
+    ]
+    for key, label in (("sync_save_s", "save, sync"), ("async_save_s", "save, async (total)"),
+                       ("async_blocked_s", "async: training blocked"), ("load_s", "load (resume)")):
+        fixed, per_layer = linear_fit(rows, key)
+        full = fixed + per_layer * (FULL_LAYERS + extra_bytes / size_per_layer)
+        lines.append(f"| {label} | {fixed:.2f} s | {per_layer:.2f} s | {full:.1f} s |")
+    lines += [
+        "",
+        f"Check of the size: OPT-1.3B has {full_params / 1e9:.3f} B parameters; 12 bytes each is "
+        f"{12 * full_params / gb:.2f} GB, against the estimate of {full_size / gb:.2f} GB (the rest: the step counters, "
+        f"DCP's metadata, the stored configs and the random-number states).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -218,11 +240,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--every", type=int, default=2, help="steps between saves")
     parser.add_argument("--saves", type=int, default=2, help="mid-training saves per run (plus the final one)")
-    parser.add_argument("--max-rss-gb", type=float, default=8.0, help="stop a job whose processes use more than this")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the runs (OPT-1.3B's is 50272)")
+    parser.add_argument("--max-memory-gb", type=float, default=10.0, help="stop a job whose processes use more than this (GB, PSS)")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args()
     layer_counts = sorted(int(n) for n in args.layers.split(","))
-    params = {n: parameter_count(n) for n in {*layer_counts, FULL_LAYERS}}
+    params = {(n, args.vocab_size): parameter_count(n, args.vocab_size) for n in layer_counts}
+    params[(FULL_LAYERS, FULL_VOCAB)] = parameter_count(FULL_LAYERS, FULL_VOCAB)
     with tempfile.TemporaryDirectory(dir=os.environ.get("P3D_BENCH_TMP")) as workdir:
         rows = [measure(layers, args, Path(workdir)) for layers in layer_counts]
     text = render(rows, args, params)
@@ -231,9 +255,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoint.md").write_text(
         "# Checkpoint save and load: sync against async\n\nGenerated by `python benchmarks/checkpoint.py` "
-        f"(`--layers {args.layers}`).\n\n" + text
+        f"(`--layers {args.layers} --vocab-size {args.vocab_size}`).\n\n" + text
     )
-    (out / "checkpoint.json").write_text(json.dumps({"rows": rows, "parameters": params}, indent=1) + "\n")
+    (out / "checkpoint.json").write_text(json.dumps({"rows": rows, "parameters": {f"{n} layers, vocab {v}": c for (n, v), c in params.items()}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,8 @@ def one_error_line(done) -> str:
 RESUME = ["model=tiny_llama", "train.steps=20", "train.global_batch_size=8", "data.seq_len=32", "checkpoint.every=10"]
 RESUME_LAYOUTS = {  # name: (tp, dp, cp, micro-batch)
     "tp2dp2cp2": (2, 2, 2, 1),  # the saving layout itself
-    "tp2dp4": (2, 4, 1, 1),
-    "dp8": (1, 8, 1, 1),
-    "cp4dp2": (1, 2, 4, 2),
+    "dp4": (1, 4, 1, 2),
+    "tp2cp2": (2, 1, 2, 4),  # two micro-batches per step
     "1 process": (1, 1, 1, 8),
 }
 
