@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from p3d.checkpoint import COMPLETE_MARKER, checkpoint_problem, complete_checkpoints
 from p3d.config.compose import compose, to_object
-from p3d.data import build_sampler, inputs_and_labels
+from p3d.config.schema import Packing
+from p3d.data import build_sampler, make_batch
 from tests.conftest import _env, assert_ok, layout_overrides, run_command, run_p3d
 
 TOLERANCE = 1e-4
@@ -251,7 +252,9 @@ def batch_at(overrides: list[str], consumed: int) -> tuple[torch.Tensor, torch.T
     batch = config.train.global_batch_size
     sampler = build_sampler(config.data, config.model, config.train.seed, batch, batch, 1, 0)
     (windows,) = sampler.micro_batches(consumed)
-    return inputs_and_labels(windows)
+    assert config.data.packing is Packing.stream  # no end-of-document handling needed below
+    batch = make_batch(windows, Packing.stream, eos_token_id=-1)
+    return batch.input_ids, batch.labels
 
 
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
