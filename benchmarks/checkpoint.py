@@ -202,10 +202,22 @@ def render(rows: list[dict], args, params: dict) -> str:
             f"{r['async_save_s']:.2f} s | {r['async_blocked_s']:.2f} s | {r['load_s']:.2f} s | {r['sync_step_s']:.2f} / {r['async_step_s']:.2f} s | "
             f"{r['sync_peak_memory_gb']:.1f} / {r['async_peak_memory_gb']:.1f} / {r['load_peak_memory_gb']:.1f} GB |"
         )
+    sync_blocked = [r["sync_blocked_s"] for r in rows]
+    async_blocked = [r["async_blocked_s"] for r in rows]
+    lines += [
+        "",
+        f"Training waited {min(async_blocked):.2f}-{max(async_blocked):.2f} s for an async save (copying the state into "
+        f"memory; the write then overlaps the next steps) against {min(sync_blocked):.2f}-{max(sync_blocked):.2f} s for "
+        f"a sync save of the same checkpoint.",
+    ]
+    if all(r["async_save_s"] > r["sync_save_s"] for r in rows):
+        lines[-1] += " An async save takes longer in total here: its background write shares the machine's cores with training."
     if len(rows) < 2:
         return "\n".join(lines) + "\n"
     full_params = params[(FULL_LAYERS, FULL_VOCAB)]
-    extra_bytes = 12 * (FULL_VOCAB - args.vocab_size) * hidden  # the left-out embedding rows, weight + 2 moments
+    # The left-out embedding rows: fp32 weight and two AdamW moments, plus the weight once more as
+    # the tied output head, which the model's state dict (and so the checkpoint) holds under its own name.
+    extra_bytes = 16 * (FULL_VOCAB - args.vocab_size) * hidden
     size_fixed, size_per_layer = linear_fit(rows, "size_bytes")
     full_size = size_fixed + extra_bytes + FULL_LAYERS * size_per_layer
     lines += [
@@ -214,7 +226,9 @@ def render(rows: list[dict], args, params: dict) -> str:
         "",
         f"Fixed part and per-layer part from the {rows[0]['layers']}- and {rows[-1]['layers']}-layer runs; the "
         f"{(FULL_VOCAB - args.vocab_size) * hidden / 1e6:.0f} M embedding parameters the cut vocabulary left out add "
-        f"{extra_bytes / gb:.2f} GB, and to each time their bytes at the per-layer part's seconds per byte.",
+        f"{extra_bytes / gb:.2f} GB (16 bytes each: weight, two AdamW moments, and the weight again as the tied "
+        f"output head `lm_head.weight`, which the checkpoint stores under its own name), and to each time their bytes "
+        f"at the per-layer part's seconds per byte.",
         "",
         "| figure | fixed part (cut vocabulary) | per layer | estimate for OPT-1.3B |",
         "| --- | --- | --- | --- |",
@@ -225,11 +239,16 @@ def render(rows: list[dict], args, params: dict) -> str:
         fixed, per_layer = linear_fit(rows, key)
         full = fixed + per_layer * (FULL_LAYERS + extra_bytes / size_per_layer)
         lines.append(f"| {label} | {fixed:.2f} s | {per_layer:.2f} s | {full:.1f} s |")
+    noisy = [label for key, label in (("sync_save_s", "save, sync"), ("async_save_s", "save, async"), ("load_s", "load"))
+             if min(linear_fit(rows, key)) < 0]
+    if noisy:
+        lines += ["", f"A negative part ({', '.join(noisy)}) means the run-to-run noise of this shared machine is larger "
+                      f"than that part; the time estimates are rough, the size estimate is not."]
     lines += [
         "",
-        f"Check of the size: OPT-1.3B has {full_params / 1e9:.3f} B parameters; 12 bytes each is "
-        f"{12 * full_params / gb:.2f} GB, against the estimate of {full_size / gb:.2f} GB (the rest: the step counters, "
-        f"DCP's metadata, the stored configs and the random-number states).",
+        f"Check of the size: OPT-1.3B has {full_params / 1e9:.3f} B parameters; 12 bytes each plus the tied head's "
+        f"copy is {(12 * full_params + 4 * FULL_VOCAB * hidden) / gb:.2f} GB, against the estimate of {full_size / gb:.2f} GB "
+        f"(the rest: the step counters, DCP's metadata, the stored configs and the random-number states).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -243,12 +262,18 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the runs (OPT-1.3B's is 50272)")
     parser.add_argument("--max-memory-gb", type=float, default=10.0, help="stop a job whose processes use more than this (GB, PSS)")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--from-json", help="render the tables again from a checkpoint.json this script wrote (no runs)")
     args = parser.parse_args()
     layer_counts = sorted(int(n) for n in args.layers.split(","))
     params = {(n, args.vocab_size): parameter_count(n, args.vocab_size) for n in layer_counts}
     params[(FULL_LAYERS, FULL_VOCAB)] = parameter_count(FULL_LAYERS, FULL_VOCAB)
-    with tempfile.TemporaryDirectory(dir=os.environ.get("P3D_BENCH_TMP")) as workdir:
-        rows = [measure(layers, args, Path(workdir)) for layers in layer_counts]
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        if [r["layers"] for r in rows] != layer_counts:
+            raise SystemExit(f"{args.from_json} has layer counts {[r['layers'] for r in rows]}, not --layers {args.layers}")
+    else:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("P3D_BENCH_TMP")) as workdir:
+            rows = [measure(layers, args, Path(workdir)) for layers in layer_counts]
     text = render(rows, args, params)
     print(text)
     out = Path(args.out)
