@@ -120,6 +120,7 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
     balance_axis.set(title="attention math: slowest / fastest rank", xlabel="cp", ylabel="max / min", xscale="log", xticks=[c for c in cps if c > 1])
     for axis in (memory_axis, time_axis, balance_axis):
         axis.set_xticklabels([str(c) for c in axis.get_xticks()])
+        axis.minorticks_off()
         axis.grid(alpha=0.3)
     balance_axis.legend()
     figure.tight_layout()
