@@ -105,20 +105,22 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (memory_axis, time_axis, balance_axis) = plt.subplots(1, 3, figsize=(15, 4.5))
-    single = next(r for r in rows if r["cp"] == 1)
+    single = [r for r in rows if r["cp"] == 1]
     cps = sorted({r["cp"] for r in rows})
     for impl, marker in zip(IMPLS, "os"):
         for layout, style in zip(LAYOUTS, ("-", "--")):
-            series = [single] + [r for r in rows if r["impl"] == impl and r["layout"] == layout]
+            series = single + [r for r in rows if r["impl"] == impl and r["layout"] == layout]
             label = f"{impl}, {layout}"
             memory_axis.plot(cps, [max(r["peak_gb_per_rank"]) - baseline for r in series], style, marker=marker, label=label)
             time_axis.plot(cps, [r["step_time_s"] for r in series], style, marker=marker, label=label)
-            balance_axis.plot(cps[1:], [r["attention_imbalance"] for r in series[1:]], style, marker=marker, label=label)
+            sharded = [r for r in series if r["cp"] > 1]
+            balance_axis.plot([r["cp"] for r in sharded], [r["attention_imbalance"] for r in sharded], style, marker=marker, label=label)
     memory_axis.set(title="max per-rank peak above import baseline", xlabel="cp", ylabel="GB", xscale="log", xticks=cps)
     time_axis.set(title="step time (2 cores shared by all ranks)", xlabel="cp", ylabel="s", xscale="log", xticks=cps)
-    balance_axis.set(title="attention math: slowest / fastest rank", xlabel="cp", ylabel="max / min", xscale="log", xticks=cps[1:])
+    balance_axis.set(title="attention math: slowest / fastest rank", xlabel="cp", ylabel="max / min", xscale="log", xticks=[c for c in cps if c > 1])
     for axis in (memory_axis, time_axis, balance_axis):
         axis.set_xticklabels([str(c) for c in axis.get_xticks()])
+        axis.minorticks_off()
         axis.grid(alpha=0.3)
     balance_axis.legend()
     figure.tight_layout()

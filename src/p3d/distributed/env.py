@@ -89,4 +89,7 @@ def _warn_about_shared_store_on_restart() -> None:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # Every rank's last message has arrived before any rank tears its connections down
+        # (gloo could abort a process at exit after point-to-point traffic otherwise).
+        dist.barrier()
         dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """Exact attention over a sequence split across context-parallel ranks, on any backend.
 
 Each rank holds the queries, keys and values of its own tokens (see `sharding.py`). Attention
-is computed in tiles: (a run of local queries) x (a run of some rank's keys). A tile whose keys
+is computed in tiles: (a run of local queries) x (a run of some rank's keys), each run at most
+TILE_TOKENS long, so the scores held at once do not grow with the chunk length. A tile whose keys
 all come after its queries is skipped; one whose keys all come before needs no causal mask; a
 tile on the diagonal gets the causal mask by global token index; with packed documents a
 tile also masks keys of other documents, and is skipped when no query may see any key. Tile
@@ -36,6 +37,19 @@ NEG_INF = float("-inf")
 _KV_TAG, _DKV_TAG = 0, 1  # distinct p2p tags: K/V and dK/dV can be in flight to the same peer
 
 
+TILE_TOKENS = 512  # longest run of queries or keys in one tile: bounds the scores held at once
+
+
+def _split(runs: list[ChunkRange]) -> list[ChunkRange]:
+    """Runs cut into pieces of at most TILE_TOKENS, so a tile's scores stay small however long the chunks
+    (and tiles entirely in the future are skipped at that finer grain)."""
+    return [
+        ChunkRange(run.global_start + offset, run.local_start + offset, min(TILE_TOKENS, run.length - offset))
+        for run in runs
+        for offset in range(0, run.length, TILE_TOKENS)
+    ]
+
+
 @dataclass(frozen=True)
 class Tile:
     """Local query rows x key rows of one source block that have something to attend to."""
@@ -61,8 +75,8 @@ class TilePlan:
         if source not in self._cache:
             self._cache[source] = [
                 tile
-                for query_run in self.sharding.chunk_ranges(self.rank, self.seq_len)
-                for key_run in self.sharding.chunk_ranges(source, self.seq_len)
+                for query_run in _split(self.sharding.chunk_ranges(self.rank, self.seq_len))
+                for key_run in _split(self.sharding.chunk_ranges(source, self.seq_len))
                 if (tile := self._tile(query_run, key_run)) is not None
             ]
         return self._cache[source]

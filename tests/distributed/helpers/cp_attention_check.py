@@ -1,7 +1,7 @@
 """Run under torchrun: p3d's CP attention (ring and allgather) equals one-process SDPA, values and grads.
 
     torchrun --nproc_per_node=N tests/distributed/helpers/cp_attention_check.py
-Checks every layout x impl x (plain causal, packed documents) with grouped-query heads; prints
+Checks every tile size x layout x impl x (plain causal, packed documents) with grouped-query heads; prints
 "ok <cases>" on rank 0 or raises.
 """
 
@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from p3d.config.schema import CPImpl, CPLayout
+from p3d.parallel import cp_attention
 from p3d.parallel.cp_attention import AllGatherAttention, AttentionTimer, CPComm, RingAttention, TilePlan
 from p3d.parallel.sharding import SequenceSharding
 
@@ -63,11 +64,13 @@ def check(impl: CPImpl, layout: CPLayout, with_documents: bool, seed: int) -> No
 def main() -> None:
     dist.init_process_group("gloo")
     cases = 0
-    for impl in (CPImpl.ring, CPImpl.allgather):
-        for layout in CPLayout:
-            for with_documents in (False, True):
-                check(impl, layout, with_documents, seed=cases)
-                cases += 1
+    for tile_tokens in (512, 3):  # whole chunks as tiles; chunks cut into uneven 3-token pieces
+        cp_attention.TILE_TOKENS = tile_tokens
+        for impl in (CPImpl.ring, CPImpl.allgather):
+            for layout in CPLayout:
+                for with_documents in (False, True):
+                    check(impl, layout, with_documents, seed=cases)
+                    cases += 1
     if dist.get_rank() == 0:
         print(f"ok {cases}")
     dist.destroy_process_group()
