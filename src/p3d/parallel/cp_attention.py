@@ -263,6 +263,13 @@ def _add_tiles(merged: _Merged, q5, kv, tiles: list[Tile], scale: float) -> None
         merged.add(tile.queries, *_tile_forward(q5, kv, tile, scale))
 
 
+def _backward_inputs(query: torch.Tensor, kv_heads: int, grad_out: torch.Tensor, out5: torch.Tensor):
+    """Grouped queries, the output gradient, delta = rowsum(dO * O) and a zero dQ: shared by both schedules."""
+    q5 = _grouped(query, kv_heads)
+    dout5 = grad_out.float().reshape(out5.shape)
+    return q5, dout5, (dout5 * out5).sum(-1), torch.zeros_like(q5)
+
+
 def _output(merged: _Merged, query: torch.Tensor) -> torch.Tensor:
     return merged.out.reshape(query.shape).to(query.dtype)
 
@@ -291,10 +298,7 @@ class RingAttention(torch.autograd.Function):
         query, key, value, out5, lse = ctx.saved_tensors
         plan, comm, scale, timer = ctx.plan, ctx.comm, ctx.scale, ctx.timer
         with timer.total():
-            q5 = _grouped(query, key.shape[1])
-            dout5 = grad_out.float().reshape(out5.shape)
-            delta = (dout5 * out5).sum(-1)
-            dq5 = torch.zeros_like(q5)
+            q5, dout5, delta, dq5 = _backward_inputs(query, key.shape[1], grad_out, out5)
             kv = torch.stack([key, value]).float()
             dkv_incoming = None
             for step in range(comm.size):
@@ -334,10 +338,7 @@ class AllGatherAttention(torch.autograd.Function):
         query, kv_all, out5, lse = ctx.saved_tensors
         plan, comm, scale, timer = ctx.plan, ctx.comm, ctx.scale, ctx.timer
         with timer.total():
-            q5 = _grouped(query, kv_all.shape[3])
-            dout5 = grad_out.float().reshape(out5.shape)
-            delta = (dout5 * out5).sum(-1)
-            dq5 = torch.zeros_like(q5)
+            q5, dout5, delta, dq5 = _backward_inputs(query, kv_all.shape[3], grad_out, out5)
             dkv_all = torch.zeros_like(kv_all)
             with timer.compute():
                 for source in range(comm.size):
