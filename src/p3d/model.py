@@ -47,7 +47,16 @@ def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
     _refuse_unknown_fields(defaults, overrides)
     # Passed to the constructor, not set afterwards, so that derived fields (Llama's head_dim from
     # hidden_size and num_attention_heads) follow the given sizes instead of the defaults'.
-    return AutoConfig.for_model(model_cfg.arch, **overrides)
+    try:
+        return AutoConfig.for_model(model_cfg.arch, **overrides)
+    except Exception as error:  # transformers validates configs with its own (strict-dataclass) errors
+        given = " ".join(f"model.config.{key}={value}" for key, value in overrides.items())
+        raise ConfigError(f"{given}: {type(defaults).__name__} refuses these values ({_last_line(error)})") from None
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _refuse_unknown_fields(config: PretrainedConfig, overrides: dict) -> None:

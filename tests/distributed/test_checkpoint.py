@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from p3d.checkpoint import COMPLETE_MARKER, checkpoint_problem, complete_checkpoints
 from p3d.config.compose import compose, to_object
 from p3d.config.schema import Packing
-from p3d.data import build_sampler, make_batch
+from p3d.data import build_sampler
 from tests.conftest import _env, assert_ok, layout_overrides, run_command, run_p3d
 
 TOLERANCE = 1e-4
@@ -251,9 +251,8 @@ def batch_at(overrides: list[str], consumed: int) -> tuple[torch.Tensor, torch.T
     config = to_object(compose(overrides))
     batch = config.train.global_batch_size
     sampler = build_sampler(config.data, config.model, config.train.seed, batch, batch, 1, 0)
-    (windows,) = sampler.micro_batches(consumed)
-    assert config.data.packing is Packing.stream  # no end-of-document handling needed below
-    batch = make_batch(windows, Packing.stream, eos_token_id=-1)
+    assert config.data.packing is Packing.stream  # positions are 0..seq_len-1, as transformers assumes
+    (batch,) = sampler.micro_batches(consumed)
     return batch.input_ids, batch.labels
 
 

@@ -53,7 +53,8 @@ def test_run_stopped_after_checkpoint_resumes_with_identical_losses(tmp_path):
 
 BAD_INPUTS = {
     "world size": (["parallel=tp2dp2cp2", "--nproc-per-node", "6"], "parallel.dp*parallel.cp*parallel.tp"),
-    "tp vs heads": (["parallel=tp4dp1cp1", "model.config.num_attention_heads=6", "model.config.num_key_value_heads=6"], "model.config.num_attention_heads=6"),
+    "tp vs heads": (["parallel=tp4dp1cp1", "model.config.hidden_size=96", "model.config.num_attention_heads=6", "model.config.num_key_value_heads=6"], "model.config.num_attention_heads=6"),
+    "config transformers refuses": (["model.config.num_attention_heads=6", "model.config.num_key_value_heads=6"], "model.config.num_attention_heads=6"),
     "seq_len vs cp": (["parallel=tp1dp1cp2", "data.seq_len=30"], "data.seq_len=30"),
     "missing data": (["data.path=./missing/corpus.jsonl"], "data.path=./missing/corpus.jsonl"),
     "unknown model": (["model=gpt5"], "model=gpt5"),
