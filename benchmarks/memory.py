@@ -35,6 +35,11 @@ LAYOUTS = {  # name: (tp, dp, cp)
 }
 
 
+# Each allocation over 64 KiB is its own mapping, given back to the OS when freed: peak RSS then
+# counts what the process held, not what glibc's heap kept after frees (which varies by rank and run).
+RETURN_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def used_memory_gb() -> float:
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     kib = lambda key: int(info[key].split()[0])  # noqa: E731
@@ -71,7 +76,8 @@ class MemorySampler:
 def import_baseline_gb() -> float:
     """Peak RSS of a process that only imports what a p3d rank imports."""
     code = "import resource, p3d.train, datasets, transformers.models.opt.modeling_opt; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+    env = dict(os.environ, **RETURN_FREED_MEMORY)
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip())
 
 
 def run_layout(name: str, layout: tuple[int, int, int], overrides: list[str], workdir: Path) -> dict:
@@ -80,7 +86,7 @@ def run_layout(name: str, layout: tuple[int, int, int], overrides: list[str], wo
     run_dir = workdir / name.replace(" ", "_")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "p3d.train"]
     command += [*overrides, f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.dir={run_dir}", "checkpoint=none"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **RETURN_FREED_MEMORY)
     started = time.monotonic()
     with MemorySampler() as sampler:
         done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -124,6 +130,7 @@ def layout_table(results: list[dict], baseline: float) -> list[dict]:
 def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc: str, ac_desc: str) -> str:
     lines = [
         f"Model: {model_desc}. Import baseline per process (torch, transformers, datasets): {baseline:.2f} GB.",
+        "Runs with `MALLOC_MMAP_THRESHOLD_=65536`, so that peak RSS counts what a rank held rather than what glibc kept after frees.",
         "",
         "| layout | ranks | max per-rank peak RSS (GB) | model share above baseline (GB) | ideal 1/N share (GB) | share vs 1 process | share vs ideal | job peak, whole machine (GB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

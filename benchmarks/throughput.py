@@ -42,6 +42,7 @@ def p3d_tokens_per_s(layout, args, run_dir: Path) -> float:
         f"model.config.num_hidden_layers={args.layers}", "model.config.max_position_embeddings=4096",
         f"data.seq_len={args.seq_len}", f"train.steps={args.steps}", f"train.global_batch_size={args.global_batch}",
         f"train.micro_batch_size={args.global_batch // dp}", f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.cp={cp}",
+        "parallel.cp_impl=allgather",  # the plain loop's context parallelism gathers K/V too
         "checkpoint=none", f"run.dir={run_dir}",
     ]
     run([*torchrun(tp * dp * cp), "-m", "p3d.train", *overrides])
