@@ -55,3 +55,19 @@ def torch_ring_attention(cp_mesh: DeviceMesh, load_balanced: bool) -> Iterator[N
         torch_cp._disable_context_parallel_dispatcher_impl()
         torch_cp._cp_options.enable_load_balance = previous
 
+
+
+def cpu_flash_attention(query, key, value, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused CPU attention returning (output, log-sum-exp per query row): the ATen op behind SDPA's
+    flash backend on CPU, `aten._scaled_dot_product_flash_attention_for_cpu` (torch 2.13). `bias` is an
+    additive float mask broadcastable to [batch, heads, queries, keys], or None. A row whose keys are
+    all masked comes back as output 0 and log-sum-exp 0."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, attn_mask=bias, scale=scale)
+
+
+def cpu_flash_attention_backward(grad_out, query, key, value, out, lse, bias, scale: float):
+    """(dq, dk, dv) of `cpu_flash_attention` given the final output and log-sum-exp of each row, which
+    may cover more keys than `key` (ring attention: the probabilities are exp(scores - lse))."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, query, key, value, out, lse, 0.0, False, attn_mask=bias, scale=scale
+    )

@@ -99,7 +99,7 @@ def test_ring_and_allgather_attention_equal_sdpa(nproc, tmp_path):
     """Outputs and q/k/v gradients of both schedules, both layouts, with and without documents, GQA heads."""
     done = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(HELPERS / "cp_attention_check.py")], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ok 16" in done.stdout
+    assert "ok 32" in done.stdout
 
 
 @pytest.mark.slow

@@ -19,6 +19,9 @@ keys. Two schedules bring the keys to the queries:
 Both have their own exact backward (recomputing each tile's probabilities from the saved
 log-sum-exp, as flash attention does). Grouped-query attention is handled by viewing the
 query heads as [kv heads, group], so K/V are never repeated. Math is fp32 whatever the input.
+On CPU each tile runs ATen's fused flash-attention kernel (forward returns the tile's
+log-sum-exp; backward takes the merged output and log-sum-exp); elsewhere the same math runs
+as plain matmuls.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from p3d import compat
 from p3d.parallel.sharding import ChunkRange, SequenceSharding
 
 NEG_INF = float("-inf")
@@ -38,6 +42,7 @@ _KV_TAG, _DKV_TAG = 0, 1  # distinct p2p tags: K/V and dK/dV can be in flight to
 
 
 TILE_TOKENS = 512  # longest run of queries or keys in one tile: bounds the scores held at once
+FUSED_ON_CPU = True  # tiles on CPU by ATen's fused flash kernel (~7x faster); elsewhere by the matmuls below
 
 
 def _split(runs: list[ChunkRange]) -> list[ChunkRange]:
@@ -224,14 +229,18 @@ def _tile_scores(q5: torch.Tensor, kv: torch.Tensor, tile: Tile, scale: float) -
 
 
 def _tile_forward(q5, kv, tile: Tile, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if FUSED_ON_CPU and q5.device.type == "cpu":
+        return _fused_tile_forward(q5, kv, tile, scale)
     scores = _tile_scores(q5, kv, tile, scale)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - _finite(lse)[..., None])
     return torch.matmul(probs, kv[1][:, :, None, tile.keys]), lse
 
 
-def _tile_backward(q5, kv, dout5, lse, delta, tile: Tile, scale: float, dq5, dkv) -> None:
+def _tile_backward(q5, kv, dout5, out5, lse, delta, tile: Tile, scale: float, dq5, dkv) -> None:
     """Add this tile's gradients to dq5 (queries) and dkv (the source block's keys and values)."""
+    if FUSED_ON_CPU and q5.device.type == "cpu":
+        return _fused_tile_backward(q5, kv, dout5, out5, lse, tile, scale, dq5, dkv)
     probs = torch.exp(_tile_scores(q5, kv, tile, scale) - lse[..., tile.queries, None])
     dout = dout5[..., tile.queries, :]
     dkv[1][:, :, tile.keys] += torch.matmul(probs.transpose(-1, -2), dout).sum(2)
@@ -239,6 +248,42 @@ def _tile_backward(q5, kv, dout5, lse, delta, tile: Tile, scale: float, dq5, dkv
     dscores = probs * (dprobs - delta[..., tile.queries, None]) * scale
     dq5[..., tile.queries, :] += torch.matmul(dscores, kv[0][:, :, None, tile.keys])
     dkv[0][:, :, tile.keys] += torch.matmul(dscores.transpose(-1, -2), q5[..., tile.queries, :]).sum(2)
+
+
+# ---- the same tile math by the fused CPU kernel: the group dim is folded into the query rows ----
+
+
+def _rows(x5: torch.Tensor) -> torch.Tensor:
+    """[batch, kv heads, group, n, ...] -> [batch, kv heads, group * n, ...]: GQA without repeating K/V."""
+    return x5.reshape(*x5.shape[:2], -1, *x5.shape[4:])
+
+
+def _bias(tile: Tile, groups: int) -> torch.Tensor | None:
+    """The tile's mask as the additive [batch or 1, 1, group * queries, keys] mask of the fused kernel."""
+    if tile.mask is None:
+        return None
+    rows = tile.mask.repeat(1, groups, 1)
+    return torch.zeros(rows.shape, dtype=torch.float32, device=rows.device).masked_fill_(~rows, NEG_INF)[:, None]
+
+
+def _fused_tile_forward(q5, kv, tile: Tile, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    queries = q5[..., tile.queries, :]
+    out, lse = compat.cpu_flash_attention(_rows(queries), kv[0][:, :, tile.keys], kv[1][:, :, tile.keys], _bias(tile, q5.shape[2]), scale)
+    lse = lse.reshape(queries.shape[:-1])
+    if tile.mask is not None:  # a row that sees no key of this tile must weigh nothing when merged
+        lse = lse.masked_fill(~tile.mask.any(-1)[:, None, None], NEG_INF)
+    return out.reshape(queries.shape), lse
+
+
+def _fused_tile_backward(q5, kv, dout5, out5, lse, tile: Tile, scale: float, dq5, dkv) -> None:
+    rows = tile.queries
+    dq, dk, dv = compat.cpu_flash_attention_backward(
+        _rows(dout5[..., rows, :]), _rows(q5[..., rows, :]), kv[0][:, :, tile.keys], kv[1][:, :, tile.keys],
+        _rows(out5[..., rows, :]), _rows(_finite(lse[..., rows])), _bias(tile, q5.shape[2]), scale,
+    )
+    dq5[..., rows, :] += dq.reshape(dq5[..., rows, :].shape)
+    dkv[0][:, :, tile.keys] += dk
+    dkv[1][:, :, tile.keys] += dv
 
 
 class _Merged:
@@ -306,7 +351,7 @@ class RingAttention(torch.autograd.Function):
                 dkv = torch.zeros_like(kv)
                 with timer.compute():
                     for tile in plan.tiles(comm.source(step)):
-                        _tile_backward(q5, kv, dout5, lse, delta, tile, scale, dq5, dkv)
+                        _tile_backward(q5, kv, dout5, out5, lse, delta, tile, scale, dq5, dkv)
                 if dkv_incoming is not None:
                     dkv += dkv_incoming.wait()  # the other ranks' gradients for the same block
                 dkv_incoming = comm.pass_on(dkv, _DKV_TAG)  # after the last step: home to the owner
@@ -343,7 +388,7 @@ class AllGatherAttention(torch.autograd.Function):
             with timer.compute():
                 for source in range(comm.size):
                     for tile in plan.tiles(source):
-                        _tile_backward(q5, kv_all[source], dout5, lse, delta, tile, scale, dq5, dkv_all[source])
+                        _tile_backward(q5, kv_all[source], dout5, out5, lse, delta, tile, scale, dq5, dkv_all[source])
             dkv = comm.reduce_scatter(dkv_all)
         key_dtype, value_dtype = ctx.dtypes
         return dq5.reshape(query.shape).to(query.dtype), dkv[0].to(key_dtype), dkv[1].to(value_dtype), None, None, None, None

@@ -64,13 +64,15 @@ def check(impl: CPImpl, layout: CPLayout, with_documents: bool, seed: int) -> No
 def main() -> None:
     dist.init_process_group("gloo")
     cases = 0
-    for tile_tokens in (512, 3):  # whole chunks as tiles; chunks cut into uneven 3-token pieces
-        cp_attention.TILE_TOKENS = tile_tokens
-        for impl in (CPImpl.ring, CPImpl.allgather):
-            for layout in CPLayout:
-                for with_documents in (False, True):
-                    check(impl, layout, with_documents, seed=cases)
-                    cases += 1
+    for fused in (True, False):  # the fused CPU kernel, and the plain tile math that other devices use
+        cp_attention.FUSED_ON_CPU = fused
+        for tile_tokens in (512, 3):  # whole chunks as tiles; chunks cut into uneven 3-token pieces
+            cp_attention.TILE_TOKENS = tile_tokens
+            for impl in (CPImpl.ring, CPImpl.allgather):
+                for layout in CPLayout:
+                    for with_documents in (False, True):
+                        check(impl, layout, with_documents, seed=cases)
+                        cases += 1
     if dist.get_rank() == 0:
         print(f"ok {cases}")
     dist.destroy_process_group()
