@@ -2,6 +2,8 @@
 
 No p3d code: transformers' model, torch's parallelize_module / fully_shard / DeviceMesh, a small
 all-gather context-parallel attention, the same loss normalisation, clipping and fused AdamW.
+The same sharding as p3d's: TP on the blocks and the output head (gathered logits), FSDP units
+for each block, each untied embedding and the root.
 Run under torchrun; prints one JSON line with the median tokens/s of the timed steps.
 
     torchrun --nproc_per_node=8 benchmarks/plain_loop.py --tp 2 --dp 2 --cp 2 --steps 20
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
 from transformers.masking_utils import AttentionMaskInterface
@@ -77,6 +79,7 @@ def main() -> None:
                 "self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
         for layer in model.model.layers:
             parallelize_module(layer, mesh["tp"], plan)
+        parallelize_module(model.lm_head, mesh["tp"], ColwiseParallel(output_layouts=Replicate()))
     if args.cp > 1:
         AttentionInterface.register("plain_cp", cp_attention)
         AttentionMaskInterface.register("plain_cp", lambda *a, **k: None)
@@ -85,6 +88,8 @@ def main() -> None:
         dp_cp = mesh["dp", "cp"]._flatten("dp_cp")
         for layer in model.model.layers:
             fully_shard(layer, mesh=dp_cp).set_force_sum_reduction_for_comms(True)
+        fully_shard(model.model.embed_tokens, mesh=dp_cp)  # untied embeddings as units of their own
+        fully_shard(model.lm_head, mesh=dp_cp, reshard_after_forward=False)
         fully_shard(model, mesh=dp_cp)
         for module in model.modules():
             if hasattr(module, "set_gradient_divide_factor"):

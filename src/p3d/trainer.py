@@ -126,7 +126,7 @@ class Trainer:
             with StopOnSignal() as stop:
                 while self.state.step < steps and not stopping:
                     record = self.train_step()
-                    stopping, save_status = self._agree(stop.requested)
+                    stopping, save_status, record["peak_mem_gb"] = self._agree(stop.requested)
                     blocked = self.checkpointer.poll(save_status)
                     if stopping or self._should_save():
                         blocked += self.checkpointer.save(self.state.step, self.checkpoint_state(), sync=stopping)
@@ -144,11 +144,13 @@ class Trainer:
             )
         self._write_summary(record, self.state.step - first_step, time.perf_counter() - started, stopped=stopping)
 
-    def _agree(self, stop_requested: bool) -> tuple[bool, int]:
-        """One small all-reduce per step: did any rank get SIGTERM, and where is the pending save."""
-        flags = torch.tensor([float(stop_requested), float(self.checkpointer.local_status())], device=self.device)
+    def _agree(self, stop_requested: bool) -> tuple[bool, int, float]:
+        """One small all-reduce per step: did any rank get SIGTERM, where is the pending save, and the
+        highest peak memory of any rank (GB)."""
+        local = [float(stop_requested), float(self.checkpointer.local_status()), peak_memory_gb(self.device)]
+        flags = torch.tensor(local, dtype=torch.float64, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0].item()), int(flags[1].item())
+        return bool(flags[0].item()), int(flags[1].item()), flags[2].item()
 
     def _write_summary(self, last: dict, steps_run: int, seconds: float, stopped: bool) -> None:
         """<run.dir>/summary.json: the last step, wall time and every rank's peak memory."""
@@ -223,7 +225,7 @@ class Trainer:
             "mfu": mfu,
             "step_time_s": elapsed,
             "data_wait_frac": data_wait / elapsed,
-            "peak_mem_gb": self._peak_memory_all_ranks(),
+            "peak_mem_gb": None,  # the highest of all ranks, filled in by fit() with the per-step agreement
         }
 
     def _global_valid_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
@@ -253,8 +255,3 @@ class Trainer:
                 f"step {self.state.step + 1}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite; "
                 f"lower optim.lr or raise optim.warmup_steps (no checkpoint was written for this step)"
             )
-
-    def _peak_memory_all_ranks(self) -> float:
-        peak = torch.tensor(peak_memory_gb(self.device), device=self.device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return peak.item()
