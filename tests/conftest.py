@@ -42,18 +42,13 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_p3d(
-    run_dir: Path, overrides: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 600, cwd: Path | None = None,
-    launcher: str = "fork",
-) -> RunResult:
-    """`python -m p3d.train` (nproc=1), else N ranks started by tests/forkrun.py (launcher="fork", the
-    same training code with one import for all ranks) or by `torchrun --standalone` (launcher="torchrun")."""
+def run_p3d(run_dir: Path, overrides: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 600, cwd: Path | None = None) -> RunResult:
+    """`python -m p3d.train` (nproc=1), else N ranks forked by tests/forkrun.py (the same training code,
+    one import for all ranks). Tests of torchrun itself build their torchrun command with run_command."""
     if nproc == 1:
         command = [sys.executable, "-m", "p3d.train"]
-    elif launcher == "fork":
-        command = [sys.executable, str(Path(__file__).parent / "forkrun.py"), str(nproc)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "p3d.train"]
+        command = [sys.executable, str(Path(__file__).parent / "forkrun.py"), str(nproc)]
     command += [*overrides, f"run.dir={run_dir}"]
     done = subprocess.run(command, capture_output=True, text=True, env=_env(env), timeout=timeout, cwd=cwd or run_dir.parent)
     return RunResult(done.returncode, done.stdout, done.stderr, run_dir)

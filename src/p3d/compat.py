@@ -56,7 +56,6 @@ def torch_ring_attention(cp_mesh: DeviceMesh, load_balanced: bool) -> Iterator[N
         torch_cp._cp_options.enable_load_balance = previous
 
 
-
 def cpu_flash_attention(query, key, value, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused CPU attention returning (output, log-sum-exp per query row): the ATen op behind SDPA's
     flash backend on CPU, `aten._scaled_dot_product_flash_attention_for_cpu` (torch 2.13). `bias` is an

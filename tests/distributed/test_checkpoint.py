@@ -79,11 +79,16 @@ DP2_BASE = ["model=tiny_llama", "train.global_batch_size=8", "train.micro_batch_
 DP2 = [*DP2_BASE, "train.steps=10"]
 
 
-@pytest.fixture(scope="module")
-def dp2_reference(tmp_path_factory):
-    run = run_p3d(tmp_path_factory.mktemp("dp2") / "run", [*DP2, "checkpoint=none"], nproc=2)
+def reference_run(tmp_path_factory, name: str, overrides: list[str], nproc: int):
+    """An uninterrupted run without checkpoints: the losses an interrupted or restarted run must end with."""
+    run = run_p3d(tmp_path_factory.mktemp(name) / "run", [*overrides, "checkpoint=none"], nproc=nproc)
     assert_ok(run)
     return run
+
+
+@pytest.fixture(scope="module")
+def dp2_reference(tmp_path_factory):
+    return reference_run(tmp_path_factory, "dp2", DP2, nproc=2)
 
 
 @pytest.mark.slow
@@ -202,9 +207,7 @@ TP2DP2 = ["model=tiny_llama", "train.steps=20", "train.global_batch_size=8", "tr
 
 @pytest.fixture(scope="module")
 def one_node_tp2dp2(tmp_path_factory):
-    run = run_p3d(tmp_path_factory.mktemp("tp2dp2") / "run", [*TP2DP2, "checkpoint=none"], nproc=4)
-    assert_ok(run)
-    return run
+    return reference_run(tmp_path_factory, "tp2dp2", TP2DP2, nproc=4)
 
 
 @pytest.mark.slow
