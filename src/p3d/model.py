@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,9 @@ def build_checked_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
     (a size of 0 somewhere in model.config), is a ConfigError naming model.config."""
     name = type(hf_config).__name__
     try:
-        model = build_meta_model(hf_config)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # reported below as the error
+            model = build_meta_model(hf_config)
     except Exception as error:  # the model's own code fails on sizes its config accepted
         raise ConfigError(f"model.config: {name}'s model cannot be built with these sizes ({type(error).__name__}: {_last_line(error)}); check the model.config values") from None
     empty = next(((key, tuple(param.shape)) for key, param in model.named_parameters() if param.numel() == 0), None)
