@@ -110,7 +110,7 @@ def _check_run_dir(run_dir: str | None) -> list[str]:
         return []
     path = Path(run_dir).expanduser().absolute()
     existing = path
-    while not existing.exists():
+    while not os.path.exists(existing):  # False also where a parent cannot be searched: the probe below tells
         existing = existing.parent
     if not existing.is_dir():
         what = "is an existing file" if existing == path else f"cannot be created: {existing} is a file"
