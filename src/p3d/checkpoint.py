@@ -45,7 +45,7 @@ from torch.optim import Optimizer
 from p3d import faults, rng
 from p3d.config.schema import AsyncMode, CheckpointConfig
 from p3d.distributed.mesh import ParallelDims
-from p3d.errors import ConfigError
+from p3d.errors import RunError
 
 COMPLETE_MARKER = "p3d_complete.json"
 CONFIG_FILE = "config.yaml"
@@ -298,7 +298,7 @@ class Checkpointer:
         dist.all_gather_object(reasons, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if error else None)
         rank, reason = next((r, text) for r, text in enumerate(reasons) if text is not None)
         latest = self.latest()
-        raise ConfigError(
+        raise RunError(
             f"run.dir={self.run_dir}: writing checkpoint {pending.path.name} failed on rank {rank} ({reason}); "
             f"the newest complete checkpoint is {latest or 'none'}; check free space and permissions there"
         )

@@ -8,16 +8,18 @@ otherwise (CI logs, files); TensorBoard and W&B are opt-in.
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import resource
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
 
-from p3d.config.schema import LoggingConfig
+from p3d.config.schema import LoggingConfig, WandbMode
 
 # Dense bf16 peak TFLOP/s of one device (datasheet figures, without sparsity). MFU is reported
 # against these; on CPU, or an accelerator not listed, set logging.peak_tflops.
@@ -126,6 +128,34 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def wandb_credentials_problem(cfg: LoggingConfig) -> str | None:
+    """W&B online needs an API key, found where wandb.init looks: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE,
+    or the netrc entry that `wandb login` writes. Without one, wandb.init would fail after the model is built."""
+    if not cfg.wandb or cfg.wandb_mode is not WandbMode.online:
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    if _netrc_has_login(host):
+        return None
+    return (
+        f"logging.wandb_mode=online: no W&B API key for {host} (WANDB_API_KEY is unset and no `wandb login` entry is in "
+        f"~/.netrc); set one, or use logging.wandb_mode=offline and `wandb sync` later"
+    )
+
+
+def _netrc_has_login(host: str) -> bool:
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for candidate in candidates:
+        path = Path(candidate).expanduser()
+        try:
+            if path.is_file() and netrc.netrc(str(path)).authenticators(host):
+                return True
+        except (netrc.NetrcParseError, OSError):
+            continue
+    return False
 
 
 class WandbSink:

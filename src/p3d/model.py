@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +33,21 @@ from p3d.compat import local_box
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
+# Sizes every decoder has under these standard names (transformers maps a model's own names, such as
+# GPT-2's n_layer, onto them with `attribute_map`): a model.config override of one must be >= 1.
+SIZE_FIELDS = (
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "vocab_size", "max_position_embeddings", "head_dim",
+)
+
+
 def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
     """The Hugging Face config: from `model.arch` (random init) or the checkpoint, plus `model.config`."""
     overrides = dict(model_cfg.config)
     if model_cfg.init is InitMode.pretrained:
         config = _pretrained_config(model_cfg.pretrained)
         _refuse_unknown_fields(config, overrides)
+        _refuse_bad_numbers(config, overrides)
         for key, value in overrides.items():  # the checkpoint's shapes are fixed; these change depth, dropout, ...
             setattr(config, key, value)
         return config
@@ -45,13 +56,29 @@ def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
     except ValueError:
         raise ConfigError(f"model.arch={model_cfg.arch}: not a Hugging Face model type (e.g. llama, opt, mistral, qwen2)") from None
     _refuse_unknown_fields(defaults, overrides)
+    _refuse_bad_numbers(defaults, overrides)
     # Passed to the constructor, not set afterwards, so that derived fields (Llama's head_dim from
     # hidden_size and num_attention_heads) follow the given sizes instead of the defaults'.
     try:
         return AutoConfig.for_model(model_cfg.arch, **overrides)
     except Exception as error:  # transformers validates configs with its own (strict-dataclass) errors
-        given = " ".join(f"model.config.{key}={value}" for key, value in overrides.items())
+        named = [key for key in overrides if f"'{key}'" in str(error)] or list(overrides)  # the fields the error names, if any
+        given = " ".join(f"model.config.{key}={overrides[key]}" for key in named)
         raise ConfigError(f"{given}: {type(defaults).__name__} refuses these values ({_last_line(error)})") from None
+
+
+def _refuse_bad_numbers(config: PretrainedConfig, overrides: dict) -> None:
+    """Sizes (SIZE_FIELDS, under the model's own names too) must be whole numbers >= 1; floats finite."""
+    standard_name = {own: standard for standard, own in getattr(config, "attribute_map", {}).items()}
+    problems = []
+    for key, value in overrides.items():
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if standard_name.get(key, key) in SIZE_FIELDS and value is not None and not (isinstance(value, int) and is_number and value >= 1):
+            problems.append(f"model.config.{key}={value}: must be a whole number >= 1")
+        elif is_number and not math.isfinite(value):
+            problems.append(f"model.config.{key}={value}: must be a finite number")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _last_line(error: Exception) -> str:
@@ -92,6 +119,22 @@ def build_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
     """
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="sdpa")
+
+
+def build_checked_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
+    """build_meta_model for validation: a model transformers cannot build, or one with an empty weight
+    (a size of 0 somewhere in model.config), is a ConfigError naming model.config."""
+    name = type(hf_config).__name__
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # reported below as the error
+            model = build_meta_model(hf_config)
+    except Exception as error:  # the model's own code fails on sizes its config accepted
+        raise ConfigError(f"model.config: {name}'s model cannot be built with these sizes ({type(error).__name__}: {_last_line(error)}); check the model.config values") from None
+    empty = next(((key, tuple(param.shape)) for key, param in model.named_parameters() if param.numel() == 0), None)
+    if empty is not None:
+        raise ConfigError(f"model.config: {empty[0]} has shape {empty[1]} with no elements; a size in model.config is 0, give it a value >= 1")
+    return model
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

@@ -19,7 +19,7 @@ from p3d.config.validate import ValidatedSetup, validate
 from p3d.data import build_sampler
 from p3d.distributed.env import DistEnv, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
-from p3d.errors import ConfigError, exits_cleanly_on_config_error
+from p3d.errors import RunError, exits_cleanly
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
 from p3d.optim import build_optimizer, build_scheduler
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
@@ -37,7 +37,7 @@ override any key with group.key=value (train.steps=100 model.config.num_hidden_l
 `p3d ls` lists presets; docs/config.md lists every key."""
 
 
-@exits_cleanly_on_config_error
+@exits_cleanly
 def main(argv: Sequence[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in overrides):
@@ -70,7 +70,7 @@ def agree_on_checkpoint(plan: ResumePlan) -> None:
     dist.all_gather_object(chosen, str(plan.path.resolve()) if plan.path else None)
     if len(set(chosen)) > 1:
         differing = next(rank for rank, path in enumerate(chosen) if path != chosen[0])
-        raise ConfigError(
+        raise RunError(
             f"run.dir: ranks see different checkpoints to resume (rank 0: {chosen[0]}, rank {differing}: {chosen[differing]}); "
             f"run.dir must be on a filesystem that every node shares"
         )

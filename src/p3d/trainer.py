@@ -19,7 +19,7 @@ from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState, read_mar
 from p3d.config.schema import P3DConfig
 from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
-from p3d.errors import ConfigError
+from p3d.errors import RunError
 from p3d.metrics import MetricsLogger, peak_memory_gb
 from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
@@ -251,7 +251,7 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-            raise ConfigError(
+            raise RunError(
                 f"step {self.state.step + 1}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite; "
                 f"lower optim.lr or raise optim.warmup_steps (no checkpoint was written for this step)"
             )

@@ -28,9 +28,9 @@ def test_plan_runs_in_seconds_and_prints_every_section():
     assert "   7   1   1   1" in done.stdout  # rank 7 is dp=1 cp=1 tp=1
 
 
-def test_invalid_plan_exits_1_with_the_validation_message():
+def test_invalid_plan_exits_2_with_the_validation_message():
     done = plan("parallel=tp2dp2cp2", "model=opt1.3b", "--world-size", "6")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert done.stderr.strip().startswith("p3d: error: parallel.dp*parallel.cp*parallel.tp")
     assert "Traceback" not in done.stderr
 

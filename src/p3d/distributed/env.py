@@ -47,6 +47,24 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
+def backend_problems(requested: str, device_type: str) -> list[str]:
+    """dist.backend: every backend it names is built into this PyTorch and handles the device's tensors.
+
+    `requested` is auto, one backend (gloo) or one per device (cpu:gloo,cuda:nccl)."""
+    if requested == "auto":
+        return []
+    available = [name for name in dist.Backend.backend_list if name not in ("undefined", "fake") and dist.is_backend_available(name)]
+    per_device = dict(part.split(":", 1) if ":" in part else (None, part) for part in requested.split(","))
+    for name in per_device.values():
+        if not dist.is_backend_available(name):
+            return [f"dist.backend={requested}: this PyTorch build has no {name} backend (it has {', '.join(available)}); use dist.backend=auto"]
+    backend = per_device.get(device_type, per_device.get(None))
+    devices = dist.Backend.backend_capability.get(backend, [])
+    if backend is None or device_type not in devices:
+        return [f"dist.backend={requested}: no backend for {device_type} tensors (dist.device={device_type}); use dist.backend=auto"]
+    return []
+
+
 def resolve_backend(requested: str, device_type: str) -> str:
     if requested != "auto":
         return requested
