@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup = validate(config, world_size_from_env())
     resume_plan = plan_resume(config, setup.hf_config)
     env = init_distributed(config.dist)
-    meshes = Meshes(setup.dims, env.device.type)
     try:
+        meshes = Meshes(setup.dims, env.device.type)
         train(cfg, config, setup, resume_plan, env, meshes)
     except BaseException:
         abandon()
