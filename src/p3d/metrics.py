@@ -115,6 +115,21 @@ def format_line(record: dict, total_steps: int) -> str:
     )
 
 
+def format_summary(record: dict, run_dir: Path) -> str:
+    """One line: steps, final loss, mean tokens/s of this run, the lowest and highest peak memory of
+    any rank, the run directory and the newest complete checkpoint."""
+    peaks = record["peak_mem_gb_per_rank"]
+    low, high = min(peaks), max(peaks)
+    memory = f"{high:.2f} GB" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f} GB"
+    stopped = " (stopped by SIGTERM)" if record.get("stopped_by_sigterm") else ""
+    loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+    throughput = "n/a" if record["tokens_per_s"] is None else f"{record['tokens_per_s']:,.0f}"
+    return (
+        f"done: step {record['step']}{stopped}, {record['steps_run']} steps this run | final loss {loss} | "
+        f"{throughput} tok/s | peak mem per rank {memory} | run dir {run_dir} | checkpoint {record['checkpoint'] or 'none'}"
+    )
+
+
 class TensorBoardSink:
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
@@ -215,9 +230,13 @@ class MetricsLogger:
             sink.close()
         self.sinks = []
 
-    def summary(self, record: dict) -> None:
-        if self.is_main:
+    def summary(self, record: dict, write_file: bool = True) -> None:
+        """summary.json (unless `write_file` is false), and the one line that ends the run on the console."""
+        if not self.is_main:
+            return
+        if write_file:
             (self.path.parent / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
+        self.info(format_summary(record, self.path.parent))
 
     def forget_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint (they will be trained again)."""

@@ -17,7 +17,7 @@ from p3d.config.compose import compose, to_object
 from p3d.config.schema import CPLayout, P3DConfig
 from p3d.config.validate import ValidatedSetup, validate
 from p3d.data import build_sampler
-from p3d.distributed.env import DistEnv, init_distributed, shutdown, world_size_from_env
+from p3d.distributed.env import DistEnv, abandon, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
 from p3d.errors import RunError, exits_cleanly
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
@@ -49,9 +49,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     resume_plan = plan_resume(config, setup.hf_config)
     env = init_distributed(config.dist)
     try:
-        train(cfg, config, setup, resume_plan, env)
-    finally:
-        shutdown()
+        meshes = Meshes(setup.dims, env.device.type)
+        train(cfg, config, setup, resume_plan, env, meshes)
+    except BaseException:
+        abandon()
+        raise
+    shutdown(meshes.world)
 
 
 def prepare_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
@@ -76,8 +79,7 @@ def agree_on_checkpoint(plan: ResumePlan) -> None:
         )
 
 
-def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan: ResumePlan, env: DistEnv) -> None:
-    meshes = Meshes(setup.dims, env.device.type)
+def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan: ResumePlan, env: DistEnv, meshes: Meshes) -> None:
     agree_on_checkpoint(resume_plan)
     run_dir = prepare_run_dir(cfg, env)
     metrics = MetricsLogger(run_dir, env.is_main, config.logging, config.train.steps, OmegaConf.to_container(cfg, resolve=True))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, assert_ok, run_command, run_p3d
+from tests.conftest import FAST, _env, assert_ok, run_command, run_p3d
+
+HELPERS = Path(__file__).parent / "helpers"
 
 MISSION = ["parallel=tp2dp2cp2", "train.steps=20"]
 
@@ -99,3 +104,25 @@ def test_p3d_train_launches_the_layout_it_is_given(tmp_path):
     done = run_command([sys.executable, "-m", "p3d.cli", "train", "parallel=tp1dp2cp1", *FAST, f"run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dp=2 cp=1 tp=1 (world 2)" in done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_exit_after_shutdown_cannot_abort_on_a_collective_still_held_by_gloo(tmp_path):
+    """helpers/exit_check.py replays, deterministically, the random SIGABRT at exit of ring-CP runs: a gloo
+    worker that outlives shutdown() frees a Python tensor while the interpreter finalizes (std::terminate)."""
+    port = free_port()
+    ranks = []
+    for rank in (1, 0):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(subprocess.Popen([sys.executable, str(HELPERS / "exit_check.py")], cwd=tmp_path, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    rank1, rank0 = ranks
+    stdout, stderr = rank0.communicate(timeout=300)
+    rank1.communicate(timeout=60)
+    assert "terminate called" not in stderr, stderr
+    assert rank0.returncode == 0, stderr[-3000:]
+    assert "gloo threads after shutdown: 0" in stdout, stdout

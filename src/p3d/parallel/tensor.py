@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from p3d.errors import ConfigError
@@ -125,7 +126,39 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], tp_mesh: Devic
     matched = match_plan(plan, model)
     styles = {**STYLES, **SEQUENCE_PARALLEL_STYLES} if sequence_parallel else STYLES
     parallelize_module(model, tp_mesh, {name: styles[style]() for name, style in matched.items()})
+    for name in matched:
+        model.get_submodule(name).register_forward_hook(_output_of_its_own)
     _localise_head_counts(model, matched, tp_mesh.size())
+
+
+class _OwnTensor(torch.autograd.Function):
+    """The same values as a tensor of its own instead of a view: no copy, gradients pass unchanged.
+
+    The TP styles hand out `DTensor.to_local()`, which autograd makes a view of the DTensor's local
+    tensor. When such a module is an FSDP2 unit (the embedding, the output head, and through the head
+    the model's logits), FSDP2 registers its pre-backward hook (the parameters' all-gather) on that
+    output, and an in-place op on a view would re-base it and drop the hook; FSDP2 warns "returned a
+    view tensor ... wrong gradients". On a tensor of its own an in-place op keeps the hook (its node
+    stays in the graph), so the hazard, not just the warning, is gone. The result shares storage and
+    version counter with the view, so autograd still catches a modified saved tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+own_tensor = _OwnTensor.apply
+
+
+def _output_of_its_own(module: nn.Module, args: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor) and not isinstance(output, DTensor):
+        return own_tensor(output)
+    return output
 
 
 def _localise_head_counts(model: nn.Module, matched: dict[str, str], tp: int) -> None:
