@@ -18,6 +18,14 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+def runtime_failure(problem: str) -> Exception:
+    """A failure of the run itself (a save that did not land, storage the ranks do not share, a rank
+    that crashed while the ranks agreed on something), not a problem with the user's input. It is a
+    ConfigError (one line, exit 2) until p3d has an error class of its own for runtime failures:
+    this is the one place to change then."""
+    return ConfigError(problem)
+
+
 def debug_enabled() -> bool:
     return os.environ.get("P3D_DEBUG", "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
 
