@@ -120,7 +120,8 @@ def choose_checkpoint(config: P3DConfig, verify: Verify) -> tuple[Path | None, l
 
 
 def _fallback_notice(path: Path, step: int, damaged_step: int) -> str:
-    return f"resuming from the newest intact checkpoint {path} instead: steps {step + 1}-{damaged_step} are trained again"
+    redone = f"step {damaged_step} is" if damaged_step == step + 1 else f"steps {step + 1}-{damaged_step} are"
+    return f"resuming from the newest intact checkpoint {path} instead: {redone} trained again"
 
 
 def intact_hint(checkpoint: Path, verify: Verify) -> str:
@@ -128,7 +129,7 @@ def intact_hint(checkpoint: Path, verify: Verify) -> str:
     intact = newest_intact(checkpoint.parent, other_than=checkpoint, verify=verify)
     if intact is None:
         return "name an intact checkpoint directory (there is none beside it)"
-    return f"the newest intact checkpoint there is {intact}: set checkpoint.load_from={intact}"
+    return f"the newest intact one there is {intact.name}: set checkpoint.load_from={intact}"
 
 
 def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fresh_hint: str) -> list[str]:
