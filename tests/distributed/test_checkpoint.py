@@ -119,7 +119,6 @@ def test_a_killed_save_or_a_damaged_checkpoint_is_never_loaded(dp2_reference, tm
 
     resumed = run_p3d(run_dir, overrides, nproc=2)
     assert_ok(resumed)
-    assert "took over the lock of pid" in resumed.stdout  # the killed job's rank 0 left it behind
     assert f"resumed from {checkpoints / 'step_00000005'} (step 5," in resumed.stdout
     assert_same_losses(resumed.records, dp2_reference.records)
     assert [step for step, _ in complete_checkpoints(checkpoints)] == [5, 10]
@@ -302,7 +301,6 @@ def test_torchrun_restarts_a_failed_group_which_resumes_and_ends_with_the_same_l
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("injected failure after step 13 on rank 2") == 1  # the restarted group runs past it
     assert f"resumed from {run_dir / 'checkpoints' / 'step_00000010'} (step 10," in done.stdout
-    assert "took over the lock of pid" in done.stdout  # the first attempt's rank 0, which torchrun stopped
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert_same_losses(records, one_node_tp2dp2.records)
 

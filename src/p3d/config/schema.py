@@ -115,7 +115,7 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 10  # save a DCP checkpoint every this many steps; 0: no periodic saves
     at_end: bool = True  # save after the last step
-    resume: bool = True  # resume from the newest complete checkpoint in run.dir if there is one
+    resume: bool = True  # resume from the newest intact checkpoint in run.dir if there is one (a damaged newer one is named and skipped)
     load_from: Optional[str] = None  # a complete checkpoint directory to start from (another run's, or one kept elsewhere); run.dir's own newer checkpoints take precedence
     keep_last: int = 0  # keep only the newest k complete checkpoints, deleting older ones once a newer one is complete; 0 keeps all
     async_mode: AsyncMode = AsyncMode.disabled  # disabled: training waits for each save; thread: copy the state in memory and write it from a background thread while training goes on
