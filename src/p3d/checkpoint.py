@@ -249,7 +249,9 @@ def checkpoint_problem(path: Path) -> str | None:
         marker = read_marker(path)
     except (OSError, ValueError) as error:
         return f"corrupt checkpoint: cannot read its {COMPLETE_MARKER} ({type(error).__name__})"
-    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(marker, dict):
+        return f"corrupt checkpoint: its {COMPLETE_MARKER} is not a marker p3d wrote"
+    files = marker.get("files")
     if marker.get("format") != FORMAT_VERSION or not isinstance(files, dict):
         return f"unverifiable checkpoint: its {COMPLETE_MARKER} lists no file checksums (saved by an older p3d)"
     for name in sorted(files):

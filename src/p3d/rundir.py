@@ -146,7 +146,11 @@ class RunLock:
         me = this_process()
         text = json.dumps(me, indent=1) + "\n"
         for _ in range(5):
-            if self._create(text):
+            try:
+                created = self._create(text)
+            except OSError as error:
+                raise ConfigError(f"run.dir={self.run_dir}: cannot write its lock file there ({error.strerror or error}); choose a writable run.dir") from None
+            if created:
                 self.held = text
                 self._release_on_sigterm()
                 return

@@ -116,3 +116,10 @@ def test_run_dir_is_resolved_once_to_a_plain_string():
     OmegaConf.register_new_resolver("p3d_test_counter", lambda: next(calls), use_cache=False, replace=True)
     cfg = compose(["run.dir=runs/x_${p3d_test_counter:}"])
     assert cfg.run.dir == cfg.run.dir == "runs/x_0" and not OmegaConf.is_interpolation(cfg.run, "dir")
+
+
+def test_a_lock_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    run_dir = tmp_path / "file" / "run"  # below a file: nothing can be written there, not even by root
+    with pytest.raises(ConfigError, match=rf"run.dir={run_dir}: cannot write its lock file there \(Not a directory\); choose a writable run.dir"):
+        RunLock(run_dir).acquire(notice=pytest.fail)
