@@ -42,7 +42,7 @@ import re
 import shutil
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,7 @@ CHECKSUM = "xxh3_128"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _READ_CHUNK = 16 << 20
+_OVERLAP_BYTES = 1 << 20  # writes this large are hashed on a helper thread while they are written
 
 # A rank's view of the pending asynchronous save; the train loop reduces these with MAX.
 SAVE_IDLE, SAVE_RUNNING, SAVE_FAILED = 0, 1, 2
@@ -140,20 +141,34 @@ def _new_hasher():
 class _HashingStream:
     """A binary file being written: every write also goes into the size count and the checksum.
 
-    DCP writes its files strictly sequentially (write, and tell for offsets); a seek would make
-    the running checksum describe other bytes than the file, so it is refused."""
+    A large write (a tensor's bytes) is hashed on a helper thread while the same bytes go to the
+    file (xxhash and the file write both release the GIL), so the checksum costs little save time
+    where a core is free; each write returns only once its bytes are hashed, so no buffer is read
+    after the writer has it back. DCP writes its files strictly sequentially (write, and tell for
+    offsets); a seek would make the running checksum describe other bytes than the file, so it
+    is refused."""
 
     def __init__(self, raw, checksums: bool):
         self.raw = raw
         self.size = 0
         self.hasher = _new_hasher() if checksums else None
+        self._helper: ThreadPoolExecutor | None = None
 
     def write(self, data) -> int:
         view = memoryview(data)
-        if self.hasher is not None:
-            self.hasher.update(view)
         self.size += view.nbytes
-        return self.raw.write(view)
+        if self.hasher is None:
+            return self.raw.write(view)
+        if view.nbytes < _OVERLAP_BYTES:
+            self.hasher.update(view)
+            return self.raw.write(view)
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3d-checksum")
+        hashed = self._helper.submit(self.hasher.update, view)
+        try:
+            return self.raw.write(view)
+        finally:
+            hashed.result()
 
     def seek(self, *args):
         raise io.UnsupportedOperation("checkpoint files are written sequentially (p3d checksums them on the way)")
@@ -174,6 +189,9 @@ class _HashingStream:
         self.raw.flush()
 
     def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
         self.raw.close()
 
     @property
@@ -181,6 +199,9 @@ class _HashingStream:
         return self.raw.closed
 
     def record(self) -> dict:
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
         return {"size": self.size, CHECKSUM: self.hasher.hexdigest() if self.hasher is not None else None}
 
 

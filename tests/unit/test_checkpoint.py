@@ -327,7 +327,7 @@ def test_the_marker_lists_every_file_with_the_checksum_of_its_bytes_taken_while_
 
     from p3d.checkpoint import ModelAndOptimizer, TrainState
 
-    model = nn.Linear(256, 256)
+    model = nn.Linear(1024, 1024)  # 4 MB tensors: hashed on the helper thread while written
     fingerprint = {"kind": "builtin", "name": "test"}
     checkpointer = Checkpointer(
         tmp_path, CheckpointConfig(async_mode=async_mode), True, ParallelDims(1, 1, 1), "a: 1\n", "{}", info=lambda _: None, data_fingerprint=fingerprint
