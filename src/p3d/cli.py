@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -98,15 +99,18 @@ def _option_value(launcher: list[str], *names: str) -> str | None:
 
 @exits_cleanly
 def train_command(args: Sequence[str]) -> None:
+    from p3d.checkpoint import checkpoint_problem
     from p3d.config.compose import compose, to_object
     from p3d.config.validate import validate
     from p3d.resume import plan_resume
+    from p3d.rundir import RunLock
 
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return
     launcher, overrides = split_launcher_args(args)
     config = to_object(compose(overrides))
+    overrides = with_run_dir(overrides, config.run.dir)  # the workers use the directory checked here
     nproc = _option_value(launcher, "--nproc-per-node", "--nproc_per_node")
     nnodes = _option_value(launcher, "--nnodes") or "1"
     if nproc is None:
@@ -122,7 +126,11 @@ def train_command(args: Sequence[str]) -> None:
         launcher += ["--nproc-per-node", nproc]
     if nnodes.isdigit() and nproc.isdigit():
         setup = validate(config, int(nnodes) * int(nproc))
-        plan_resume(config, setup.hf_config)  # a bad checkpoint or refused change fails here, before any worker
+        if nnodes_is_single(launcher):
+            RunLock(Path(config.run.dir)).check()  # another job on this run.dir; on several nodes, rank 0 alone decides
+        # A bad checkpoint or a refused change fails here, before any worker; the workers then verify
+        # the checksums too (reading the files is shared among them).
+        plan_resume(config, setup.hf_config, verify=checkpoint_problem)
         _warn_if_it_will_not_fit(config, setup, int(nproc))
     if launcher == ["--nproc-per-node", "1"]:
         from p3d.train import main as train_main
@@ -130,6 +138,16 @@ def train_command(args: Sequence[str]) -> None:
         train_main(overrides)
         return
     _launch(launcher, overrides, int(nproc) if nproc.isdigit() else 1)
+
+
+def with_run_dir(overrides: list[str], run_dir: str) -> list[str]:
+    """The overrides with run.dir set to the directory resolved here, quoted for Hydra's override parser
+    (so a run.dir with `${now:...}` names the same directory in every worker, and on a restart)."""
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "run.dir"]
+    # Hydra's quoted values: backslashes are literal except before a quote or at the end (doubled
+    # there), a quote is \', and \${ keeps a literal ${ from being an interpolation.
+    quoted = re.sub(r"(\\+)(?='|$)", r"\1\1", run_dir).replace("'", "\\'").replace("${", "\\${")
+    return [*kept, f"run.dir='{quoted}'"]
 
 
 def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:

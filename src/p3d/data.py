@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+import xxhash
 
 from p3d.config.schema import DataConfig, InitMode, ModelConfig, Packing
 from p3d.errors import ConfigError
@@ -175,6 +176,61 @@ def _json_problem(file: Path, name: str, head: str, complete: bool) -> str | Non
     if not isinstance(record, dict):
         return f"{name}: its first line is a JSON {type(record).__name__}, not an object; write one object per line, e.g. {{\"text\": \"...\"}}"
     return None
+
+
+def data_fingerprint(data_cfg: DataConfig) -> dict:
+    """A cheap identity of the data source, to tell whether data.path still holds the same data.
+
+    Local files: each data file's name (relative to data.path), size and modification time (the
+    files are not read). A hub dataset: its id, configuration, split and the dataset's own hash
+    (the repository revision `datasets` resolves; None when it cannot be resolved here). The
+    built-in corpus: a checksum of its text (it comes with the Python version).
+    """
+    if data_cfg.path is None:
+        text = "\x00".join(builtin_documents()).encode()
+        return {"kind": "builtin", "name": "pydoc_data.topics", "xxh3_128": xxhash.xxh3_128(text).hexdigest()}
+    local = Path(data_cfg.path).expanduser()
+    if local.exists():
+        files = _data_files(local) if local.is_dir() else [local]
+        base = local if local.is_dir() else local.parent
+        return {"kind": "files", "files": {str(f.relative_to(base)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+    return {"kind": "hub", "id": data_cfg.path, "name": data_cfg.name, "split": data_cfg.split, "revision": _hub_revision(data_cfg)}
+
+
+def _hub_revision(data_cfg: DataConfig) -> str | None:
+    import datasets
+
+    try:
+        return datasets.load_dataset_builder(data_cfg.path, data_cfg.name).hash
+    except Exception:  # unreachable hub, offline without a cache: the id, name and split still count
+        return None
+
+
+def fingerprint_change(saved: dict, now: dict) -> str | None:
+    """How the data source differs from the saved fingerprint, in a few words (None: the same)."""
+    if saved == now:
+        return None
+    if saved.get("kind") != now.get("kind"):
+        return f"it was a {saved.get('kind')} source, now a {now.get('kind')} one"
+    if now["kind"] == "files":
+        before, after = saved["files"], now["files"]
+        changes = [f"{name} is new" for name in sorted(after.keys() - before.keys())]
+        changes += [f"{name} is gone" for name in sorted(before.keys() - after.keys())]
+        for name in sorted(before.keys() & after.keys()):
+            (old_size, old_mtime), (new_size, new_mtime) = before[name], after[name]
+            if old_size != new_size:
+                changes.append(f"{name} has {new_size} bytes, {old_size} then")
+            elif old_mtime != new_mtime:
+                changes.append(f"{name} was modified since")
+        more = f" and {len(changes) - 1} more changes" if len(changes) > 1 else ""
+        return f"{changes[0]}{more}"
+    if now["kind"] == "builtin":
+        return "the built-in corpus differs (another Python version)"
+    unknown = saved.get("revision") is None or now.get("revision") is None  # unresolved then or now: not a difference
+    differing = [key for key in ("id", "name", "split", "revision") if saved.get(key) != now.get(key) and not (key == "revision" and unknown)]
+    if not differing:
+        return None
+    return ", ".join(f"{key} {saved.get(key)} then, {now.get(key)} now" for key in differing)
 
 
 def load_documents(data_cfg: DataConfig):

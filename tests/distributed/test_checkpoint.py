@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from p3d.checkpoint import COMPLETE_MARKER, checkpoint_problem, complete_checkpoints
+from p3d.checkpoint import COMPLETE_MARKER, checkpoint_problem, complete_checkpoints, verify_checkpoint
 from p3d.config.compose import compose, to_object
 from p3d.config.schema import Packing
-from p3d.data import build_sampler
+from p3d.data import build_sampler, builtin_documents
 from tests.conftest import _env, assert_ok, layout_overrides, run_command, run_p3d
 
 TOLERANCE = 1e-4
@@ -91,8 +91,15 @@ def dp2_reference(tmp_path_factory):
     return reference_run(tmp_path_factory, "dp2", DP2, nproc=2)
 
 
+def damage_in_place(file: Path) -> None:
+    """4 KB of random bytes written over the middle of `file`: its size stays the same."""
+    with file.open("r+b") as stream:
+        stream.seek(file.stat().st_size // 2)
+        stream.write(os.urandom(4096))
+
+
 @pytest.mark.slow
-def test_a_save_killed_midway_never_becomes_the_latest(dp2_reference, tmp_path):
+def test_a_killed_save_or_a_damaged_checkpoint_is_never_loaded(dp2_reference, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*DP2, "checkpoint.every=5"]
     killed = run_p3d(run_dir, overrides, nproc=2, env={"P3D_KILL_IN_SAVE": "10", "P3D_FAIL_RANK": "1"})
@@ -116,9 +123,84 @@ def test_a_save_killed_midway_never_becomes_the_latest(dp2_reference, tmp_path):
     assert_same_losses(resumed.records, dp2_reference.records)
     assert [step for step, _ in complete_checkpoints(checkpoints)] == [5, 10]
 
+    # The newest checkpoint damaged in place (same size): never loaded, by export, load_from or resume.
+    damage_in_place(checkpoints / "step_00000010" / "__1_0.distcp")
+    exported = run_command([sys.executable, "-m", "p3d.cli", "export", str(run_dir), str(tmp_path / "exported")], cwd=tmp_path)
+    assert one_error_line(exported) == (
+        f"p3d: error: {run_dir}: its newest checkpoint step_00000010 cannot be exported (corrupt checkpoint: __1_0.distcp does not "
+        f"match the checksum recorded when it was saved (damaged since)); the newest intact checkpoint there is "
+        f"{checkpoints / 'step_00000005'}: export that one by name"
+    )
+    one_process = [*DP2_BASE, "train.steps=10", "parallel.dp=1"]
+    named = run_p3d(tmp_path / "fresh", [*one_process, f"checkpoint.load_from={checkpoints / 'step_00000010'}"])
+    assert one_error_line(named).endswith(f"the newest intact one there is step_00000005: set checkpoint.load_from={checkpoints / 'step_00000005'}")
+    fallen_back = run_p3d(run_dir, overrides, nproc=2)
+    assert_ok(fallen_back)
+    assert f"checkpoint {checkpoints / 'step_00000010'} is damaged and is not loaded: corrupt checkpoint: __1_0.distcp" in fallen_back.stdout
+    assert f"resuming from the newest intact checkpoint {checkpoints / 'step_00000005'} instead: steps 6-10 are trained again" in fallen_back.stdout
+    assert_same_losses(fallen_back.records, dp2_reference.records)
+    assert verify_checkpoint(checkpoints / "step_00000010") is None  # saved again
+
     reshaped = run_command([*P3D_TRAIN, *overrides, f"run.dir={run_dir}", "model.config.num_hidden_layers=3"], cwd=tmp_path)
     line = one_error_line(reshaped)
     assert line.startswith("p3d: error: model.config.num_hidden_layers: 2 in checkpoint step_00000010, 3 now: that changes the model's parameter shapes")
+
+
+@pytest.mark.slow
+def test_ranks_that_resolve_run_dir_differently_use_rank_0s_and_one_checkpoint(tmp_path):
+    """Each rank composes its own config (as under plain torchrun); ${now:...} differs per process."""
+    forkrun = [sys.executable, str(Path(__file__).parents[1] / "forkrun.py"), "2"]
+    overrides = [*DP2_BASE, "train.steps=1", "train.global_batch_size=4", "run.dir=runs/x_${now:%H%M%S_%f}"]
+    done = run_command([*forkrun, *overrides], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    checkpoint = run_dir / "checkpoints" / "step_00000001"
+    assert verify_checkpoint(checkpoint) is None
+    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    assert {"__0_0.distcp", "__1_0.distcp", "rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(marker["files"])
+    assert f"run dir runs/{run_dir.name}" in done.stdout and not (run_dir / "p3d.lock").exists()
+
+
+@pytest.mark.slow
+def test_other_data_under_the_same_data_path_stops_the_resume_unless_accepted(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(builtin_documents()[:40]))
+    base = ["model=tiny_llama", "train.global_batch_size=2", "train.micro_batch_size=2", "data.seq_len=32", f"data.path={corpus}", "checkpoint.every=2"]
+    run_dir = tmp_path / "run"
+    assert_ok(run_p3d(run_dir, [*base, "train.steps=2"]))
+    corpus.write_text("\n\n".join(builtin_documents()[40:80]))  # replaced by other text, same name
+    refused = run_p3d(run_dir, [*base, "train.steps=3"])
+    line = one_error_line(refused)
+    assert line.startswith(f"p3d: error: data.path={corpus}: the data changed since checkpoint step_00000002 (corpus.txt has ")
+    assert "set checkpoint.allow_data_change=true to resume on the new data anyway" in line
+    accepted = run_p3d(run_dir, [*base, "train.steps=3", "checkpoint.allow_data_change=true"])
+    assert_ok(accepted)
+    assert f"config change since step_00000002: the data behind data.path={corpus}: corpus.txt has " in accepted.stdout
+    assert [r["step"] for r in accepted.records] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_second_job_on_a_run_dir_stops_and_a_dead_job_s_lock_is_taken_over(tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["model=tiny_llama", "train.global_batch_size=2", "train.micro_batch_size=2", "data.seq_len=32", "checkpoint=none"]
+    command = [sys.executable, "-m", "p3d.train", *base, "train.steps=100000", f"run.dir={run_dir}"]
+    first = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_steps(run_dir / "metrics.jsonl", 1, first)
+        second = run_p3d(run_dir, [*base, "train.steps=1"])
+        line = one_error_line(second)
+        assert line.startswith(f"p3d: error: run.dir={run_dir} is in use by another p3d job (pid {first.pid} on host ")
+        assert (run_dir / "metrics.jsonl").read_text().count('"step": 1,') == 1  # the second job wrote nothing there
+        first.kill()  # SIGKILL: no chance to release the lock
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    third = run_p3d(run_dir, [*base, "train.steps=1"])
+    assert_ok(third)
+    assert f"p3d: run.dir={run_dir}: took over the lock of pid {first.pid} on host" in third.stdout
+    assert f"its process {first.pid} is no longer running" in third.stdout
+    assert not (run_dir / "p3d.lock").exists()
 
 
 @pytest.mark.slow
@@ -169,6 +251,7 @@ def test_sigterm_saves_a_complete_checkpoint_and_a_rerun_resumes_from_it(tmp_pat
     saved = run_dir / "checkpoints" / f"step_{last:08d}"
     assert checkpoint_problem(saved) is None
     assert json.loads((run_dir / "summary.json").read_text())["stopped_by_sigterm"] is True
+    assert not (run_dir / "p3d.lock").exists()  # released on the way out
 
     rerun = run_p3d(run_dir, [*base, f"train.steps={last + 2}"], nproc=2)
     assert_ok(rerun)
@@ -194,6 +277,9 @@ def test_a_dropout_run_resumes_exactly_because_rng_states_are_restored(tmp_path)
     stripped = tmp_path / "stripped" / "step_00000004"
     shutil.copytree(checkpoint, stripped)
     shutil.rmtree(stripped / "rng")
+    marker = json.loads((stripped / COMPLETE_MARKER).read_text())  # a checkpoint without them is intact only if its marker says so
+    marker["files"] = {name: record for name, record in marker["files"].items() if not name.startswith("rng/")}
+    (stripped / COMPLETE_MARKER).write_text(json.dumps(marker))
     reseeded = run_p3d(tmp_path / "reseeded", [*DROPOUT, f"checkpoint.load_from={stripped}"])
     assert_ok(reseeded)
     assert "random-number states are missing for some rank: re-seeded" in reseeded.stdout

@@ -58,18 +58,15 @@ def test_a_failed_background_save_is_a_run_error_naming_run_dir(tmp_path, one_pr
         checkpointer.wait()
 
 
-def test_ranks_that_see_different_checkpoints_are_a_run_error(tmp_path, one_process_group, monkeypatch):
-    from p3d.resume import ResumePlan
-    from p3d.train import agree_on_checkpoint
+def test_ranks_that_see_different_checkpoints_are_a_run_error(tmp_path, monkeypatch):
+    from p3d import train
+    from p3d.config.schema import P3DConfig, RunConfig
 
-    def rank_1_sees_another(gathered, value, group=None):
-        gathered[:] = [value, "/node2/run/checkpoints/step_00000010"]
-
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "all_gather_object", rank_1_sees_another)
-    plan = ResumePlan(path=tmp_path / "checkpoints" / "step_00000020")
-    with pytest.raises(RunError, match="run.dir: ranks see different checkpoints .* must be on a filesystem that every node shares"):
-        agree_on_checkpoint(plan)
+    views = [(["step_00000020"], None), (["step_00000010"], None)]  # rank 1 sees another directory
+    monkeypatch.setattr(train, "on_every_rank", lambda step, what: views)
+    config = P3DConfig(run=RunConfig(dir=str(tmp_path)))
+    with pytest.raises(RunError, match="ranks see different checkpoints .* must be on a filesystem that every node shares"):
+        train.plan_resume_on_every_rank(config, setup=None)
 
 
 def process_failure(exitcode: int, timestamp: int):

@@ -77,12 +77,21 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         unknown = unknown_keys(cfg)
         if unknown:
             raise ConfigError([_unknown_key_line(key) for key in unknown])
+        # Resolved once, to a plain string: OmegaConf re-resolves an interpolation on every access,
+        # and `${now:...}` or any custom resolver must name one directory for the whole run.
+        run_dir = cfg.run.dir
+        if run_dir is None:
+            run_dir = Path(cfg.run.root) / f"{cfg.model.name}-{run_id(overrides)}"
+        set_run_dir(cfg, str(run_dir))
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves, or fails here with its key
-        if cfg.run.dir is None:
-            OmegaConf.update(cfg, "run.dir", str(Path(cfg.run.root) / f"{cfg.model.name}-{run_id(overrides)}"))
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise ConfigError(describe_compose_error(error)) from error
     return cfg
+
+
+def set_run_dir(cfg: DictConfig, run_dir: str) -> None:
+    """Set run.dir to a plain string (a literal `${` in it stays literal, not an interpolation)."""
+    OmegaConf.update(cfg, "run.dir", run_dir.replace("${", "\\${"))
 
 
 def to_object(cfg: DictConfig) -> P3DConfig:

@@ -173,10 +173,12 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = bounded(10, ge=0)  # save a DCP checkpoint every this many steps; 0: no periodic saves
     at_end: bool = True  # save after the last step
-    resume: bool = True  # resume from the newest complete checkpoint in run.dir if there is one
+    resume: bool = True  # resume from the newest intact checkpoint in run.dir if there is one (a damaged newer one is named and skipped)
     load_from: Optional[str] = None  # a complete checkpoint directory to start from (another run's, or one kept elsewhere); run.dir's own newer checkpoints take precedence
     keep_last: int = bounded(0, ge=0)  # keep only the newest k complete checkpoints, deleting older ones once a newer one is complete; 0 keeps all
     async_mode: AsyncMode = AsyncMode.disabled  # disabled: training waits for each save; thread: copy the state in memory and write it from a background thread while training goes on
+    checksums: bool = True  # record an xxh3 checksum of every checkpoint file (taken while it is written) and verify it before loading; false: sizes only (damage inside a file goes unseen)
+    allow_data_change: bool = False  # resume even though the files behind an unchanged data.path (names, sizes, modification times) or the dataset changed since the checkpoint
 
 
 @dataclass
