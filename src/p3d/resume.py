@@ -7,10 +7,11 @@ workers), so a bad checkpoint or a refused change is one line, not a failed coll
 - checkpoint.load_from names a checkpoint to start from; once run.dir has a checkpoint of its
   own at the same or a later step, that one wins, so restarts and reruns continue the run.
 - Changes to the layout, step count, batch split, optimizer, logging, checkpointing and the
-  like are listed and applied. Changes that alter the model's parameter shapes are refused,
-  and so are changes to the data (data.*, train.seed): the data position counts samples of
-  the checkpoint's data order, which another dataset, tokenizer, sequence length or seed
-  would silently reinterpret.
+  like are listed and applied (a change of train.master_dtype converts the loaded weights and
+  optimizer state). Changes that alter the model's parameter shapes are refused, and so are
+  changes to the data (data.*, train.seed): the data position counts samples of the
+  checkpoint's data order, which another dataset, tokenizer, sequence length or seed would
+  silently reinterpret.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from p3d.model import build_meta_model
 DATA_POSITION_KEYS = ("data", "train.seed")
 # Keys that may change what the model is; refused only when the parameter shapes change.
 MODEL_KEYS = ("model.arch", "model.config", "model.init", "model.pretrained")
+# Keys whose change the load itself carries out (DCP casts each stored tensor to the new dtype).
+CONVERTED_ON_LOAD = {"train.master_dtype": " (the weights and optimizer state are converted to it on load)"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fr
     problems += _shape_problems(path, hf_config, changed, fresh_hint)
     if problems:
         raise ConfigError(problems)
-    return [f"{key}: {old} -> {new}" for key, (old, new) in changed.items()]
+    return [f"{key}: {old} -> {new}{CONVERTED_ON_LOAD.get(key, '')}" for key, (old, new) in changed.items()]
 
 
 def _shape_problems(path: Path, hf_config: PretrainedConfig, changed: dict[str, tuple], fresh_hint: str) -> list[str]:
