@@ -76,14 +76,22 @@ def render(curves: dict[str, list[float]], steps: int, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure, (axis, difference) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
+    fp32 = curves["fp32"]
+    window = 20
     for (name, values), style in zip(curves.items(), ["-", "--", "-", ":"]):
-        axis.plot(range(1, len(values) + 1), values, linestyle=style, linewidth=1.2, label=name)
-    axis.set_xlabel("step")
+        steps = range(1, len(values) + 1)
+        axis.plot(steps, values, linestyle=style, linewidth=1.2, label=name)
+        gaps = [a - b for a, b in zip(values, fp32)]
+        smoothed = [sum(gaps[max(0, i - window + 1) : i + 1]) / len(gaps[max(0, i - window + 1) : i + 1]) for i in range(len(gaps))]
+        difference.plot(steps, smoothed, linestyle=style, linewidth=1.2, label=name)
     axis.set_ylabel("training loss")
     axis.set_ylim(top=min(max(v[0] for v in curves.values()), 4.5))
     axis.set_title("bf16 weights, gradients and AdamW moments against fp32")
     axis.legend()
+    difference.axhline(0.0, color="grey", linewidth=0.6)
+    difference.set_xlabel("step")
+    difference.set_ylabel(f"loss - fp32 loss\n({window}-step mean)")
     figure.tight_layout()
     figure.savefig(out / "bf16_state.png", dpi=120)
 
