@@ -156,6 +156,10 @@ class Trainer:
         """<run.dir>/summary.json: the last step, wall time and every rank's peak memory."""
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, round(peak_memory_gb(self.device), 4))
+        self.metrics.info(
+            f"done at step {last['step']} (loss {last['loss']:.4f}); peak memory per rank {max(peaks):.2f} GB "
+            f"(smallest {min(peaks):.2f}), {sum(peaks):.2f} GB summed over the {len(peaks)} ranks"
+        )
         self.metrics.summary(
             {
                 "step": last["step"],

@@ -94,3 +94,12 @@ def test_bf16_master_dtype_needs_bf16_compute():
     config = to_object(compose(["train.master_dtype=bf16"]))
     with pytest.raises(ConfigError, match=r"train.master_dtype=bf16 .* set train.dtype=bf16"):
         validate(config, world_size=1)
+
+
+def test_the_opt13b_pure_bf16_recipe_validates_for_eight_ranks():
+    from p3d.config.schema import DType
+
+    config = to_object(compose(["+recipe=opt1.3b_bf16_3d"]))
+    assert (config.model.name, config.train.dtype, config.train.master_dtype) == ("opt1.3b", DType.bf16, DType.bf16)
+    dims = validate(config, world_size=8).dims
+    assert (dims.tp, dims.dp, dims.cp) == (2, 2, 2)
