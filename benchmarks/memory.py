@@ -123,20 +123,23 @@ def run_layout(name: str, layout: tuple[int, int, int], overrides: list[str], wo
     }
 
 
-def breakdown(result: dict, baseline: float, ideal: float, parameters: int) -> dict:
+def breakdown(report: dict, ranks: int, ideal: float, parameters: int) -> dict:
     """What the peak rank holds at its peak, GiB: measured from its phases, the states from the parameter count.
 
     steady = RSS at the start of the last step (weights and optimizer state held between steps);
-    activations = the growth over the forward of the decoder blocks; the rest of the peak is what
+    activations = the growth over the forward of the decoder blocks (first micro-batch); the rest of the peak is what
     the phase of the peak adds (gathered FSDP units, their gradients and reduce-scatter buffers, logits).
     """
-    report = result["phases_of_peak_rank"]
-    transitions = dict(report["last_step_transitions_gb"])  # phase -> RSS when it began (last occurrence)
+    baseline = report["phase_peaks_gb"]["imports"]  # this rank's own RSS once it had imported p3d.train
     steady = report["last_step_transitions_gb"][0][1]
-    blocks = sorted((int(p.split()[-1]), v) for p, v in report["last_step_transitions_gb"] if p.startswith("forward block "))
-    per_block = (blocks[-1][1] - blocks[0][1]) / max(len(blocks) - 1, 1)
-    activations = per_block * len(blocks)
-    states = parameters * 4 * 3 / result["ranks"] / 2**30  # fp32 weights and two AdamW moments, sharded
+    blocks = []  # RSS as each block's forward began, first micro-batch of the last step
+    for phase, value in report["last_step_transitions_gb"]:
+        if phase == "loss":
+            break
+        if phase.startswith("forward block "):
+            blocks.append(value)
+    activations = (blocks[-1] - blocks[0]) / max(len(blocks) - 1, 1) * len(blocks)
+    states = parameters * 4 * 3 / ranks / 2**30  # fp32 weights and two AdamW moments, sharded
     peak = report["peak_gb"]
     return {
         "peak_phase": report["peak_phase"],
@@ -147,7 +150,6 @@ def breakdown(result: dict, baseline: float, ideal: float, parameters: int) -> d
         "in the phase of the peak (gathered units, their gradients and reduce buffers, logits)": round(peak - steady - activations, 3),
         "peak": round(peak, 3),
         "ideal share (1/N of one process)": round(ideal, 3),
-        "head_entry_gb": transitions.get("forward head"),
     }
 
 
@@ -160,7 +162,7 @@ def layout_table(results: list[dict], baseline: float, parameters: int) -> list[
             continue
         peak = max(result["per_rank_peak_gb"])
         ideal = single_share / result["ranks"]
-        extra = {"breakdown": breakdown(result, baseline, ideal, parameters)} if result["layout"] in BREAKDOWN_LAYOUTS and result.get("phases_of_peak_rank") else {}
+        extra = {"breakdown": breakdown(result["phases_of_peak_rank"], result["ranks"], ideal, parameters)} if result["layout"] in BREAKDOWN_LAYOUTS and result.get("phases_of_peak_rank") else {}
         rows.append({
             **result,
             **extra,
@@ -173,7 +175,7 @@ def layout_table(results: list[dict], baseline: float, parameters: int) -> list[
     return rows
 
 
-def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc: str, ac_desc: str) -> str:
+def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc: str, ac_desc: str, before: dict | None = None) -> str:
     lines = [
         f"Model: {model_desc}. Import baseline per process (what a rank imports: torch, transformers, p3d): {baseline:.2f} GB. GB here are GiB (2^30 bytes), as p3d reports peak memory.",
         "Runs with `MALLOC_MMAP_THRESHOLD_=65536`, so that peak RSS counts what a rank held rather than what glibc kept after frees.",
@@ -189,11 +191,23 @@ def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc:
             f"| {r['layout']} | {r['ranks']} | {r['max_rank_peak_gb']:.2f} | {r['model_share_gb']:.2f} | {r['ideal_share_gb']:.2f} | "
             f"{r['share_vs_one_process']:.2f} | {r['share_vs_ideal']:.2f} | {r['job_peak_gb']:.2f} |"
         )
+    if before:
+        earlier = {row["layout"]: row for row in before["layouts"] if "share_vs_ideal" in row}
+        lines += ["", f"Before and after ({before['description']}):", "", "| layout | share vs ideal, before | after | max per-rank peak (GB), before | after |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {r['layout']} | {earlier[r['layout']]['share_vs_ideal']:.2f} | {r['share_vs_ideal']:.2f} | {earlier[r['layout']]['max_rank_peak_gb']:.2f} | {r['max_rank_peak_gb']:.2f} |"
+            for r in rows if r["layout"] in earlier and "share_vs_ideal" in r
+        ]
     for r in rows:
         if r.get("breakdown"):
             b = r["breakdown"]
             lines += ["", f"What the peak rank of {r['layout']} holds at its peak (phase: {b['peak_phase']}), GB:", "", "| part | GB |", "| --- | --- |"]
-            lines += [f"| {key} | {value:.3f} |" for key, value in b.items() if key not in ("peak_phase", "head_entry_gb")]
+            before_b = (before or {}).get("breakdowns", {}).get(r["layout"])
+            if before_b:
+                lines[-2:] = [f"| part | before (GB, phase: {before_b['peak_phase']}) | after (GB) |", "| --- | --- | --- |"]
+                lines += [f"| {key} | {before_b.get(key, float('nan')):.3f} | {value:.3f} |" for key, value in b.items() if key != "peak_phase"]
+            else:
+                lines += [f"| {key} | {value:.3f} |" for key, value in b.items() if key != "peak_phase"]
     lines += ["", f"Activation checkpointing ({ac_desc}):", "", "| train.activation_checkpointing | max per-rank peak RSS (GB) | vs none |", "| --- | --- | --- |"]
     none_peak = max(ac_rows[0]["per_rank_peak_gb"])
     for r in ac_rows:
@@ -229,6 +243,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from: " + ", ".join(LAYOUTS))
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--before", help="an earlier memory.json (with a 'description' and, optionally, 'breakdowns') to compare against")
+    parser.add_argument("--from-json", help="re-render the tables and plot from a memory.json this script wrote, without measuring")
     args = parser.parse_args()
 
     model = [
@@ -240,23 +256,28 @@ def main() -> None:
                  "data.seq_len=2048", "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=4"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    baseline = import_baseline_gb()
-    with tempfile.TemporaryDirectory() as workdir:
-        results = []
-        for name in args.layouts.split(","):
-            results.append(run_layout(name, LAYOUTS[name], model, Path(workdir)))
-            print(f"{name}: peaks {results[-1].get('per_rank_peak_gb')}, job {results[-1]['job_peak_gb']} GB", flush=True)
-        ac_results = [
-            run_layout(mode, (1, 1, 1), [*ac_common, f"train.activation_checkpointing={mode}"], Path(workdir))
-            for mode in ("none", "selective", "full")
-        ]
+    if args.from_json:  # re-render: the measurements of an earlier run, this script's tables
+        saved = json.loads(Path(args.from_json).read_text())
+        baseline, results, ac_results = saved["baseline_gb"], saved["layouts"], saved["activation_checkpointing"]
+    else:
+        baseline = import_baseline_gb()
+        with tempfile.TemporaryDirectory() as workdir:
+            results = []
+            for name in args.layouts.split(","):
+                results.append(run_layout(name, LAYOUTS[name], model, Path(workdir)))
+                print(f"{name}: peaks {results[-1].get('per_rank_peak_gb')}, job {results[-1]['job_peak_gb']} GB", flush=True)
+            ac_results = [
+                run_layout(mode, (1, 1, 1), [*ac_common, f"train.activation_checkpointing={mode}"], Path(workdir))
+                for mode in ("none", "selective", "full")
+            ]
     rows = layout_table(results, baseline, parameter_count(args.layers))
     model_desc = f"Llama shape, hidden 1024, {args.layers} layers, vocab 32000 (334M parameters at 16 layers), fp32, seq_len {args.seq_len}, micro-batch 1, {args.steps} steps"
     ac_desc = "tiny_llama widened to hidden 256, 4 layers, seq_len 2048, micro-batch 4, 1 process; selective = every 2nd block"
-    text = markdown(rows, ac_results, baseline, model_desc, ac_desc)
+    before = json.loads(Path(args.before).read_text()) if args.before else (saved.get("before") if args.from_json else None)
+    text = markdown(rows, ac_results, baseline, model_desc, ac_desc, before)
     print(text)
     (out / "memory.md").write_text("# Memory by layout\n\nGenerated by `python benchmarks/memory.py`.\n\n" + text)
-    (out / "memory.json").write_text(json.dumps({"baseline_gb": baseline, "layouts": rows, "activation_checkpointing": ac_results}, indent=1))
+    (out / "memory.json").write_text(json.dumps({"baseline_gb": baseline, "layouts": rows, "activation_checkpointing": ac_results, "before": before}, indent=1))
     plot(rows, out / "memory.png")
 
 
