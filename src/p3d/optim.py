@@ -38,43 +38,40 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, seed: int = 0) -> torch.
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
 
 
-_LOW_32 = 0xFFFFFFFF
-_CHUNK_ELEMENTS = 1 << 20  # the update works on at most this many elements at a time (bounded fp32/int64 temporaries)
+_CHUNK_ELEMENTS = 1 << 20  # the update works on at most this many elements at a time (bounded temporaries)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32).
+    """A 32-bit integer hash of int32 values (Wellons' lowbias32: xorshift-multiply rounds).
 
-    The multipliers are below 2**31, so no product leaves int64's range (no wrap-around relied on).
-    """
+    int32 arithmetic is several times faster than int64 here; products wrap modulo 2**32 (two's
+    complement, as every PyTorch backend computes them), which is what the hash wants."""
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _LOW_32
+    x = x * 0x7FEB352D
     x = x ^ (x >> 15)
-    x = (x * 0x1B873593) & _LOW_32
+    x = x * -0x7B935975  # 0x846CA68B as a signed 32-bit value
     return x ^ (x >> 16)
 
 
 def random_bits16(global_index: torch.Tensor, key: int) -> torch.Tensor:
-    """16 pseudo-random bits per element, a function of the element's global index and a 64-bit key only.
-
-    The same element of a weight gets the same bits on every layout, however the weight is sharded.
-    """
-    low = _mix32((global_index & _LOW_32) ^ (key & _LOW_32))
-    return _mix32(low ^ (global_index >> 32) ^ (key >> 32)) & 0xFFFF
+    """16 pseudo-random bits per element (int32 in [0, 2**16)), a function of the element's global
+    index (taken modulo 2**31) and an integer key only: the same element of a weight gets the same
+    bits on every layout, however the weight is sharded."""
+    index = (global_index & 0x7FFFFFFF).to(torch.int32)
+    return _mix32(index ^ (key & 0x7FFFFFFF)) & 0xFFFF
 
 
 def stochastic_round_to_bf16(values: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     """Round fp32 `values` to bf16 up or down in magnitude, away from zero with probability (dropped low
-    16 bits) / 2**16, decided by `bits16` (uniform in [0, 2**16)): the rounding is unbiased on average,
-    so updates far below bf16's resolution still move the weight in expectation."""
+    16 bits) / 2**16: adding `bits16` (uniform in [0, 2**16)) to the bit pattern carries into the kept
+    bits exactly that often, then the low 16 bits are cut. The rounding is unbiased on average, so
+    updates far below bf16's resolution still move the weight in expectation."""
     as_int = values.contiguous().view(torch.int32)
-    truncated = as_int & -0x10000  # keep sign, exponent and the 7 mantissa bits of bf16
-    rounded = torch.where(bits16 < (as_int & 0xFFFF), truncated + 0x10000, truncated)
-    return rounded.view(torch.float32).to(torch.bfloat16)
+    return ((as_int + bits16) & -0x10000).view(torch.float32).to(torch.bfloat16)
 
 
 def _global_flat_index(param: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Row-major index in the full (unsharded) tensor of each element in `rows` of this rank's shard."""
+    """Row-major index (int64) in the full (unsharded) tensor of each element in `rows` of this rank's shard."""
     box = local_box(param)
     strides = [1] * len(param.shape)
     for dim in range(len(param.shape) - 2, -1, -1):
