@@ -178,7 +178,9 @@ def layout_table(results: list[dict], baseline: float, parameters: int) -> list[
 def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc: str, ac_desc: str, before: dict | None = None) -> str:
     lines = [
         f"Model: {model_desc}. Import baseline per process (what a rank imports: torch, transformers, p3d): {baseline:.2f} GB. GB here are GiB (2^30 bytes), as p3d reports peak memory.",
-        "Runs with `MALLOC_MMAP_THRESHOLD_=65536`, so that peak RSS counts what a rank held rather than what glibc kept after frees.",
+        "Runs with `MALLOC_MMAP_THRESHOLD_=65536`, so that peak RSS counts what a rank held rather than what glibc kept after frees. "
+        "The job peak is the machine's used memory above what it was before the job: it also counts whatever else ran on the machine meanwhile "
+        "(per-rank RSS does not).",
         "",
         "| layout | ranks | max per-rank peak RSS (GB) | model share above baseline (GB) | ideal 1/N share (GB) | share vs 1 process | share vs ideal | job peak, whole machine (GB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
