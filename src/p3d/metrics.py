@@ -117,10 +117,12 @@ def format_line(record: dict, total_steps: int) -> str:
 
 def format_summary(record: dict, run_dir: Path) -> str:
     """One line: steps, final loss, mean tokens/s of this run, the lowest and highest peak memory of
-    any rank, the run directory and the newest complete checkpoint."""
+    any rank (and their sum), the run directory and the newest complete checkpoint."""
     peaks = record["peak_mem_gb_per_rank"]
     low, high = min(peaks), max(peaks)
     memory = f"{high:.2f} GB" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f} GB"
+    if len(peaks) > 1:
+        memory += f" ({sum(peaks):.2f} GB summed over {len(peaks)} ranks)"
     stopped = " (stopped by SIGTERM)" if record.get("stopped_by_sigterm") else ""
     loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
     throughput = "n/a" if record["tokens_per_s"] is None else f"{record['tokens_per_s']:,.0f}"

@@ -111,14 +111,15 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or Path(source).exists()
 
 
-def build_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
+def build_meta_model(hf_config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The whole model on the meta device: shapes and structure, no memory.
 
     Each model gets its own copy of the config: transformers writes the attention
-    implementation into it, and context parallelism changes that per model.
+    implementation into it, and context parallelism changes that per model. `dtype` is the
+    parameters' (transformers keeps buffers such as rotary frequencies in fp32).
     """
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="sdpa", dtype=dtype)
 
 
 def build_checked_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:

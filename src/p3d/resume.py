@@ -12,7 +12,8 @@ workers, with the cheap checks only (markers, file sizes, config and data change
   of its own at the same or a later step, that one wins, so restarts and reruns continue the
   run. A damaged or incomplete one named there is an error that names the intact one to use.
 - Changes to the layout, step count, batch split, optimizer, logging, checkpointing and the
-  like are listed and applied. Changes that alter the model's parameter shapes are refused,
+  like are listed and applied (a change of train.master_dtype converts the loaded weights and
+  optimizer state). Changes that alter the model's parameter shapes are refused,
   and so are changes to the data (data.*, train.seed, or other files behind the same data.path
   unless checkpoint.allow_data_change): the data position counts samples of the checkpoint's
   data order, which another dataset, tokenizer, sequence length or seed would silently reinterpret.
@@ -38,6 +39,8 @@ from p3d.model import build_meta_model
 DATA_POSITION_KEYS = ("data", "train.seed")
 # Keys that may change what the model is; refused only when the parameter shapes change.
 MODEL_KEYS = ("model.arch", "model.config", "model.init", "model.pretrained")
+# Keys whose change the load itself carries out (DCP casts each stored tensor to the new dtype).
+CONVERTED_ON_LOAD = {"train.master_dtype": " (the weights and optimizer state are converted to it on load)"}
 
 # path -> None if the checkpoint is intact, else why not (checkpoint.verify_checkpoint, or
 # checkpoint.checkpoint_problem for the cheap checks alone).
@@ -154,7 +157,7 @@ def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fr
     if problems:
         raise ConfigError(problems)
     accepted = [f"the data behind data.path={config.data.path}: {data_change} (checkpoint.allow_data_change=true)"] if data_change else []
-    return [f"{key}: {old} -> {new}" for key, (old, new) in changed.items()] + accepted
+    return [f"{key}: {old} -> {new}{CONVERTED_ON_LOAD.get(key, '')}" for key, (old, new) in changed.items()] + accepted
 
 
 def data_source_change(path: Path, config: P3DConfig) -> str | None:

@@ -121,7 +121,7 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
         config.data, config.model, config.train.seed, config.train.global_batch_size, config.train.micro_batch_size,
         setup.dims.dp, meshes.dp.get_local_rank(),
     )
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, config.train.seed)
     trainer = Trainer(
         config=config,
         model=model,

@@ -19,7 +19,7 @@ from tests.conftest import FAST, _env, assert_ok, run_p3d
 SHORT = [*FAST, "train.steps=3"]
 SUMMARY_LINE = re.compile(
     r"^p3d: done: step (?P<step>\d+), (?P<steps_run>\d+) steps this run \| final loss (?P<loss>\S+) \| (?P<tokens_per_s>\S+) tok/s \| "
-    r"peak mem per rank (?P<memory>\S+) GB \| run dir (?P<run_dir>.+) \| checkpoint (?P<checkpoint>.+)$"
+    r"peak mem per rank (?P<memory>\S+) GB(?: \((?P<job>\S+) GB summed over (?P<ranks>\d+) ranks\))? \| run dir (?P<run_dir>.+) \| checkpoint (?P<checkpoint>.+)$"
 )
 
 
@@ -38,6 +38,7 @@ def test_main_layout_prints_no_warning_and_ends_with_the_summary_line(p3d_runner
     assert float(match["tokens_per_s"].replace(",", "")) == round(summary["tokens_per_s"])
     peaks = summary["peak_mem_gb_per_rank"]
     assert len(peaks) == 8 and match["memory"] in (f"{max(peaks):.2f}", f"{min(peaks):.2f}-{max(peaks):.2f}")
+    assert (match["job"], match["ranks"]) == (f"{sum(peaks):.2f}", "8")
     assert match["run_dir"] == str(result.run_dir)
     assert match["checkpoint"] == str(result.run_dir / "checkpoints" / "step_00000003") == summary["checkpoint"]
 

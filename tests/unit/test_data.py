@@ -181,3 +181,22 @@ def test_builtin_and_hub_fingerprints(monkeypatch):
     assert fingerprint_change(hub, data_fingerprint(data_config("data.path=someone/corpus"))) == "revision rev1 then, rev2 now"
     assert fingerprint_change(hub, {**hub, "revision": None}) is None  # not resolvable now (offline): not a change
     assert fingerprint_change(hub, builtin) == "it was a hub source, now a builtin one"
+
+
+def test_the_builtin_corpus_is_packed_without_importing_datasets_and_like_a_dataset(tmp_path):
+    """`import datasets` costs every rank ~0.12 GB; the built-in corpus does without it. The windows
+    are the same as from a `datasets.Dataset` of the same texts (so data positions of runs agree)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from p3d.data import build_sampler; from p3d.config.compose import compose, to_object; "
+        "c = to_object(compose([])); build_sampler(c.data, c.model, 0, 8, 2, 1, 0); print('datasets' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    import datasets
+
+    texts = builtin_documents()
+    as_dataset = datasets.Dataset.from_dict({"text": texts})
+    assert torch.equal(tokenize_and_pack(texts, ByteTokenizer(), "text", 32), tokenize_and_pack(as_dataset, ByteTokenizer(), "text", 32))

@@ -163,7 +163,8 @@ class TrainConfig:
     seed: int = bounded(0, ge=0, le=2**32 - 1)  # seed for model init and the data order (the same on every rank)
     global_batch_size: int = bounded(8, ge=1)  # sequences per optimizer step, whole job
     micro_batch_size: int = bounded(2, ge=1)  # sequences per dp rank per forward; accumulation = global / (micro * dp)
-    dtype: DType = DType.fp32  # compute dtype; bf16 keeps fp32 master weights, optimizer state and gradient reduction
+    dtype: DType = DType.fp32  # compute dtype (activations, gathered weights); with master_dtype=fp32 the stored weights, gradients and optimizer state stay fp32
+    master_dtype: DType = DType.fp32  # dtype of the stored weights, gradients and AdamW moments; bf16 (needs train.dtype=bf16) halves them and updates weights by stochastic rounding
     activation_checkpointing: ACMode = ACMode.none  # recompute block activations in backward: none, full (every block) or selective
     ac_every: int = bounded(2, ge=1)  # with activation_checkpointing=selective: checkpoint every n-th block (blocks 0, n, 2n, ...)
     compile: bool = False  # torch.compile each decoder block (after TP and activation checkpointing, before FSDP)

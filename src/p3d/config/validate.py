@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from p3d.config.schema import CPImpl, CPLayout, P3DConfig, Packing, bounds_of, range_problem
+from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig, Packing, bounds_of, range_problem
 from p3d.data import build_tokenizer, check_data_source
 from p3d.distributed.env import backend_problems, resolve_device_type
 from p3d.distributed.mesh import ParallelDims
@@ -98,6 +98,8 @@ def _check_options(config: P3DConfig) -> list[str]:
         # Measured with torch 2.13 on CPU: compiled TP blocks fail in DTensor's backward without
         # FSDP, and give losses that differ from one process with it.
         problems.append("train.compile=true does not work with tensor parallelism on this PyTorch (2.13): use parallel.tp=1 or train.compile=false")
+    if config.train.master_dtype is DType.bf16 and config.train.dtype is not DType.bf16:
+        problems.append("train.master_dtype=bf16 stores bf16 weights, which compute in bf16: set train.dtype=bf16 (or train.master_dtype=fp32)")
     if config.optim.in_backward and config.optim.grad_clip > 0:
         problems.append("optim.in_backward=true has no global gradient norm before the updates: set optim.grad_clip=0")
     return problems
