@@ -10,6 +10,8 @@ torchrun itself (restarts, SIGTERM, multi-node rendezvous) keep using torchrun.
 
 Like torchrun it sets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, shares
 its stdout/stderr with the ranks, stops the other ranks when one fails, and exits non-zero then.
+The test hooks named in P3D_TEST_HOOKS (tests/hooks.py) are installed before the fork, so every
+rank runs with them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import datasets  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 import transformers.models.opt.modeling_opt  # noqa: F401
 
+import hooks
 import p3d.train
 
 
@@ -53,6 +56,7 @@ def run_rank(rank: int, world: int, port: int, overrides: list[str]) -> int:
 
 def main() -> int:
     world, overrides = int(sys.argv[1]), sys.argv[2:]
+    hooks.install_from_env()
     port = free_port()
     children = {}
     for rank in range(world):

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim import Optimizer
 
-from p3d import faults, rng
+from p3d import rng
 from p3d.config.schema import AsyncMode, CheckpointConfig
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
@@ -260,7 +260,6 @@ class Checkpointer:
     ) -> None:
         """The marker records save_s (sync: the whole save; async: until rank 0's write finished) and,
         for async saves, blocked_s (how long training waited) and marked_s (until the marker)."""
-        faults.kill_in_save(step)
         dist.barrier()  # every rank's files are on disk before the marker says so
         if self.is_main:
             seconds = time.perf_counter() - started
