@@ -191,18 +191,32 @@ def skip_tp_allreduce(value: str | None) -> None:
 
 @hook("fresh_optimizer_on_resume")
 def fresh_optimizer_on_resume(value: str | None) -> None:
-    """A resume loads the model's weights but not the optimizer's state."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    """A resume loads the model's weights but not the optimizer's state (it stays as built: empty).
+
+    DCP loads in place into the tensors that the state dict it is given holds, so the optimizer
+    state is left out of that state dict, not merely out of `load_state_dict`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.stateful import Stateful
 
     import p3d.checkpoint as checkpoint
 
-    def make(load_state_dict):
-        def model_only(self, state: dict) -> None:
-            set_model_state_dict(self.model, state["model"], options=checkpoint._STATE_DICT_OPTIONS)
+    class ModelOnly(Stateful):
+        def __init__(self, model):
+            self.model = model
+
+        def state_dict(self) -> dict:
+            return {"model": get_model_state_dict(self.model)}
+
+        def load_state_dict(self, state: dict) -> None:
+            set_model_state_dict(self.model, state["model"])
+
+    def make(load):
+        def model_only(self, path, state: dict, *args, **kwargs):
+            return load(self, path, {**state, "app": ModelOnly(state["app"].model)}, *args, **kwargs)
 
         return model_only
 
-    wrap(checkpoint.ModelAndOptimizer, "load_state_dict", make)
+    wrap(checkpoint.Checkpointer, "load", make)
 
 
 @hook("unsummed_kv_grads")

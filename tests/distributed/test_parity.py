@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import FAST, assert_ok, hooks_env, layout_overrides
 
 TOLERANCE = 1e-4  # |loss - reference| per step, fp32
-GRAD_NORM_TOLERANCE = 1e-4  # |norm / reference norm - 1| per step; measured: at most 1.2e-5 (see below)
+GRAD_NORM_TOLERANCE = 1e-4  # |norm / reference norm - 1| per step; measured: at most 1.9e-6 over the 24 parity and 8 CP-matrix runs
 MODELS = ["tiny_llama", "tiny_opt"]
 # (tp, dp, cp) layouts and the micro-batch size used there.
 LAYOUTS = {
