@@ -37,7 +37,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def die_with_launcher() -> None:
+    """A rank gets SIGKILL when this launcher dies (a test's timeout kills only the launcher; orphaned
+    ranks would go on computing on a shared machine). Linux only; elsewhere nothing happens."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_rank(rank: int, world: int, port: int, overrides: list[str]) -> int:
+    die_with_launcher()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
         GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
