@@ -227,16 +227,6 @@ def unsummed_kv_grads(value: str | None) -> None:
     wrap(CPComm, "reduce_scatter", lambda reduce_scatter: lambda self, stacked: stacked[self.rank].clone())
 
 
-@hook("ignore_train_dtype")
-def ignore_train_dtype(value: str | None) -> None:
-    """The model computes in fp32 whatever train.dtype says."""
-    import torch
-
-    import p3d.parallel.parallelize as parallelize
-
-    wrap(parallelize, "apply_fsdp", lambda apply_fsdp: lambda model, mesh, compute_dtype=None: apply_fsdp(model, mesh, torch.float32))
-
-
 @hook("load_first_shard")
 def load_first_shard(value: str | None) -> None:
     """Every rank copies the first block of each weight (rank 0's shard) instead of its own."""

@@ -25,8 +25,10 @@ from tests.distributed.test_parity import GRAD_NORM_TOLERANCE, TOLERANCE
 
 P3D_TRAIN = [sys.executable, "-m", "p3d.cli", "train"]
 P3D_TRAIN_WITH_HOOKS = [sys.executable, str(HOOKRUN), "--p3d-train"]  # `p3d train`, its workers with tests/hooks.py
-# On the layout that saved, a resumed run repeats the same arithmetic: measured bitwise equal losses
-# and gradient norms (difference 0); another layout is held to the parity tests' tolerances.
+# On the layout that saved, a resumed or restarted run repeats the same arithmetic: measured bitwise
+# equal losses and gradient norms (difference 0) in every same-layout comparison here and in
+# test_end_to_end. Another layout is held to the parity tests' tolerances (measured here: loss
+# 9.5e-7, gradient norm 7.7e-7 relative, resuming tp2dp2cp2's checkpoint in one process).
 SAME_LAYOUT = {"tolerance": 1e-6, "grad_norm_tolerance": 1e-6}
 
 
@@ -35,10 +37,8 @@ def assert_same_losses(records: list[dict], expected: list[dict], tolerance: flo
     within `grad_norm_tolerance` (relative)."""
     assert [r["step"] for r in records] == [r["step"] for r in expected]
     worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(records, expected))
-    print(f"MEASURE {__import__('os').environ.get('PYTEST_CURRENT_TEST','').split(' ')[0]} loss {worst:.3e}", flush=True)  # MEASURE
     assert worst < tolerance, f"max |loss - expected| = {worst:.2e}\n{[r['loss'] for r in records]}\n{[r['loss'] for r in expected]}"
     worst = max(abs(a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(records, expected))
-    print(f"MEASURE {__import__('os').environ.get('PYTEST_CURRENT_TEST','').split(' ')[0]} gradnorm {worst:.3e}", flush=True)  # MEASURE
     assert worst < grad_norm_tolerance, f"max |grad_norm / expected - 1| = {worst:.2e}\n{[(a['grad_norm'], b['grad_norm']) for a, b in zip(records, expected)]}"
     assert all(abs(a["lr"] - b["lr"]) < 1e-12 for a, b in zip(records, expected))
 

@@ -49,7 +49,6 @@ def reference_losses(model: str, p3d_runner) -> list[float]:
 def assert_parity(losses: list[float], reference: list[float], tolerance: float = TOLERANCE) -> None:
     assert len(losses) == len(reference)
     worst = max(abs(a - b) for a, b in zip(losses, reference))
-    print(f"MEASURE {__import__('os').environ.get('PYTEST_CURRENT_TEST','').split(' ')[0]} loss {worst:.3e}", flush=True)  # MEASURE
     assert worst < tolerance, f"max |loss - reference| = {worst:.2e}\n{losses}\n{reference}"
 
 
@@ -59,7 +58,6 @@ def assert_grad_norm_parity(records: list[dict], reference: list[dict], toleranc
     assert len(records) == len(reference)
     pairs = [(r["grad_norm"], s["grad_norm"]) for r, s in zip(records, reference)]
     worst = max(abs(a / b - 1) for a, b in pairs)
-    print(f"MEASURE {__import__('os').environ.get('PYTEST_CURRENT_TEST','').split(' ')[0]} gradnorm {worst:.3e}", flush=True)  # MEASURE
     assert worst < tolerance, f"max |grad_norm / reference - 1| = {worst:.2e}\n{pairs}"
 
 

@@ -46,7 +46,6 @@ def sharded_pretrained(preset: str, directory: Path) -> list[str]:
 
 
 def assert_loss_equals_transformers(loss: float, expected: float) -> None:
-    print(f"MEASURE {__import__('os').environ.get('PYTEST_CURRENT_TEST','').split(' ')[0]} transformers-loss {abs(loss - expected):.3e}", flush=True)  # MEASURE
     assert abs(loss - expected) < 1e-5, (loss, expected)
 
 
@@ -95,8 +94,12 @@ def test_no_rank_allocates_the_full_model(tmp_path):
     assert worst < report["full_model_gb"] / 3, report
 
 
-BF16_TOLERANCE = 5e-3  # |loss - one-process bf16 loss| per step; measured: see below
-BF16_GRAD_NORM_TOLERANCE = 5e-3  # relative; measured: see below
+# bf16 runs on two layouts round differently. Measured against one bf16 process over 6 steps, at dp2,
+# tp2, cp2 and tp2dp2cp2 on both models: |loss difference| at most 6.7e-4 (tiny_opt tp2), gradient
+# norm at most 4.1e-3 relative (tiny_opt tp2dp2cp2). An fp32 run is as close (8.6e-4 tiny_llama,
+# 1.7e-3 tiny_opt), so these tolerances check the layout under bf16; the probe checks the dtypes.
+BF16_TOLERANCE = 3e-3  # |loss - one-process bf16 loss| per step
+BF16_GRAD_NORM_TOLERANCE = 2e-2  # |grad_norm / one-process bf16 grad_norm - 1| per step
 _bf16_references: dict[str, list[dict]] = {}
 
 
@@ -124,11 +127,14 @@ def test_bf16_computes_in_bf16_keeps_fp32_state_and_matches_one_bf16_process(mod
 
 
 @pytest.mark.slow
-def test_bf16_comparison_detects_a_run_that_computes_in_fp32(p3d_runner):
-    """Negative control: train.dtype=bf16 ignored at dp2 (fp32 compute) is outside the bf16 tolerance."""
-    result = p3d_runner(["model=tiny_llama", *FAST, *layout_overrides(1, 2, 1), "train.dtype=bf16"], nproc=2, env=hooks_env("ignore_train_dtype"))
+def test_bf16_comparison_detects_gradients_divided_by_the_dp_size(p3d_runner):
+    """Negative control: the bf16 tolerance still catches a layout bug (every gradient halved at dp2).
+    It cannot tell fp32 compute from bf16 (measured 8.6e-4 apart, no more than bf16 runs on two
+    layouts): the precision probe above is what shows bf16 in effect."""
+    overrides = ["model=tiny_llama", *FAST, *layout_overrides(1, 2, 1), "train.dtype=bf16"]
+    result = p3d_runner(overrides, nproc=2, env=hooks_env("grad_divide_factor=2"))
     assert_ok(result)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="grad_norm"):
         assert_matches(result.records, bf16_reference("tiny_llama", p3d_runner), BF16_TOLERANCE, BF16_GRAD_NORM_TOLERANCE)
 
 
