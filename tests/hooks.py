@@ -357,10 +357,16 @@ def probe_block_calls(value: str | None) -> None:
 
     counts: list[int] = []
 
+    def counter(index: int):
+        def count(module, args) -> None:
+            counts[index] += 1
+
+        return count
+
     def attach(model) -> None:
         for index, block in enumerate(decoder_blocks(model)):
             counts.append(0)
-            block.self_attn.register_forward_pre_hook(lambda *_, index=index: counts.__setitem__(index, counts[index] + 1))
+            block.self_attn.register_forward_pre_hook(counter(index))
 
     on_model_built(attach)
 
