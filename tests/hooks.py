@@ -445,7 +445,8 @@ def probe_compiled_calls(value: str | None) -> None:
     report_at_end()
 
 
-def read_reports(directory: Path) -> list[dict]:
-    """Every rank's report, in rank order."""
+def read_reports(directory: Path, ranks: int) -> list[dict]:
+    """Every rank's report, in rank order (there must be one per rank)."""
     files = sorted(directory.glob("rank_*.json"), key=lambda path: int(path.stem.split("_")[1]))
+    assert [path.name for path in files] == [f"rank_{rank}.json" for rank in range(ranks)], files
     return [json.loads(path.read_text()) for path in files]

@@ -119,7 +119,7 @@ def test_bf16_computes_in_bf16_keeps_fp32_state_and_matches_one_bf16_process(mod
     report = tmp_path / "report"
     result = p3d_runner([f"model={model}", *FAST, *layout_overrides(2, 2, 2), "train.dtype=bf16"], nproc=8, env=hooks_env("probe_precision", report=report))
     assert_ok(result)
-    for precision in (rank["precision"] for rank in read_reports(report)):
+    for precision in (rank["precision"] for rank in read_reports(report, ranks=8)):
         assert precision["block_input"] == precision["block_weights"] == ["bfloat16"], precision  # compute
         assert precision["reduce_scatter"] == ["float32"], precision  # gradient reduction over dp x cp
         assert precision["grads"] == precision["master_weights"] == precision["optimizer_state"] == ["float32"], precision
@@ -156,7 +156,7 @@ def test_activation_checkpointing_recomputes_the_chosen_blocks_and_keeps_exact_p
     checkpointing = [f"train.activation_checkpointing={mode}", f"train.ac_every={every}"]
     result = p3d_runner([*shape, *layout_overrides(2, 2, 2), *checkpointing], nproc=8, env=hooks_env("probe_block_calls", report=report))
     assert_ok(result)
-    assert [rank["block_calls_first_step"] for rank in read_reports(report)] == [calls] * 8  # one micro-batch per step
+    assert [rank["block_calls_first_step"] for rank in read_reports(report, ranks=8)] == [calls] * 8  # one micro-batch per step
     assert_matches(result.records, reference.records)
 
 
@@ -170,9 +170,9 @@ def test_optimizer_in_backward_frees_gradients_and_matches_the_ordinary_step(mod
     overrides = [*common, *layout_overrides(2, 2, 2), "optim.in_backward=true", "train.micro_batch_size=2"]
     result = p3d_runner(overrides, nproc=8, env=hooks_env("probe_backward_state", report=reports["in_backward"]))
     assert_ok(result)
-    (ordinary,) = read_reports(reports["ordinary"])
+    (ordinary,) = read_reports(reports["ordinary"], ranks=1)
     assert all(ordinary["grads_held_after_backward"]) and not any(ordinary["weights_changed_in_backward"])  # the probe can tell
-    for rank in read_reports(reports["in_backward"]):
+    for rank in read_reports(reports["in_backward"], ranks=8):
         assert not any(rank["grads_held_after_backward"]), rank  # every gradient freed by the end of backward
         assert all(rank["weights_changed_in_backward"]), rank  # the weights were stepped inside it
     assert_matches(result.records, reference.records)
@@ -186,8 +186,8 @@ def test_compiled_blocks_run_compiled_and_keep_parity_under_dp_and_cp(p3d_runner
     overrides = ["model=tiny_llama", *FAST, *layout_overrides(1, 2, 2), "train.compile=true", "train.micro_batch_size=2"]
     result = p3d_runner(overrides, nproc=4, env=hooks_env("probe_compiled_calls", report=reports["compiled"]))
     assert_ok(result)
-    assert read_reports(reports["eager"]) == [{"compiled_graphs": 0, "compiled_graph_calls": 0}]
-    for rank in read_reports(reports["compiled"]):
+    assert read_reports(reports["eager"], ranks=1) == [{"compiled_graphs": 0, "compiled_graph_calls": 0}]
+    for rank in read_reports(reports["compiled"], ranks=4):
         assert rank["compiled_graphs"] >= 1, rank
         assert rank["compiled_graph_calls"] >= 2 * 6, rank  # each of the 2 blocks, every step (one micro-batch)
     assert_matches(result.records, reference.records)
