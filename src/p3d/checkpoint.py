@@ -59,7 +59,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim import Optimizer
 
-from p3d import faults, rng
+from p3d import rng
 from p3d.config.schema import AsyncMode, CheckpointConfig
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import RunError
@@ -486,7 +486,6 @@ class Checkpointer:
         """Rank 0 writes the marker once it sees every rank's files. It records save_s (sync: the whole
         save; async: until rank 0's write finished) and, for async saves, blocked_s (how long training
         waited) and marked_s (until the marker)."""
-        faults.kill_in_save(step)
         files = self._gather_written_files(path, records)
         if self.is_main:
             seconds = time.perf_counter() - started

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from p3d import faults, rng
+from p3d import rng
 from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState, read_marker, rng_file
 from p3d.config.schema import P3DConfig
 from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
@@ -134,7 +134,6 @@ class Trainer:
                     if blocked:
                         record["checkpoint_blocked_s"] = round(blocked, 4)
                     self.metrics.log(record)
-                    faults.fail_after_step(self.state.step)
                 self.checkpointer.wait()
         finally:
             self.metrics.close()

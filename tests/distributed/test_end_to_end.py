@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, _env, assert_ok, run_command, run_p3d
+from tests.conftest import FAST, _env, assert_ok, hooks_env, run_command, run_p3d
+from tests.distributed.test_checkpoint import SAME_LAYOUT, assert_same_losses
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -43,7 +44,7 @@ def test_mission_command_trains_and_a_rerun_resumes(model, tmp_path):
 @pytest.mark.slow
 def test_run_stopped_after_checkpoint_resumes_with_identical_losses(tmp_path):
     overrides = ["parallel=tp2dp2cp2", "train.steps=20", "checkpoint.every=10", "checkpoint.at_end=false", "data.seq_len=64"]
-    interrupted = run_p3d(tmp_path / "interrupted", overrides, nproc=8, env={"P3D_FAIL_AFTER_STEP": "10", "P3D_FAIL_RANK": "5"})
+    interrupted = run_p3d(tmp_path / "interrupted", overrides, nproc=8, env=hooks_env("fail_after_step=10", fault_rank=5))
     assert interrupted.returncode != 0
     assert [r["step"] for r in interrupted.records] == list(range(1, 11))
     resumed = run_p3d(tmp_path / "interrupted", overrides, nproc=8)
@@ -52,8 +53,7 @@ def test_run_stopped_after_checkpoint_resumes_with_identical_losses(tmp_path):
     assert [r["step"] for r in resumed.records] == list(range(1, 21))
     uninterrupted = run_p3d(tmp_path / "uninterrupted", overrides, nproc=8)
     assert_ok(uninterrupted)
-    worst = max(abs(a - b) for a, b in zip(resumed.losses[10:], uninterrupted.losses[10:]))
-    assert worst < 1e-4, (resumed.losses, uninterrupted.losses)
+    assert_same_losses(resumed.records, uninterrupted.records, **SAME_LAYOUT)
 
 
 def children_cpu_s() -> float:
