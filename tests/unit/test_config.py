@@ -19,17 +19,32 @@ def test_defaults_compose_to_a_typed_config():
     assert config.data.path is None
 
 
-@pytest.mark.parametrize("preset", ["tp1dp1cp1", "tp2dp2cp2", "tp2dp1cp4", "tp1dp2cp4"])
-def test_parallel_presets_set_their_sizes(preset):
-    config = to_object(compose([f"parallel={preset}"]))
-    digits = [int(c) for c in preset if c.isdigit()]
-    assert (config.parallel.tp, config.parallel.dp, config.parallel.cp) == tuple(digits)
+@pytest.mark.parametrize(
+    "name, sizes",
+    [("tp1dp1cp1", (1, 1, 1)), ("tp2dp4cp2", (2, 4, 2)), ("tp3dp5cp7", (3, 5, 7)), ("tp16dp12cp1", (16, 12, 1)),
+     ("dp8", (1, 8, 1)), ("tp2cp2", (2, -1, 2)), ("tp4", (4, -1, 1)), ("cp8", (1, -1, 8)), ("default", (1, -1, 1))],
+)
+def test_any_layout_by_name(name, sizes):
+    """No file per layout: a name gives tp, dp, cp (left out: tp and cp 1, dp -1, filling the world)."""
+    config = to_object(compose([f"parallel={name}"]))
+    assert (config.parallel.tp, config.parallel.dp, config.parallel.cp) == sizes
+    assert not (conf_dir() / "parallel" / f"{name}.yaml").exists() or name == "default"
 
 
-def test_every_parallel_preset_matches_its_name():
-    for path in (conf_dir() / "parallel").glob("tp*dp*cp*.yaml"):
-        config = to_object(compose([f"parallel={path.stem}"]))
-        assert path.stem == f"tp{config.parallel.tp}dp{config.parallel.dp}cp{config.parallel.cp}"
+def test_layout_names_work_in_a_recipe_and_lose_to_a_later_override():
+    config = to_object(compose(["+recipe=tiny_llama_3d", "parallel=tp4dp2"]))
+    assert (config.parallel.tp, config.parallel.dp, config.parallel.cp) == (4, 2, 1)
+    config = to_object(compose(["parallel=tp4dp2", "parallel.cp=2"]))
+    assert (config.parallel.tp, config.parallel.dp, config.parallel.cp) == (4, 2, 2)
+
+
+@pytest.mark.parametrize("name", ["tp2dp4cp", "tp0dp2", "cp2tp2", "tp2dp02", "tpdp", "dp-1", "tp2x"])
+def test_a_malformed_layout_name_is_one_line_with_the_grammar(name):
+    with pytest.raises(ConfigError) as error:
+        compose([f"parallel={name}"])
+    (line,) = error.value.problems
+    assert line.startswith(f"parallel={name}: no such preset or layout name; layouts are named tp{{T}}dp{{D}}cp{{C}}")
+    assert "or a preset: default" in line
 
 
 def test_model_config_override_changes_the_model():
