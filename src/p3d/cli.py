@@ -22,7 +22,8 @@ USAGE = """usage: p3d <command> [...]
 
 commands:
   train [torchrun options] [key=value ...]   validate the config, then launch training
-                                             (--nproc-per-node defaults to dp*cp*tp)
+                                             (--nproc-per-node defaults to dp*cp*tp; with
+                                             parallel.dp=-1 the node's GPUs, or tp*cp on CPU)
   plan [key=value ...] --world-size N        validate and explain a config for N ranks (no GPU, no
                                              process group): rank map, memory per rank, collectives
   export <checkpoint or run dir> <out_dir>   write a checkpoint as a Hugging Face model directory
