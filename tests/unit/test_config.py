@@ -130,3 +130,38 @@ def test_explicit_run_dir_is_kept():
 def test_hydra_flags_are_refused():
     with pytest.raises(ConfigError, match="--multirun"):
         compose(["--multirun"])
+
+
+def user_config_dir(root):
+    """A user's directory: a new model preset, one replacing a shipped preset, a new group option, a recipe."""
+    (root / "model").mkdir(parents=True)
+    (root / "parallel").mkdir()
+    (root / "recipe").mkdir()
+    (root / "model" / "user_llama.yaml").write_text("# mine\nname: user_llama\narch: llama\nconfig:\n  num_hidden_layers: 3\n  hidden_size: 32\n  num_attention_heads: 4\n  num_key_value_heads: 2\n  intermediate_size: 64\n  vocab_size: 264\n")
+    (root / "model" / "tiny_opt.yaml").write_text("name: my_tiny_opt\narch: llama\nconfig:\n  num_hidden_layers: 1\n")
+    (root / "parallel" / "wide.yaml").write_text("# all data-parallel, 4 ranks\ndp: 4\n")
+    (root / "recipe" / "user_run.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: user_llama\n  - override /parallel: tp2\ntrain:\n  steps: 7\n"
+    )
+    return root
+
+
+def test_config_dir_adds_presets_and_recipes_in_front_of_p3ds(tmp_path):
+    mine = user_config_dir(tmp_path / "mine")
+    config = to_object(compose(["+recipe=user_run"], [mine]))
+    assert (config.model.name, config.model.config["num_hidden_layers"], config.parallel.tp, config.train.steps) == ("user_llama", 3, 2, 7)
+    assert to_object(compose(["model=tiny_opt"], [mine])).model.name == "my_tiny_opt"  # the user's file wins
+    assert to_object(compose(["model=tiny_opt"])).model.name == "tiny_opt"  # and only where given
+    assert to_object(compose(["parallel=wide"], [mine])).parallel.dp == 4
+    assert to_object(compose(["parallel=tp2dp2"], [mine])).parallel.tp == 2  # layout names still work
+    assert to_object(compose(["+recipe=tiny_llama_3d"], [mine])).train.steps == 40  # shipped recipes too
+
+
+def test_a_missing_config_dir_or_preset_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--config-dir .*nope: no such directory"):
+        compose([], [tmp_path / "nope"])
+    mine = user_config_dir(tmp_path / "mine")
+    with pytest.raises(ConfigError) as error:
+        compose(["model=gpt5"], [mine])
+    (line,) = error.value.problems
+    assert line == "model=gpt5: no such preset in group 'model' (available: opt1.3b, tiny_llama, tiny_opt, user_llama); or write DIR/model/gpt5.yaml and pass --config-dir DIR"

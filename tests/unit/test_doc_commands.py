@@ -129,20 +129,27 @@ def jobs_of(command: str) -> list[tuple[list[str], list[str], int | None]]:
     if subcommand == "train":
         return _train_jobs(rest)
     if subcommand in ("plan", "tune"):
-        flags, rest = split_hydra_flags(rest)
+        flags, rest = _flags(rest)
         world_size, overrides = cli._world_size_arg(rest, required=False)
         overrides = [o for o in overrides if not o.startswith("--steps")]
         return [(flags.config_dirs, overrides, world_size if subcommand == "plan" else None)]
     return []  # ls, export, --help: nothing to compose
 
 
-def _module_job(args: list[str], world_size: int) -> tuple[list[str], list[str], int]:
-    flags, overrides = split_hydra_flags(args)
-    return flags.config_dirs, overrides, world_size
+def _flags(args: list[str]):
+    """Hydra's flags and the rest; documented config directories are relative to the repository."""
+    flags, rest = split_hydra_flags(args)
+    flags.config_dirs = [str(ROOT / directory) for directory in flags.config_dirs]
+    return flags, rest
+
+
+def _module_job(args: list[str], world_size: int) -> tuple[list[str], list[str], int | None]:
+    flags, overrides = _flags(args)
+    return flags.config_dirs, overrides, None if flags.prints_and_exits else world_size
 
 
 def _train_jobs(args: list[str]) -> list[tuple[list[str], list[str], int | None]]:
-    flags, rest = split_hydra_flags(args)
+    flags, rest = _flags(args)
     launcher, overrides = cli.split_launcher_args(rest)
     if flags.prints_and_exits:
         return [(flags.config_dirs, overrides, None)]
@@ -172,7 +179,7 @@ def _sbatch_job(args: list[str]) -> tuple[list[str], list[str], int]:
     options = dict(word.lstrip("-").split("=", 1) for word in args[:script_index] if "=" in word)
     nodes = int(options.get("nodes", directives["nodes"]))
     gpus = int(options.get("gpus-per-node", directives["gpus-per-node"]))
-    flags, overrides = split_hydra_flags(args[script_index + 1 :])
+    flags, overrides = _flags(args[script_index + 1 :])
     return flags.config_dirs, overrides, nodes * gpus
 
 

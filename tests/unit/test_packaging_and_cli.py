@@ -34,3 +34,12 @@ def test_incomplete_checkpoints_are_never_latest(tmp_path):
     (tmp_path / "step_00000010" / COMPLETE_MARKER).write_text("{}")
     found = complete_checkpoints(tmp_path)  # step 15 has no marker: a save that died
     assert [step for step, _ in found] == [5, 10] and found[-1][1] == tmp_path / "step_00000010"
+
+
+def test_p3d_ls_lists_a_config_dirs_presets_first(tmp_path):
+    from tests.unit.test_config import user_config_dir
+
+    mine = user_config_dir(tmp_path / "mine")
+    done = subprocess.run([sys.executable, "-m", "p3d.cli", "ls", "--config-dir", str(mine)], capture_output=True, text=True, check=True)
+    assert "  user_llama             mine" in done.stdout and "  wide                   all data-parallel, 4 ranks" in done.stdout
+    assert "  user_run" in done.stdout.split("recipe (select with +recipe=NAME):")[1]
