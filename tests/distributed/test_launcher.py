@@ -37,3 +37,12 @@ def test_config_dir_model_preset_and_recipe_train_under_p3d_train(tmp_path):
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.model.name == "user_llama" and saved.model.config.num_hidden_layers == 3
     assert len(json.loads((run_dir / "summary.json").read_text())["peak_mem_gb_per_rank"]) == 2
+
+
+@pytest.mark.slow
+def test_cfg_job_under_torchrun_prints_once(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "p3d.train", "--cfg", "job", "train.steps=3"]
+    done = run_command(command, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("\ntrain:\n") == 1 and "  steps: 3\n" in done.stdout
+    assert not (tmp_path / "runs").exists()  # printed and exited: no run started

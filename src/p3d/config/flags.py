@@ -132,7 +132,10 @@ def print_config(flags: HydraFlags, overrides: Sequence[str]) -> None:
         cfg = compose(overrides, flags.config_dirs)
     else:
         hydra_node = compose_hydra_node(overrides, flags.config_dirs)
-        cfg = OmegaConf.create({"hydra": hydra_node}) if flags.cfg == "hydra" else OmegaConf.merge(compose(overrides, flags.config_dirs), {"hydra": hydra_node})
+        cfg = OmegaConf.create({"hydra": hydra_node})
+        if flags.cfg == "all":
+            job = OmegaConf.to_container(compose(overrides, flags.config_dirs), enum_to_str=True)
+            cfg = OmegaConf.merge(cfg, job)
     node = cfg if flags.package in (None, "", "_global_") else OmegaConf.select(cfg, flags.package)
     if node is None:
         raise ConfigError(f"--package {flags.package}: no such key in the config")
