@@ -153,12 +153,15 @@ def _train_jobs(args: list[str]) -> list[tuple[list[str], list[str], int | None]
     launcher, overrides = cli.split_launcher_args(rest)
     if flags.prints_and_exits:
         return [(flags.config_dirs, overrides, None)]
+    jobs = [overrides]
     if flags.multirun:
         from p3d.sweep import split_sweep
 
-        jobs, _ = split_sweep(overrides)
-    else:
-        jobs = [overrides]
+        jobs, slurm = split_sweep(overrides)
+        settings = dict(o.split("=", 1) for o in slurm)  # a Slurm job's nodes and ranks per node
+        launcher = [*launcher, "--nnodes", settings.get("hydra.launcher.nodes", "1")]
+        if "hydra.launcher.gpus_per_node" in settings:
+            launcher += ["--nproc-per-node", settings["hydra.launcher.gpus_per_node"]]
     return [(flags.config_dirs, job, _train_world_size(launcher, job, flags.config_dirs)) for job in jobs]
 
 
