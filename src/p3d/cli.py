@@ -1,6 +1,8 @@
 """The `p3d` command line.
 
     p3d train [torchrun options] [key=value ...]   validate, then launch (torchrun in-process)
+    p3d plan [key=value ...] --world-size N        validate and explain a config for N ranks
+    p3d tune [key=value ...] --world-size N        rank the layouts that fit by measured tokens/s (p3d/tune.py)
     p3d export <checkpoint> <out_dir>              a checkpoint as a Hugging Face model directory
     p3d ls                                         presets of every config group, and the recipes
 """
@@ -26,6 +28,9 @@ commands:
                                              parallel.dp=-1 the node's GPUs, or tp*cp on CPU)
   plan [key=value ...] --world-size N        validate and explain a config for N ranks (no GPU, no
                                              process group): rank map, memory per rank, collectives
+  tune [key=value ...] --world-size N        run each layout that validates and fits N ranks for a few
+       [--steps K] [--rounds R]              steps here, rank them by tokens/s, print the command for
+                                             the fastest
   export <checkpoint or run dir> <out_dir>   write a checkpoint as a Hugging Face model directory
                                              (safetensors, config, tokenizer); a run dir means its newest
   ls                                         list the presets of every config group and the recipes
@@ -34,6 +39,7 @@ examples:
   p3d train parallel=tp2dp2cp2 model=tiny_llama train.steps=20
   p3d train --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:29500 parallel=tp2dp4cp2
   p3d plan parallel=tp2dp2cp2 model=opt1.3b --world-size 8
+  p3d tune model=tiny_llama --world-size 8 --steps 10
   p3d export runs/tiny_llama-1a2b3c4d/checkpoints/step_00000020 exported/tiny_llama
   p3d ls"""
 
@@ -51,10 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         plan_command(rest)
     elif command == "export":
         export_command(rest)
+    elif command == "tune":
+        tune_command(rest)
     elif command == "ls":
         list_command(rest)
     else:
-        print(f"p3d: error: unknown command '{command}' (use train, plan, export or ls)", file=sys.stderr)
+        print(f"p3d: error: unknown command '{command}' (use train, plan, tune, export or ls)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -273,21 +281,56 @@ def plan_command(args: Sequence[str]) -> None:
 PLAN_USAGE = "usage: p3d plan [--config-dir DIR] [key=value ...] --world-size N"
 
 
-def _world_size_arg(args: Sequence[str], required: bool = True) -> tuple[int | None, list[str]]:
+TUNE_USAGE = "usage: p3d tune [--config-dir DIR] [key=value ...] --world-size N [--steps K] [--rounds R]"
+
+
+@exits_cleanly
+def tune_command(args: Sequence[str]) -> None:
+    """Rank the layouts that validate and fit by measured tokens/s (p3d/tune.py)."""
+    from p3d.config.flags import show, split_hydra_flags
+    from p3d.tune import tune
+
+    flags, rest = split_hydra_flags(args)
+    if flags.multirun:
+        raise ConfigError("-m/--multirun: p3d tune runs its own sweep over the layouts")
+    steps, rest = _int_option(rest, "--steps", default=10, at_least=2)
+    rounds, rest = _int_option(rest, "--rounds", default=2, at_least=1)
+    if flags.prints_and_exits:
+        show(flags, _world_size_arg(rest, required=False)[1], TUNE_USAGE)
+        return
+    world_size, overrides = _world_size_arg(rest, command="p3d tune", what="the number of ranks to tune for")
+    sys.exit(tune(overrides, world_size, steps, rounds, flags.config_dirs))
+
+
+def _int_option(args: Sequence[str], name: str, default: int, at_least: int) -> tuple[int, list[str]]:
+    """`--name N` or `--name=N` taken out of args."""
+    value, rest = str(default), []
+    iterator = iter(args)
+    for arg in iterator:
+        if arg == name or arg.startswith(name + "="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(iterator, "")
+        else:
+            rest.append(arg)
+    if not value.isdigit() or int(value) < at_least:
+        raise ConfigError(f"{name} {value}: needs a whole number >= {at_least}")
+    return int(value), rest
+
+
+def _world_size_arg(
+    args: Sequence[str], required: bool = True, command: str = "p3d plan", what: str = "the number of ranks to plan for"
+) -> tuple[int | None, list[str]]:
     overrides, world_size = [], None
     iterator = iter(args)
     for arg in iterator:
         if arg.startswith("--world-size") or arg.startswith("--world_size"):
             value = arg.split("=", 1)[1] if "=" in arg else next(iterator, "")
             if not value.isdigit() or int(value) < 1:
-                print(f"p3d: error: --world-size needs a positive number, got '{value}'", file=sys.stderr)
-                sys.exit(2)
+                raise ConfigError(f"--world-size needs a positive number, got '{value}'")
             world_size = int(value)
         else:
             overrides.append(arg)
     if world_size is None and required:
-        print("p3d: error: p3d plan needs --world-size N (the number of ranks to plan for)", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(f"{command} needs --world-size N ({what})")
     return world_size, overrides
 
 

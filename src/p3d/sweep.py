@@ -103,14 +103,14 @@ def swept_overrides(jobs: list[list[str]]) -> list[list[str]]:
     return [[o for o in job if o not in common] for job in jobs]
 
 
-def sweep_directory(common: list[str], config_dirs: Sequence[str]) -> Path:
-    """run.dir when given, else a new <run.root>/multirun/<date>_<time>."""
+def sweep_directory(common: list[str], config_dirs: Sequence[str], kind: str = "multirun") -> Path:
+    """run.dir when given, else a new <run.root>/<kind>/<date>_<time>."""
     from p3d.config.compose import to_object
 
     config = to_object(compose(common, config_dirs))
     if any(o.lstrip("+~").split("=", 1)[0] == "run.dir" for o in common):
         return Path(config.run.dir)
-    base = Path(config.run.root) / "multirun" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    base = Path(config.run.root) / kind / time.strftime("%Y-%m-%d_%H-%M-%S")
     candidate, suffix = base, 1
     while candidate.exists():
         suffix += 1

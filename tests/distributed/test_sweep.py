@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -125,3 +126,33 @@ def test_slurm_launcher_runs_each_job_as_a_two_node_slurm_job(tmp_path):
     assert summary["step"] == 2 and len(summary["peak_mem_gb_per_rank"]) == 2
     logs = "".join(path.read_text() for path in sweep_dir.glob(".submitit/1000/*_log.out"))
     assert logs.count("p3d: starting 1 process per node") == 2 and "dp=2 cp=1 tp=1 (world 2)" in logs
+
+
+@pytest.mark.slow
+def test_tune_runs_the_layouts_that_fit_and_ends_with_the_command_for_the_fastest(tmp_path):
+    """Two layouts of 2 ranks, one round (the order of several rounds and their median: tests/unit/test_tune.py)."""
+    fixed = ["parallel.tp=1", "train.activation_checkpointing=none"]
+    command = [sys.executable, "-m", "p3d.cli", "tune", *FAST, *fixed, "--world-size", "2", "--steps", "3", "--rounds", "1"]
+    done = run_command(command, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "p3d: tune: 2 candidates for 2 ranks (train.activation_checkpointing as given)" in done.stdout
+    assert "p3d: tune: running 2 layouts for 3 steps, 1 round, in " in done.stdout
+    assert re.findall(r"p3d: job \d/2: parallel=(\w+) \S+ \(round 1\)", done.stdout) == ["dp2", "dp1cp2"]
+    assert done.stdout.count("p3d: starting 2 processes per node") == 2  # each a whole p3d train
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rank  layout"))
+    ranked = [line.split() for line in lines[header + 1 : header + 3]]
+    assert [row[0] for row in ranked] == ["1", "2"] and {row[1] for row in ranked} == {"dp2", "dp1cp2"}
+    rates = [float(row[3].replace(",", "")) for row in ranked]
+    assert rates[0] >= rates[1] > 0 and all(row[-1] == "ok" for row in ranked)
+    best = ranked[0][1]
+    assert lines[-1] == f"    p3d train {' '.join(FAST)} parallel={best} train.activation_checkpointing=none"
+    (tune_dir,) = (tmp_path / "runs" / "tune").iterdir()
+    report = json.loads((tune_dir / "tune.json").read_text())
+    assert [entry["layout"] for entry in report] == [row[1] for row in ranked]
+    for entry in report:  # the reported rate is the median of the run's own per-step records after its first
+        (run_dir,) = entry["run_dirs"]
+        assert tmp_path / run_dir == tune_dir / f"{entry['layout']}-none" / "round1"  # under run.root, relative to the cwd
+        records = [json.loads(line) for line in (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert entry["tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in records[1:])

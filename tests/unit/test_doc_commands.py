@@ -128,12 +128,28 @@ def jobs_of(command: str) -> list[tuple[list[str], list[str], int | None]]:
     subcommand, rest = (words[1], words[2:]) if len(words) > 1 else ("--help", [])
     if subcommand == "train":
         return _train_jobs(rest)
-    if subcommand in ("plan", "tune"):
+    if subcommand == "plan":
         flags, rest = _flags(rest)
         world_size, overrides = cli._world_size_arg(rest, required=False)
-        overrides = [o for o in overrides if not o.startswith("--steps")]
-        return [(flags.config_dirs, overrides, world_size if subcommand == "plan" else None)]
+        return [(flags.config_dirs, overrides, world_size)]
+    if subcommand == "tune":
+        return _tune_jobs(rest)
     return []  # ls, export, --help: nothing to compose
+
+
+def _tune_jobs(args: list[str]) -> list[tuple[list[str], list[str], int | None]]:
+    """The layouts the tuner would run (it finds at least one), each composed and validated."""
+    from p3d.tune import candidates
+
+    flags, rest = _flags(args)
+    for option, at_least in (("--steps", 2), ("--rounds", 1)):
+        _, rest = cli._int_option(rest, option, default=at_least, at_least=at_least)
+    world_size, overrides = cli._world_size_arg(rest, required=False)
+    if world_size is None:
+        return [(flags.config_dirs, overrides, None)]
+    runnable = [c for c in candidates(overrides, world_size, flags.config_dirs) if c.problem is None]
+    assert runnable, f"no layout of {overrides} validates and fits {world_size} ranks"
+    return [(flags.config_dirs, [*overrides, *c.overrides], world_size) for c in runnable]
 
 
 def _flags(args: list[str]):
