@@ -128,9 +128,10 @@ def run_sweep(launcher_args: list[str], overrides: list[str], config_dirs: Seque
         JobResult(number, swept, job, str(sweep_dir / str(number)))
         for number, (job, swept) in enumerate(zip(jobs, swept_overrides(jobs)))
     ]
+    slurm = SlurmSweep(launcher_overrides, common, config_dirs, sweep_dir) if launcher_overrides else None  # refused before anything is said
     print(f"p3d: sweep of {len(jobs)} job{'s' if len(jobs) != 1 else ''} in {sweep_dir}" + (f" (every job: {' '.join(common)})" if common else ""), flush=True)
-    if launcher_overrides:
-        SlurmSweep(launcher_overrides, common, config_dirs, sweep_dir).run(results, launcher_args)
+    if slurm is not None:
+        slurm.run(results, launcher_args)
     else:
         run_in_turn(results, launcher_args, config_dirs, sweep_dir)
     print(format_table(results), flush=True)

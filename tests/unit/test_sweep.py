@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from p3d.errors import ConfigError
+from p3d import cli
 from p3d.sweep import JobResult, format_table, split_sweep, sweep_directory, swept_overrides
 
 
@@ -43,6 +44,14 @@ def test_what_a_sweep_refuses_is_one_line(overrides, message):
         split_sweep(overrides)
     (line,) = error.value.problems
     assert line.startswith(message), line
+
+
+def test_a_launcher_other_than_slurm_is_refused_before_the_sweep_starts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "-m", "hydra/launcher=basic", "optim.lr=1e-3,3e-4", f"run.root={tmp_path}"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == "" and not (tmp_path / "multirun").exists()
+    assert err == "p3d: error: hydra/launcher=basic: p3d sweeps run in turn here, or on Slurm with hydra/launcher=submitit_slurm (and hydra.launcher.* settings)\n"
 
 
 def test_the_sweep_directory_is_run_dir_or_a_new_dated_one_under_run_root(tmp_path):
