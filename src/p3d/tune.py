@@ -77,7 +77,14 @@ class Candidate:
         failed = next((run for run in self.runs if run.status != "ok"), None)
         if failed is None:
             return "ok" if self.runs else "not run"
+        if failed.status == "not run":
+            return "not run (the tuner was stopped)"
         return f"{failed.status} (exit {failed.exit_code}): {failed.error}"
+
+    @property
+    def stopped(self) -> bool:
+        """A run of it was interrupted, or never started, because the tuner was stopped."""
+        return any(run.status in ("interrupted", "not run") for run in self.runs)
 
 
 # --- which layouts -------------------------------------------------------------------------------
@@ -134,6 +141,24 @@ def without_keys(overrides: Sequence[str], keys: Sequence[str]) -> list[str]:
         return name == key or name.startswith(key + ".")
 
     return [o for o in overrides if not any(sets(o, key) for key in keys)]
+
+
+def check_node(overrides: Sequence[str], config_dirs: Sequence[str], world_size: int) -> None:
+    """Every layout runs on this node: on accelerators, one process per device."""
+    from p3d.distributed.env import resolve_device_type
+
+    config = to_object(compose(without_keys(overrides, [*LAYOUT_KEYS, AC_KEY]), config_dirs))
+    device = resolve_device_type(config.dist.device)
+    if device == "cpu":
+        return
+    import torch
+
+    count = torch.accelerator.device_count()
+    if world_size > count:
+        raise ConfigError(
+            f"--world-size {world_size}: p3d tune runs every layout on this node, which has {count} {device} devices; "
+            f"tune for at most {count} ranks (tuning across nodes is not available)"
+        )
 
 
 def check(candidate: Candidate, overrides: Sequence[str], config_dirs: Sequence[str], world_size: int) -> None:
@@ -222,8 +247,10 @@ def ranking(measured: list[Candidate]) -> list[Candidate]:
 
 
 def tune(overrides: list[str], world_size: int, steps: int, rounds: int = 2, config_dirs: Sequence[str] = ()) -> int:
-    """List, check, measure and rank the layouts; 0 when one was found, 2 when none runs, 1 when all failed."""
+    """List, check, measure and rank the layouts; 0 when one was found, 2 when none runs, 1 when all failed
+    or the tuner was stopped (SIGINT, SIGTERM: the run under way saves nothing and stops, the rest never start)."""
     config_dirs = [str(d) for d in checked_config_dirs(config_dirs)]
+    check_node(overrides, config_dirs, world_size)
     checked = candidates(overrides, world_size, config_dirs)
     print(format_candidates(checked, world_size, AC_KEY in fixed_by_overrides(overrides)), flush=True)
     runnable = [c for c in checked if c.problem is None]
@@ -233,15 +260,18 @@ def tune(overrides: list[str], world_size: int, steps: int, rounds: int = 2, con
     tune_dir = measure(runnable, overrides, config_dirs, steps, rounds)
     print(format_ranking(runnable, steps, rounds), flush=True)
     ranked = ranking(runnable)
+    tune_dir.mkdir(parents=True, exist_ok=True)
     (tune_dir / "tune.json").write_text(json.dumps([summary(c) for c in [*ranked, *(c for c in runnable if c not in ranked)]], indent=1) + "\n")
+    stopped = any(c.stopped for c in runnable)
     if not ranked:
-        print("p3d: error: every layout failed; see the status column", file=sys.stderr)
+        print(f"p3d: error: {'the tuner was stopped before any layout finished' if stopped else 'every layout failed; see the status column'}", file=sys.stderr)
         return 1
     best = ranked[0]
     config_dir_args = [f"--config-dir {d}" for d in config_dirs]
     command = " ".join(["p3d", "train", *config_dir_args, *without_keys(overrides, [*LAYOUT_KEYS, AC_KEY]), *best.overrides])
-    print(f"p3d: tune: fastest here: {best.name} with activation checkpointing {best.ac}; train with:\n    {command}", flush=True)
-    return 0
+    among = "of the layouts measured before the tuner was stopped" if stopped else "here"
+    print(f"p3d: tune: fastest {among}: {best.name} with activation checkpointing {best.ac}; train with:\n    {command}", flush=True)
+    return 1 if stopped else 0
 
 
 # --- the report ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the order of the measured runs, and how they rank."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ import p3d.plan
 from p3d import cli
 from p3d.errors import ConfigError
 from p3d.sweep import JobResult
-from p3d.tune import Candidate, candidates, check, format_ranking, layout_splits, layouts_to_try, ranking, schedule, steady_rates
+from p3d.tune import Candidate, candidates, check, check_node, format_ranking, layout_splits, layouts_to_try, ranking, schedule, steady_rates, tune
 
 
 def test_every_split_of_the_world_over_tp_cp_and_dp():
@@ -102,3 +103,39 @@ def test_bad_tune_commands_are_one_line_and_exit_2(args, expected, capsys):
         cli.main(["tune", *args])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(f"p3d: error: {expected}") and len(err.splitlines()) == 1, err
+
+
+def test_on_accelerators_the_world_must_fit_this_nodes_devices(monkeypatch):
+    import torch
+
+    import p3d.distributed.env as env
+
+    monkeypatch.setattr(env, "resolve_device_type", lambda requested: "cuda")
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match=r"--world-size 8: p3d tune runs every layout on this node, which has 4 cuda devices"):
+        check_node(["model=tiny_llama"], [], 8)
+    check_node(["model=tiny_llama"], [], 4)
+
+
+def test_a_stopped_tuner_ranks_what_it_measured_and_exits_1(tmp_path, monkeypatch, capsys):
+    """tune() itself, its p3d train jobs replaced: the first layout measured, then SIGINT during the second."""
+    import p3d.tune
+
+    def first_job_then_stopped(jobs, launcher_args, config_dirs, tune_dir):
+        assert [job.swept for job in jobs] == [[*layout, "(round 1)"] for layout in (["parallel=dp2", "train.activation_checkpointing=none"], ["parallel=dp1cp2", "train.activation_checkpointing=none"])]
+        Path(jobs[0].run_dir).mkdir(parents=True)
+        (Path(jobs[0].run_dir) / "metrics.jsonl").write_text("".join(json.dumps({"tokens_per_s": r}) + "\n" for r in (5, 50, 70)))
+        jobs[0].status, jobs[0].exit_code, jobs[0].final_loss = "ok", 0, 5.5
+        jobs[1].status, jobs[1].exit_code, jobs[1].error = "interrupted", 130, "exited with code 130"
+
+    monkeypatch.setattr(p3d.tune, "run_in_turn", first_job_then_stopped)
+    code = tune(["model=tiny_llama", "parallel.tp=1", f"run.root={tmp_path}"], 2, steps=3, rounds=1)
+    out, err = capsys.readouterr()
+    assert code == 1 and err == ""
+    rows = out.split("rank  layout      AC    tokens/s  per round         peak mem/rank  final loss  status\n")[1].splitlines()
+    assert rows[0].split() == ["1", "dp2", "none", "60", "60", "n/a", "5.5000", "ok"]
+    assert rows[1].split()[:4] == ["-", "dp1cp2", "none", "n/a"] and rows[1].endswith("interrupted (exit 130): exited with code 130")
+    assert rows[2] == "p3d: tune: fastest of the layouts measured before the tuner was stopped: dp2 with activation checkpointing none; train with:"
+    assert rows[3] == f"    p3d train model=tiny_llama run.root={tmp_path} parallel=dp2 train.activation_checkpointing=none"
+    (tune_dir,) = (tmp_path / "tune").iterdir()
+    assert [entry["status"] for entry in json.loads((tune_dir / "tune.json").read_text())] == ["ok", "interrupted (exit 130): exited with code 130"]
