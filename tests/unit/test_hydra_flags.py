@@ -8,6 +8,7 @@ import yaml
 
 from p3d import cli
 from p3d import train as train_module
+from p3d.config.compose import compose
 from p3d.config.flags import HydraFlags, split_hydra_flags
 from p3d.errors import ConfigError
 
@@ -49,6 +50,8 @@ def test_info_and_help(capsys):
     for part in ("Config search path", "p3d layouts", "Defaults List", "parallel/tp2", "Config"):
         assert part in info, info
     assert "Config search path" in printed(capsys, cli.plan_command, ["--info", "searchpath", "--world-size", "4"])
+    compose([])  # Hydra's logging, configured by --info, is undone: composing later in the process prints nothing
+    assert capsys.readouterr() == ("", "")
     helped = printed(capsys, cli.train_command, ["--help", "train.steps=7"])
     assert "== Configuration groups ==" in helped and "parallel: default, or any layout by name tp{T}dp{D}cp{C}" in helped
     assert "+recipe: opt1.3b_bf16_3d, opt1.3b_cpu_smoke, tiny_llama_3d" in helped
