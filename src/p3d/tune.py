@@ -213,7 +213,7 @@ def candidates(overrides: Sequence[str], world_size: int, config_dirs: Sequence[
 
 
 def schedule(runnable: list[Candidate], rounds: int) -> list[tuple[int, Candidate]]:
-    """(round, candidate) in the order they run: every candidate once per round, odd rounds reversed."""
+    """(round, candidate) in the order they run: every candidate once per round, every second round reversed."""
     return [(r, c) for r in range(1, rounds + 1) for c in (runnable if r % 2 else runnable[::-1])]
 
 
