@@ -50,8 +50,12 @@ def register_configs() -> None:
 
 
 def _normalise_overrides(overrides: Sequence[str]) -> list[str]:
-    """`model.config.<field>=v` may name any Hugging Face config field, present in the preset or not."""
-    normalised = []
+    """`model.config.<field>=v` may name any Hugging Face config field, present in the preset or not.
+
+    `model.arch=X` without a model preset (or a recipe that may pick one) means a tiny X: the default
+    preset's sizes are written for its own architecture, so `model=tiny` is used instead."""
+    keys = [override.lstrip("+~").split("=", 1)[0] for override in overrides]
+    normalised = ["model=tiny"] if "model.arch" in keys and "model" not in keys and "recipe" not in keys else []
     for override in overrides:
         if override.startswith("model.config.") and "=" in override:
             override = "++" + override
@@ -70,10 +74,19 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
             cfg = hydra_compose(config_name="config", overrides=_normalise_overrides(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise ConfigError(describe_compose_error(error)) from error
+    if not cfg.model.name:
+        OmegaConf.update(cfg, "model.name", derived_model_name(cfg.model.pretrained, cfg.model.arch))
     cfg_run = cfg.run
     if cfg_run.dir is None:
         OmegaConf.update(cfg, "run.dir", str(Path(cfg_run.root) / f"{cfg.model.name}-{run_id(overrides)}"))
     return cfg
+
+
+def derived_model_name(pretrained: str | None, arch: str | None) -> str:
+    """A run name for a preset without one: the checkpoint's directory (or hub repo) name, else the arch."""
+    if pretrained:
+        return Path(str(pretrained).rstrip("/")).name or "model"
+    return arch or "model"
 
 
 def to_object(cfg: DictConfig) -> P3DConfig:

@@ -12,9 +12,10 @@ from p3d.distributed.env import resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
 from p3d.model import build_hf_config, build_meta_model
+from p3d.models import architecture
 from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
 from p3d.parallel.sequence import sequence_parallel_problems
-from p3d.parallel.tensor import check_plan, resolve_plan
+from p3d.parallel.tensor import resolve_plan
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ValidatedSetup:
     hf_config: PretrainedConfig
     tp_plan: dict[str, str]
     cp_impl: CPImpl  # resolved: never auto
+    plan_source: str = "model.tp_plan"  # where tp_plan comes from: model.tp_plan, p3d, transformers or inferred
 
 
 def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
@@ -41,20 +43,23 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems += _check_cp_impl(config, cp_impl, device_type)
     hf_config = _collect(problems, lambda: build_hf_config(config.model))
     tp_plan: dict[str, str] = {}
+    plan_source = "model.tp_plan"
     if hf_config is not None:
-        problems += _check_heads(hf_config, config.parallel.tp)
-        problems += _check_positions(hf_config, config)
+        arch = architecture(hf_config)
+        problems += arch.position_problems(hf_config, config.data.seq_len)
         problems += _check_attention_for_cp(hf_config, config)
         meta_model = build_meta_model(hf_config)
-        tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, meta_model)) or {}
-        problems += check_plan(tp_plan, meta_model, config.parallel.tp)
+        choice = arch.plan(meta_model)
+        plan_source = choice.source if config.model.tp_plan == "auto" else "model.tp_plan"
+        tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, choice.plan)) or {}
+        problems += arch.tensor_parallel_problems(meta_model, choice, tp_plan, config.parallel.tp)
         if config.parallel.sequence_parallel:
             local_seq_len = config.data.seq_len // max(config.parallel.cp, 1)
             problems += sequence_parallel_problems(hf_config, meta_model, tp_plan, config.parallel.tp, local_seq_len)
         problems += _check_vocab(config, hf_config)
     if problems:
         raise ConfigError(problems)
-    return ValidatedSetup(dims=dims, hf_config=hf_config, tp_plan=tp_plan, cp_impl=cp_impl)
+    return ValidatedSetup(dims=dims, hf_config=hf_config, tp_plan=tp_plan, cp_impl=cp_impl, plan_source=plan_source)
 
 
 def _collect(problems: list[str], make):
@@ -129,25 +134,6 @@ def _check_sequence(config: P3DConfig) -> list[str]:
             f"data.seq_len={seq_len} is not divisible by {chunks} (parallel.cp={cp} with parallel.cp_layout="
             f"{config.parallel.cp_layout.value} splits it into {chunks} chunks): use a multiple of {chunks}"
         ]
-    return []
-
-
-def _check_heads(hf_config: PretrainedConfig, tp: int) -> list[str]:
-    text = hf_config.get_text_config()
-    heads = getattr(text, "num_attention_heads", None)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    problems = []
-    if heads and heads % tp:
-        problems.append(f"parallel.tp={tp} does not divide model.config.num_attention_heads={heads}: choose a tp that divides it")
-    if kv_heads and kv_heads != heads and kv_heads % tp:
-        problems.append(f"parallel.tp={tp} does not divide model.config.num_key_value_heads={kv_heads}: choose a tp that divides it")
-    return problems
-
-
-def _check_positions(hf_config: PretrainedConfig, config: P3DConfig) -> list[str]:
-    limit = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
-    if limit and config.data.seq_len > limit:
-        return [f"data.seq_len={config.data.seq_len} exceeds model.config.max_position_embeddings={limit}"]
     return []
 
 

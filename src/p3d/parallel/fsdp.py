@@ -7,7 +7,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from p3d.model import decoder_blocks
+from p3d.models import decoder_blocks
 
 
 def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32) -> None:

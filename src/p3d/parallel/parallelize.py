@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from p3d.config.schema import DType, P3DConfig
 from p3d.distributed.mesh import Meshes
 from p3d.model import build_meta_model, materialize, tie_weights_if_configured
+from p3d.models import architecture
 from p3d.parallel.activation import apply_activation_checkpointing, compile_blocks
 from p3d.parallel.context import enable_context_parallel, uses_p3d_attention
 from p3d.parallel.fsdp import apply_fsdp
@@ -31,7 +32,8 @@ def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], 
     model = build_meta_model(hf_config)
     if dims.tp > 1:
         sequence_parallel = config.parallel.sequence_parallel
-        apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel)
+        localised = architecture(hf_config).localised_attributes
+        apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel, localised)
         if sequence_parallel:
             apply_sequence_parallel(model, meshes.tp)
         tie_weights_if_configured(model)
