@@ -123,34 +123,36 @@ def test_pretrained_needs_a_source():
     assert any("model.pretrained" in p for p in found)
 
 
-def test_sliding_window_models_are_refused_under_cp():
-    found = problems(["model.arch=mistral", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2)
-    assert any("parallel.cp=2" in p and "sliding-window" in p for p in found), found
-
-
-def test_sliding_window_is_refused_under_cp_naming_the_key():
-    (problem,) = [p for p in problems(["model.arch=mistral", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2) if "sliding" in p]
-    assert problem.startswith("model.config.sliding_window=16:") and "parallel.cp=2" in problem and "\n" not in problem
-
-
-def test_a_window_longer_than_the_sequence_is_plain_causal_and_allowed():
-    setup = validate(to_object(compose(["model.arch=mistral", "model.config.sliding_window=256", "data.seq_len=128", "parallel=tp1dp1cp2"])), 2)
-    assert setup.dims.cp == 2
-
-
-def test_sliding_layers_are_refused_under_cp():
-    found = problems(["model.arch=qwen2", "model.config.layer_types=[full_attention,sliding_attention]", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2)
-    assert any(p.startswith("model.config.layer_types:") and "sliding_attention" in p and "parallel.cp=2" in p for p in found), found
+@pytest.mark.parametrize("packing", ["stream", "documents"])
+def test_sliding_windows_softcapping_and_sinks_are_allowed_under_cp(packing):
+    for arch in ("mistral", "gemma2", "granite_swa"):
+        setup = validate(to_object(compose([f"model.arch={arch}", f"data.packing={packing}", "parallel=tp1dp1cp2"])), 2)
+        assert setup.dims.cp == 2
 
 
 def test_bidirectional_attention_is_refused_under_cp():
-    found = problems(["model.arch=bert", "parallel=tp1dp1cp2"], 2)
-    assert any(p.startswith("model.config.is_decoder=false:") and "bidirectionally" in p and "parallel.cp=2" in p for p in found), found
+    (problem,) = problems(["model.arch=bert", "parallel=tp1dp1cp2"], 2)
+    assert problem.startswith("model.arch=bert: BertConfig attends bidirectionally") and "parallel.cp=2" in problem
 
 
-def test_packed_documents_need_causal_attention_too():
-    found = problems(["model.arch=mistral", "model.config.sliding_window=16", "data.packing=documents"], 1)
-    assert any(p.startswith("model.config.sliding_window=16:") and "data.packing=documents" in p for p in found), found
+def test_attention_outside_the_interface_is_refused_under_cp():
+    (problem,) = problems(["model.arch=bloom", "parallel=tp1dp1cp2"], 2)
+    assert problem.startswith("model.arch=bloom: its attention does not go through transformers' attention interface")
+
+
+def test_attention_dropout_is_refused_naming_the_key():
+    (problem,) = problems(["model.arch=qwen2", "model.config.attention_dropout=0.1", "data.packing=documents"], 1)
+    assert problem.startswith("model.config.attention_dropout=0.1: p3d's attention (data.packing=documents) has no attention dropout")
+
+
+def test_models_without_attention_are_refused_under_cp():
+    (problem,) = problems(["model.arch=mamba", "parallel=tp1dp1cp2"], 2)
+    assert problem.startswith("model.arch=mamba:") and "parallel.cp=2" in problem and "use parallel.cp=1" in problem
+
+
+def test_torch_cp_impl_runs_plain_causal_attention_only():
+    found = problems(["model.arch=mistral", "parallel=tp1dp1cp2", "parallel.cp_impl=torch", "dist.device=cpu"], 2)
+    assert any("uses sliding windows" in p for p in found), found
 
 
 def test_torch_cp_impl_needs_cuda():

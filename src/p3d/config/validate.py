@@ -47,7 +47,7 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     if hf_config is not None:
         arch = architecture(hf_config)
         problems += arch.position_problems(hf_config, config.data.seq_len)
-        problems += _check_attention_for_cp(hf_config, config)
+        problems += _check_attention_for_cp(hf_config, config, cp_impl)
         meta_model = build_meta_model(hf_config)
         choice = arch.plan(meta_model)
         plan_source = choice.source if config.model.tp_plan == "auto" else "model.tp_plan"
@@ -148,32 +148,18 @@ def _check_cp_impl(config: P3DConfig, cp_impl: CPImpl, device_type: str | None) 
     return []
 
 
-def _check_attention_for_cp(hf_config: PretrainedConfig, config: P3DConfig) -> list[str]:
-    """p3d's CP attention (also used for packed documents) is plain causal and dropout-free: refuse other attention."""
-    cp, packing, seq_len = config.parallel.cp, config.data.packing, config.data.seq_len
+def _check_attention_for_cp(hf_config: PretrainedConfig, config: P3DConfig, cp_impl: CPImpl) -> list[str]:
+    """p3d's attention (CP, packed documents) must give the model's own results: the models seam probes it."""
+    cp, packing = config.parallel.cp, config.data.packing
     if not uses_p3d_attention(cp, packing):
         return []
     why = f"parallel.cp={cp}" if cp > 1 else f"data.packing={packing.value}"
     fix = "use parallel.cp=1" if cp > 1 else "use data.packing=stream"
-    text = hf_config.get_text_config()
-    name = type(text).__name__
-    window = getattr(text, "sliding_window", None)
-    layer_types = getattr(text, "layer_types", None) or ()
-    local_layers = sorted(set(layer_types) - {"full_attention"})
-    if local_layers:
-        return [f"model.config.layer_types: {name} has {', '.join(local_layers)} layers, which p3d's attention under {why} does not support (plain causal only); {fix}"]
-    if window and getattr(text, "use_sliding_window", True) and window < seq_len:
-        return [
-            f"model.config.sliding_window={window}: sliding-window attention is not supported under {why} (plain causal only); "
-            f"{fix}, or data.seq_len<={window} / model.config.sliding_window=null"
-        ]
-    if getattr(text, "is_causal", True) is False or getattr(text, "is_decoder", True) is False:
-        key = "is_causal" if getattr(text, "is_causal", True) is False else "is_decoder"
-        return [f"model.config.{key}=false: {name} attends bidirectionally, which p3d's attention under {why} does not support (causal only); {fix}"]
-    dropout = getattr(text, "attention_dropout", 0.0) or 0.0
-    if dropout > 0:
-        return [f"model.config.attention_dropout={dropout}: p3d's context-parallel attention ({why}) has no attention dropout; set it to 0"]
-    return []
+    arch = architecture(hf_config)
+    problems = arch.context_parallel_problems(hf_config, why, fix, packing is Packing.documents)
+    if not problems and cp_impl is CPImpl.torch and not arch.attention_is_plain_causal(hf_config):
+        problems.append(f"parallel.cp_impl=torch runs plain causal attention; model.arch={hf_config.model_type} uses sliding windows, softcapping or sinks: use parallel.cp_impl=ring")
+    return problems
 
 
 def _check_vocab(config: P3DConfig, hf_config: PretrainedConfig) -> list[str]:

@@ -131,6 +131,18 @@ class Architecture:
             ]
         return []
 
+    # ---- context parallelism ---------------------------------------------------------------
+    def context_parallel_problems(self, config: PretrainedConfig, why: str, fix: str, with_documents: bool) -> list[str]:
+        """Why p3d's attention (under `why`: CP or packed documents) would not give this model's results."""
+        from p3d.models import probe
+
+        return probe.context_parallel_problems(config, why, fix, with_documents)
+
+    def attention_is_plain_causal(self, config: PretrainedConfig) -> bool:
+        from p3d.models import probe
+
+        return probe.probe(config, with_documents=False).plain_causal
+
     # ---- checkpoints -------------------------------------------------------------------------
     def is_recomputed_checkpoint_key(self, key: str) -> bool:
         """Whether a checkpoint tensor the model has no parameter for is a buffer it recomputes."""

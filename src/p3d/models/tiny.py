@@ -79,7 +79,7 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def shrink(defaults: PretrainedConfig) -> dict[str, Any]:
+def shrink(defaults: PretrainedConfig, zero_dropout: bool = True) -> dict[str, Any]:
     """Config values that make `defaults` (an architecture's default config) tiny, as constructor kwargs."""
     values = _field_values(defaults)
     hidden = _safe_getattr(defaults, "hidden_size")
@@ -89,7 +89,7 @@ def shrink(defaults: PretrainedConfig) -> dict[str, Any]:
     tiny: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, PretrainedConfig):
-            tiny[name] = {**value.to_dict(), **shrink(value)}
+            tiny[name] = {**value.to_dict(), **shrink(value, zero_dropout)}
         elif name in _EXACT and _int(value):
             tiny[name] = _EXACT[name]
         elif name in _LAYER_FIELDS and _int(value):
@@ -106,8 +106,11 @@ def shrink(defaults: PretrainedConfig) -> dict[str, Any]:
             tiny[name] = min(value, MAX_POSITIONS)
         elif name in _WINDOW_FIELDS and _int(value) and value > 0:
             tiny[name] = min(value, WINDOW)
+        elif "rotary" in name and _int(value) and head_dim:  # rotary dims cover the same share of the smaller heads
+            tiny[name] = max(2, 2 * round(HEAD_DIM * value / head_dim / 2))
         elif "drop" in name and isinstance(value, float):
-            tiny[name] = 0.0
+            if zero_dropout:
+                tiny[name] = 0.0
         elif _int(value) and any(word in name for word in _SIZE_WORDS) and value > 1:
             if value == hidden:
                 tiny[name] = HIDDEN

@@ -31,10 +31,13 @@ from transformers.masking_utils import AttentionMaskInterface
 from p3d import compat
 from p3d.config.schema import CPImpl, CPLayout, Packing
 from p3d.data import TokenBatch
-from p3d.parallel.cp_attention import AllGatherAttention, AttentionTimer, CPComm, RingAttention, TilePlan
+from p3d.parallel.cp_attention import AllGatherAttention, AttentionOptions, AttentionTimer, CPComm, RingAttention, TilePlan
 from p3d.parallel.sharding import SequenceSharding
 
-__all__ = ["ATTENTION_NAME", "ContextParallel", "SequenceSharding", "enable_context_parallel", "resolve_cp_impl", "uses_p3d_attention"]
+__all__ = [
+    "ATTENTION_NAME", "ContextParallel", "SequenceSharding", "attending_in_one_process", "enable_context_parallel", "register_attention",
+    "resolve_cp_impl", "uses_p3d_attention",
+]
 
 ATTENTION_NAME = "p3d_cp"
 
@@ -98,19 +101,46 @@ class ContextParallel:
             _active = None
 
 
+@contextmanager
+def attending_in_one_process(plan: TilePlan) -> Iterator[None]:
+    """p3d_cp attention over one process's tokens, laid out as `plan` says (the CP probe of models/probe.py)."""
+    global _active
+    _active = _ActiveBatch(CPImpl.ring, plan, CPComm(None), AttentionTimer(False, plan.device))
+    try:
+        yield
+    finally:
+        _active = None
+
+
 def context_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Transformers attention interface: query [b, heads, q, d], key/value [b, kv heads, k, d] -> [b, q, heads, d]."""
+    """Transformers attention interface: query [b, heads, q, d], key/value [b, kv heads, k, d] -> [b, q, heads, d].
+
+    Honours what the layer passes: `sliding_window`, `softcap` and attention sinks (`s_aux`, one logit
+    per head). Bidirectional layers (`is_causal=False`) and attention dropout are refused at
+    validation (see models/probe.py); reaching them here is a bug, not silently wrong results."""
     if _active is None:
         raise RuntimeError("p3d_cp attention called outside ContextParallel.attending()")
     if dropout and module.training:
         raise RuntimeError("p3d_cp attention has no attention dropout; set the model's attention dropout to 0")
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise RuntimeError(f"p3d_cp attention is causal; {type(module).__name__} asked for bidirectional attention")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    options = attention_options(kwargs)
+    sinks = kwargs.get("s_aux")
     if _active.impl is CPImpl.torch:
+        if options != AttentionOptions() or sinks is not None:
+            raise RuntimeError("parallel.cp_impl=torch runs plain causal attention only")
         output = _torch_ring_attention(query, key, value, scale, _active.timer)
     else:
         schedule = RingAttention if _active.impl is CPImpl.ring else AllGatherAttention
-        output = schedule.apply(query, key, value, _active.plan, _active.comm, scale, _active.timer)
+        output = schedule.apply(query, key, value, sinks, _active.plan, _active.comm, scale, options, _active.timer)
     return output.transpose(1, 2).contiguous(), None
+
+
+def attention_options(kwargs: dict) -> AttentionOptions:
+    """The sliding window and softcap a transformers layer passes to its attention function."""
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    return AttentionOptions(window=int(window) if window else None, softcap=float(softcap) if softcap else None)
 
 
 def _torch_ring_attention(query, key, value, scale: float, timer: AttentionTimer) -> torch.Tensor:
@@ -126,9 +156,9 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-def register_attention() -> None:
-    AttentionInterface.register(ATTENTION_NAME, context_parallel_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+def register_attention(name: str = ATTENTION_NAME, function=context_parallel_attention) -> None:
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, _no_mask)
 
 
 def enable_context_parallel(model) -> None:
