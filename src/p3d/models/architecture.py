@@ -138,6 +138,12 @@ class Architecture:
 
         return probe.context_parallel_problems(config, why, fix, with_documents)
 
+    def attention_route(self, config: PretrainedConfig) -> str:
+        """How p3d's attention replaces the model's: through the attention interface, or its direct SDPA calls."""
+        from p3d.models import probe
+
+        return probe.probe(config, with_documents=False).route
+
     def attention_is_plain_causal(self, config: PretrainedConfig) -> bool:
         from p3d.models import probe
 

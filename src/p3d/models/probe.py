@@ -29,7 +29,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from p3d.models import tiny
-from p3d.parallel.context import attending_in_one_process, context_parallel_attention, register_attention
+from p3d.parallel.context import attending_in_one_process, context_parallel_attention, register_attention, with_p3d_sdpa
 from p3d.parallel.cp_attention import TilePlan
 from p3d.parallel.sharding import ChunkRange
 
@@ -52,6 +52,12 @@ class Findings:
     reordered_error: float | None = None  # max |logit difference| with the tokens in cp=2's order
     documents_error: float | None = None  # ... with two packed documents
     failure: str | None = None  # the probe itself could not run
+    route: str = "interface"  # how p3d's attention replaces the model's (see parallel/context.py)
+
+    @property
+    def route_name(self) -> str:
+        """The attention implementation the model runs under the probe's p3d attention."""
+        return "sdpa" if self.route == "sdpa" else PROBE_ATTENTION
 
     @property
     def plain_causal(self) -> bool:
@@ -132,8 +138,10 @@ def _probe_cached(config_json: str, with_documents: bool) -> Findings:
         _record_training_dropout(model)
         findings.attention_calls = 0
         findings.reordered_error = _reordered_error(model)
+        if findings.attention_calls == 0:  # not through the interface: does it call torch's SDPA itself?
+            model = _probe_sdpa_route(config, findings) or model
         if with_documents and findings.attention_calls:
-            findings.documents_error = _documents_error(model)
+            findings.documents_error = _documents_error(model, attention=findings.route_name)
     except Exception as error:  # noqa: BLE001
         findings.failure = f"its forward with p3d's attention fails ({_first_line(error)})"
     finally:
@@ -141,20 +149,46 @@ def _probe_cached(config_json: str, with_documents: bool) -> Findings:
     return findings
 
 
+def _probe_sdpa_route(config: PretrainedConfig, findings: Findings):
+    """The sdpa route's findings (into `findings`) and model, if the model calls torch's SDPA in its blocks."""
+    attempt = Findings(route="sdpa")
+    _recorder.findings = attempt
+    try:
+        model = _build(probe_config(config), attention="sdpa")
+        _route_sdpa_through_p3d(model)
+        _record_training_dropout(model, attention="sdpa")
+        attempt.attention_calls = 0
+        reference = _build(probe_config(config), attention="eager")
+        attempt.reordered_error = _reordered_error(model, attention="sdpa", reference=reference)
+        model.p3d_probe_reference = reference
+    except Exception:  # noqa: BLE001 - no SDPA path: the interface finding (no calls) stands
+        return None
+    finally:
+        _recorder.findings = findings
+    if attempt.attention_calls == 0:
+        return None
+    findings.__dict__.update(attempt.__dict__)
+    return model
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:160]}" if text else type(error).__name__
 
 
-def _build(config: PretrainedConfig):
+def _build(config: PretrainedConfig, attention: str = "eager"):
     register_attention(PROBE_ATTENTION, _recorder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        try:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-        except TypeError:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     return model.float()
+
+
+def _route_sdpa_through_p3d(model) -> None:
+    from p3d.models import architecture
+
+    for block in architecture(model.config).decoder_blocks(model):
+        block.forward = with_p3d_sdpa(block.forward, block, _recorder)
 
 
 def _logits(model, input_ids, position_ids) -> torch.Tensor:
@@ -171,8 +205,8 @@ def _tokens(length: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _record_training_dropout(model) -> None:
-    _with_attention(model, PROBE_ATTENTION).train()
+def _record_training_dropout(model, attention: str = PROBE_ATTENTION) -> None:
+    _with_attention(model, attention).train()
     input_ids = _tokens(SEQ, 0) % _vocab(model)
     model(input_ids=input_ids, position_ids=torch.arange(SEQ).expand(BATCH, SEQ), use_cache=False)
     model.eval()
@@ -183,27 +217,29 @@ def _vocab(model) -> int:
 
 
 @torch.no_grad()
-def _reordered_error(model) -> float:
+def _reordered_error(model, attention: str = PROBE_ATTENTION, reference=None) -> float:
+    """`reference`: the same model (same weights) whose eager attention is the truth; `model` itself by default."""
     input_ids = _tokens(SEQ, 1) % _vocab(model)
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    reference = _logits(_with_attention(model, "eager"), input_ids, positions)
+    reference = _logits(_with_attention(reference or model, "eager"), input_ids, positions)
     runs, order = _cp2_runs()
     plan = TilePlan(_Runs(runs), 0, SEQ, None, torch.device("cpu"))
     with attending_in_one_process(plan):
-        reordered = _logits(_with_attention(model, PROBE_ATTENTION), input_ids[:, order], positions[:, order])
+        reordered = _logits(_with_attention(model, attention), input_ids[:, order], positions[:, order])
     return (reordered - reference[:, order]).abs().max().item()
 
 
 @torch.no_grad()
-def _documents_error(model) -> float:
+def _documents_error(model, attention: str = PROBE_ATTENTION) -> float:
     documents = [_tokens(length, 2 + index) % _vocab(model) for index, length in enumerate(DOCUMENT_LENGTHS)]
-    alone = [_logits(_with_attention(model, "eager"), ids, torch.arange(ids.shape[1]).expand_as(ids)) for ids in documents]
+    truth = getattr(model, "p3d_probe_reference", model)
+    alone = [_logits(_with_attention(truth, "eager"), ids, torch.arange(ids.shape[1]).expand_as(ids)) for ids in documents]
     packed_ids = torch.cat(documents, dim=1)
     positions = torch.cat([torch.arange(length) for length in DOCUMENT_LENGTHS]).expand(BATCH, -1)
     document_ids = torch.cat([torch.full((length,), index) for index, length in enumerate(DOCUMENT_LENGTHS)]).expand(BATCH, -1)
     plan = TilePlan(_Runs([ChunkRange(0, 0, sum(DOCUMENT_LENGTHS))]), 0, sum(DOCUMENT_LENGTHS), document_ids, torch.device("cpu"))
     with attending_in_one_process(plan):
-        packed = _logits(_with_attention(model, PROBE_ATTENTION), packed_ids, positions)
+        packed = _logits(_with_attention(model, attention), packed_ids, positions)
     return (packed - torch.cat(alone, dim=1)).abs().max().item()
 
 

@@ -17,6 +17,7 @@ model's own attention would let documents see each other.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 ATTENTION_NAME = "p3d_cp"
+_TORCH_SDPA = F.scaled_dot_product_attention  # torch's own, also while the sdpa route swaps the module attribute
 
 
 def resolve_cp_impl(requested: CPImpl, device_type: str, packing: Packing) -> CPImpl:
@@ -148,7 +150,7 @@ def _torch_ring_attention(query, key, value, scale: float, timer: AttentionTimer
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     with timer.total(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+        return _TORCH_SDPA(query, key, value, is_causal=True, scale=scale)
 
 
 def _no_mask(*args, **kwargs):
@@ -161,6 +163,39 @@ def register_attention(name: str = ATTENTION_NAME, function=context_parallel_att
     AttentionMaskInterface.register(name, _no_mask)
 
 
-def enable_context_parallel(model) -> None:
+ROUTES = ("interface", "sdpa")
+
+
+def enable_context_parallel(model, route: str = "interface", blocks=()) -> None:
+    """Make the model's attention p3d's. `interface`: through transformers' attention interface (most
+    models). `sdpa`: the model calls torch's scaled_dot_product_attention itself (Falcon); inside each
+    of `blocks` that call is p3d's attention instead (its mask, built from local positions, is ignored:
+    p3d masks by global index; models/probe.py checks the result is the model's own)."""
     register_attention()
-    model.set_attn_implementation(ATTENTION_NAME)
+    if route == "sdpa":
+        for block in blocks:
+            block.forward = with_p3d_sdpa(block.forward, block)
+    else:
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def with_p3d_sdpa(forward, owner, attention=None):
+    """`forward` with torch's scaled_dot_product_attention replaced by p3d's attention while it runs.
+
+    Wraps the forward itself (not a hook), so activation checkpointing's recomputation, which calls the
+    wrapped forward again, recomputes with the same attention."""
+    attention = attention or context_parallel_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        output, _ = attention(owner, query, key, value, None, scaling=scale, dropout=dropout_p)
+        return output.transpose(1, 2)
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        F.scaled_dot_product_attention = sdpa
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = _TORCH_SDPA
+
+    return run

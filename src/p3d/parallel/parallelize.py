@@ -38,7 +38,8 @@ def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], 
             apply_sequence_parallel(model, meshes.tp)
         tie_weights_if_configured(model)
     if uses_p3d_attention(dims.cp, config.data.packing):
-        enable_context_parallel(model)
+        arch = architecture(hf_config)
+        enable_context_parallel(model, arch.attention_route(hf_config), arch.decoder_blocks(model))
     apply_activation_checkpointing(model, config.train.activation_checkpointing, config.train.ac_every)
     if config.train.compile:
         compile_blocks(model)

@@ -250,10 +250,10 @@ class _Colwise(ParallelStyle):
 
     def _output(self, module, output, mesh):
         if not self.gather_output:
-            return output.to_local()
+            return _local(output)
         full = output.redistribute(placements=[Replicate()])
         if self.parts == 1:
-            return full.to_local()
+            return _local(full)
         # This rank's slice of every part; the gathered copy gets a gradient only where this rank used it.
         pieces = full.to_local(grad_placements=[Partial()]).chunk(self.parts * mesh.size(), dim=-1)
         rank = mesh.get_local_rank()
@@ -287,10 +287,16 @@ class _Rowwise(ParallelStyle):
         return (_as_dtensor(x, mesh, Shard(-1)), *inputs[1:])
 
     def _output(self, module, output, mesh):
-        return output.redistribute(placements=[self.output_placement]).to_local()
+        return _local(output.redistribute(placements=[self.output_placement]))
 
     def _apply(self, module, device_mesh):
         return distribute_module(module, device_mesh, self._partition, partial(_Rowwise._input, self), partial(_Rowwise._output, self))
+
+
+def _local(output: DTensor) -> torch.Tensor:
+    """The local tensor of a module's output, as a tensor of its own: `to_local()` returns a view made by a
+    custom autograd Function, which the model may not modify in place (Falcon's `mlp_output += attention_output`)."""
+    return output.to_local().clone()
 
 
 def _unpack(x: torch.Tensor, mesh: DeviceMesh, parts: int) -> DTensor:
@@ -356,7 +362,7 @@ class _AllReduceOutput(ParallelStyle):
         def after(mod, args, output):
             if output is None:
                 return None
-            return DTensor.from_local(output, device_mesh, [Partial()], run_check=False).redistribute(placements=[Replicate()]).to_local()
+            return _local(DTensor.from_local(output, device_mesh, [Partial()], run_check=False).redistribute(placements=[Replicate()]))
 
         module.register_forward_hook(after)
         return module
