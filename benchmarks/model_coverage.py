@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 TOLERANCE = 1e-4
 STEPS = 3
-LAYOUTS = {"1": (1, 1, 1), "tp2": (2, 1, 1), "cp2": (1, 1, 2), "tp2cp2": (2, 1, 2)}
+LAYOUTS = {"1": (1, 1, 1), "tp2": (2, 1, 1), "cp2": (1, 1, 2), "tp2cp2": (2, 1, 2), "tp2dp2cp2": (2, 2, 2)}
 RUN_TIMEOUT_S = 600
 COMMON = [f"train.steps={STEPS}", "train.global_batch_size=4", "train.micro_batch_size=4", "data.seq_len=32", "checkpoint=none", "logging.progress=false"]
 
@@ -63,7 +63,8 @@ def is_mixture_of_experts(arch: str) -> bool:
 
 def overrides_for(arch: str, layout: str, run_dir: Path) -> list[str]:
     tp, dp, cp = LAYOUTS[layout]
-    return ["model=tiny", f"model.arch={arch}", *COMMON, f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.dir={run_dir}"]
+    micro = 4 // dp  # every dp rank one micro-batch: no accumulation on any layout
+    return ["model=tiny", f"model.arch={arch}", *COMMON, f"train.micro_batch_size={micro}", f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.dir={run_dir}"]
 
 
 def validation_problem(overrides: list[str], world: int) -> str | None:

@@ -45,7 +45,8 @@ def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
     except ValueError:
         raise ConfigError(f"model.arch={model_cfg.arch}: not a Hugging Face model type (e.g. llama, opt, mistral, qwen2)") from None
     _refuse_unknown_fields(defaults, overrides, model_cfg)
-    values = {**(tiny.shrink(defaults) if model_cfg.tiny else {}), **overrides}
+    layers = next((overrides[name] for name in tiny.LAYER_COUNT_FIELDS if isinstance(overrides.get(name), int)), None)
+    values = {**(tiny.shrink(defaults, layers=layers) if model_cfg.tiny else {}), **overrides}
     # Passed to the constructor, not set afterwards, so that derived fields (Llama's head_dim from
     # hidden_size and num_attention_heads) follow the given sizes instead of the defaults'.
     try:

@@ -276,6 +276,9 @@ def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_s
     lines.append(f"{'whole job':<18} {job:8.2f}   (all {dims.world_size} ranks on one machine)")
     if machine is not None and job > machine and os.environ.get("LOCAL_WORLD_SIZE") is None:
         lines.append(f"warning: {dims.world_size} ranks on this machine would need about {job:.1f} GB; it has {machine:.1f} GB")
+    if dims.tp > 1:
+        lines += ["", f"# tensor-parallel plan ({setup.plan_source})"]
+        lines += [f"{style:<32} {pattern}" for pattern, style in setup.tp_plan.items()]
     lines += ["", "# collectives per step (count, MB moved per rank)"]
     for collective in collectives_per_step(config, setup, model):
         lines.append(f"{collective.per_step:>6}  {collective.megabytes_per_step:10.1f} MB  [{collective.group}] {collective.name}")

@@ -71,9 +71,10 @@ def test_tp_plan_pattern_must_match_a_module():
 
 
 def test_tp_plan_style_must_be_supported():
-    found = plan_problems({"model.decoder.layers.*.fc1": "diagonal", "model.decoder.layers.*.fc2": "moe_tp_experts"})
+    found = plan_problems({"model.decoder.layers.*.fc1": "diagonal"})
     assert any("style 'diagonal'" in p and "model.tp_plan" in p for p in found)
-    assert any("style 'moe_tp_experts'" in p and "not supported yet" in p for p in found)
+    (problem,) = plan_problems({"model.decoder.layers.*.fc2": "moe_tp_experts"})
+    assert problem == "model.tp_plan: mixture-of-experts layers (model.decoder.layers.*.fc2: moe_tp_experts) are not tensor-parallel yet; use parallel.tp=1"
 
 
 def test_tp_plan_must_shard_tied_embeddings_alike():

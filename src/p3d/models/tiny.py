@@ -79,8 +79,12 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def shrink(defaults: PretrainedConfig, zero_dropout: bool = True) -> dict[str, Any]:
-    """Config values that make `defaults` (an architecture's default config) tiny, as constructor kwargs."""
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer")
+
+
+def shrink(defaults: PretrainedConfig, zero_dropout: bool = True, layers: int | None = None) -> dict[str, Any]:
+    """Config values that make `defaults` (an architecture's default config) tiny, as constructor kwargs.
+    `layers`: the layer count wanted (the default 2), which a layer-type pattern follows."""
     values = _field_values(defaults)
     hidden = _safe_getattr(defaults, "hidden_size")
     heads = next((values[name] for name in _HEAD_FIELDS if _int(values.get(name))), None)
@@ -122,20 +126,20 @@ def shrink(defaults: PretrainedConfig, zero_dropout: bool = True) -> dict[str, A
                 tiny[name] = 2 * INTERMEDIATE
     if _int(hidden) and "hidden_size" in values:
         tiny.setdefault("hidden_size", HIDDEN)
-    tiny.update(_layer_types(values))
+    tiny.update(_layer_types(values, layers or LAYERS))
     tiny.update(TINY_TWEAKS.get(defaults.model_type, {}))
     return tiny
 
 
-def _layer_types(values: dict[str, Any]) -> dict[str, Any]:
-    """One layer of each type (in their first order), so a tiny model still has e.g. sliding and full layers."""
+def _layer_types(values: dict[str, Any], layers: int) -> dict[str, Any]:
+    """One layer of each type (in their first order, repeated), so a tiny model still has e.g. sliding and full layers."""
     layer_types = values.get("layer_types")
     if not isinstance(layer_types, (list, tuple)) or not layer_types:
         return {}
     kinds = list(dict.fromkeys(layer_types))
-    count = max(LAYERS, len(kinds))
+    count = max(layers, len(kinds))
     chosen = (kinds * count)[:count]
-    counts = {name: count for name in ("num_hidden_layers", "num_layers", "n_layer") if name in values}
+    counts = {name: count for name in LAYER_COUNT_FIELDS if name in values}
     return {"layer_types": chosen, **counts}
 
 

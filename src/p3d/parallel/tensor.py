@@ -127,14 +127,14 @@ def check_plan(plan: dict[str, str], model: nn.Module, tp: int) -> list[str]:
     """Problems with applying `plan` at degree `tp` to `model`, one line each (empty if fine)."""
     if tp == 1:
         return []
+    experts = [f"{pattern}: {value}" for pattern, value in plan.items() if Style.parse(value).name in EXPERT_STYLES]
+    if experts:
+        return [f"model.tp_plan: mixture-of-experts layers ({experts[0]}) are not tensor-parallel yet; use parallel.tp=1"]
     problems = []
     modules = dict(model.named_modules())
     parameters = dict(model.named_parameters())
     for pattern, value in plan.items():
         style = Style.parse(value)
-        if style.name in EXPERT_STYLES:
-            problems.append(f"model.tp_plan: style '{value}' of '{pattern}' (mixture of experts) is not supported yet; use parallel.tp=1")
-            continue
         if not style.valid:
             problems.append(f"model.tp_plan: style '{value}' of '{pattern}' is not supported (supported: {', '.join(STYLES)}, packed_*:<parts>)")
             continue
