@@ -3,14 +3,14 @@
 The generic `Architecture` covers any Hugging Face causal LM: its decoder blocks, its tensor-parallel
 plan (transformers' own `_tp_plan`, else one inferred from the module structure), the module
 attributes that hold head counts, and the checkpoint keys that are buffers the model recomputes.
-A model type that needs more (a plan of p3d's own, another attribute, a sequence-parallel check, a
-tiny-config tweak) subclasses it in a small file of this package and registers there.
+A model type that needs more (a plan of p3d's own, another attribute, a sequence-parallel check)
+subclasses it in a small file of this package and registers there; tiny-config tweaks are in tiny.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -56,20 +56,23 @@ class Architecture:
     tp_plan: ClassVar[Mapping[str, str] | None] = None  # a plan p3d ships (module patterns of the causal-LM model)
     localised_attributes: ClassVar[tuple[str, ...]] = HEAD_COUNT_ATTRIBUTES
     sequence_parallel_verified: ClassVar[bool] = False  # loss parity with parallel.sequence_parallel=true is tested
-    tiny_overrides: ClassVar[Mapping[str, Any]] = {}  # config values the tiny version needs beyond the shrunk sizes
 
     def __init__(self, model_type: str):
         self.model_type = model_type
 
     # ---- structure -------------------------------------------------------------------------
     def decoder_blocks(self, model: nn.Module) -> list[nn.Module]:
-        """The repeated transformer blocks: the `_no_split_modules` classes that are entries of a ModuleList."""
+        """The repeated transformer blocks: the `_no_split_modules` classes that are entries of a ModuleList,
+        else the entries of the longest ModuleList of one class (models that list no such classes)."""
         block_classes = set(getattr(model, "_no_split_modules", None) or ())
         blocks = []
         for module in model.modules():
             if isinstance(module, nn.ModuleList):
                 blocks += [child for child in module if type(child).__name__ in block_classes]
-        return blocks
+        if blocks:
+            return blocks
+        uniform = [list(module) for module in model.modules() if isinstance(module, nn.ModuleList) and len({type(child) for child in module}) == 1]
+        return max(uniform, key=len, default=[])
 
     def norms(self, block: nn.Module) -> list[str]:
         """Names (inside the block) of its normalisation layers, which sequence parallelism runs per token."""

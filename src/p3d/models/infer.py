@@ -75,9 +75,28 @@ def _layer_pattern(block_name: str) -> str:
 
 def _block_plan(block: nn.Module, hidden: int) -> dict[str, str]:
     linears = {name: module for name, module in block.named_modules() if linear_features(module) is not None}
-    attention_root, attention_plan = _attention_plan(block, linears)
-    rest = {name: module for name, module in linears.items() if not _inside(name, attention_root)}
-    return {**attention_plan, **_mlp_plan(rest, hidden)}
+    plan: dict[str, str] = {}
+    roots = []
+    for group in _projection_groups(linears):  # self-attention, and cross-attention where a decoder has it
+        root, attention_plan = _attention_plan(block, linears, group)
+        roots.append(root)
+        plan.update(attention_plan)
+    rest = {name: module for name, module in linears.items() if not any(_inside(name, root) for root in roots)}
+    return {**plan, **_mlp_plan(rest, hidden)}
+
+
+def _projection_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
+    """The query/key/value projections of each attention module: separate ones grouped by their parent, or fused ones."""
+    by_parent: dict[str, dict[str, str]] = {}
+    for name in linears:
+        for role, leaves in QKV_NAMES.items():
+            if _leaf(name) in leaves:
+                by_parent.setdefault(name.rpartition(".")[0], {})[role] = name
+    groups = [[found[role] for role in QKV_NAMES] for found in by_parent.values() if len(found) == len(QKV_NAMES)]
+    groups += [[name] for name in linears if _leaf(name) in FUSED_QKV_NAMES]
+    if not groups:
+        raise NotRecognised("no query/key/value projections (q_proj, k_proj, v_proj or a fused query_key_value) in one block")
+    return groups
 
 
 def _inside(name: str, root: str) -> bool:
@@ -88,16 +107,8 @@ def _leaf(name: str) -> str:
     return name.rpartition(".")[2]
 
 
-def _attention_plan(block: nn.Module, linears: dict[str, nn.Module]) -> tuple[str, dict[str, str]]:
+def _attention_plan(block: nn.Module, linears: dict[str, nn.Module], projections: list[str]) -> tuple[str, dict[str, str]]:
     """(the attention module's name inside the block, its plan)."""
-    separate = {role: [name for name in linears if _leaf(name) in leaves] for role, leaves in QKV_NAMES.items()}
-    fused = [name for name in linears if _leaf(name) in FUSED_QKV_NAMES]
-    if all(len(found) == 1 for found in separate.values()):
-        projections = [found[0] for found in separate.values()]
-    elif len(fused) == 1:
-        projections = fused
-    else:
-        raise NotRecognised("no query/key/value projections (q_proj, k_proj, v_proj or a fused query_key_value) in one block")
     root = projections[0].split(".")[0] if "." in projections[0] else ""
     if not root or any(not _inside(name, root) for name in projections):
         raise NotRecognised(f"the attention projections {', '.join(projections)} do not share one attention module")

@@ -21,9 +21,7 @@ Results are cached per config.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -114,19 +112,31 @@ def _cp2_runs() -> tuple[list[ChunkRange], torch.Tensor]:
 
 def probe_config(config: PretrainedConfig) -> PretrainedConfig:
     """The same architecture and features, tiny sizes (dropout kept: the probe reports it)."""
-    values = {**config.to_dict(), **tiny.shrink(config, zero_dropout=False)}
+    shrunk = tiny.shrink(config, zero_dropout=False)
+    values = {**config.to_dict(), **shrunk}
     values.pop("model_type", None)
-    return AutoConfig.for_model(config.model_type, **values)
+    try:
+        return AutoConfig.for_model(config.model_type, **values)
+    except Exception:  # some configs refuse their own to_dict() values (tuples come back as lists): set them instead
+        small = copy.deepcopy(config)
+        for name, value in shrunk.items():
+            if not isinstance(value, dict):
+                setattr(small, name, value)
+        return small
+
+
+_cache: dict[tuple[str, bool], Findings] = {}
 
 
 def probe(config: PretrainedConfig, with_documents: bool) -> Findings:
-    return copy.deepcopy(_probe_cached(config.to_json_string(use_diff=False), with_documents))
+    """What the probe finds for this config (computed once per process)."""
+    key = (config.to_json_string(use_diff=False), with_documents)
+    if key not in _cache:
+        _cache[key] = _probe(config, with_documents)
+    return copy.deepcopy(_cache[key])
 
 
-@lru_cache(maxsize=32)
-def _probe_cached(config_json: str, with_documents: bool) -> Findings:
-    values = json.loads(config_json)
-    config = AutoConfig.for_model(values.pop("model_type"), **values)
+def _probe(config: PretrainedConfig, with_documents: bool) -> Findings:
     findings = Findings()
     try:
         model = _build(probe_config(config))

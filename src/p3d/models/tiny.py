@@ -112,6 +112,8 @@ def shrink(defaults: PretrainedConfig, zero_dropout: bool = True, layers: int | 
             tiny[name] = min(value, WINDOW)
         elif "rotary" in name and _int(value) and head_dim:  # rotary dims cover the same share of the smaller heads
             tiny[name] = max(2, 2 * round(HEAD_DIM * value / head_dim / 2))
+        elif name == "is_decoder" and value is False:
+            tiny[name] = True  # BERT-style models are causal LMs only as decoders
         elif "drop" in name and isinstance(value, float):
             if zero_dropout:
                 tiny[name] = 0.0

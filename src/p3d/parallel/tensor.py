@@ -154,7 +154,33 @@ def check_plan(plan: dict[str, str], model: nn.Module, tp: int) -> list[str]:
                 problems.append(problem)
                 break
     problems.extend(_tied_embedding_problems(plan, model))
+    problems.extend(_unplanned_weights_between_split_layers(plan, model))
     return problems
+
+
+def _unplanned_weights_between_split_layers(plan: dict[str, str], model: nn.Module) -> list[str]:
+    """A norm (or other weight) next to split projections that spans all their features would see only this
+    rank's part (BitNet's attn_sub_norm over the whole attention output): refused, naming it."""
+    matched = match_plan(plan, model)
+    planned_params = set(match_plan(plan, model, parameters=True))
+    split_widths: dict[str, set[int]] = {}
+    for name, value in matched.items():
+        features = linear_features(model.get_submodule(name))
+        if Style.parse(value).splits_heads and features is not None:
+            split_widths.setdefault(name.rpartition(".")[0], set()).add(features[1])
+    for parent, widths in split_widths.items():
+        for name, module in model.get_submodule(parent).named_modules():
+            full = f"{parent}.{name}" if name else parent
+            if full in matched or linear_features(module) is not None:
+                continue
+            for leaf, param in module.named_parameters(recurse=False):
+                if param.dim() == 1 and param.shape[0] in widths and f"{full}.{leaf}" not in planned_params:
+                    pattern = re.sub(r"\.\d+\.", ".*.", full)
+                    return [
+                        f"model.tp_plan: '{pattern}' ({type(module).__name__} over {param.shape[0]} features) spans the whole output of "
+                        f"layers the plan splits, so under tp it would see only this rank's part; gather those layers (colwise_gather_output) or use parallel.tp=1"
+                    ]
+    return []
 
 
 def _module_problem(name: str, module: nn.Module, style: Style, tp: int) -> str | None:
