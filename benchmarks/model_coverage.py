@@ -4,8 +4,11 @@
 
 For every model type of the installed transformers that has a causal-LM class, p3d builds its tiny
 version (`model=tiny model.arch=<type>`), trains it 3 steps on one process, then on each layout
-(tp2, cp2, tp2cp2: 2-4 ranks on gloo, forked from this process, which imports p3d once), and
-compares the per-step losses with one process's (fp32, 1e-4). Each (arch, layout) gets a status:
+(tp2, cp2, tp2cp2: 2-4 ranks on gloo, forked from this process, which imports p3d once and has
+validated the config, so the ranks inherit its imports and the CP probe's findings), and compares
+the per-step losses with one process's (fp32, 1e-4). tp2cp2 runs only where tp2 and cp2 are both
+exact (otherwise it is refused by validation, or fails as its part does). Each (arch, layout) gets
+a status:
 
     exact    every step's loss within 1e-4 of one process's
     refused  validation refused the config (its one-line reason is kept)
@@ -36,6 +39,7 @@ TOLERANCE = 1e-4
 STEPS = 3
 LAYOUTS = {"1": (1, 1, 1), "tp2": (2, 1, 1), "cp2": (1, 1, 2), "tp2cp2": (2, 1, 2), "tp2dp2cp2": (2, 2, 2)}
 RUN_TIMEOUT_S = 600
+COMBINES = {"tp2cp2": ("tp2", "cp2"), "tp2dp2cp2": ("tp2", "cp2")}  # a layout is only run when its parts are exact
 COMMON = [f"train.steps={STEPS}", "train.global_batch_size=4", "train.micro_batch_size=4", "data.seq_len=32", "checkpoint=none", "logging.progress=false"]
 
 
@@ -158,7 +162,9 @@ def last_error_line(output: str) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def run_one(arch: str, layout: str, scratch: Path, reference: list[float] | None, one_process_reason: str = "") -> dict:
+def run_one(arch: str, layout: str, scratch: Path, reference: list[float] | None, one_process_reason: str = "", parts: tuple[dict, ...] = ()) -> dict:
+    """`parts`: the entries of the layouts this one combines (tp2 and cp2 for tp2cp2): if one of them is not
+    exact, this one is not run either (validation still is, for its own one-line refusal)."""
     tp, dp, cp = LAYOUTS[layout]
     world = tp * dp * cp
     run_dir = scratch / f"{arch}-{layout}"
@@ -174,6 +180,9 @@ def run_one(arch: str, layout: str, scratch: Path, reference: list[float] | None
         entry.update(status="refused", reason=problem)
     if "status" not in entry and layout != "1" and reference is None:
         entry.update(status="fails", reason=f"the one-process run fails ({one_process_reason})")
+    failed_part = next((part for part in parts if part.get("status") != "exact"), None)
+    if "status" not in entry and failed_part is not None:
+        entry.update(status="fails", reason=f"not run: {failed_part['layout']} {failed_part['status']} ({failed_part.get('reason', '')})")
     if "status" not in entry:
         code, output = run_ranks(overrides, world, scratch / f"{arch}-{layout}.log")
         got = losses(run_dir)
@@ -266,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
             for layout in layouts:
                 if (arch, layout) in done:
                     continue
-                entry = run_one(arch, layout, scratch, reference, done.get((arch, "1"), {}).get("reason", ""))
+                parts = tuple(done[arch, part] for part in COMBINES.get(layout, ()) if (arch, part) in done)
+                entry = run_one(arch, layout, scratch, reference, done.get((arch, "1"), {}).get("reason", ""), parts)
                 if layout == "1":
                     reference = entry.get("losses")
                 done[arch, layout] = entry
