@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", nargs="*", default=["tp2", "cp2", "tp2cp2"], choices=[layout for layout in LAYOUTS if layout != "1"])
     parser.add_argument("--fresh", action="store_true", help="ignore cached results")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", type=Path, help="the partial results to resume from (default: <out>/models.partial.jsonl)")
+    parser.add_argument("--report-only", action="store_true", help="write models.json and models.md from the cached results, run nothing")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -261,19 +263,22 @@ def main(argv: list[str] | None = None) -> None:
     import p3d.train  # noqa: F401  (imported once, before the ranks are forked)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    cache_path = args.out / "models.partial.jsonl"
+    cache_path = args.cache or args.out / "models.partial.jsonl"
     if args.fresh and cache_path.exists():
         cache_path.unlink()
     cached = [json.loads(line) for line in cache_path.read_text().splitlines()] if cache_path.exists() else []
     done = {(entry["arch"], entry["layout"]): entry for entry in cached}
     archs = args.arch or causal_lm_types()
     layouts = ["1", *args.layouts]
+    if args.report_only:
+        archs = [arch for arch in archs if any(key[0] == arch for key in done)]
+        layouts = [layout for layout in LAYOUTS if any(key[1] == layout for key in done)]
     with tempfile.TemporaryDirectory(prefix="p3d-coverage-") as scratch_dir:
         scratch = Path(scratch_dir)
         for arch in archs:
             reference = done.get((arch, "1"), {}).get("losses")
             for layout in layouts:
-                if (arch, layout) in done:
+                if (arch, layout) in done or args.report_only:
                     continue
                 parts = tuple(done[arch, part] for part in COMBINES.get(layout, ()) if (arch, part) in done)
                 entry = run_one(arch, layout, scratch, reference, done.get((arch, "1"), {}).get("reason", ""), parts)
