@@ -231,14 +231,32 @@ def initialize_random(model: nn.Module, hf_config: PretrainedConfig, seed: int, 
         if not destinations:
             continue
         ref_module.to_empty(device="cpu", recurse=False)
+        full = dict(ref_module.named_buffers(recurse=False)) | dict(ref_module.named_parameters(recurse=False))
+        for tensor in full.values():  # a sentinel: what _init_weights leaves untouched is still NaN after it
+            if tensor.is_floating_point():
+                tensor.detach().fill_(float("nan"))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_module_seed(seed, module_name))
             _init_owner(reference, module_name)._init_weights(ref_module)
-        full = dict(ref_module.named_buffers(recurse=False)) | dict(ref_module.named_parameters(recurse=False))
         for name, target in destinations.items():
+            if full[name].is_floating_point() and full[name].numel() and torch.isnan(full[name]).all():
+                continue  # not this module's to initialise (a tied weight another owner initialises)
             target.write(full[name])
             written.add(id(target.tensor))
         ref_module.to_empty(device="meta", recurse=False)
+    _zero_what_no_init_set(targets, written, buffers_only)
+
+
+@torch.no_grad()
+def _zero_what_no_init_set(targets: dict[str, "_Target"], written: set[int], buffers_only: bool) -> None:
+    """A parameter no module's `_init_weights` sets (Data2VecText's tied LM-head bias: transformers zeroes it in
+    the constructor, which a meta-device build skips) starts at zero, not at uninitialised memory."""
+    for name, target in targets.items():
+        if id(target.tensor) in written or (buffers_only and isinstance(target.tensor, nn.Parameter)):
+            continue
+        if target.tensor.is_floating_point():
+            target.write_local(torch.zeros_like(target.tensor.to_local() if isinstance(target.tensor, DTensor) else target.tensor))
+            written.add(id(target.tensor))
 
 
 def materialize(model: PreTrainedModel, model_cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, device: torch.device) -> None:

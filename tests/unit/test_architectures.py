@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from p3d.config.compose import compose, to_object
@@ -87,6 +88,8 @@ def test_plans_come_from_p3d_transformers_or_the_module_structure():
         "lm_head": "colwise_gather_output",
         "model.decoder.embed_tokens": "embedding_rowwise",
     }
+    electra = choice("electra").plan  # the MLP is found from the block's width (64), not the embeddings' (128)
+    assert electra["electra.encoder.layer.*.intermediate.dense"] == "colwise" and electra["electra.encoder.layer.*.output.dense"] == "rowwise"
     falcon = choice("falcon").plan  # a fused query_key_value of unknown layout is gathered
     assert falcon["transformer.h.*.self_attention.query_key_value"] == "colwise_gather_output"
     assert falcon["transformer.h.*.self_attention.dense"] == "rowwise_split_input"
@@ -111,3 +114,17 @@ def test_probe_finds_what_attention_asks_for():
     assert gemma2.windows == {16} and gemma2.softcap and gemma2.route == "interface" and gemma2.reordered_error < 1e-5
     falcon = probe(hf_config(["model=tiny", "model.arch=falcon"]), with_documents=False)
     assert falcon.route == "sdpa" and falcon.plain_causal
+
+
+def test_parameters_no_init_weights_sets_start_at_zero_not_at_uninitialised_memory():
+    from p3d.model import initialize_random
+
+    config = hf_config(["model=tiny", "model.arch=data2vec-text"])  # its tied LM-head bias is zeroed only in the constructor
+    model = build_meta_model(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    initialize_random(model, config, seed=0)
+    assert all(torch.isfinite(param).all() for param in model.parameters())
+    assert torch.equal(model.lm_head.bias, torch.zeros_like(model.lm_head.bias))

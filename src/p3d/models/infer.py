@@ -1,7 +1,8 @@
 """A tensor-parallel plan inferred from a decoder's module structure, for models transformers ships none for.
 
 In every decoder block p3d looks for the attention projections (by their usual names) and the MLP (by
-shape: linears from the hidden size up, and one back down), and plans them the Megatron way:
+shape: linears from the block's residual width, which the attention's output projection writes, up,
+and one back down), and plans them the Megatron way:
 
 - attention with separate query / key / value projections: those colwise (each rank its heads), the
   output projection rowwise. If the attention module holds anything else with weights (q/k norms,
@@ -50,12 +51,11 @@ def infer_plan(model: nn.Module, blocks: list[nn.Module]) -> InferredPlan:
     names = {module: name for name, module in model.named_modules()}
     if not blocks:
         return InferredPlan({}, f"{type(model).__name__}: no decoder blocks found to infer a tensor-parallel plan from")
-    hidden = _hidden_size(model)
     plan: dict[str, str] = {}
     try:
         for block in blocks:
             pattern = _layer_pattern(names[block])
-            for relative, style in _block_plan(block, hidden).items():
+            for relative, style in _block_plan(block).items():
                 key = f"{pattern}.{relative}"
                 if plan.setdefault(key, style) != style:
                     raise NotRecognised(f"'{key}' would be both {plan[key]} and {style} in different blocks")
@@ -65,15 +65,11 @@ def infer_plan(model: nn.Module, blocks: list[nn.Module]) -> InferredPlan:
     return InferredPlan(plan)
 
 
-def _hidden_size(model: nn.Module) -> int:
-    return model.get_input_embeddings().weight.shape[-1]
-
-
 def _layer_pattern(block_name: str) -> str:
     return re.sub(r"\.\d+$", ".*", block_name)
 
 
-def _block_plan(block: nn.Module, hidden: int) -> dict[str, str]:
+def _block_plan(block: nn.Module) -> dict[str, str]:
     linears = {name: module for name, module in block.named_modules() if linear_features(module) is not None}
     plan: dict[str, str] = {}
     roots = []
@@ -81,6 +77,9 @@ def _block_plan(block: nn.Module, hidden: int) -> dict[str, str]:
         root, attention_plan = _attention_plan(block, linears, group)
         roots.append(root)
         plan.update(attention_plan)
+    # The block's residual width: what its (first) attention's output projection writes back.
+    output = next(name for name, style in plan.items() if style in ("rowwise", "rowwise_split_input"))
+    hidden = linear_features(linears[output])[1]
     rest = {name: module for name, module in linears.items() if not any(_inside(name, root) for root in roots)}
     return {**plan, **_mlp_plan(rest, hidden)}
 
