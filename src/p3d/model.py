@@ -42,8 +42,12 @@ def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
         raise ConfigError("model.arch: set a Hugging Face model type (llama, gpt2, qwen3, ...) or model.init=pretrained with model.pretrained=<dir>")
     try:
         defaults = AutoConfig.for_model(model_cfg.arch)
-    except ValueError:
+    except ValueError as error:
+        if "Unrecognized model identifier" not in str(error):
+            raise ConfigError(f"model.arch={model_cfg.arch}: transformers cannot build its default config ({_last_line(error)})") from None
         raise ConfigError(f"model.arch={model_cfg.arch}: not a Hugging Face model type (e.g. llama, opt, mistral, qwen2)") from None
+    except Exception as error:  # strict-dataclass validation of the defaults themselves
+        raise ConfigError(f"model.arch={model_cfg.arch}: transformers cannot build its default config ({_last_line(error)})") from None
     _refuse_unknown_fields(defaults, overrides, model_cfg)
     layers = next((overrides[name] for name in tiny.LAYER_COUNT_FIELDS if isinstance(overrides.get(name), int)), None)
     values = {**(tiny.shrink(defaults, layers=layers) if model_cfg.tiny else {}), **overrides}

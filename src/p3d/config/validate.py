@@ -44,11 +44,11 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     hf_config = _collect(problems, lambda: build_hf_config(config.model))
     tp_plan: dict[str, str] = {}
     plan_source = "model.tp_plan"
-    if hf_config is not None:
+    meta_model = _collect(problems, lambda: _meta_model(hf_config)) if hf_config is not None else None
+    if meta_model is not None:
         arch = architecture(hf_config)
         problems += arch.position_problems(hf_config, config.data.seq_len)
         problems += _check_attention_for_cp(hf_config, config, cp_impl)
-        meta_model = build_meta_model(hf_config)
         choice = arch.plan(meta_model)
         plan_source = choice.source if config.model.tp_plan == "auto" else "model.tp_plan"
         tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, choice.plan)) or {}
@@ -60,6 +60,16 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     if problems:
         raise ConfigError(problems)
     return ValidatedSetup(dims=dims, hf_config=hf_config, tp_plan=tp_plan, cp_impl=cp_impl, plan_source=plan_source)
+
+
+def _meta_model(hf_config: PretrainedConfig):
+    """The model on the meta device; a config transformers cannot build a model from is one line."""
+    try:
+        return build_meta_model(hf_config)
+    except Exception as error:  # transformers raises many kinds for inconsistent configs
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = f"{type(error).__name__}: {lines[-1][:200]}" if lines else type(error).__name__
+        raise ConfigError(f"model.arch={hf_config.model_type}: transformers cannot build this model from its config ({reason}); check model.config") from None
 
 
 def _collect(problems: list[str], make):

@@ -29,9 +29,9 @@ from torch import nn
 from p3d.parallel.tensor import linear_features
 
 QKV_NAMES = {
-    "query": ("q_proj", "query", "q", "wq", "q_lin", "query_proj"),
-    "key": ("k_proj", "key", "k", "wk", "k_lin", "key_proj"),
-    "value": ("v_proj", "value", "v", "wv", "v_lin", "value_proj"),
+    "query": ("q_proj", "query", "q", "wq", "Wq", "q_lin", "query_proj", "project_q"),
+    "key": ("k_proj", "key", "k", "wk", "Wk", "k_lin", "key_proj", "project_k"),
+    "value": ("v_proj", "value", "v", "wv", "Wv", "v_lin", "value_proj", "project_v"),
 }
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "qkv_linear")
 

@@ -22,6 +22,7 @@ EXPERTS, EXPERTS_PER_TOKEN, EXPERT_INTERMEDIATE, WINDOW, MAX_POSITIONS = 4, 2, 3
 # What a few architectures need beyond the generic shrinking, to build at all or to shard over tp=2.
 TINY_TWEAKS: dict[str, dict[str, Any]] = {
     "falcon": {"multi_query": False},  # one shared kv head cannot be split over tp; 4 kv heads can
+    "gpt_bigcode": {"multi_query": False},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one global and one local layer
     "mamba2": {"num_heads": 8},
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32]},  # num_heads * head_dim must equal hidden_size * expand
@@ -100,6 +101,8 @@ def shrink(defaults: PretrainedConfig, zero_dropout: bool = True, layers: int | 
             tiny[name] = min(value, LAYERS)
         elif name in _TOKEN_FIELDS and _int(value) and value >= VOCAB:
             tiny[name] = VOCAB - 1  # some configs insist on an int; the byte tokenizer never emits this id
+        elif name in _TOKEN_FIELDS and isinstance(value, (list, tuple)) and any(_int(one) and one >= VOCAB for one in value):
+            tiny[name] = sorted({one if one < VOCAB else VOCAB - 1 for one in value if _int(one)})
         elif name in _HEAD_FIELDS and _int(value):
             tiny[name] = HEADS
         elif name in _KV_HEAD_FIELDS and (value is None or _int(value)):
