@@ -114,6 +114,10 @@ def test_probe_finds_what_attention_asks_for():
     assert gemma2.windows == {16} and gemma2.softcap and gemma2.route == "interface" and gemma2.reordered_error < 1e-5
     falcon = probe(hf_config(["model=tiny", "model.arch=falcon"]), with_documents=False)
     assert falcon.route == "sdpa" and falcon.plain_causal
+    gptj = probe(hf_config(["model=tiny", "model.arch=gptj"]), with_documents=True)
+    assert gptj.route == "attn_method" and gptj.reordered_error < 1e-5 and gptj.documents_error < 1e-5
+    bloom = probe(hf_config(["model=tiny", "model.arch=bloom"]), with_documents=False)
+    assert bloom.attention_calls == 0  # ALiBi computed inline: no way in for p3d's attention
 
 
 def test_parameters_no_init_weights_sets_start_at_zero_not_at_uninitialised_memory():

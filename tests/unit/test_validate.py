@@ -132,7 +132,7 @@ def test_sliding_windows_softcapping_and_sinks_are_allowed_under_cp(packing):
 
 
 def test_bidirectional_attention_is_refused_under_cp():
-    (problem,) = problems(["model.arch=bert", "parallel=tp1dp1cp2"], 2)
+    (problem,) = problems(["model.arch=bert", "model.config.is_decoder=false", "parallel=tp1dp1cp2"], 2)
     assert problem.startswith("model.arch=bert: BertConfig attends bidirectionally") and "parallel.cp=2" in problem
 
 
@@ -144,6 +144,12 @@ def test_attention_outside_the_interface_is_refused_under_cp():
 def test_attention_dropout_is_refused_naming_the_key():
     (problem,) = problems(["model.arch=qwen2", "model.config.attention_dropout=0.1", "data.packing=documents"], 1)
     assert problem.startswith("model.config.attention_dropout=0.1: p3d's attention (data.packing=documents) has no attention dropout")
+
+
+def test_positions_that_cannot_restart_per_row_are_refused_for_packed_documents():
+    (problem,) = problems(["model.arch=bart", "data.packing=documents"], 1)
+    assert problem.startswith("model.arch=bart: packed documents do not give each document's own results")
+    assert validate(to_object(compose(["model.arch=bart", "parallel=tp1dp1cp2"])), 2).dims.cp == 2  # its positions are p3d's under CP
 
 
 def test_models_without_attention_are_refused_under_cp():

@@ -27,7 +27,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from p3d.models import tiny
-from p3d.parallel.context import attending_in_one_process, context_parallel_attention, register_attention, with_p3d_sdpa
+from p3d.parallel.context import (
+    attending_in_one_process,
+    context_parallel_attention,
+    register_attention,
+    replace_attn_methods,
+    use_global_positions,
+    with_p3d_sdpa,
+)
 from p3d.parallel.cp_attention import TilePlan
 from p3d.parallel.sharding import ChunkRange
 
@@ -55,7 +62,7 @@ class Findings:
     @property
     def route_name(self) -> str:
         """The attention implementation the model runs under the probe's p3d attention."""
-        return "sdpa" if self.route == "sdpa" else PROBE_ATTENTION
+        return {"sdpa": "sdpa", "attn_method": "eager"}.get(self.route, PROBE_ATTENTION)
 
     @property
     def plain_causal(self) -> bool:
@@ -112,7 +119,7 @@ def _cp2_runs() -> tuple[list[ChunkRange], torch.Tensor]:
 
 def probe_config(config: PretrainedConfig) -> PretrainedConfig:
     """The same architecture and features, tiny sizes (dropout kept: the probe reports it)."""
-    shrunk = tiny.shrink(config, zero_dropout=False)
+    shrunk = tiny.shrink(config, keep_features=True)
     values = {**config.to_dict(), **shrunk}
     values.pop("model_type", None)
     try:
@@ -148,28 +155,32 @@ def _probe(config: PretrainedConfig, with_documents: bool) -> Findings:
         _record_training_dropout(model)
         findings.attention_calls = 0
         findings.reordered_error = _reordered_error(model)
-        if findings.attention_calls == 0:  # not through the interface: does it call torch's SDPA itself?
-            model = _probe_sdpa_route(config, findings) or model
-        if with_documents and findings.attention_calls:
-            findings.documents_error = _documents_error(model, attention=findings.route_name)
+        for route in ("sdpa", "attn_method"):  # not through the interface: does it call torch's SDPA itself, or an _attn method?
+            if findings.attention_calls == 0:
+                model = _probe_route(config, route, findings) or model
     except Exception as error:  # noqa: BLE001
         findings.failure = f"its forward with p3d's attention fails ({_first_line(error)})"
+    try:
+        if with_documents and findings.attention_calls and not findings.failure:
+            findings.documents_error = _documents_error(model, attention=findings.route_name)
+    except Exception:  # noqa: BLE001 - e.g. a position embedding that takes one row of positions for all rows
+        findings.documents_error = None
     finally:
         _recorder.findings = None
     return findings
 
 
-def _probe_sdpa_route(config: PretrainedConfig, findings: Findings):
-    """The sdpa route's findings (into `findings`) and model, if the model calls torch's SDPA in its blocks."""
-    attempt = Findings(route="sdpa")
+def _probe_route(config: PretrainedConfig, route: str, findings: Findings):
+    """The route's findings (into `findings`) and model, if the model's attention can be replaced that way."""
+    attempt = Findings(route=route)
     _recorder.findings = attempt
     try:
-        model = _build(probe_config(config), attention="sdpa")
-        _route_sdpa_through_p3d(model)
-        _record_training_dropout(model, attention="sdpa")
+        model = _build(probe_config(config), attention=attempt.route_name)
+        _route_through_p3d(model, route)
+        _record_training_dropout(model, attention=attempt.route_name)
         attempt.attention_calls = 0
         reference = _build(probe_config(config), attention="eager")
-        attempt.reordered_error = _reordered_error(model, attention="sdpa", reference=reference)
+        attempt.reordered_error = _reordered_error(model, attention=attempt.route_name, reference=reference)
         model.p3d_probe_reference = reference
     except Exception:  # noqa: BLE001 - no SDPA path: the interface finding (no calls) stands
         return None
@@ -191,14 +202,18 @@ def _build(config: PretrainedConfig, attention: str = "eager"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    use_global_positions(model)  # as enable_context_parallel does
     return model.float()
 
 
-def _route_sdpa_through_p3d(model) -> None:
+def _route_through_p3d(model, route: str) -> None:
     from p3d.models import architecture
 
     for block in architecture(model.config).decoder_blocks(model):
-        block.forward = with_p3d_sdpa(block.forward, block, _recorder)
+        if route == "sdpa":
+            block.forward = with_p3d_sdpa(block.forward, block, _recorder)
+        else:
+            replace_attn_methods(block, _recorder)
 
 
 def _logits(model, input_ids, position_ids) -> torch.Tensor:
@@ -241,16 +256,22 @@ def _reordered_error(model, attention: str = PROBE_ATTENTION, reference=None) ->
 
 @torch.no_grad()
 def _documents_error(model, attention: str = PROBE_ATTENTION) -> float:
-    documents = [_tokens(length, 2 + index) % _vocab(model) for index, length in enumerate(DOCUMENT_LENGTHS)]
-    truth = getattr(model, "p3d_probe_reference", model)
-    alone = [_logits(_with_attention(truth, "eager"), ids, torch.arange(ids.shape[1]).expand_as(ids)) for ids in documents]
-    packed_ids = torch.cat(documents, dim=1)
-    positions = torch.cat([torch.arange(length) for length in DOCUMENT_LENGTHS]).expand(BATCH, -1)
-    document_ids = torch.cat([torch.full((length,), index) for index, length in enumerate(DOCUMENT_LENGTHS)]).expand(BATCH, -1)
-    plan = TilePlan(_Runs([ChunkRange(0, 0, sum(DOCUMENT_LENGTHS))]), 0, sum(DOCUMENT_LENGTHS), document_ids, torch.device("cpu"))
+    """Two rows of two packed documents with their boundaries in different places, against each document alone."""
+    truth = _with_attention(getattr(model, "p3d_probe_reference", model), "eager")
+    rows = [DOCUMENT_LENGTHS, DOCUMENT_LENGTHS[::-1]]
+    total = sum(DOCUMENT_LENGTHS)
+    packed_ids, positions, document_ids, alone = [], [], [], []
+    for row, lengths in enumerate(rows):
+        documents = [_tokens(length, 2 + 2 * row + index)[:1] % _vocab(model) for index, length in enumerate(lengths)]
+        alone.append(torch.cat([_logits(truth, ids, torch.arange(ids.shape[1])[None]) for ids in documents], dim=1))
+        packed_ids.append(torch.cat(documents, dim=1))
+        positions.append(torch.cat([torch.arange(length) for length in lengths])[None])
+        document_ids.append(torch.cat([torch.full((length,), index) for index, length in enumerate(lengths)])[None])
+    document_ids = torch.cat(document_ids)
+    plan = TilePlan(_Runs([ChunkRange(0, 0, total)]), 0, total, document_ids, torch.device("cpu"))
     with attending_in_one_process(plan):
-        packed = _logits(_with_attention(model, attention), packed_ids, positions)
-    return (packed - torch.cat(alone, dim=1)).abs().max().item()
+        packed = _logits(_with_attention(model, attention), torch.cat(packed_ids), torch.cat(positions))
+    return (packed - torch.cat(alone)).abs().max().item()
 
 
 def context_parallel_problems(config: PretrainedConfig, why: str, fix: str, with_documents: bool) -> list[str]:
@@ -272,7 +293,7 @@ def context_parallel_problems(config: PretrainedConfig, why: str, fix: str, with
             f"position_ids, or convolutions/recurrences over tokens), so splitting the sequence ({why}) would change its results; {fix}"
         ]
     if with_documents and (found.documents_error is None or found.documents_error > TOLERANCE):
-        return [f"{name}: packed documents do not give each document's own results (its positions do not restart with position_ids); use data.packing=stream"]
+        return [f"{name}: packed documents do not give each document's own results (its positions do not restart per row with position_ids); use data.packing=stream"]
     return []
 
 

@@ -83,9 +83,10 @@ def _int(value: Any) -> bool:
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer")
 
 
-def shrink(defaults: PretrainedConfig, zero_dropout: bool = True, layers: int | None = None) -> dict[str, Any]:
+def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int | None = None) -> dict[str, Any]:
     """Config values that make `defaults` (an architecture's default config) tiny, as constructor kwargs.
-    `layers`: the layer count wanted (the default 2), which a layer-type pattern follows."""
+    `keep_features`: change sizes only (the CP probe), not dropout or `is_decoder`. `layers`: the layer count
+    wanted (the default 2), which a layer-type pattern follows."""
     values = _field_values(defaults)
     hidden = _safe_getattr(defaults, "hidden_size")
     heads = next((values[name] for name in _HEAD_FIELDS if _int(values.get(name))), None)
@@ -94,7 +95,7 @@ def shrink(defaults: PretrainedConfig, zero_dropout: bool = True, layers: int | 
     tiny: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, PretrainedConfig):
-            tiny[name] = {**value.to_dict(), **shrink(value, zero_dropout)}
+            tiny[name] = {**value.to_dict(), **shrink(value, keep_features)}
         elif name in _EXACT and _int(value):
             tiny[name] = _EXACT[name]
         elif name in _LAYER_FIELDS and _int(value):
@@ -115,10 +116,10 @@ def shrink(defaults: PretrainedConfig, zero_dropout: bool = True, layers: int | 
             tiny[name] = min(value, WINDOW)
         elif "rotary" in name and _int(value) and head_dim:  # rotary dims cover the same share of the smaller heads
             tiny[name] = max(2, 2 * round(HEAD_DIM * value / head_dim / 2))
-        elif name == "is_decoder" and value is False:
+        elif name == "is_decoder" and value is False and not keep_features:
             tiny[name] = True  # BERT-style models are causal LMs only as decoders
         elif "drop" in name and isinstance(value, float):
-            if zero_dropout:
+            if not keep_features:
                 tiny[name] = 0.0
         elif _int(value) and any(word in name for word in _SIZE_WORDS) and value > 1:
             if value == hidden:

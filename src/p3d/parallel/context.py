@@ -18,6 +18,7 @@ model's own attention would let documents see each other.
 from __future__ import annotations
 
 import functools
+import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -163,20 +164,83 @@ def register_attention(name: str = ATTENTION_NAME, function=context_parallel_att
     AttentionMaskInterface.register(name, _no_mask)
 
 
-ROUTES = ("interface", "sdpa")
+ROUTES = ("interface", "sdpa", "attn_method")
 
 
 def enable_context_parallel(model, route: str = "interface", blocks=()) -> None:
     """Make the model's attention p3d's. `interface`: through transformers' attention interface (most
     models). `sdpa`: the model calls torch's scaled_dot_product_attention itself (Falcon); inside each
-    of `blocks` that call is p3d's attention instead (its mask, built from local positions, is ignored:
-    p3d masks by global index; models/probe.py checks the result is the model's own)."""
+    of `blocks` that call is p3d's attention instead. `attn_method`: the attention modules compute
+    softmax(q k^T) v in a method `_attn(query, key, value, attention_mask)` (GPT-J, CodeGen), which
+    becomes p3d's attention. In both, the model's mask (built from local positions) is ignored: p3d
+    masks by global index; models/probe.py checks the result is the model's own."""
     register_attention()
+    use_global_positions(model)
     if route == "sdpa":
         for block in blocks:
             block.forward = with_p3d_sdpa(block.forward, block)
+    elif route == "attn_method":
+        for block in blocks:
+            replace_attn_methods(block)
     else:
         model.set_attn_implementation(ATTENTION_NAME)
+
+
+def use_global_positions(model) -> None:
+    """Position embeddings that are handed positions counted from the local sequence (BART's decoder passes
+    its own arange) get the global `position_ids` the model was called with instead."""
+    current: dict[str, torch.Tensor | None] = {"ids": None}
+
+    def capture(module, args, kwargs):
+        current["ids"] = kwargs.get("position_ids")
+
+    def substitute(module, args, kwargs):
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        ids = _shaped_like(current["ids"], bound.arguments.get("position_ids"))
+        if ids is None:
+            return None
+        bound.arguments["position_ids"] = ids
+        return bound.args, bound.kwargs
+
+    model.register_forward_pre_hook(capture, with_kwargs=True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and "position_ids" in inspect.signature(module.forward).parameters:
+            module.register_forward_pre_hook(substitute, with_kwargs=True)
+
+
+def _shaped_like(ids: torch.Tensor | None, own: torch.Tensor | None) -> torch.Tensor | None:
+    """The global positions in the shape the module was given its own in ([batch, seq], [1, seq] or [seq])."""
+    if ids is None or own is None or own.shape == ids.shape:
+        return ids
+    if not bool((ids == ids[:1]).all()) or own.numel() != ids.shape[-1]:
+        # validation's probe refuses such models for packed documents; reaching this is a bug, never wrong results
+        raise RuntimeError("this model's position embedding takes one row of positions; rows with different positions cannot be given")
+    return ids[0].reshape(own.shape)
+
+
+def replace_attn_methods(block, attention=None) -> int:
+    """Each attention module's `_attn(query, key, value, attention_mask, ...)` in `block` becomes p3d's
+    attention, scaled as the module scales (`scale_attn` or `norm_factor`: scores / it); how many."""
+    attention = attention or context_parallel_attention
+    replaced = 0
+    for module in block.modules():
+        if callable(getattr(module, "_attn", None)):
+            module._attn = _p3d_attn_method(module, attention)
+            replaced += 1
+    return replaced
+
+
+def _p3d_attn_method(module, attention):
+    divisor = getattr(module, "scale_attn", None)
+    divisor = divisor if divisor is not None else getattr(module, "norm_factor", None)
+    scaling = 1.0 / float(divisor) if divisor is not None else None
+    dropout = getattr(getattr(module, "attn_dropout", None), "p", 0.0)
+
+    def attn(query, key, value, attention_mask=None, *args, **kwargs):
+        output, _ = attention(module, query, key, value, None, scaling=scaling, dropout=dropout if module.training else 0.0)
+        return output.transpose(1, 2), None
+
+    return attn
 
 
 def with_p3d_sdpa(forward, owner, attention=None):
