@@ -1,8 +1,10 @@
 """What p3d needs to know about one model type, answered generically from transformers.
 
 The generic `Architecture` covers any Hugging Face causal LM: its decoder blocks, its tensor-parallel
-plan (transformers' own `_tp_plan`, else one inferred from the module structure), the module
-attributes that hold head counts, and the checkpoint keys that are buffers the model recomputes.
+plan (p3d's own for the type, else transformers' `_tp_plan`, else one inferred from the module
+structure), the module attributes that hold head counts, what its attention needs under context
+parallelism (probed on its tiny copy, probe.py), its sizes for estimates, and the checkpoint keys
+that are buffers the model recomputes.
 A model type that needs more (a plan of p3d's own, another attribute, a sequence-parallel check)
 subclasses it in a small file of this package and registers there; tiny-config tweaks are in tiny.py.
 """
