@@ -26,6 +26,16 @@ left out, and the times add those bytes at the per-layer part's seconds per byte
 estimate is checked against 12 bytes per parameter of the real model. The peak memory of each
 job's process tree (sum of PSS) is sampled and the job is stopped if it passes --max-memory-gb.
 Writes <out>/checkpoint.md and <out>/checkpoint.json.
+
+The cost of the checkpoint checksums (xxh3-128 of every file, taken while it is written):
+
+    python benchmarks/checkpoint.py --checksums compare --repeats 5   # checksums on against off
+
+runs sync-save and async-save jobs with `checkpoint.checksums=true` and `false` alternately
+(on, off, off, on, on, off, ... so drift over time does not favour either), `--repeats` jobs of
+each, and reports the median save time of each setting over all mid-training saves (the marker's
+save_s) and the difference. Writes <out>/checkpoint_checksums.md and .json. `--checksums on|off`
+sets the checksums for the plain benchmark above (default on, as p3d's default).
 """
 
 from __future__ import annotations
@@ -119,11 +129,59 @@ def torchrun(world: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "p3d.train"]
 
 
-def base_overrides(layers: int, args) -> list[str]:
+def base_overrides(layers: int, args, checksums: str | None = None) -> list[str]:
     return [
         "model=opt1.3b", f"model.config.num_hidden_layers={layers}", f"model.config.vocab_size={args.vocab_size}", "parallel=tp2dp2cp2",
         f"data.seq_len={args.seq_len}", "train.global_batch_size=4", "train.micro_batch_size=2",
+        f"checkpoint.checksums={(checksums or args.checksums) == 'on'}",
     ]
+
+
+def save_times(layers: int, args, workdir: Path, mode: str, checksums: str) -> list[float]:
+    """One job with saves every --every steps; the save_s of each mid-training save (its marker)."""
+    steps = args.every * (args.saves + 1)
+    run_dir = workdir / f"L{layers}-{mode}-checksums-{checksums}"
+    overrides = [*base_overrides(layers, args, checksums), f"train.steps={steps}", f"checkpoint.every={args.every}",
+                 f"checkpoint.async_mode={mode}", f"run.dir={run_dir}"]
+    run_job(torchrun(8) + overrides, args.max_memory_gb)
+    markers = [json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "p3d_complete.json").read_text())
+               for step in range(args.every, steps, args.every)]
+    assert all((marker["checksum"] is not None) == (checksums == "on") for marker in markers)
+    shutil.rmtree(run_dir)
+    return [marker["save_s"] for marker in markers]
+
+
+def compare_checksums(layers: int, args, workdir: Path) -> list[dict]:
+    """Save times with checksums on and off, alternated job by job; medians over all their saves."""
+    rows = []
+    for mode in ("disabled", "thread"):
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        for repeat in range(args.repeats):
+            order = ("on", "off") if repeat % 2 == 0 else ("off", "on")
+            for checksums in order:
+                times[checksums] += save_times(layers, args, workdir, mode, checksums)
+        on, off = statistics.median(times["on"]), statistics.median(times["off"])
+        rows.append({"layers": layers, "mode": "sync" if mode == "disabled" else "async", "saves": len(times["on"]),
+                     "save_s_checksums_on": on, "save_s_checksums_off": off, "cost": on / off - 1, "all": times})
+        print(f"layers={layers} {rows[-1]['mode']}: save {on:.3f} s with checksums, {off:.3f} s without "
+              f"({100 * rows[-1]['cost']:+.1f} %), medians over {len(times['on'])} saves each", flush=True)
+    return rows
+
+
+def render_checksums(rows: list[dict], args) -> str:
+    lines = [
+        f"OPT-1.3B's decoder layers cut to {', '.join(sorted({str(r['layers']) for r in rows}))} layer(s), vocabulary {args.vocab_size}, "
+        f"tp2dp2cp2 on 8 ranks (torchrun, gloo, CPU), fp32 weights and AdamW state; saves every {args.every} steps. "
+        f"{args.repeats} jobs with checksums and {args.repeats} without, alternated; each figure is the median save time "
+        f"(the completion marker's save_s: sync, the whole save; async, until rank 0's background write finished) "
+        f"over all mid-training saves of those jobs.",
+        "",
+        "| layers | save | saves per setting | checksums on | checksums off | cost |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['layers']} | {r['mode']} | {r['saves']} | {r['save_s_checksums_on']:.3f} s | {r['save_s_checksums_off']:.3f} s | {100 * r['cost']:+.1f} % |")
+    return "\n".join(lines) + "\n"
 
 
 def measure(layers: int, args, workdir: Path) -> dict:
@@ -264,8 +322,24 @@ def main() -> None:
     parser.add_argument("--max-memory-gb", type=float, default=10.0, help="stop a job whose processes use more than this (GB, PSS)")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--from-json", help="render the tables again from a checkpoint.json this script wrote (no runs)")
+    parser.add_argument("--checksums", choices=("on", "off", "compare"), default="on",
+                        help="checkpoint.checksums for the runs; compare: only the save time with them against without")
+    parser.add_argument("--repeats", type=int, default=3, help="with --checksums compare: jobs of each setting")
     args = parser.parse_args()
     layer_counts = sorted(int(n) for n in args.layers.split(","))
+    if args.checksums == "compare":
+        with tempfile.TemporaryDirectory(dir=os.environ.get("P3D_BENCH_TMP")) as workdir:
+            rows = [row for layers in layer_counts for row in compare_checksums(layers, args, Path(workdir))]
+        text = render_checksums(rows, args)
+        print(text)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoint_checksums.md").write_text(
+            "# Checkpoint save time with and without checksums\n\nGenerated by `python benchmarks/checkpoint.py --checksums compare` "
+            f"(`--layers {args.layers} --vocab-size {args.vocab_size} --saves {args.saves} --repeats {args.repeats}`).\n\n" + text
+        )
+        (out / "checkpoint_checksums.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        return
     params = {(n, args.vocab_size): parameter_count(n, args.vocab_size) for n in layer_counts}
     params[(FULL_LAYERS, FULL_VOCAB)] = parameter_count(FULL_LAYERS, FULL_VOCAB)
     if args.from_json:

@@ -3,13 +3,15 @@
     python benchmarks/memory.py                       # a Llama-shaped 334M model (1.3 GB in fp32)
     python benchmarks/memory.py --layers 2 --steps 1 --out /tmp/mem   # a quick run
 
-For every layout it runs `p3d.train` (torchrun on gloo, CPU), reads each rank's peak RSS from
-the run's summary.json and samples the machine's used memory from outside for the whole job's
-peak. Every process pays a fixed cost for its imports (torch, transformers, datasets); that
-baseline is measured in the same run, and the model's share is the peak above it. The ideal
-per-rank share is the one-process share divided by the number of ranks. A second table shows
-activation checkpointing (none / selective / full) on a long-sequence config. Writes
-<out>/memory.md, <out>/memory.json and <out>/memory.png.
+For every layout it runs `p3d.train` (torchrun on gloo, CPU) through benchmarks/memory_phases.py,
+reads each rank's peak RSS from the run's summary.json and samples the machine's used memory from
+outside for the whole job's peak. Every process pays a fixed cost for what a rank imports (torch,
+transformers, p3d); that baseline is measured in the same run, and the model's share is the peak
+above it. The ideal per-rank share is the one-process share divided by the number of ranks.
+For the 8-rank layouts a breakdown says what the peak rank holds at its peak (from the per-phase
+RSS of memory_phases.py and the parameter count). A second table shows activation checkpointing
+(none / selective / full) on a long-sequence config. Writes <out>/memory.md, <out>/memory.json and
+<out>/memory.png.
 """
 
 from __future__ import annotations
@@ -73,9 +75,20 @@ class MemorySampler:
         return self.peak - self.before
 
 
+PHASES = Path(__file__).with_name("memory_phases.py")
+BREAKDOWN_LAYOUTS = ("dp8", "tp2dp2cp2")
+HIDDEN, INTERMEDIATE, VOCAB = 1024, 4096, 32000  # the benchmark's Llama shape (see main)
+
+
+def parameter_count(layers: int) -> int:
+    """Embedding and untied head, per block attention (4 h^2) + MLP (3 h i) + two norms, final norm."""
+    return 2 * VOCAB * HIDDEN + layers * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN) + HIDDEN
+
+
 def import_baseline_gb() -> float:
-    """Peak RSS of a process that only imports what a p3d rank imports."""
-    code = "import resource, p3d.train, datasets, transformers.models.opt.modeling_opt; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"
+    """Peak RSS of a process that only imports what a p3d rank of this benchmark imports (the built-in
+    corpus needs no `datasets`; the model's modeling module is imported when the model is built)."""
+    code = "import resource, p3d.train, transformers.models.llama.modeling_llama; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"
     env = dict(os.environ, **RETURN_FREED_MEMORY)
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip())
 
@@ -84,7 +97,8 @@ def run_layout(name: str, layout: tuple[int, int, int], overrides: list[str], wo
     tp, dp, cp = layout
     world = tp * dp * cp
     run_dir = workdir / name.replace(" ", "_")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "p3d.train"]
+    phases_dir = run_dir.with_name(run_dir.name + "_phases")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(PHASES), str(phases_dir)]
     command += [*overrides, f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.cp={cp}", f"run.dir={run_dir}", "checkpoint=none"]
     env = dict(os.environ, OMP_NUM_THREADS="1", **RETURN_FREED_MEMORY)
     started = time.monotonic()
@@ -97,6 +111,7 @@ def run_layout(name: str, layout: tuple[int, int, int], overrides: list[str], wo
         return {"layout": name, "ranks": world, "killed": True, "job_peak_gb": round(sampler.job_peak_gb, 3),
                 "seconds": round(time.monotonic() - started, 1)}
     summary = json.loads((run_dir / "summary.json").read_text())
+    phases = [json.loads(path.read_text()) for path in sorted(phases_dir.glob("rank_*.json"))]
     return {
         "layout": name,
         "ranks": world,
@@ -104,10 +119,41 @@ def run_layout(name: str, layout: tuple[int, int, int], overrides: list[str], wo
         "job_peak_gb": round(sampler.job_peak_gb, 3),
         "final_loss": summary["loss"],
         "seconds": round(time.monotonic() - started, 1),
+        "phases_of_peak_rank": max(phases, key=lambda report: report["peak_gb"]) if phases else None,
     }
 
 
-def layout_table(results: list[dict], baseline: float) -> list[dict]:
+def breakdown(report: dict, ranks: int, ideal: float, parameters: int) -> dict:
+    """What the peak rank holds at its peak, GiB: measured from its phases, the states from the parameter count.
+
+    steady = RSS at the start of the last step (weights and optimizer state held between steps);
+    activations = the growth over the forward of the decoder blocks (first micro-batch); the rest of the peak is what
+    the phase of the peak adds (gathered FSDP units, their gradients and reduce-scatter buffers, logits).
+    """
+    baseline = report["phase_peaks_gb"]["imports"]  # this rank's own RSS once it had imported p3d.train
+    steady = report["last_step_transitions_gb"][0][1]
+    blocks = []  # RSS as each block's forward began, first micro-batch of the last step
+    for phase, value in report["last_step_transitions_gb"]:
+        if phase == "loss":
+            break
+        if phase.startswith("forward block "):
+            blocks.append(value)
+    activations = (blocks[-1] - blocks[0]) / max(len(blocks) - 1, 1) * len(blocks)
+    states = parameters * 4 * 3 / ranks / 2**30  # fp32 weights and two AdamW moments, sharded
+    peak = report["peak_gb"]
+    return {
+        "peak_phase": report["peak_phase"],
+        "import baseline": round(baseline, 3),
+        "sharded weights and AdamW moments (1/N)": round(states, 3),
+        "per-process runtime (data, process groups, lazily loaded code)": round(steady - baseline - states, 3),
+        "activations of one micro-batch (all blocks)": round(activations, 3),
+        "in the phase of the peak (gathered units, their gradients and reduce buffers, logits)": round(peak - steady - activations, 3),
+        "peak": round(peak, 3),
+        "ideal share (1/N of one process)": round(ideal, 3),
+    }
+
+
+def layout_table(results: list[dict], baseline: float, parameters: int) -> list[dict]:
     single_share = max(results[0]["per_rank_peak_gb"]) - baseline
     rows = []
     for result in results:
@@ -116,8 +162,10 @@ def layout_table(results: list[dict], baseline: float) -> list[dict]:
             continue
         peak = max(result["per_rank_peak_gb"])
         ideal = single_share / result["ranks"]
+        extra = {"breakdown": breakdown(result["phases_of_peak_rank"], result["ranks"], ideal, parameters)} if result["layout"] in BREAKDOWN_LAYOUTS and result.get("phases_of_peak_rank") else {}
         rows.append({
             **result,
+            **extra,
             "max_rank_peak_gb": round(peak, 3),
             "model_share_gb": round(peak - baseline, 3),
             "ideal_share_gb": round(ideal, 3),
@@ -127,10 +175,12 @@ def layout_table(results: list[dict], baseline: float) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc: str, ac_desc: str) -> str:
+def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc: str, ac_desc: str, before: dict | None = None) -> str:
     lines = [
-        f"Model: {model_desc}. Import baseline per process (torch, transformers, datasets): {baseline:.2f} GB.",
-        "Runs with `MALLOC_MMAP_THRESHOLD_=65536`, so that peak RSS counts what a rank held rather than what glibc kept after frees.",
+        f"Model: {model_desc}. Import baseline per process (what a rank imports: torch, transformers, p3d): {baseline:.2f} GB. GB here are GiB (2^30 bytes), as p3d reports peak memory.",
+        "Runs with `MALLOC_MMAP_THRESHOLD_=65536`, so that peak RSS counts what a rank held rather than what glibc kept after frees. "
+        "The job peak is the machine's used memory above what it was before the job: it also counts whatever else ran on the machine meanwhile "
+        "(per-rank RSS does not).",
         "",
         "| layout | ranks | max per-rank peak RSS (GB) | model share above baseline (GB) | ideal 1/N share (GB) | share vs 1 process | share vs ideal | job peak, whole machine (GB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -143,6 +193,36 @@ def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc:
             f"| {r['layout']} | {r['ranks']} | {r['max_rank_peak_gb']:.2f} | {r['model_share_gb']:.2f} | {r['ideal_share_gb']:.2f} | "
             f"{r['share_vs_one_process']:.2f} | {r['share_vs_ideal']:.2f} | {r['job_peak_gb']:.2f} |"
         )
+    if before:
+        earlier = {row["layout"]: row for row in before["layouts"] if "share_vs_ideal" in row}
+        lines += ["", f"Before and after ({before['description']}):", "", "| layout | share vs ideal, before | after | max per-rank peak (GB), before | after |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {r['layout']} | {earlier[r['layout']]['share_vs_ideal']:.2f} | {r['share_vs_ideal']:.2f} | {earlier[r['layout']]['max_rank_peak_gb']:.2f} | {r['max_rank_peak_gb']:.2f} |"
+            for r in rows if r["layout"] in earlier and "share_vs_ideal" in r
+        ]
+    for r in rows:
+        if r.get("breakdown"):
+            b = r["breakdown"]
+            lines += ["", f"What the peak rank of {r['layout']} holds at its peak (phase: {b['peak_phase']}), GB:", "", "| part | GB |", "| --- | --- |"]
+            before_b = (before or {}).get("breakdowns", {}).get(r["layout"])
+            if before_b:
+                lines[-2:] = [f"| part | before (GB, phase: {before_b['peak_phase']}) | after (GB) |", "| --- | --- | --- |"]
+                lines += [f"| {key} | {before_b.get(key, float('nan')):.3f} | {value:.3f} |" for key, value in b.items() if key != "peak_phase"]
+            else:
+                lines += [f"| {key} | {value:.3f} |" for key, value in b.items() if key != "peak_phase"]
+    if any(r.get("breakdown") for r in rows):
+        head = VOCAB * HIDDEN * 4 / 2**30
+        lines += ["", (
+            "What stays above the ideal, and why. The ideal divides everything one process holds by N. Three parts do not divide: "
+            "(1) each process's runtime (data, process groups, allocator) is paid per rank; "
+            "(2) the activations of one micro-batch: at dp8 every rank runs its own micro-batch of the same size as the one process's, "
+            "so data parallelism cannot divide them (cp, tp with sequence parallelism, or activation checkpointing can: compare tp2dp2cp2); "
+            "(3) the FSDP unit in use at the peak, the untied output head at the start of the backward: its gathered weight, its "
+            f"unsharded gradient and the reduce-scatter buffer, {head:.3f} GB each at dp8 and half that under tp2. "
+            "Part (3) could only go with a head that is never gathered (sharded over the vocabulary across all ranks, the hidden "
+            "states all-gathered instead, the loss computed over the vocabulary shards): not built. Part (2) is the price of data "
+            "parallelism. The built-in corpus no longer imports `datasets`, ~0.12 GB per rank (the baseline no longer counts it either)."
+        )]
     lines += ["", f"Activation checkpointing ({ac_desc}):", "", "| train.activation_checkpointing | max per-rank peak RSS (GB) | vs none |", "| --- | --- | --- |"]
     none_peak = max(ac_rows[0]["per_rank_peak_gb"])
     for r in ac_rows:
@@ -178,6 +258,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from: " + ", ".join(LAYOUTS))
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--before", help="an earlier memory.json (with a 'description' and, optionally, 'breakdowns') to compare against")
+    parser.add_argument("--from-json", help="re-render the tables and plot from a memory.json this script wrote, without measuring")
     args = parser.parse_args()
 
     model = [
@@ -189,23 +271,28 @@ def main() -> None:
                  "data.seq_len=2048", "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=4"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    baseline = import_baseline_gb()
-    with tempfile.TemporaryDirectory() as workdir:
-        results = []
-        for name in args.layouts.split(","):
-            results.append(run_layout(name, LAYOUTS[name], model, Path(workdir)))
-            print(f"{name}: {results[-1]}", flush=True)
-        ac_results = [
-            run_layout(mode, (1, 1, 1), [*ac_common, f"train.activation_checkpointing={mode}"], Path(workdir))
-            for mode in ("none", "selective", "full")
-        ]
-    rows = layout_table(results, baseline)
+    if args.from_json:  # re-render: the measurements of an earlier run, this script's tables
+        saved = json.loads(Path(args.from_json).read_text())
+        baseline, results, ac_results = saved["baseline_gb"], saved["layouts"], saved["activation_checkpointing"]
+    else:
+        baseline = import_baseline_gb()
+        with tempfile.TemporaryDirectory() as workdir:
+            results = []
+            for name in args.layouts.split(","):
+                results.append(run_layout(name, LAYOUTS[name], model, Path(workdir)))
+                print(f"{name}: peaks {results[-1].get('per_rank_peak_gb')}, job {results[-1]['job_peak_gb']} GB", flush=True)
+            ac_results = [
+                run_layout(mode, (1, 1, 1), [*ac_common, f"train.activation_checkpointing={mode}"], Path(workdir))
+                for mode in ("none", "selective", "full")
+            ]
+    rows = layout_table(results, baseline, parameter_count(args.layers))
     model_desc = f"Llama shape, hidden 1024, {args.layers} layers, vocab 32000 (334M parameters at 16 layers), fp32, seq_len {args.seq_len}, micro-batch 1, {args.steps} steps"
     ac_desc = "tiny_llama widened to hidden 256, 4 layers, seq_len 2048, micro-batch 4, 1 process; selective = every 2nd block"
-    text = markdown(rows, ac_results, baseline, model_desc, ac_desc)
+    before = json.loads(Path(args.before).read_text()) if args.before else (saved.get("before") if args.from_json else None)
+    text = markdown(rows, ac_results, baseline, model_desc, ac_desc, before)
     print(text)
     (out / "memory.md").write_text("# Memory by layout\n\nGenerated by `python benchmarks/memory.py`.\n\n" + text)
-    (out / "memory.json").write_text(json.dumps({"baseline_gb": baseline, "layouts": rows, "activation_checkpointing": ac_results}, indent=1))
+    (out / "memory.json").write_text(json.dumps({"baseline_gb": baseline, "layouts": rows, "activation_checkpointing": ac_results, "before": before}, indent=1))
     plot(rows, out / "memory.png")
 
 

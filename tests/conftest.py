@@ -36,22 +36,41 @@ def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.pop("P3D_DEBUG", None)
     env.pop("HYDRA_FULL_ERROR", None)
+    for name in ("P3D_TEST_HOOKS", "P3D_TEST_FAULT_RANK", "P3D_TEST_REPORT"):
+        env.pop(name, None)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
 
 
+TESTS = Path(__file__).parent
+HOOKRUN = TESTS / "hookrun.py"
+
+
 def run_p3d(run_dir: Path, overrides: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 600, cwd: Path | None = None) -> RunResult:
-    """`python -m p3d.train` (nproc=1), else N ranks forked by tests/forkrun.py (the same training code,
-    one import for all ranks). Tests of torchrun itself build their torchrun command with run_command."""
-    if nproc == 1:
-        command = [sys.executable, "-m", "p3d.train"]
+    """`python -m p3d.train` (nproc=1; tests/hookrun.py when `env` names test hooks), else N ranks forked
+    by tests/forkrun.py (the same training code, one import for all ranks). Tests of torchrun itself
+    build their torchrun command with run_command."""
+    if nproc > 1:
+        command = [sys.executable, str(TESTS / "forkrun.py"), str(nproc)]
+    elif env and "P3D_TEST_HOOKS" in env:
+        command = [sys.executable, str(HOOKRUN)]
     else:
-        command = [sys.executable, str(Path(__file__).parent / "forkrun.py"), str(nproc)]
+        command = [sys.executable, "-m", "p3d.train"]
     command += [*overrides, f"run.dir={run_dir}"]
     done = subprocess.run(command, capture_output=True, text=True, env=_env(env), timeout=timeout, cwd=cwd or run_dir.parent)
     return RunResult(done.returncode, done.stdout, done.stderr, run_dir)
+
+
+def hooks_env(*hooks: str, fault_rank: int | None = None, report: Path | None = None) -> dict:
+    """The environment that installs test hooks (tests/hooks.py) in every rank: hooks_env("kill_in_save=10", fault_rank=1)."""
+    env = {"P3D_TEST_HOOKS": ",".join(hooks)}
+    if fault_rank is not None:
+        env["P3D_TEST_FAULT_RANK"] = str(fault_rank)
+    if report is not None:
+        env["P3D_TEST_REPORT"] = str(report)
+    return env
 
 
 def run_command(command: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

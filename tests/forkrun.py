@@ -10,6 +10,8 @@ torchrun itself (restarts, SIGTERM, multi-node rendezvous) keep using torchrun.
 
 Like torchrun it sets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, shares
 its stdout/stderr with the ranks, stops the other ranks when one fails, and exits non-zero then.
+The test hooks named in P3D_TEST_HOOKS (tests/hooks.py) are installed before the fork, so every
+rank runs with them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import datasets  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 import transformers.models.opt.modeling_opt  # noqa: F401
 
+import hooks
 import p3d.train
 
 
@@ -34,7 +37,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def die_with_launcher() -> None:
+    """A rank gets SIGKILL when this launcher dies (a test's timeout kills only the launcher; orphaned
+    ranks would go on computing on a shared machine). Linux only; elsewhere nothing happens."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_rank(rank: int, world: int, port: int, overrides: list[str]) -> int:
+    die_with_launcher()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
         GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -53,6 +70,7 @@ def run_rank(rank: int, world: int, port: int, overrides: list[str]) -> int:
 
 def main() -> int:
     world, overrides = int(sys.argv[1]), sys.argv[2:]
+    hooks.install_from_env()
     port = free_port()
     children = {}
     for rank in range(world):

@@ -1,4 +1,5 @@
-"""DCP checkpoints under <run.dir>/checkpoints/step_NNNNNNNN, complete only once marked.
+"""DCP checkpoints under <run.dir>/checkpoints/step_NNNNNNNN, complete only once marked: the format,
+writing, verifying and reading live here (resume.py and export.py ask this module).
 
 One checkpoint directory holds:
 
@@ -8,6 +9,16 @@ One checkpoint directory holds:
     hf_config.json            the Hugging Face model config (rank 0); `p3d export` builds from it
     rng/rank_RRRRR.pt         each rank's random-number generator states
     p3d_complete.json         the completion marker, written by rank 0 after every rank is done
+
+The marker lists every other file of the checkpoint with its size and an xxh3-128 checksum. The
+checksum is computed from the bytes as they are written (DCP's file streams are wrapped, the side
+files are hashed from memory), never by reading the files back; every rank reports what it wrote,
+and rank 0 writes the marker only after it has seen each reported file, at its size, in the
+checkpoint directory (a rank writing elsewhere, e.g. to storage other nodes do not share, fails
+the save instead of leaving a marked checkpoint without that rank's shards). Before anything is
+loaded, `verify_checkpoint` compares every file with the marker (sizes, then checksums; the ranks
+of a job share the reading). The marker also records the data source's fingerprint
+(`p3d.data.data_fingerprint`), which a resume compares with the data it finds.
 
 A directory without the marker is a save that never finished: it is never taken as the latest,
 and naming it explicitly is an error. The marker is written last and removed first (retention
@@ -24,11 +35,15 @@ written once every rank's write has finished, which the train loop checks after 
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import shutil
+import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,22 +51,28 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim import Optimizer
 
-from p3d import faults, rng
+from p3d import rng
 from p3d.config.schema import AsyncMode, CheckpointConfig
 from p3d.distributed.mesh import ParallelDims
-from p3d.errors import ConfigError
+from p3d.errors import RunError
 
 COMPLETE_MARKER = "p3d_complete.json"
 CONFIG_FILE = "config.yaml"
 HF_CONFIG_FILE = "hf_config.json"
+FORMAT_VERSION = 2  # 2: the marker lists every file with its size and checksum
+CHECKSUM = "xxh3_128"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+_READ_CHUNK = 16 << 20
+_OVERLAP_BYTES = 1 << 20  # writes this large are hashed on a helper thread while they are written
 
 # A rank's view of the pending asynchronous save; the train loop reduces these with MAX.
 SAVE_IDLE, SAVE_RUNNING, SAVE_FAILED = 0, 1, 2
@@ -110,27 +131,215 @@ def rng_file(path: Path, rank: int) -> Path:
     return path / "rng" / f"rank_{rank:05d}.pt"
 
 
+# --- what was written: sizes and checksums taken from the bytes on their way out -----------------
+
+
+def _new_hasher():
+    return xxhash.xxh3_128()
+
+
+class _HashingStream:
+    """A binary file being written: every write also goes into the size count and the checksum.
+
+    A large write (a tensor's bytes) is hashed on a helper thread while the same bytes go to the
+    file (xxhash and the file write both release the GIL), so the checksum costs little save time
+    where a core is free; each write returns only once its bytes are hashed, so no buffer is read
+    after the writer has it back. DCP writes its files strictly sequentially (write, and tell for
+    offsets); a seek would make the running checksum describe other bytes than the file, so it
+    is refused."""
+
+    def __init__(self, raw, checksums: bool):
+        self.raw = raw
+        self.size = 0
+        self.hasher = _new_hasher() if checksums else None
+        self._helper: ThreadPoolExecutor | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.size += view.nbytes
+        if self.hasher is None:
+            return self.raw.write(view)
+        if view.nbytes < _OVERLAP_BYTES:
+            self.hasher.update(view)
+            return self.raw.write(view)
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3d-checksum")
+        hashed = self._helper.submit(self.hasher.update, view)
+        try:
+            return self.raw.write(view)
+        finally:
+            hashed.result()
+
+    def seek(self, *args):
+        raise io.UnsupportedOperation("checkpoint files are written sequentially (p3d checksums them on the way)")
+
+    def seekable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
+        self.raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def record(self) -> dict:
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
+        return {"size": self.size, CHECKSUM: self.hasher.hexdigest() if self.hasher is not None else None}
+
+
+class _RecordingFileSystem(FileSystem):
+    """DCP's local file system, recording the size and checksum of every file it writes.
+
+    DCP writes `.metadata` under a temporary name and renames it: the record follows the rename."""
+
+    def __init__(self, checksums: bool):
+        super().__init__()
+        self.checksums = checksums
+        self.written: dict[str, dict] = {}
+        self._lock = threading.Lock()  # DCP may write several files from threads of its own
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as raw:
+            stream = _HashingStream(raw, self.checksums)
+            yield stream
+        with self._lock:
+            self.written[str(path)] = stream.record()
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        with self._lock:
+            if str(path) in self.written:
+                self.written[str(new_path)] = self.written.pop(str(path))
+
+
+class RecordingWriter(FileSystemWriter):
+    """DCP's FileSystemWriter (sync and async saves alike) with every file's size and checksum recorded."""
+
+    def __init__(self, path: Path, checksums: bool):
+        super().__init__(str(path))
+        self.fs = _RecordingFileSystem(checksums)  # the writer opens every file through self.fs
+
+    def records(self, root: Path) -> dict[str, dict]:
+        return {os.path.relpath(name, root): record for name, record in self.fs.written.items()}
+
+
+def write_file(path: Path, data: bytes, checksums: bool) -> dict:
+    """Write a small file of the checkpoint from memory; its record (size, checksum) is taken from `data`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as raw:
+        stream = _HashingStream(raw, checksums)
+        stream.write(data)
+    return stream.record()
+
+
+# --- reading and verifying ---------------------------------------------------------------------
+
+
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a usable checkpoint (missing, incomplete or corrupt), or None if it is."""
+    """Why `path` is not a usable checkpoint by what can be seen without reading its data (missing,
+    incomplete, or a file missing or of another size than saved), or None. `verify_checkpoint`
+    also compares the checksums."""
     if not path.is_dir():
         return "no such checkpoint directory"
     if not (path / COMPLETE_MARKER).is_file():
         return f"incomplete checkpoint: it has no {COMPLETE_MARKER}, so its save never finished"
     try:
-        read_marker(path)
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except Exception as error:  # unpickling a damaged file raises many types
-        return f"corrupt checkpoint: cannot read its metadata ({type(error).__name__})"
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file() or file.stat().st_size < size:
-            return f"corrupt checkpoint: data file {name} is missing or truncated"
-    for name in (CONFIG_FILE, HF_CONFIG_FILE):
-        if not (path / name).is_file():
-            return f"incomplete checkpoint: it has no {name}"
+        marker = read_marker(path)
+    except (OSError, ValueError) as error:
+        return f"corrupt checkpoint: cannot read its {COMPLETE_MARKER} ({type(error).__name__})"
+    if not isinstance(marker, dict):
+        return f"corrupt checkpoint: its {COMPLETE_MARKER} is not a marker p3d wrote"
+    files = marker.get("files")
+    if marker.get("format") != FORMAT_VERSION or not isinstance(files, dict):
+        return f"unverifiable checkpoint: its {COMPLETE_MARKER} lists no file checksums (saved by an older p3d)"
+    for name in sorted(files):
+        size = _size(path / name)
+        if size is None:
+            return f"corrupt checkpoint: {name} is missing"
+        if size != files[name]["size"]:
+            return f"corrupt checkpoint: {name} is {size} bytes, {files[name]['size']} when saved"
+    return None
+
+
+def _size(file: Path) -> int | None:
+    try:
+        return file.stat().st_size if file.is_file() else None
+    except OSError:
+        return None
+
+
+def file_checksum(file: Path) -> str:
+    hasher = _new_hasher()
+    with file.open("rb") as stream:
+        while chunk := stream.read(_READ_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _content_problem(path: Path, names: list[str]) -> str | None:
+    """The first of `names` whose bytes do not match the marker's checksum (after checkpoint_problem)."""
+    files = read_marker(path)["files"]
+    for name in names:
+        expected = files[name].get(CHECKSUM)
+        if expected is None:
+            continue  # saved with checkpoint.checksums=false: its size was checked
+        try:
+            actual = file_checksum(path / name)
+        except OSError as error:
+            return f"corrupt checkpoint: cannot read {name} ({type(error).__name__})"
+        if actual != expected:
+            return f"corrupt checkpoint: {name} does not match the checksum recorded when it was saved (damaged since)"
+    return None
+
+
+def verify_checkpoint(path: Path, shared: bool = False) -> str | None:
+    """None if `path` is a complete checkpoint whose every file has the size and checksum the marker
+    recorded; otherwise why not, one line.
+
+    With `shared` (inside a process group), the ranks split the files among themselves and every
+    rank returns the same answer (each also checks that it sees the checkpoint at all)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shared and dist.is_initialized() else (0, 1)
+    try:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            problem = _content_problem(path, sorted(read_marker(path)["files"])[rank::world])
+    except Exception as error:  # one rank failing must not leave the others waiting in the gather below
+        problem = f"corrupt checkpoint: cannot be read ({type(error).__name__}: {error})"
+    if world == 1:
+        return problem
+    problems: list = [None] * world
+    dist.all_gather_object(problems, problem)
+    return next((text for text in problems if text is not None), None)
+
+
+def newest_intact(root: Path, other_than: Path, verify: Callable[[Path], str | None] = verify_checkpoint) -> Path | None:
+    """The newest complete checkpoint under `root` besides `other_than` that `verify` finds intact."""
+    for _, path in reversed(complete_checkpoints(root)):
+        if path.resolve() != other_than.resolve() and verify(path) is None:
+            return path
     return None
 
 
@@ -145,6 +354,8 @@ class PendingSave:
     path: Path
     step: int
     future: Future
+    writer: RecordingWriter
+    side_records: dict[str, dict]
     started: float
     blocked_s: float
     written_at: float | None = None  # when this rank's background write finished
@@ -165,6 +376,7 @@ class Checkpointer:
         config_yaml: str,
         hf_config_json: str,
         info: Callable[[str], None] = print,
+        data_fingerprint: dict | None = None,
     ):
         self.root = run_dir / "checkpoints"
         self.run_dir = run_dir
@@ -174,6 +386,7 @@ class Checkpointer:
         self.config_yaml = config_yaml
         self.hf_config_json = hf_config_json
         self.info = info
+        self.data_fingerprint = data_fingerprint
         # The background writer's collectives get their own group, so they never interleave
         # with the train loop's; gloo, because DCP's coordination uses CPU tensors.
         self.group = dist.new_group(backend="gloo") if cfg.async_mode is AsyncMode.thread else None
@@ -201,15 +414,19 @@ class Checkpointer:
         if self.is_main and path.exists():
             remove_checkpoint(path)  # an unfinished save of a killed run, or an abandoned history
         dist.barrier()
-        self._write_side_files(path)
+        side_records = self._write_side_files(path)
+        writer = RecordingWriter(path, self.cfg.checksums)
         if self.group is not None and not sync:
-            future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
-            pending = PendingSave(path, step, future, started, time.perf_counter() - started)
+            future = dcp.async_save(state, storage_writer=writer, checkpoint_id=str(path), process_group=self.group)
+            pending = PendingSave(path, step, future, writer, side_records, started, time.perf_counter() - started)
             future.add_done_callback(lambda _: setattr(pending, "written_at", time.perf_counter()))
             self.pending = pending
             return pending.blocked_s
-        dcp.save(state, checkpoint_id=str(path))
-        self._mark_complete(path, step, started)
+        try:
+            dcp.save(state, storage_writer=writer, checkpoint_id=str(path))
+        except Exception as error:  # DCP gathers every rank's write result: all ranks raise together
+            raise self._save_failed(path, f"{type(error).__name__}: {_first_line(error)}") from error
+        self._mark_complete(path, step, {**side_records, **writer.records(path)}, started)
         return time.perf_counter() - started
 
     def local_status(self) -> int:
@@ -228,7 +445,8 @@ class Checkpointer:
         if global_status == SAVE_FAILED:
             self._raise_failure(pending)
         written_s = (pending.written_at or time.perf_counter()) - pending.started
-        self._mark_complete(pending.path, pending.step, pending.started, blocked_s=pending.blocked_s, written_s=written_s)
+        records = {**pending.side_records, **pending.writer.records(pending.path)}
+        self._mark_complete(pending.path, pending.step, records, pending.started, blocked_s=pending.blocked_s, written_s=written_s)
         return time.perf_counter() - started
 
     def wait(self) -> float:
@@ -246,25 +464,33 @@ class Checkpointer:
         return time.perf_counter() - started
 
     def load(self, path: Path, state: dict) -> None:
+        """Load a checkpoint that `verify_checkpoint` found intact (resume.plan_resume does that)."""
         dcp.load(state, checkpoint_id=str(path))
 
-    def _write_side_files(self, path: Path) -> None:
+    def _write_side_files(self, path: Path) -> dict[str, dict]:
+        """config.yaml and hf_config.json (rank 0) and this rank's RNG states; their records by relative name."""
+        records = {}
         if self.is_main:
             path.mkdir(parents=True, exist_ok=True)
-            (path / CONFIG_FILE).write_text(self.config_yaml)
-            (path / HF_CONFIG_FILE).write_text(self.hf_config_json)
-        rng.save(rng_file(path, dist.get_rank()))
+            records[CONFIG_FILE] = write_file(path / CONFIG_FILE, self.config_yaml.encode(), self.cfg.checksums)
+            records[HF_CONFIG_FILE] = write_file(path / HF_CONFIG_FILE, self.hf_config_json.encode(), self.cfg.checksums)
+        buffer = io.BytesIO()
+        torch.save(rng.capture(), buffer)
+        own_rng = rng_file(path, dist.get_rank())
+        records[str(own_rng.relative_to(path))] = write_file(own_rng, buffer.getvalue(), self.cfg.checksums)
+        return records
 
     def _mark_complete(
-        self, path: Path, step: int, started: float, blocked_s: float | None = None, written_s: float | None = None
+        self, path: Path, step: int, records: dict[str, dict], started: float, blocked_s: float | None = None, written_s: float | None = None
     ) -> None:
-        """The marker records save_s (sync: the whole save; async: until rank 0's write finished) and,
-        for async saves, blocked_s (how long training waited) and marked_s (until the marker)."""
-        faults.kill_in_save(step)
-        dist.barrier()  # every rank's files are on disk before the marker says so
+        """Rank 0 writes the marker once it sees every rank's files. It records save_s (sync: the whole
+        save; async: until rank 0's write finished) and, for async saves, blocked_s (how long training
+        waited) and marked_s (until the marker)."""
+        files = self._gather_written_files(path, records)
         if self.is_main:
             seconds = time.perf_counter() - started
             marker = {
+                "format": FORMAT_VERSION,
                 "step": step,
                 "layout": {"dp": self.dims.dp, "cp": self.dims.cp, "tp": self.dims.tp},
                 "world_size": self.dims.world_size,
@@ -274,11 +500,26 @@ class Checkpointer:
             }
             if blocked_s is not None:
                 marker.update(blocked_s=round(blocked_s, 3), marked_s=round(seconds, 3))
+            marker.update(checksum=CHECKSUM if self.cfg.checksums else None, data=self.data_fingerprint, files=files)
             _write_atomically(path / COMPLETE_MARKER, json.dumps(marker, indent=1))
             self._apply_retention(step)
             blocked = f", training blocked {blocked_s:.2f} s" if blocked_s is not None else ""
             self.info(f"checkpoint {path} complete ({marker['save_s']:.2f} s{blocked})")
         dist.barrier()
+
+    def _gather_written_files(self, path: Path, records: dict[str, dict]) -> dict[str, dict]:
+        """Every rank reports the files it wrote; rank 0 checks that it sees each of them, at its size,
+        in its checkpoint directory, and every rank learns the verdict (a failure on all ranks)."""
+        reports: list = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, {"dir": str(path.resolve()), "files": records})
+        verdict = [files_missing_from(path, reports) if self.is_main else None]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise RunError(
+                f"run.dir={self.run_dir}: checkpoint {path.name} is not marked complete: {verdict[0]}; "
+                f"run.dir must be one directory on storage that every rank writes to and rank 0 reads"
+            )
+        return dict(sorted((name, record) for report in reports for name, record in report["files"].items()))
 
     def _apply_retention(self, newest_step: int) -> None:
         """Rank 0, after the newest marker: keep the newest `keep_last` complete checkpoints."""
@@ -295,13 +536,31 @@ class Checkpointer:
     def _raise_failure(self, pending: PendingSave) -> None:
         error = pending.future.exception() if pending.future.done() else None
         reasons: list = [None] * dist.get_world_size()
-        dist.all_gather_object(reasons, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if error else None)
+        dist.all_gather_object(reasons, f"{type(error).__name__}: {_first_line(error)}" if error else None)
         rank, reason = next((r, text) for r, text in enumerate(reasons) if text is not None)
-        latest = self.latest()
-        raise ConfigError(
-            f"run.dir={self.run_dir}: writing checkpoint {pending.path.name} failed on rank {rank} ({reason}); "
-            f"the newest complete checkpoint is {latest or 'none'}; check free space and permissions there"
+        raise self._save_failed(pending.path, reason, f" on rank {rank}")
+
+    def _save_failed(self, path: Path, reason: str, where: str = "") -> RunError:
+        return RunError(
+            f"run.dir={self.run_dir}: writing checkpoint {path.name} failed{where} ({reason}); "
+            f"the newest complete checkpoint is {self.latest() or 'none'}; check free space and permissions there"
         )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else ""
+
+
+def files_missing_from(path: Path, reports: list[dict]) -> str | None:
+    """Rank 0's check before the marker: each rank's reported files are in `path` at their sizes."""
+    for rank, report in enumerate(reports):
+        for name, record in sorted(report["files"].items()):
+            size = _size(path / name)
+            if size != record["size"]:
+                seen = "does not see it" if size is None else f"sees {size} bytes"
+                return f"rank {rank} wrote {name} ({record['size']} bytes) into {report['dir']}, and rank 0 {seen} in {path.resolve()}"
+    return None
 
 
 def _write_atomically(path: Path, text: str) -> None:

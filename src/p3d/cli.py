@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from p3d.errors import ConfigError, exits_cleanly_on_config_error
+from p3d.errors import CONFIG_ERROR_EXIT, RUN_ERROR_EXIT, ConfigError, exits_cleanly
 
 USAGE = """usage: p3d <command> [...]
 
@@ -95,17 +97,20 @@ def _option_value(launcher: list[str], *names: str) -> str | None:
     return None
 
 
-@exits_cleanly_on_config_error
+@exits_cleanly
 def train_command(args: Sequence[str]) -> None:
+    from p3d.checkpoint import checkpoint_problem
     from p3d.config.compose import compose, to_object
     from p3d.config.validate import validate
     from p3d.resume import plan_resume
+    from p3d.rundir import RunLock
 
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return
     launcher, overrides = split_launcher_args(args)
     config = to_object(compose(overrides))
+    overrides = with_run_dir(overrides, config.run.dir)  # the workers use the directory checked here
     nproc = _option_value(launcher, "--nproc-per-node", "--nproc_per_node")
     nnodes = _option_value(launcher, "--nnodes") or "1"
     if nproc is None:
@@ -121,7 +126,11 @@ def train_command(args: Sequence[str]) -> None:
         launcher += ["--nproc-per-node", nproc]
     if nnodes.isdigit() and nproc.isdigit():
         setup = validate(config, int(nnodes) * int(nproc))
-        plan_resume(config, setup.hf_config)  # a bad checkpoint or refused change fails here, before any worker
+        if nnodes_is_single(launcher):
+            RunLock(Path(config.run.dir)).check()  # another job on this run.dir; on several nodes, rank 0 alone decides
+        # A bad checkpoint or a refused change fails here, before any worker; the workers then verify
+        # the checksums too (reading the files is shared among them).
+        plan_resume(config, setup.hf_config, verify=checkpoint_problem)
         _warn_if_it_will_not_fit(config, setup, int(nproc))
     if launcher == ["--nproc-per-node", "1"]:
         from p3d.train import main as train_main
@@ -129,6 +138,16 @@ def train_command(args: Sequence[str]) -> None:
         train_main(overrides)
         return
     _launch(launcher, overrides, int(nproc) if nproc.isdigit() else 1)
+
+
+def with_run_dir(overrides: list[str], run_dir: str) -> list[str]:
+    """The overrides with run.dir set to the directory resolved here, quoted for Hydra's override parser
+    (so a run.dir with `${now:...}` names the same directory in every worker, and on a restart)."""
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "run.dir"]
+    # Hydra's quoted values: backslashes are literal except before a quote or at the end (doubled
+    # there), a quote is \', and \${ keeps a literal ${ from being an interpolation.
+    quoted = re.sub(r"(\\+)(?='|$)", r"\1\1", run_dir).replace("'", "\\'").replace("${", "\\${")
+    return [*kept, f"run.dir='{quoted}'"]
 
 
 def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:
@@ -162,13 +181,15 @@ def _launch(launcher: list[str], overrides: list[str], nproc: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(max((os.cpu_count() or 1) // nproc, 1))
     if nnodes_is_single(launcher) and "--rdzv-endpoint" not in " ".join(launcher) and "--master-port" not in " ".join(launcher):
         launcher = ["--standalone", *launcher]
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_drop_worker_failure_records)
     try:
         run(parse_args([*launcher, "-m", "p3d.train", *overrides]))
     except ChildFailedError as error:
-        failures = error.failures
-        first_rank = min(failures) if failures else None
-        code = failures[first_rank].exitcode if first_rank is not None else 1
-        print(f"p3d: error: training failed: rank {first_rank} exited with code {code} (its message is above)", file=sys.stderr)
+        # The first worker to fail is the cause; torchrun then stops the others (SIGTERM, code -15).
+        first_rank, first = error.get_first_failure() if error.failures else (None, None)
+        code = first.exitcode if first is not None else 1
+        if code not in (CONFIG_ERROR_EXIT, RUN_ERROR_EXIT):  # p3d's own errors are collective: rank 0 printed the line
+            print(f"p3d: error: training failed: rank {first_rank} exited with code {code} (its message is above)", file=sys.stderr)
         sys.exit(code if isinstance(code, int) and code > 0 else 1)
     except SignalException as error:
         # torchrun passed the signal on to the workers, which save a checkpoint before they exit.
@@ -177,12 +198,18 @@ def _launch(launcher: list[str], overrides: list[str], nproc: int) -> None:
         sys.exit(128 + int(error.sigval))
 
 
+def _drop_worker_failure_records(record: logging.LogRecord) -> bool:
+    """torchrun's own lines about a failed worker and the others it stops: p3d's one line replaces them."""
+    return not str(record.msg).startswith(("failed (exitcode:", "Sending process"))
+
+
 def nnodes_is_single(launcher: list[str]) -> bool:
     return (_option_value(launcher, "--nnodes") or "1") in ("1", "1:1")
 
 
+@exits_cleanly
 def plan_command(args: Sequence[str]) -> None:
-    """Print the plan; exit 1 with the validation messages when the config is invalid."""
+    """Print the plan; an invalid config exits 2 with the validation messages, like `p3d train`."""
     from omegaconf import OmegaConf
 
     from p3d.config.compose import compose, to_object
@@ -190,14 +217,9 @@ def plan_command(args: Sequence[str]) -> None:
     from p3d.plan import render
 
     world_size, overrides = _world_size_arg(args)
-    try:
-        cfg = compose(overrides)
-        config = to_object(cfg)
-        setup = validate(config, world_size)
-    except ConfigError as error:
-        for problem in error.problems:
-            print(f"p3d: error: {problem}", file=sys.stderr)
-        sys.exit(1)
+    cfg = compose(overrides)
+    config = to_object(cfg)
+    setup = validate(config, world_size)
     print(render(config, setup, OmegaConf.to_yaml(cfg), world_size))
 
 
@@ -219,7 +241,7 @@ def _world_size_arg(args: Sequence[str]) -> tuple[int, list[str]]:
     return world_size, overrides
 
 
-@exits_cleanly_on_config_error
+@exits_cleanly
 def export_command(args: Sequence[str]) -> None:
     from p3d.export import export_checkpoint
 

@@ -18,6 +18,20 @@ def flatten_mesh(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> DeviceMe
     return mesh[dims]._flatten(name)
 
 
+def import_dynamo() -> None:
+    """Import `torch._dynamo` before any process group exists. DTensor and FSDP2 import it lazily, on
+    first use; imported once a default process group exists, it keeps that group alive until the
+    process ends (torch 2.13), and the group's threads with it."""
+    import torch._dynamo  # noqa: F401
+
+
+def release_mesh_process_groups(mesh: DeviceMesh) -> None:
+    """Drop the mesh's references to its process groups (private `DeviceMesh._pg_registry` of the root
+    mesh, torch 2.13), so that the groups can be destroyed once c10d has forgotten them too: DTensor's
+    sharding caches keep every mesh alive until the interpreter exits."""
+    mesh._get_root_mesh()._pg_registry.clear()
+
+
 def local_box(tensor: torch.Tensor) -> tuple[slice, ...]:
     """The region of the full (global) tensor that this rank holds, as one slice per dim.
 

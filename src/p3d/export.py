@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from transformers import PreTrainedModel
 
-from p3d.checkpoint import CONFIG_FILE, HF_CONFIG_FILE, checkpoint_problem, complete_checkpoints, read_marker
+from p3d.checkpoint import CONFIG_FILE, HF_CONFIG_FILE, complete_checkpoints, newest_intact, read_marker, verify_checkpoint
 from p3d.config.schema import DataConfig, InitMode, ModelConfig
 from p3d.data import ByteTokenizer, HFTokenizer, build_tokenizer
 from p3d.errors import ConfigError
@@ -34,18 +34,28 @@ BYTE_EOS_TOKEN = "<|endoftext|>"
 
 
 def resolve_checkpoint(source: Path) -> Path:
-    """A checkpoint directory, or the newest complete checkpoint of a run directory."""
+    """A checkpoint directory, or the newest complete checkpoint of a run directory; verified intact
+    (every file's size and checksum as its marker recorded) before anything is read from it."""
     if (source / "checkpoints").is_dir():
         found = complete_checkpoints(source / "checkpoints")
         if not found:
             raise ConfigError(f"{source}: this run directory has no complete checkpoint to export")
-        return found[-1][1]
-    problem = checkpoint_problem(source)
+        checkpoint = found[-1][1]
+        problem = verify_checkpoint(checkpoint)
+        if problem:
+            raise ConfigError(f"{source}: its newest checkpoint {checkpoint.name} cannot be exported ({problem}); {_export_hint(checkpoint)}")
+        return checkpoint
+    problem = verify_checkpoint(source)
     if problem:
-        complete = [path.name for _, path in complete_checkpoints(source.parent)]
-        others = f" (complete ones there: {', '.join(complete)})" if complete else ""
-        raise ConfigError(f"{source}: {problem}; name a complete checkpoint directory or a run directory{others}")
+        raise ConfigError(f"{source}: {problem}; {_export_hint(source)}")
     return source
+
+
+def _export_hint(checkpoint: Path) -> str:
+    intact = newest_intact(checkpoint.parent, other_than=checkpoint)
+    if intact is None:
+        return "name an intact checkpoint directory or a run directory (there is none beside it)"
+    return f"the newest intact checkpoint there is {intact}: export that one by name"
 
 
 def export_checkpoint(source: Path, out_dir: Path) -> Path:

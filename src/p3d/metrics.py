@@ -8,16 +8,18 @@ otherwise (CI logs, files); TensorBoard and W&B are opt-in.
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import resource
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
 
-from p3d.config.schema import LoggingConfig
+from p3d.config.schema import LoggingConfig, WandbMode
 
 # Dense bf16 peak TFLOP/s of one device (datasheet figures, without sparsity). MFU is reported
 # against these; on CPU, or an accelerator not listed, set logging.peak_tflops.
@@ -113,6 +115,23 @@ def format_line(record: dict, total_steps: int) -> str:
     )
 
 
+def format_summary(record: dict, run_dir: Path) -> str:
+    """One line: steps, final loss, mean tokens/s of this run, the lowest and highest peak memory of
+    any rank (and their sum), the run directory and the newest complete checkpoint."""
+    peaks = record["peak_mem_gb_per_rank"]
+    low, high = min(peaks), max(peaks)
+    memory = f"{high:.2f} GB" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f} GB"
+    if len(peaks) > 1:
+        memory += f" ({sum(peaks):.2f} GB summed over {len(peaks)} ranks)"
+    stopped = " (stopped by SIGTERM)" if record.get("stopped_by_sigterm") else ""
+    loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+    throughput = "n/a" if record["tokens_per_s"] is None else f"{record['tokens_per_s']:,.0f}"
+    return (
+        f"done: step {record['step']}{stopped}, {record['steps_run']} steps this run | final loss {loss} | "
+        f"{throughput} tok/s | peak mem per rank {memory} | run dir {run_dir} | checkpoint {record['checkpoint'] or 'none'}"
+    )
+
+
 class TensorBoardSink:
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
@@ -126,6 +145,34 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def wandb_credentials_problem(cfg: LoggingConfig) -> str | None:
+    """W&B online needs an API key, found where wandb.init looks: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE,
+    or the netrc entry that `wandb login` writes. Without one, wandb.init would fail after the model is built."""
+    if not cfg.wandb or cfg.wandb_mode is not WandbMode.online:
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    if _netrc_has_login(host):
+        return None
+    return (
+        f"logging.wandb_mode=online: no W&B API key for {host} (WANDB_API_KEY is unset and no `wandb login` entry is in "
+        f"~/.netrc); set one, or use logging.wandb_mode=offline and `wandb sync` later"
+    )
+
+
+def _netrc_has_login(host: str) -> bool:
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for candidate in candidates:
+        path = Path(candidate).expanduser()
+        try:
+            if path.is_file() and netrc.netrc(str(path)).authenticators(host):
+                return True
+        except (netrc.NetrcParseError, OSError):
+            continue
+    return False
 
 
 class WandbSink:
@@ -185,9 +232,13 @@ class MetricsLogger:
             sink.close()
         self.sinks = []
 
-    def summary(self, record: dict) -> None:
-        if self.is_main:
+    def summary(self, record: dict, write_file: bool = True) -> None:
+        """summary.json (unless `write_file` is false), and the one line that ends the run on the console."""
+        if not self.is_main:
+            return
+        if write_file:
             (self.path.parent / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
+        self.info(format_summary(record, self.path.parent))
 
     def forget_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint (they will be trained again)."""

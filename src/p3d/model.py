@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,14 @@ from p3d.compat import local_box
 from p3d.models import architecture, tiny
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+# Sizes every decoder has under these standard names (transformers maps a model's own names, such as
+# GPT-2's n_layer, onto them with `attribute_map`): a model.config override of one must be >= 1.
+SIZE_FIELDS = (
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "vocab_size", "max_position_embeddings", "head_dim",
+)
 
 
 def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
@@ -49,6 +59,7 @@ def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
     except Exception as error:  # strict-dataclass validation of the defaults themselves
         raise ConfigError(f"model.arch={model_cfg.arch}: transformers cannot build its default config ({_last_line(error)})") from None
     _refuse_unknown_fields(defaults, overrides, model_cfg)
+    _refuse_bad_numbers(defaults, overrides)
     layers = next((overrides[name] for name in tiny.LAYER_COUNT_FIELDS if isinstance(overrides.get(name), int)), None)
     values = {**(tiny.shrink(defaults, layers=layers) if model_cfg.tiny else {}), **overrides}
     # Passed to the constructor, not set afterwards, so that derived fields (Llama's head_dim from
@@ -56,7 +67,8 @@ def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
     try:
         config = AutoConfig.for_model(model_cfg.arch, **_without_stray_token_ids(defaults, values, overrides))
     except Exception as error:  # transformers validates configs with its own (strict-dataclass) errors
-        given = " ".join(f"model.config.{key}={value}" for key, value in overrides.items()) or f"model.arch={model_cfg.arch}"
+        named = [key for key in overrides if f"'{key}'" in str(error)] or list(overrides)  # the fields the error names, if any
+        given = " ".join(f"model.config.{key}={overrides[key]}" for key in named) or f"model.arch={model_cfg.arch}"
         raise ConfigError(f"{given}: {type(defaults).__name__} refuses these values ({_last_line(error)})") from None
     _refuse_stray_token_ids(config, overrides)
     return config
@@ -91,6 +103,7 @@ def _pretrained_with_overrides(model_cfg: ModelConfig, overrides: dict) -> Pretr
             f"use model=hf (which takes the architecture from the checkpoint) or model.arch={config.model_type}"
         )
     _refuse_unknown_fields(config, overrides, model_cfg)
+    _refuse_bad_numbers(config, overrides)
     changed = copy.deepcopy(config)
     for key, value in overrides.items():  # these change dropout, rope scaling, ...
         setattr(changed, key, value)
@@ -122,6 +135,20 @@ def _shape_changing_keys(config: PretrainedConfig, overrides: dict) -> list[str]
         except Exception:  # a value the model cannot even be built with changes its shapes too
             conflicts.append(key)
     return conflicts
+
+
+def _refuse_bad_numbers(config: PretrainedConfig, overrides: dict) -> None:
+    """Sizes (SIZE_FIELDS, under the model's own names too) must be whole numbers >= 1; floats finite."""
+    standard_name = {own: standard for standard, own in getattr(config, "attribute_map", {}).items()}
+    problems = []
+    for key, value in overrides.items():
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if standard_name.get(key, key) in SIZE_FIELDS and value is not None and not (isinstance(value, int) and is_number and value >= 1):
+            problems.append(f"model.config.{key}={value}: must be a whole number >= 1")
+        elif is_number and not math.isfinite(value):
+            problems.append(f"model.config.{key}={value}: must be a finite number")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _last_line(error: Exception) -> str:
@@ -158,19 +185,36 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or Path(source).exists()
 
 
-def build_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
+def build_meta_model(hf_config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The whole model on the meta device: shapes and structure, no memory.
 
     Each model gets its own copy of the config: transformers writes the attention
-    implementation into it, and context parallelism changes that per model.
+    implementation into it, and context parallelism changes that per model. `dtype` is the
+    parameters' (transformers keeps buffers such as rotary frequencies in fp32).
     """
     with torch.device("meta"):
         try:
-            return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="sdpa")
+            return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="sdpa", dtype=dtype)
         except ValueError as error:  # models without an SDPA path (Mamba, older encoders) run their eager one
             if "attention implementation" not in str(error) and "scaled_dot_product_attention" not in str(error):
                 raise
-            return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="eager")
+            return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="eager", dtype=dtype)
+
+
+def build_checked_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
+    """build_meta_model for validation: a model transformers cannot build, or one with an empty weight
+    (a size of 0 somewhere in model.config), is a ConfigError naming model.config."""
+    name = type(hf_config).__name__
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # reported below as the error
+            model = build_meta_model(hf_config)
+    except Exception as error:  # the model's own code fails on sizes its config accepted
+        raise ConfigError(f"model.config: transformers cannot build {name}'s model (model.arch={hf_config.model_type}) from this config ({type(error).__name__}: {_last_line(error)[:200]}); check the model.config values") from None
+    empty = next(((key, tuple(param.shape)) for key, param in model.named_parameters() if param.numel() == 0), None)
+    if empty is not None:
+        raise ConfigError(f"model.config: {empty[0]} has shape {empty[1]} with no elements; a size in model.config is 0, give it a value >= 1")
+    return model
 
 
 def tie_weights_if_configured(model: PreTrainedModel) -> None:

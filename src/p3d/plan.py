@@ -159,7 +159,7 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
     dims = setup.dims
     text = setup.hf_config.get_text_config()
     compute_bytes = DTYPE_BYTES[config.train.dtype]
-    weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) * FP32
+    weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) * DTYPE_BYTES[config.train.master_dtype]
     gradients = 0 if config.optim.in_backward else weights
     sharded = dims.dp_cp > 1 or config.train.dtype is not DType.fp32  # FSDP2 is applied
     transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes)

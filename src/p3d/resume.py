@@ -1,16 +1,22 @@
 """Which checkpoint a run starts from, and which config changes since it was saved are allowed.
 
-Checked on every rank before any process group exists (and by `p3d train` before it spawns
-workers), so a bad checkpoint or a refused change is one line, not a failed collective.
+Planned by every rank of a job once the process group exists and every rank has rank 0's
+run.dir (the ranks share the checksum reading and reach the same answer, so a bad checkpoint is
+one line on every rank, not a failed collective); `p3d train` plans once more before it spawns
+workers, with the cheap checks only (markers, file sizes, config and data changes).
 
-- The run's own newest complete checkpoint in run.dir is resumed (checkpoint.resume=true).
-- checkpoint.load_from names a checkpoint to start from; once run.dir has a checkpoint of its
-  own at the same or a later step, that one wins, so restarts and reruns continue the run.
+- The run's own newest intact checkpoint in run.dir is resumed (checkpoint.resume=true). A
+  damaged one (a file missing, of another size, or not matching its checksum) is never loaded:
+  the run names it and falls back to the newest intact one, saying which steps are redone.
+- checkpoint.load_from names a checkpoint to start from; once run.dir has an intact checkpoint
+  of its own at the same or a later step, that one wins, so restarts and reruns continue the
+  run. A damaged or incomplete one named there is an error that names the intact one to use.
 - Changes to the layout, step count, batch split, optimizer, logging, checkpointing and the
-  like are listed and applied. Changes that alter the model's parameter shapes are refused,
-  and so are changes to the data (data.*, train.seed): the data position counts samples of
-  the checkpoint's data order, which another dataset, tokenizer, sequence length or seed
-  would silently reinterpret.
+  like are listed and applied (a change of train.master_dtype converts the loaded weights and
+  optimizer state). Changes that alter the model's parameter shapes are refused,
+  and so are changes to the data (data.*, train.seed, or other files behind the same data.path
+  unless checkpoint.allow_data_change): the data position counts samples of the checkpoint's
+  data order, which another dataset, tokenizer, sequence length or seed would silently reinterpret.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 from transformers import AutoConfig, PretrainedConfig
 
-from p3d.checkpoint import CONFIG_FILE, HF_CONFIG_FILE, checkpoint_problem, complete_checkpoints, read_marker
+from p3d.checkpoint import CONFIG_FILE, HF_CONFIG_FILE, checkpoint_problem, complete_checkpoints, newest_intact, read_marker, verify_checkpoint
 from p3d.config.schema import P3DConfig
+from p3d.data import data_fingerprint, fingerprint_change
 from p3d.errors import ConfigError
 from p3d.model import build_meta_model
 
@@ -32,6 +39,12 @@ from p3d.model import build_meta_model
 DATA_POSITION_KEYS = ("data", "train.seed")
 # Keys that may change what the model is; refused only when the parameter shapes change.
 MODEL_KEYS = ("model.arch", "model.config", "model.init", "model.pretrained")
+# Keys whose change the load itself carries out (DCP casts each stored tensor to the new dtype).
+CONVERTED_ON_LOAD = {"train.master_dtype": " (the weights and optimizer state are converted to it on load)"}
+
+# path -> None if the checkpoint is intact, else why not (checkpoint.verify_checkpoint, or
+# checkpoint.checkpoint_problem for the cheap checks alone).
+Verify = Callable[[Path], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -41,51 +54,85 @@ class ResumePlan:
     notices: tuple[str, ...] = ()
 
 
-def plan_resume(config: P3DConfig, hf_config: PretrainedConfig) -> ResumePlan:
-    path, notices, fresh_hint = choose_checkpoint(config)
+def plan_resume(config: P3DConfig, hf_config: PretrainedConfig, verify: Verify = verify_checkpoint) -> ResumePlan:
+    path, notices, fresh_hint = choose_checkpoint(config, verify)
     if path is None:
         return ResumePlan(notices=tuple(notices))
     changes = check_changes(path, config, hf_config, fresh_hint)
     return ResumePlan(path=path, changes=tuple(changes), notices=tuple(notices))
 
 
-def choose_checkpoint(config: P3DConfig) -> tuple[Path | None, list[str], str]:
+def visible_checkpoints(config: P3DConfig) -> tuple:
+    """What this process sees of the checkpoints a plan can choose from (ranks compare it: run.dir
+    must be storage that every node shares)."""
+    own = [path.name for _, path in complete_checkpoints(Path(config.run.dir) / "checkpoints")] if config.checkpoint.resume else []
+    load_from = config.checkpoint.load_from
+    return tuple(own), None if load_from is None else checkpoint_problem(Path(load_from).expanduser()) is None
+
+
+def choose_checkpoint(config: P3DConfig, verify: Verify) -> tuple[Path | None, list[str], str]:
     """(checkpoint to load or None, notices, how to start fresh instead)."""
     ckpt = config.checkpoint
     root = Path(config.run.dir) / "checkpoints"
-    own = None
-    if ckpt.resume:
-        found = complete_checkpoints(root)
-        own = found[-1][1] if found else None
-    if own is not None:
-        problem = checkpoint_problem(own)
+    own = list(reversed(complete_checkpoints(root))) if ckpt.resume else []  # newest first
+    explicit = Path(ckpt.load_from).expanduser() if ckpt.load_from is not None else None
+    explicit_step = None
+    if explicit is not None:
+        problem = checkpoint_problem(explicit)  # the cheap checks first: no checksums read for a bad path
         if problem:
+            raise ConfigError(f"checkpoint.load_from={ckpt.load_from}: {problem}; {intact_hint(explicit, verify)}")
+        explicit_step = read_marker(explicit)["step"]
+        newer_own = [path for step, path in own if step > explicit_step]
+        if newer_own and explicit.resolve().parent == root.resolve():
             raise ConfigError(
-                f"checkpoint.resume: run.dir's newest checkpoint {own} cannot be used ({problem}); delete that "
-                f"directory to resume from the one before it, or set checkpoint.resume=false to start fresh"
+                f"checkpoint.load_from={ckpt.load_from}: an older checkpoint of this run.dir, which has newer ones up to "
+                f"{newer_own[0].name}; to go back to step {explicit_step}, use a new run.dir with this checkpoint.load_from"
             )
     own_hint = "start fresh with another run.dir or checkpoint.resume=false"
-    if ckpt.load_from is None:
-        return own, [], own_hint
-    explicit = Path(ckpt.load_from).expanduser()
-    problem = checkpoint_problem(explicit)
-    if problem:
-        complete = [path.name for _, path in complete_checkpoints(explicit.parent)]
-        others = f" (complete ones there: {', '.join(complete)})" if complete else ""
-        raise ConfigError(f"checkpoint.load_from={ckpt.load_from}: {problem}; name a complete checkpoint directory{others}")
     load_hint = "start fresh with another run.dir and no checkpoint.load_from"
-    if own is None or own.resolve() == explicit.resolve():
-        return explicit, [], load_hint
-    own_step, explicit_step = read_marker(own)["step"], read_marker(explicit)["step"]
-    if own_step < explicit_step:
-        return explicit, [], load_hint
-    if explicit.resolve().parent == root.resolve():
+    notices: list[str] = []
+    damaged_step = None
+    for step, path in own:
+        if explicit_step is not None and step < explicit_step:
+            break  # checkpoint.load_from is newer than what is left of the run's own
+        if explicit is not None and path.resolve() == explicit.resolve():
+            break  # the same checkpoint: verified below as checkpoint.load_from
+        problem = verify(path)
+        if problem is None:
+            if damaged_step is not None:
+                notices.append(_fallback_notice(path, step, damaged_step))
+            if explicit is not None:
+                notices.append(f"checkpoint.load_from={ckpt.load_from} not used: run.dir has its own checkpoint {path.name} (step {step} >= {explicit_step})")
+            return path, notices, own_hint
+        notices.append(f"checkpoint {path} is damaged and is not loaded: {problem}")
+        if damaged_step is None:
+            damaged_step = step
+    if explicit is not None:
+        problem = verify(explicit)
+        if problem:
+            raise ConfigError(f"checkpoint.load_from={ckpt.load_from}: {problem}; {intact_hint(explicit, verify)}")
+        if damaged_step is not None:
+            notices.append(_fallback_notice(explicit, explicit_step, damaged_step))
+        return explicit, notices, load_hint
+    if damaged_step is not None:
         raise ConfigError(
-            f"checkpoint.load_from={ckpt.load_from}: an older checkpoint of this run.dir, which has newer ones up to "
-            f"{own.name}; to go back to step {explicit_step}, use a new run.dir with this checkpoint.load_from"
+            f"checkpoint.resume: run.dir has no intact checkpoint ({notices[0]}); set checkpoint.resume=false to start "
+            f"fresh (its damaged checkpoints are replaced as the new run saves), or name one with checkpoint.load_from"
         )
-    notice = f"checkpoint.load_from={ckpt.load_from} not used: run.dir has its own checkpoint {own.name} (step {own_step} >= {explicit_step})"
-    return own, [notice], own_hint
+    return None, notices, own_hint
+
+
+def _fallback_notice(path: Path, step: int, damaged_step: int) -> str:
+    redone = f"step {damaged_step} is" if damaged_step == step + 1 else f"steps {step + 1}-{damaged_step} are"
+    return f"resuming from the newest intact checkpoint {path} instead: {redone} trained again"
+
+
+def intact_hint(checkpoint: Path, verify: Verify) -> str:
+    """What to name instead of a bad checkpoint: the newest intact one beside it, if any."""
+    intact = newest_intact(checkpoint.parent, other_than=checkpoint, verify=verify)
+    if intact is None:
+        return "name an intact checkpoint directory (there is none beside it)"
+    return f"the newest intact one there is {intact.name}: set checkpoint.load_from={intact}"
 
 
 def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fresh_hint: str) -> list[str]:
@@ -99,10 +146,24 @@ def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fr
         for key, (old, new) in changed.items()
         if _under(key, DATA_POSITION_KEYS)
     ]
+    data_change = None if problems else data_source_change(path, config)
+    if data_change is not None and not config.checkpoint.allow_data_change:
+        problems.append(
+            f"data.path={config.data.path}: the data changed since checkpoint {path.name} ({data_change}), so the saved data "
+            f"position would count other samples; set checkpoint.allow_data_change=true to resume on the new data anyway, "
+            f"or {fresh_hint}"
+        )
     problems += _shape_problems(path, hf_config, changed, fresh_hint)
     if problems:
         raise ConfigError(problems)
-    return [f"{key}: {old} -> {new}" for key, (old, new) in changed.items()]
+    accepted = [f"the data behind data.path={config.data.path}: {data_change} (checkpoint.allow_data_change=true)"] if data_change else []
+    return [f"{key}: {old} -> {new}{CONVERTED_ON_LOAD.get(key, '')}" for key, (old, new) in changed.items()] + accepted
+
+
+def data_source_change(path: Path, config: P3DConfig) -> str | None:
+    """The same data.path, but other data behind it (replaced or edited files, another dataset revision)."""
+    saved = read_marker(path).get("data")
+    return None if saved is None else fingerprint_change(saved, data_fingerprint(config.data))
 
 
 def _shape_problems(path: Path, hf_config: PretrainedConfig, changed: dict[str, tuple], fresh_hint: str) -> list[str]:

@@ -1,10 +1,12 @@
 """`python -m p3d.train [key=value ...]` (one process) or `torchrun ... -m p3d.train [key=value ...]`.
 
-Compose -> validate (before any collective) -> process group -> mesh -> model -> data -> train.
+Compose -> validate (before any collective) -> process group -> rank 0's run.dir on every rank ->
+run.dir's lock -> resume plan (checkpoints verified) -> mesh -> model -> data -> train.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -12,20 +14,22 @@ from typing import Sequence
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from p3d.checkpoint import Checkpointer
+from p3d.checkpoint import Checkpointer, verify_checkpoint
 from p3d.config.compose import compose, to_object
 from p3d.config.schema import CPLayout, P3DConfig
 from p3d.config.validate import ValidatedSetup, validate
-from p3d.data import build_sampler
-from p3d.distributed.env import DistEnv, init_distributed, shutdown, world_size_from_env
+from p3d.data import build_sampler, data_fingerprint
+from p3d.distributed.agree import on_every_rank
+from p3d.distributed.env import DistEnv, abandon, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
-from p3d.errors import ConfigError, exits_cleanly_on_config_error
+from p3d.errors import RunError, exits_cleanly
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
 from p3d.optim import build_optimizer, build_scheduler
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer
 from p3d.parallel.parallelize import build_parallel_model
-from p3d.resume import ResumePlan, hf_config_json, plan_resume
+from p3d.resume import ResumePlan, hf_config_json, plan_resume, visible_checkpoints
+from p3d.rundir import RunLock, agree_on_run_dir, make_run_dir
 from p3d.trainer import Trainer
 
 PLAN_SOURCE_WORDS = {
@@ -44,7 +48,7 @@ override any key with group.key=value (train.steps=100 model.config.num_hidden_l
 `p3d ls` lists presets; docs/config.md lists every key."""
 
 
-@exits_cleanly_on_config_error
+@exits_cleanly
 def main(argv: Sequence[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in overrides):
@@ -53,50 +57,80 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = compose(overrides)
     config = to_object(cfg)
     setup = validate(config, world_size_from_env())
-    resume_plan = plan_resume(config, setup.hf_config)
     env = init_distributed(config.dist)
+    lock = None
     try:
-        train(cfg, config, setup, resume_plan, env)
+        try:
+            run_dir = agree_on_run_dir(cfg, config)
+            lock = claim_run_dir(run_dir, env)
+            resume_plan = plan_resume_on_every_rank(config, setup)
+            meshes = Meshes(setup.dims, env.device.type)
+            train(cfg, config, setup, resume_plan, env, meshes)
+        except BaseException:
+            abandon()
+            raise
+        shutdown(meshes.world)
     finally:
-        shutdown()
+        if lock is not None:
+            lock.release()
+
+
+def claim_run_dir(run_dir: Path, env: DistEnv) -> RunLock:
+    """Rank 0 creates run.dir and takes its lock; every rank stops if it cannot."""
+    lock = RunLock(run_dir)
+
+    def claim() -> None:
+        if env.is_main:
+            make_run_dir(run_dir)
+            lock.acquire(notice=lambda text: print(f"p3d: {text}", flush=True))
+
+    on_every_rank(claim, "taking run.dir's lock")
+    return lock
+
+
+def plan_resume_on_every_rank(config: P3DConfig, setup: ValidatedSetup) -> ResumePlan:
+    """Every rank must see the same checkpoints (run.dir on storage that all nodes share); then they
+    plan together, sharing the checksum reading, and agree on the plan or fail together."""
+    views = on_every_rank(lambda: visible_checkpoints(config), "listing the checkpoints")
+    differing = next((rank for rank, view in enumerate(views) if view != views[0]), None)
+    if differing is not None:
+        raise RunError(
+            f"run.dir={config.run.dir}: ranks see different checkpoints (rank 0: {_describe_view(views[0])}; rank {differing}: "
+            f"{_describe_view(views[differing])}); run.dir and checkpoint.load_from must be on a filesystem that every node shares"
+        )
+    shared = functools.partial(verify_checkpoint, shared=True)
+    (plan, *_) = on_every_rank(lambda: plan_resume(config, setup.hf_config, verify=shared), "planning the resume")
+    return plan
+
+
+def _describe_view(view: tuple) -> str:
+    own, load_from = view
+    text = f"complete checkpoints [{', '.join(own)}]"
+    return text if load_from is None else f"{text}, checkpoint.load_from {'complete' if load_from else 'not complete'}"
 
 
 def prepare_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
-    """Rank 0 alone creates the run directory and writes the resolved config into it."""
+    """Rank 0 writes the resolved config into the run directory (which it created and holds)."""
     run_dir = Path(cfg.run.dir)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     dist.barrier()
     return run_dir
 
 
-def agree_on_checkpoint(plan: ResumePlan) -> None:
-    """Every rank must load the same checkpoint: run.dir has to be on storage that all nodes share."""
-    chosen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(chosen, str(plan.path.resolve()) if plan.path else None)
-    if len(set(chosen)) > 1:
-        differing = next(rank for rank, path in enumerate(chosen) if path != chosen[0])
-        raise ConfigError(
-            f"run.dir: ranks see different checkpoints to resume (rank 0: {chosen[0]}, rank {differing}: {chosen[differing]}); "
-            f"run.dir must be on a filesystem that every node shares"
-        )
-
-
-def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan: ResumePlan, env: DistEnv) -> None:
-    meshes = Meshes(setup.dims, env.device.type)
-    agree_on_checkpoint(resume_plan)
+def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan: ResumePlan, env: DistEnv, meshes: Meshes) -> None:
     run_dir = prepare_run_dir(cfg, env)
     metrics = MetricsLogger(run_dir, env.is_main, config.logging, config.train.steps, OmegaConf.to_container(cfg, resolve=True))
     metrics.info(f"{config.model.name} ({setup.hf_config.model_type}) on {setup.dims.describe()}, run dir {run_dir}")
     if setup.dims.tp > 1:
         metrics.info(f"tensor-parallel plan ({PLAN_SOURCE_WORDS[setup.plan_source]}): " + ", ".join(f"{pattern} {style}" for pattern, style in setup.tp_plan.items()))
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)
+    fingerprint = data_fingerprint(config.data)  # of the files as they are when loaded just below
     sampler = build_sampler(
         config.data, config.model, config.train.seed, config.train.global_batch_size, config.train.micro_batch_size,
         setup.dims.dp, meshes.dp.get_local_rank(),
     )
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, config.train.seed)
     trainer = Trainer(
         config=config,
         model=model,
@@ -115,6 +149,7 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             hf_config_json=hf_config_json(setup.hf_config),
             info=metrics.info,
+            data_fingerprint=fingerprint,
         ),
         flops_per_token=flops_per_token(model, setup.hf_config, config.data.seq_len),
         peak_tflops=peak_tflops(env.device, config.logging.peak_tflops),

@@ -14,12 +14,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from p3d import faults, rng
+from p3d import rng
 from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState, read_marker, rng_file
 from p3d.config.schema import P3DConfig
 from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
-from p3d.errors import ConfigError
+from p3d.errors import RunError
 from p3d.metrics import MetricsLogger, peak_memory_gb
 from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
@@ -118,6 +118,7 @@ class Trainer:
         steps = self.config.train.steps
         if self.state.step >= steps:
             self.metrics.info(f"nothing to do: already trained to step {self.state.step} (train.steps={steps})")
+            self._write_summary({"step": self.state.step, "loss": None, "tokens": 0}, 0, 0.0, stopped=False)
             return
         started, first_step = time.perf_counter(), self.state.step
         self.metrics.start(first_step)
@@ -133,7 +134,6 @@ class Trainer:
                     if blocked:
                         record["checkpoint_blocked_s"] = round(blocked, 4)
                     self.metrics.log(record)
-                    faults.fail_after_step(self.state.step)
                 self.checkpointer.wait()
         finally:
             self.metrics.close()
@@ -153,21 +153,26 @@ class Trainer:
         return bool(flags[0].item()), int(flags[1].item()), flags[2].item()
 
     def _write_summary(self, last: dict, steps_run: int, seconds: float, stopped: bool) -> None:
-        """<run.dir>/summary.json: the last step, wall time and every rank's peak memory."""
+        """<run.dir>/summary.json and the console's last line: the last step, throughput, every rank's
+        peak memory, the newest complete checkpoint."""
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, round(peak_memory_gb(self.device), 4))
+        latest = self.checkpointer.latest()
         self.metrics.summary(
             {
                 "step": last["step"],
                 "loss": last["loss"],
                 "steps_run": steps_run,
                 "seconds": round(seconds, 3),
+                "tokens_per_s": round(steps_run * last["tokens"] / seconds, 1) if steps_run else None,
                 "peak_mem_gb_per_rank": peaks,
+                "checkpoint": None if latest is None else str(latest),
                 "layout": self.meshes.dims.describe(),
                 "stopped_by_sigterm": stopped,
                 "resume_load_s": None if self.load_s is None else round(self.load_s, 3),
                 **self._attention_times(),
-            }
+            },
+            write_file=steps_run > 0,  # a run that had nothing to do keeps the summary of the one that trained
         )
 
     def _attention_times(self) -> dict:
@@ -251,7 +256,7 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-            raise ConfigError(
+            raise RunError(
                 f"step {self.state.step + 1}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite; "
                 f"lower optim.lr or raise optim.warmup_steps (no checkpoint was written for this step)"
             )

@@ -4,8 +4,11 @@ packed documents, sequence parallelism.
 The parity matrix is chosen so that few 8-rank runs cover every item: each cp_impl runs at cp2,
 cp4 and cp8, on both models, with and without packed documents, mixed with tp2 (with sequence
 parallelism) and dp2. Every run is checked per step against a one-process run of the same
-config (fp32, 6 steps, |loss difference| < 1e-4). The one-process run with packed documents is
-itself checked against transformers' own model applied to each document separately.
+config (fp32, 6 steps, |loss difference| < 1e-4, gradient norm as in test_parity). Clipping is
+off here (test_parity covers it): every step would be clipped, which hides a gradient's scale.
+A negative control (dK/dV not summed over the cp ranks) shows the comparison failing. The
+one-process run with packed documents is itself checked against transformers' own model
+applied to each document separately.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from transformers import AutoModelForCausalLM
 from p3d.config.compose import compose, to_object
 from p3d.data import IGNORE_INDEX, build_sampler
 from p3d.model import build_hf_config, build_meta_model, materialize
-from tests.conftest import FAST, assert_ok, layout_overrides, run_command, run_p3d
-from tests.distributed.test_parity import assert_grad_norm_parity, assert_parity
+from tests.conftest import FAST, assert_ok, hooks_env, layout_overrides, run_command, run_p3d
+from tests.distributed.test_parity import assert_matches
+
+UNCLIPPED = [*FAST, "optim.grad_clip=0"]
 
 HELPERS = Path(__file__).parent / "helpers"
 WORDS = "the cat sat on a mat while dogs ran far away into fields of green grass under blue sky".split()
@@ -54,7 +59,7 @@ def one_process(tmp_path_factory, documents_file):
 
     def records(model: str, packing: str) -> list[dict]:
         if (model, packing) not in cache:
-            result = run_p3d(root / f"{model}-{packing}", [f"model={model}", *FAST, "train.micro_batch_size=4", *packing_overrides(packing, documents_file)])
+            result = run_p3d(root / f"{model}-{packing}", [f"model={model}", *UNCLIPPED, "train.micro_batch_size=4", *packing_overrides(packing, documents_file)])
             assert_ok(result)
             assert len(result.records) == 6
             cache[model, packing] = result.records
@@ -76,21 +81,33 @@ MATRIX = {
 }
 
 
+def run_cp(p3d_runner, model: str, impl: str, layout: tuple[int, int, int], packing: str, extra: list[str], documents_file: Path, **kwargs):
+    tp, dp, cp = layout
+    micro = 2 if dp == 2 else 4
+    overrides = [f"model={model}", *UNCLIPPED, *layout_overrides(tp, dp, cp), f"train.micro_batch_size={micro}", f"parallel.cp_impl={impl}"]
+    result = p3d_runner([*overrides, *packing_overrides(packing, documents_file), *extra], nproc=tp * dp * cp, **kwargs)
+    assert_ok(result)
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_cp_matches_one_process(name, p3d_runner, one_process, documents_file):
     model, impl, (tp, dp, cp), packing, extra = MATRIX[name]
-    micro = 2 if dp == 2 else 4
-    overrides = [f"model={model}", *FAST, *layout_overrides(tp, dp, cp), f"train.micro_batch_size={micro}", f"parallel.cp_impl={impl}"]
-    result = p3d_runner([*overrides, *packing_overrides(packing, documents_file), *extra], nproc=tp * dp * cp)
-    assert_ok(result)
-    reference = one_process(model, packing)
-    assert_parity(result.losses, [record["loss"] for record in reference])
-    assert_grad_norm_parity(result.records, reference)
+    result = run_cp(p3d_runner, model, impl, (tp, dp, cp), packing, extra, documents_file)
+    assert_matches(result.records, one_process(model, packing))
     if "logging.attention_timing=true" in extra:
         summary = json.loads((result.run_dir / "summary.json").read_text())
         for key in ("attention_compute_s_per_rank", "attention_total_s_per_rank"):
             assert len(summary[key]) == cp and all(seconds > 0 for seconds in summary[key]), summary
+
+
+@pytest.mark.slow
+def test_comparison_detects_key_value_gradients_not_summed_over_cp(p3d_runner, one_process, documents_file):
+    """Negative control: all-gather attention keeps each rank's own dK/dV instead of reduce-scattering them."""
+    result = run_cp(p3d_runner, "tiny_llama", "allgather", (1, 1, 2), "stream", [], documents_file, env=hooks_env("unsummed_kv_grads"))
+    with pytest.raises(AssertionError):
+        assert_matches(result.records, one_process("tiny_llama", "stream"))
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
+import re
 import struct
 import termios
 import select
@@ -12,9 +14,40 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import FAST, _env, assert_ok
+from tests.conftest import FAST, _env, assert_ok, run_p3d
 
 SHORT = [*FAST, "train.steps=3"]
+SUMMARY_LINE = re.compile(
+    r"^p3d: done: step (?P<step>\d+), (?P<steps_run>\d+) steps this run \| final loss (?P<loss>\S+) \| (?P<tokens_per_s>\S+) tok/s \| "
+    r"peak mem per rank (?P<memory>\S+) GB(?: \((?P<job>\S+) GB summed over (?P<ranks>\d+) ranks\))? \| run dir (?P<run_dir>.+) \| checkpoint (?P<checkpoint>.+)$"
+)
+
+
+def test_main_layout_prints_no_warning_and_ends_with_the_summary_line(p3d_runner):
+    """The README's layout (tp2dp2cp2 on tiny_llama): FSDP2 warned 24 times that a unit "returned a view tensor"
+    (backward could fail or give wrong gradients); now no warning, and one summary line ends the run."""
+    result = p3d_runner(["model=tiny_llama", "parallel=tp2dp2cp2", *SHORT, "checkpoint.at_end=true"], nproc=8)
+    assert_ok(result)
+    assert "returned a view tensor" not in result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+    match = SUMMARY_LINE.match(result.stdout.splitlines()[-1])
+    assert match, result.stdout[-2000:]
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert int(match["step"]) == int(match["steps_run"]) == 3
+    assert float(match["loss"]) == round(result.losses[-1], 4)
+    assert float(match["tokens_per_s"].replace(",", "")) == round(summary["tokens_per_s"])
+    peaks = summary["peak_mem_gb_per_rank"]
+    assert len(peaks) == 8 and match["memory"] in (f"{max(peaks):.2f}", f"{min(peaks):.2f}-{max(peaks):.2f}")
+    assert (match["job"], match["ranks"]) == (f"{sum(peaks):.2f}", "8")
+    assert match["run_dir"] == str(result.run_dir)
+    assert match["checkpoint"] == str(result.run_dir / "checkpoints" / "step_00000003") == summary["checkpoint"]
+
+    again = run_p3d(result.run_dir, ["model=tiny_llama", *SHORT, "checkpoint.at_end=true", "checkpoint.resume=true"])
+    assert_ok(again)
+    assert "nothing to do" in again.stdout
+    rerun = SUMMARY_LINE.match(again.stdout.splitlines()[-1])
+    assert rerun and (rerun["step"], rerun["steps_run"], rerun["loss"]) == ("3", "0", "n/a"), again.stdout[-2000:]
+    assert json.loads((result.run_dir / "summary.json").read_text()) == summary  # the training run's summary stays
 
 
 def test_metrics_records_carry_throughput_mfu_memory_and_data_wait(p3d_runner):

@@ -1,9 +1,13 @@
-"""Checkpoint validity, the resume plan (which checkpoint, which config changes), retention, RNG, export's tokenizer."""
+"""Checkpoint validity and integrity (sizes and checksums taken while writing, verified before
+loading), the resume plan (which checkpoint, which config and data changes), retention, RNG,
+export's tokenizer."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -13,14 +17,28 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
-from p3d import faults, rng
-from p3d.checkpoint import COMPLETE_MARKER, CONFIG_FILE, HF_CONFIG_FILE, Checkpointer, checkpoint_problem, complete_checkpoints
+from p3d import checkpoint as checkpoint_module
+from p3d import rng
+from p3d.checkpoint import (
+    COMPLETE_MARKER,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    HF_CONFIG_FILE,
+    Checkpointer,
+    RecordingWriter,
+    checkpoint_problem,
+    complete_checkpoints,
+    file_checksum,
+    files_missing_from,
+    verify_checkpoint,
+    write_file,
+)
 from p3d.config.compose import compose, to_object
-from p3d.config.schema import CheckpointConfig
-from p3d.data import ByteTokenizer, builtin_documents
+from p3d.config.schema import AsyncMode, CheckpointConfig
+from p3d.data import ByteTokenizer, builtin_documents, data_fingerprint
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
-from p3d.export import byte_tokenizer
+from p3d.export import byte_tokenizer, resolve_checkpoint
 from p3d.model import build_hf_config
 from p3d.resume import hf_config_json, plan_resume
 
@@ -34,19 +52,32 @@ def configured(tmp_path: Path, *overrides: str):
 
 
 def make_checkpoint(path: Path, *overrides: str, step: int = 10, tmp_path: Path | None = None) -> Path:
-    """A small but real checkpoint directory: DCP files, stored configs and the marker."""
-    cfg, _, hf_config = configured(tmp_path or path.parent, *overrides)
+    """A small but real checkpoint directory: DCP files, stored configs and the marker with every
+    file's size and checksum, as Checkpointer writes them."""
+    cfg, config, hf_config = configured(tmp_path or path.parent, *overrides)
+    writer = RecordingWriter(path, checksums=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP without a process group says it assumes one process
-        dcp.save({"app": {"model": {"weight": torch.arange(1000.0)}}, "train": {"step": step}}, checkpoint_id=str(path))
-    (path / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (path / HF_CONFIG_FILE).write_text(hf_config_json(hf_config))
-    (path / COMPLETE_MARKER).write_text(json.dumps({"step": step, "layout": {"dp": 1, "cp": 1, "tp": 1}}))
+        dcp.save({"app": {"model": {"weight": torch.arange(1000.0)}}, "train": {"step": step}}, storage_writer=writer, checkpoint_id=str(path))
+    files = writer.records(path)
+    files[CONFIG_FILE] = write_file(path / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True).encode(), checksums=True)
+    files[HF_CONFIG_FILE] = write_file(path / HF_CONFIG_FILE, hf_config_json(hf_config).encode(), checksums=True)
+    marker = {"format": FORMAT_VERSION, "step": step, "layout": {"dp": 1, "cp": 1, "tp": 1}, "data": data_fingerprint(config.data), "files": files}
+    (path / COMPLETE_MARKER).write_text(json.dumps(marker))
     return path
 
 
+def damage(file: Path, size: int = 8) -> None:
+    """Overwrite `size` bytes in the middle of `file` with other bytes; its size stays."""
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + size] = bytes(b ^ 0xFF for b in data[middle : middle + size])
+    file.write_bytes(bytes(data))
+
+
 def test_a_complete_checkpoint_has_no_problem(tmp_path):
-    assert checkpoint_problem(make_checkpoint(tmp_path / "step_00000010")) is None
+    path = make_checkpoint(tmp_path / "step_00000010")
+    assert checkpoint_problem(path) is None and verify_checkpoint(path) is None
 
 
 def test_incomplete_missing_and_corrupt_checkpoints_are_told_apart(tmp_path):
@@ -56,11 +87,24 @@ def test_incomplete_missing_and_corrupt_checkpoints_are_told_apart(tmp_path):
     assert checkpoint_problem(unmarked).startswith("incomplete checkpoint")
     garbled = make_checkpoint(tmp_path / "b")
     (garbled / ".metadata").write_bytes(b"not a pickle")
-    assert checkpoint_problem(garbled).startswith("corrupt checkpoint: cannot read its metadata")
+    assert checkpoint_problem(garbled).startswith("corrupt checkpoint: .metadata is 12 bytes")
     truncated = make_checkpoint(tmp_path / "c")
     (data_file,) = truncated.glob("*.distcp")
     data_file.write_bytes(data_file.read_bytes()[:100])
-    assert "truncated" in checkpoint_problem(truncated)
+    assert checkpoint_problem(truncated) == f"corrupt checkpoint: {data_file.name} is 100 bytes, {os.path.getsize(tmp_path / 'a' / data_file.name)} when saved"
+    unlisted = make_checkpoint(tmp_path / "d")
+    (unlisted / COMPLETE_MARKER).write_text(json.dumps({"step": 10, "layout": {"dp": 1, "cp": 1, "tp": 1}}))  # an older p3d's marker
+    assert checkpoint_problem(unlisted).startswith("unverifiable checkpoint")
+
+
+@pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata", CONFIG_FILE, HF_CONFIG_FILE])
+def test_a_file_damaged_in_place_is_named_and_a_missing_one_too(name, tmp_path):
+    path = make_checkpoint(tmp_path / "step_00000010")
+    damage(path / name)
+    assert checkpoint_problem(path) is None  # same sizes: only the checksums see it
+    assert verify_checkpoint(path) == f"corrupt checkpoint: {name} does not match the checksum recorded when it was saved (damaged since)"
+    (path / name).unlink()
+    assert verify_checkpoint(path) == f"corrupt checkpoint: {name} is missing"
 
 
 def test_resume_takes_the_newest_complete_checkpoint_of_run_dir(tmp_path):
@@ -116,11 +160,11 @@ def test_load_from_an_incomplete_or_corrupt_checkpoint_is_one_clear_error(tmp_pa
         plan_resume(config, hf_config)
     assert error.value.problems == [
         f"checkpoint.load_from={unmarked}: incomplete checkpoint: it has no {COMPLETE_MARKER}, so its save never finished; "
-        f"name a complete checkpoint directory (complete ones there: step_00000005)"
+        f"the newest intact one there is step_00000005: set checkpoint.load_from={good}"
     ]
     (good / ".metadata").write_bytes(b"\x80garbage")
     _, config, hf_config = configured(tmp_path, f"checkpoint.load_from={good}")
-    with pytest.raises(ConfigError, match=r"checkpoint.load_from=.*: corrupt checkpoint: cannot read its metadata"):
+    with pytest.raises(ConfigError, match=r"checkpoint.load_from=.*: corrupt checkpoint: .metadata is 8 bytes, .* when saved; name an intact checkpoint directory \(there is none beside it\)"):
         plan_resume(config, hf_config)
 
 
@@ -142,16 +186,61 @@ def test_load_from_an_older_checkpoint_of_the_same_run_dir_is_refused(tmp_path):
         plan_resume(config, hf_config)
 
 
-def test_a_corrupt_newest_checkpoint_of_run_dir_is_an_error_not_a_silent_fallback(tmp_path):
+def test_a_damaged_newest_checkpoint_of_run_dir_is_skipped_for_the_newest_intact_one(tmp_path):
     root = tmp_path / "run" / "checkpoints"
-    make_checkpoint(root / "step_00000005", step=5, tmp_path=tmp_path)
-    newest = make_checkpoint(root / "step_00000010", tmp_path=tmp_path)
-    (newest / ".metadata").unlink()
+    intact = make_checkpoint(root / "step_00000005", step=5, tmp_path=tmp_path)
+    damaged = [make_checkpoint(root / f"step_{step:08d}", step=step, tmp_path=tmp_path) for step in (10, 15)]
+    damage(damaged[0] / "__0_0.distcp")
+    (damaged[1] / ".metadata").unlink()
     _, config, hf_config = configured(tmp_path)
-    with pytest.raises(ConfigError, match="checkpoint.resume: run.dir's newest checkpoint .* cannot be used"):
+    plan = plan_resume(config, hf_config)
+    assert plan.path == intact
+    assert plan.notices == (
+        f"checkpoint {damaged[1]} is damaged and is not loaded: corrupt checkpoint: .metadata is missing",
+        f"checkpoint {damaged[0]} is damaged and is not loaded: corrupt checkpoint: __0_0.distcp does not match the checksum recorded when it was saved (damaged since)",
+        f"resuming from the newest intact checkpoint {intact} instead: steps 6-15 are trained again",
+    )
+    damage(intact / CONFIG_FILE)
+    with pytest.raises(ConfigError, match=r"checkpoint.resume: run.dir has no intact checkpoint \(checkpoint .*step_00000015 is damaged"):
         plan_resume(config, hf_config)
     _, config, hf_config = configured(tmp_path, "checkpoint.resume=false")
     assert plan_resume(config, hf_config).path is None
+
+
+def test_a_damaged_load_from_is_one_line_naming_the_intact_checkpoint_to_use(tmp_path):
+    other = tmp_path / "other" / "checkpoints"
+    intact = make_checkpoint(other / "step_00000005", step=5, tmp_path=tmp_path)
+    damaged = make_checkpoint(other / "step_00000010", tmp_path=tmp_path)
+    damage(damaged / "__0_0.distcp")
+    _, config, hf_config = configured(tmp_path, f"checkpoint.load_from={damaged}")
+    with pytest.raises(ConfigError) as error:
+        plan_resume(config, hf_config)
+    assert error.value.problems == [
+        f"checkpoint.load_from={damaged}: corrupt checkpoint: __0_0.distcp does not match the checksum recorded when it was saved "
+        f"(damaged since); the newest intact one there is step_00000005: set checkpoint.load_from={intact}"
+    ]
+    with pytest.raises(ConfigError, match=f"cannot be exported .*; the newest intact checkpoint there is {intact}: export that one by name"):
+        resolve_checkpoint(tmp_path / "other")
+    assert resolve_checkpoint(intact) == intact
+
+
+def test_checkpoints_changed_under_the_same_data_path_are_refused_unless_accepted(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one document\n" * 200)
+    make_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000010", f"data.path={corpus}", tmp_path=tmp_path)
+    _, config, hf_config = configured(tmp_path, f"data.path={corpus}")
+    assert plan_resume(config, hf_config).changes == ()
+    corpus.write_text("another document\n" * 200)
+    with pytest.raises(ConfigError) as error:
+        plan_resume(config, hf_config)
+    (problem,) = error.value.problems
+    assert problem.startswith(f"data.path={corpus}: the data changed since checkpoint step_00000010 (corpus.txt has 3400 bytes, 2600 then)")
+    assert "set checkpoint.allow_data_change=true to resume on the new data anyway" in problem
+    _, config, hf_config = configured(tmp_path, f"data.path={corpus}", "checkpoint.allow_data_change=true")
+    assert plan_resume(config, hf_config).changes == (
+        "checkpoint.allow_data_change: False -> True",
+        f"the data behind data.path={corpus}: corpus.txt has 3400 bytes, 2600 then (checkpoint.allow_data_change=true)",
+    )
 
 
 def test_retention_deletes_older_complete_and_unfinished_checkpoints_only(tmp_path):
@@ -176,13 +265,27 @@ def test_rng_states_round_trip(tmp_path):
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
 
 
-def test_injected_faults_fire_only_in_the_first_attempt(monkeypatch):
-    monkeypatch.setenv("P3D_FAIL_AFTER_STEP", "13")
-    monkeypatch.delenv("P3D_FAIL_RANK", raising=False)
+def test_test_faults_fire_on_their_rank_in_the_first_attempt_only(monkeypatch):
+    from tests import hooks
+
+    monkeypatch.setenv("RANK", "2")
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    assert faults._armed("P3D_FAIL_AFTER_STEP", 13) and not faults._armed("P3D_FAIL_AFTER_STEP", 12)
+    monkeypatch.delenv("P3D_TEST_FAULT_RANK", raising=False)
+    assert hooks.armed()
+    monkeypatch.setenv("P3D_TEST_FAULT_RANK", "1")
+    assert not hooks.armed()
+    monkeypatch.setenv("P3D_TEST_FAULT_RANK", "2")
+    assert hooks.armed()
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert not faults._armed("P3D_FAIL_AFTER_STEP", 13)
+    assert not hooks.armed()
+
+
+def test_p3d_carries_no_test_fault_hooks():
+    """Fault injection lives in tests/hooks.py, installed from outside; no p3d module reads a test variable."""
+    source = Path(__file__).resolve().parents[2] / "src" / "p3d"
+    for path in source.rglob("*.py"):
+        found = re.findall(r"P3D_TEST_\w*|P3D_FAIL\w*|P3D_KILL\w*|\bfaults\b", path.read_text())
+        assert not found, f"{path.relative_to(source)} mentions {found}"
 
 
 def test_exported_byte_tokenizer_gives_p3d_byte_ids(tmp_path):
@@ -211,7 +314,6 @@ def test_async_save_writes_the_state_as_it_was_when_save_returned(tmp_path, one_
     from torch import nn
 
     from p3d.checkpoint import ModelAndOptimizer, TrainState
-    from p3d.config.schema import AsyncMode
 
     torch.manual_seed(0)
     model = nn.Linear(512, 512)
@@ -228,7 +330,70 @@ def test_async_save_writes_the_state_as_it_was_when_save_returned(tmp_path, one_
     path = checkpointer.path_for(3)
     assert checkpointer.pending is not None and not (path / COMPLETE_MARKER).exists()
     checkpointer.wait()
-    assert checkpoint_problem(path) is None and json.loads((path / COMPLETE_MARKER).read_text())["async"] is True
+    assert verify_checkpoint(path) is None and json.loads((path / COMPLETE_MARKER).read_text())["async"] is True
     restored, restored_state = nn.Linear(512, 512), TrainState()
     checkpointer.load(path, {"app": ModelAndOptimizer(restored, torch.optim.AdamW(restored.parameters())), "train": restored_state})
     assert torch.equal(restored.weight, expected) and restored_state.step == 3
+
+
+@pytest.mark.parametrize("async_mode", [AsyncMode.disabled, AsyncMode.thread])
+def test_the_marker_lists_every_file_with_the_checksum_of_its_bytes_taken_while_writing(async_mode, tmp_path, one_process_group, monkeypatch):
+    from torch import nn
+
+    from p3d.checkpoint import ModelAndOptimizer, TrainState
+
+    model = nn.Linear(1024, 1024)  # 4 MB tensors: hashed on the helper thread while written
+    fingerprint = {"kind": "builtin", "name": "test"}
+    checkpointer = Checkpointer(
+        tmp_path, CheckpointConfig(async_mode=async_mode), True, ParallelDims(1, 1, 1), "a: 1\n", "{}", info=lambda _: None, data_fingerprint=fingerprint
+    )
+
+    def no_reading_back(file):
+        raise AssertionError(f"{file} read back during the save")
+
+    monkeypatch.setattr(checkpoint_module, "file_checksum", no_reading_back)
+    checkpointer.save(2, {"app": ModelAndOptimizer(model, torch.optim.AdamW(model.parameters())), "train": TrainState(step=2)})
+    checkpointer.wait()
+    monkeypatch.undo()
+    path = checkpointer.path_for(2)
+    marker = json.loads((path / COMPLETE_MARKER).read_text())
+    on_disk = {str(file.relative_to(path)) for file in path.rglob("*") if file.is_file() and file.name != COMPLETE_MARKER}
+    assert set(marker["files"]) == on_disk == {".metadata", "__0_0.distcp", CONFIG_FILE, HF_CONFIG_FILE, "rng/rank_00000.pt"}
+    for name, record in marker["files"].items():
+        assert record == {"size": (path / name).stat().st_size, "xxh3_128": file_checksum(path / name)}, name
+    assert marker["checksum"] == "xxh3_128" and marker["data"] == fingerprint
+    damage(path / "rng" / "rank_00000.pt")
+    assert verify_checkpoint(path) == "corrupt checkpoint: rng/rank_00000.pt does not match the checksum recorded when it was saved (damaged since)"
+
+
+def test_without_checksums_the_marker_keeps_the_sizes(tmp_path, one_process_group):
+    from torch import nn
+
+    from p3d.checkpoint import ModelAndOptimizer, TrainState
+
+    model = nn.Linear(64, 64)
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(checksums=False), True, ParallelDims(1, 1, 1), "a: 1\n", "{}", info=lambda _: None)
+    checkpointer.save(1, {"app": ModelAndOptimizer(model, torch.optim.AdamW(model.parameters())), "train": TrainState(step=1)})
+    path = checkpointer.path_for(1)
+    marker = json.loads((path / COMPLETE_MARKER).read_text())
+    assert marker["checksum"] is None and all(record["xxh3_128"] is None and record["size"] > 0 for record in marker["files"].values())
+    assert verify_checkpoint(path) is None
+    (path / CONFIG_FILE).write_text("a: 2\n")  # same size: unseen without checksums, as documented
+    assert verify_checkpoint(path) is None
+    (path / CONFIG_FILE).write_text("a: 22\n")
+    assert verify_checkpoint(path) == f"corrupt checkpoint: {CONFIG_FILE} is 6 bytes, 5 when saved"
+
+
+def test_rank_0_marks_nothing_complete_while_a_rank_s_files_are_not_in_its_directory(tmp_path):
+    (tmp_path / "__0_0.distcp").write_bytes(b"x" * 10)
+    reports = [
+        {"dir": str(tmp_path), "files": {"__0_0.distcp": {"size": 10}}},
+        {"dir": "/elsewhere/step_00000001", "files": {"__1_0.distcp": {"size": 7}}},
+    ]
+    assert files_missing_from(tmp_path, reports) == (
+        f"rank 1 wrote __1_0.distcp (7 bytes) into /elsewhere/step_00000001, and rank 0 does not see it in {tmp_path.resolve()}"
+    )
+    (tmp_path / "__1_0.distcp").write_bytes(b"x" * 3)
+    assert "rank 0 sees 3 bytes" in files_missing_from(tmp_path, reports)
+    (tmp_path / "__1_0.distcp").write_bytes(b"x" * 7)
+    assert files_missing_from(tmp_path, reports) is None

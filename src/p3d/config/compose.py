@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import re
+import typing
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -13,7 +16,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from p3d.config.schema import P3DConfig
 from p3d.errors import ConfigError
@@ -68,17 +71,27 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         if override.startswith("-"):
             raise ConfigError(f"{override}: p3d takes only key=value overrides here (Hydra flags and multirun are not supported)")
+    refused = [problem for problem in map(_hydra_setting_problem, overrides) if problem]
+    if refused:
+        raise ConfigError(refused)
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=_normalise_overrides(overrides))
+        unknown = unknown_keys(cfg)
+        if unknown:
+            raise ConfigError([_unknown_key_line(key) for key in unknown])
+        if not cfg.model.name:
+            OmegaConf.update(cfg, "model.name", derived_model_name(cfg.model.pretrained, cfg.model.arch))
+        # Resolved once, to a plain string: OmegaConf re-resolves an interpolation on every access,
+        # and `${now:...}` or any custom resolver must name one directory for the whole run.
+        run_dir = cfg.run.dir
+        if run_dir is None:
+            run_dir = Path(cfg.run.root) / f"{cfg.model.name}-{run_id(overrides)}"
+        set_run_dir(cfg, str(run_dir))
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves, or fails here with its key
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise ConfigError(describe_compose_error(error)) from error
-    if not cfg.model.name:
-        OmegaConf.update(cfg, "model.name", derived_model_name(cfg.model.pretrained, cfg.model.arch))
-    cfg_run = cfg.run
-    if cfg_run.dir is None:
-        OmegaConf.update(cfg, "run.dir", str(Path(cfg_run.root) / f"{cfg.model.name}-{run_id(overrides)}"))
     return cfg
 
 
@@ -89,9 +102,58 @@ def derived_model_name(pretrained: str | None, arch: str | None) -> str:
     return arch or "model"
 
 
+def set_run_dir(cfg: DictConfig, run_dir: str) -> None:
+    """Set run.dir to a plain string (a literal `${` in it stays literal, not an interpolation)."""
+    OmegaConf.update(cfg, "run.dir", run_dir.replace("${", "\\${"))
+
+
 def to_object(cfg: DictConfig) -> P3DConfig:
     """Typed view of a composed config (attribute access with real types and enums)."""
-    return OmegaConf.to_object(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError) as error:  # e.g. an interpolation that gives a value of the wrong type
+        raise ConfigError(describe_compose_error(error)) from error
+
+
+def _hydra_setting_problem(override: str) -> str | None:
+    """Hydra's own settings (`hydra.*`, `hydra/<group>=`) are not applied by p3d: refuse them rather than ignore them."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    if key != "hydra" and not key.startswith(("hydra.", "hydra/")):
+        return None
+    if key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.runtime.output_dir"):
+        fix = "set run.dir=... for the output directory"
+    elif key == "hydra/launcher":
+        fix = "launch with `p3d train` (--nnodes, --nproc-per-node) or torchrun (examples/slurm/p3d.sbatch for Slurm)"
+    else:
+        fix = "remove it"
+    return f"{override}: p3d does not apply Hydra's own settings (hydra.*, hydra/<group>) yet; {fix}"
+
+
+def unknown_keys(cfg: DictConfig, schema: type = P3DConfig, prefix: str = "") -> list[str]:
+    """Keys of the composed config that the schema does not declare (`+key=value` adds them past Hydra's
+    own check). Fields typed Dict/Any, such as model.config (Hugging Face fields), stay open."""
+    hints = typing.get_type_hints(schema)
+    declared = {item.name for item in dataclasses.fields(schema)}
+    unknown = []
+    for key, node in cfg.items_ex(resolve=False):
+        path = f"{prefix}{key}"
+        if key not in declared:
+            unknown.append(path)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node, DictConfig):
+            unknown += unknown_keys(node, hints[key], f"{path}.")
+    return unknown
+
+
+def _unknown_key_line(key: str) -> str:
+    """`train.stepz: unknown config key (did you mean train.steps?)`, from the schema's own key names."""
+    section, _, name = key.rpartition(".")
+    schema = P3DConfig
+    for part in filter(None, section.split(".")):
+        schema = typing.get_type_hints(schema).get(part)
+    names = [item.name for item in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+    close = difflib.get_close_matches(name, names, n=1)
+    fix = f"did you mean {section + '.' if section else ''}{close[0]}?" if close else "check the spelling"
+    return f"{key}: unknown config key; {fix} (docs/config.md lists every key, `p3d ls` the presets)"
 
 
 def run_id(overrides: Sequence[str]) -> str:
@@ -119,12 +181,14 @@ def describe_compose_error(error: BaseException) -> str:
         if isinstance(link, OmegaConfBaseException) and full_key:
             reason = str(link).splitlines()[0]
             if "not in" in reason or "is not in struct" in reason:
-                return f"{full_key}: unknown config key (check the spelling; `p3d ls` lists groups and presets)"
+                return _unknown_key_line(full_key)
+            if isinstance(link, InterpolationResolutionError):
+                return f"{full_key}: {reason}; an interpolation names an existing key (${{model.name}}), ${{now:...}} or ${{oc.env:VAR}}"
             return f"{full_key}: {reason}"
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     override = re.search(r"Could not override '([^']+)'", text)
     if override:
-        return f"{override.group(1)}: unknown config key (check the spelling)"
+        return _unknown_key_line(override.group(1))
     return text
 
 

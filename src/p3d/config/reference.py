@@ -68,8 +68,10 @@ def render() -> str:
         "",
         "Generated from `src/p3d/config/schema.py` by `python -m p3d.config.reference` (a test keeps it in sync).",
         "Override any key on the command line as `section.key=value`; pick presets with `section=name`",
-        "(`p3d ls` lists them) and whole experiments with `+recipe=name`. Unknown keys and values of the",
-        "wrong type fail when the config is composed.",
+        "(`p3d ls` lists them) and whole experiments with `+recipe=name`. Unknown keys (also with `+key=`)",
+        "and values of the wrong type fail when the config is composed; a number outside the range in its",
+        "type column, or a float that is not finite, fails validation. `model.config.*` takes any field of",
+        "the Hugging Face config; its sizes (layers, hidden size, heads, vocabulary, ...) must be >= 1.",
         "",
     ]
     for section, class_name in SECTIONS.items():
@@ -77,8 +79,10 @@ def render() -> str:
         out += [f"## `{section}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         for field in dataclasses.fields(cls):
             annotation = field.type if isinstance(field.type, str) else str(field.type)
+            bounds = schema.bounds_of(field)
+            allowed = f", {bounds.describe()}" if bounds else ""
             out.append(
-                f"| `{section}.{field.name}` | {_type_name(annotation)} | `{_default(field)}` | "
+                f"| `{section}.{field.name}` | {_type_name(annotation)}{allowed} | `{_default(field)}` | "
                 f"{docs[class_name][field.name]} |"
             )
         out.append("")

@@ -1,15 +1,73 @@
 """Typed schema of every p3d config key.
 
 Each group of `conf/` merges into one dataclass below; Hydra's ConfigStore holds them, so an
-unknown key or a value of the wrong type fails when the config is composed. The one-line
-comment after each field is its documentation (docs/config.md is generated from it).
+unknown key or a value of the wrong type fails when the config is composed. A numeric key's
+allowed range is declared with `bounded(...)` and checked first by validation (every float must
+also be finite). The one-line comment after each field is its documentation (docs/config.md is
+generated from it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, Optional
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed values of a numeric key: within the given limits, or one of `also`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple = ()
+
+    def admits(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def describe(self) -> str:
+        """E.g. `>= 1`, `> 0`, `in [0, 1)`, `-1 or >= 1`."""
+        low = "[" if self.ge is not None else "(" if self.gt is not None else None
+        high = "]" if self.le is not None else ")" if self.lt is not None else None
+        lower = self.ge if self.ge is not None else self.gt
+        upper = self.le if self.le is not None else self.lt
+        if low and high:
+            text = f"in {low}{lower}, {upper}{high}"
+        elif low:
+            text = f"{'>=' if low == '[' else '>'} {lower}"
+        else:
+            text = f"{'<=' if high == ']' else '<'} {upper}"
+        return " or ".join([*(str(value) for value in self.also), text])
+
+
+def bounded(default: Any, **limits: Any) -> Any:
+    """A numeric field with an allowed range (see Bounds), e.g. `tp: int = bounded(1, ge=1)`."""
+    return field(default=default, metadata={"bounds": Bounds(**limits)})
+
+
+def bounds_of(config_field) -> Bounds | None:
+    return config_field.metadata.get("bounds")
+
+
+def range_problem(key: str, value: Any, bounds: Bounds | None) -> str | None:
+    """`key=value: must be ...` when a number is not finite or out of its range, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key}={value}: must be a finite number" + (f" {bounds.describe()}" if bounds else "")
+    if bounds is not None and not bounds.admits(value):
+        return f"{key}={value}: must be {bounds.describe()}"
+    return None
 
 
 class InitMode(Enum):
@@ -68,9 +126,9 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int = -1  # data-parallel degree (FSDP2 shards over dp*cp); -1 infers it as world_size / (cp*tp)
-    cp: int = 1  # context-parallel degree: the sequence is split over this many ranks
-    tp: int = 1  # tensor-parallel degree (innermost mesh dimension)
+    dp: int = bounded(-1, ge=1, also=(-1,))  # data-parallel degree (FSDP2 shards over dp*cp); -1 infers it as world_size / (cp*tp)
+    cp: int = bounded(1, ge=1)  # context-parallel degree: the sequence is split over this many ranks
+    tp: int = bounded(1, ge=1)  # tensor-parallel degree (innermost mesh dimension)
     cp_layout: CPLayout = CPLayout.balanced  # sequence sharding under CP: balanced (rank i holds chunks i and 2cp-1-i) or contiguous
     cp_impl: CPImpl = CPImpl.auto  # CP attention: ring (p2p K/V rotation, any backend), allgather, torch (PyTorch's, CUDA only), auto (torch on CUDA, else ring)
     sequence_parallel: bool = False  # with tp > 1: norms and residuals between TP regions hold 1/tp of the sequence (llama and opt)
@@ -82,55 +140,58 @@ class DataConfig:
     name: Optional[str] = None  # hub dataset configuration name (with a hub id in data.path)
     split: str = "train"  # dataset split to read
     text_field: str = "text"  # column holding the text
-    seq_len: int = 128  # tokens per training sequence
+    seq_len: int = bounded(128, ge=1)  # tokens per training sequence
     tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
     packing: Packing = Packing.stream  # stream: windows cut from one token stream, attention crosses documents; documents: attention and positions stay inside each document
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate of AdamW
-    weight_decay: float = 0.1  # AdamW weight decay
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    lr: float = bounded(1e-3, gt=0)  # peak learning rate of AdamW
+    weight_decay: float = bounded(0.1, ge=0)  # AdamW weight decay
+    beta1: float = bounded(0.9, ge=0, lt=1)  # AdamW beta1
+    beta2: float = bounded(0.95, ge=0, lt=1)  # AdamW beta2
+    eps: float = bounded(1e-8, gt=0)  # AdamW epsilon
+    grad_clip: float = bounded(1.0, ge=0)  # max global gradient norm; 0 disables clipping
     in_backward: bool = False  # step each weight as soon as its gradient is ready and free it (saves gradient memory; needs grad_clip=0, no accumulation)
-    warmup_steps: int = 2  # linear warmup steps before the cosine decay
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of optim.lr
+    warmup_steps: int = bounded(2, ge=0)  # linear warmup steps before the cosine decay
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # final learning rate as a fraction of optim.lr
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 20  # optimizer steps to train (the run stops at this step)
-    seed: int = 0  # seed for model init and the data order (the same on every rank)
-    global_batch_size: int = 8  # sequences per optimizer step, whole job
-    micro_batch_size: int = 2  # sequences per dp rank per forward; accumulation = global / (micro * dp)
-    dtype: DType = DType.fp32  # compute dtype; bf16 keeps fp32 master weights, optimizer state and gradient reduction
+    steps: int = bounded(20, ge=1)  # optimizer steps to train (the run stops at this step)
+    seed: int = bounded(0, ge=0, le=2**32 - 1)  # seed for model init and the data order (the same on every rank)
+    global_batch_size: int = bounded(8, ge=1)  # sequences per optimizer step, whole job
+    micro_batch_size: int = bounded(2, ge=1)  # sequences per dp rank per forward; accumulation = global / (micro * dp)
+    dtype: DType = DType.fp32  # compute dtype (activations, gathered weights); with master_dtype=fp32 the stored weights, gradients and optimizer state stay fp32
+    master_dtype: DType = DType.fp32  # dtype of the stored weights, gradients and AdamW moments; bf16 (needs train.dtype=bf16) halves them and updates weights by stochastic rounding
     activation_checkpointing: ACMode = ACMode.none  # recompute block activations in backward: none, full (every block) or selective
-    ac_every: int = 2  # with activation_checkpointing=selective: checkpoint every n-th block (blocks 0, n, 2n, ...)
+    ac_every: int = bounded(2, ge=1)  # with activation_checkpointing=selective: checkpoint every n-th block (blocks 0, n, 2n, ...)
     compile: bool = False  # torch.compile each decoder block (after TP and activation checkpointing, before FSDP)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 10  # save a DCP checkpoint every this many steps; 0: no periodic saves
+    every: int = bounded(10, ge=0)  # save a DCP checkpoint every this many steps; 0: no periodic saves
     at_end: bool = True  # save after the last step
-    resume: bool = True  # resume from the newest complete checkpoint in run.dir if there is one
+    resume: bool = True  # resume from the newest intact checkpoint in run.dir if there is one (a damaged newer one is named and skipped)
     load_from: Optional[str] = None  # a complete checkpoint directory to start from (another run's, or one kept elsewhere); run.dir's own newer checkpoints take precedence
-    keep_last: int = 0  # keep only the newest k complete checkpoints, deleting older ones once a newer one is complete; 0 keeps all
+    keep_last: int = bounded(0, ge=0)  # keep only the newest k complete checkpoints, deleting older ones once a newer one is complete; 0 keeps all
     async_mode: AsyncMode = AsyncMode.disabled  # disabled: training waits for each save; thread: copy the state in memory and write it from a background thread while training goes on
+    checksums: bool = True  # record an xxh3 checksum of every checkpoint file (taken while it is written) and verify it before loading; false: sizes only (damage inside a file goes unseen)
+    allow_data_change: bool = False  # resume even though the files behind an unchanged data.path (names, sizes, modification times) or the dataset changed since the checkpoint
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 1  # print a console line every this many steps when not on a terminal (metrics.jsonl gets every step)
+    every: int = bounded(1, ge=1)  # print a console line every this many steps when not on a terminal (metrics.jsonl gets every step)
     progress: bool = True  # a progress bar with ETA when stdout is a terminal (plain lines otherwise)
     tensorboard: bool = False  # write TensorBoard event files to <run.dir>/tensorboard
     wandb: bool = False  # log to Weights & Biases (needs the wandb extra)
     wandb_project: str = "p3d"  # W&B project name
     wandb_mode: WandbMode = WandbMode.offline  # offline: files under <run.dir>/wandb, no network or key (sync later); online
-    peak_tflops: Optional[float] = None  # peak TFLOP/s of one device for MFU; null: looked up from the GPU name (bf16 dense), no MFU on CPU
+    peak_tflops: Optional[float] = bounded(None, gt=0)  # peak TFLOP/s of one device for MFU; null: looked up from the GPU name (bf16 dense), no MFU on CPU
     attention_timing: bool = False  # time p3d's CP attention per rank into summary.json: tile math (CPU: thread CPU time) and total wall time; adds syncs on GPUs
 
 
@@ -144,7 +205,7 @@ class RunConfig:
 class DistConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, xpu or hpu
     backend: str = "auto"  # auto picks from the device: cuda nccl, cpu gloo, xpu xccl, hpu hccl
-    timeout_s: int = 600  # collective timeout in seconds
+    timeout_s: int = bounded(600, ge=1)  # collective timeout in seconds
 
 
 @dataclass

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from p3d.config.schema import CPImpl, CPLayout, P3DConfig, Packing
+from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig, Packing, bounds_of, range_problem
 from p3d.data import build_tokenizer, check_data_source
-from p3d.distributed.env import resolve_device_type
+from p3d.distributed.env import backend_problems, resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
-from p3d.model import build_hf_config, build_meta_model
+from p3d.metrics import wandb_credentials_problem
+from p3d.model import build_checked_meta_model, build_hf_config
 from p3d.models import architecture
 from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
 from p3d.parallel.sequence import sequence_parallel_problems
@@ -31,20 +36,28 @@ class ValidatedSetup:
 
 def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     """Check the whole config against the world size; raise one ConfigError listing every problem."""
-    problems: list[str] = []
+    problems = _check_ranges(config)
+    if problems:
+        raise ConfigError(problems)  # every check below assumes its numbers are in range
     dims = _collect(problems, lambda: ParallelDims.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size))
-    problems += _check_positive(config)
+    problems += _check_options(config)
     dp = dims.dp if dims else max(config.parallel.dp, 1)
     problems += _check_batch(config, dp)
     problems += _check_sequence(config)
     problems += check_data_source(config.data)
+    problems += _check_run_dir(config.run.dir)
     device_type = _collect(problems, lambda: resolve_device_type(config.dist.device))
+    if device_type is not None:
+        problems += backend_problems(config.dist.backend, device_type)
     cp_impl = resolve_cp_impl(config.parallel.cp_impl, device_type or "cpu", config.data.packing)
     problems += _check_cp_impl(config, cp_impl, device_type)
     hf_config = _collect(problems, lambda: build_hf_config(config.model))
     tp_plan: dict[str, str] = {}
     plan_source = "model.tp_plan"
-    meta_model = _collect(problems, lambda: _meta_model(hf_config)) if hf_config is not None else None
+    meta_model = None
+    if hf_config is not None:
+        problems += _check_vocab(config, hf_config)
+        meta_model = _collect(problems, lambda: build_checked_meta_model(hf_config))
     if meta_model is not None:
         arch = architecture(hf_config)
         problems += arch.position_problems(hf_config, config.data.seq_len)
@@ -54,22 +67,11 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
         tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, choice.plan)) or {}
         problems += arch.tensor_parallel_problems(meta_model, choice, tp_plan, config.parallel.tp)
         if config.parallel.sequence_parallel:
-            local_seq_len = config.data.seq_len // max(config.parallel.cp, 1)
+            local_seq_len = config.data.seq_len // config.parallel.cp
             problems += sequence_parallel_problems(hf_config, meta_model, tp_plan, config.parallel.tp, local_seq_len)
-        problems += _check_vocab(config, hf_config)
     if problems:
         raise ConfigError(problems)
     return ValidatedSetup(dims=dims, hf_config=hf_config, tp_plan=tp_plan, cp_impl=cp_impl, plan_source=plan_source)
-
-
-def _meta_model(hf_config: PretrainedConfig):
-    """The model on the meta device; a config transformers cannot build a model from is one line."""
-    try:
-        return build_meta_model(hf_config)
-    except Exception as error:  # transformers raises many kinds for inconsistent configs
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = f"{type(error).__name__}: {lines[-1][:200]}" if lines else type(error).__name__
-        raise ConfigError(f"model.arch={hf_config.model_type}: transformers cannot build this model from its config ({reason}); check model.config") from None
 
 
 def _collect(problems: list[str], make):
@@ -80,32 +82,51 @@ def _collect(problems: list[str], make):
         return None
 
 
-def _check_positive(config: P3DConfig) -> list[str]:
-    values = {
-        "train.steps": config.train.steps,
-        "train.global_batch_size": config.train.global_batch_size,
-        "train.micro_batch_size": config.train.micro_batch_size,
-        "data.seq_len": config.data.seq_len,
-        "logging.every": config.logging.every,
-        "train.ac_every": config.train.ac_every,
-    }
-    problems = [f"{key}={value}: must be >= 1" for key, value in values.items() if value < 1]
-    if config.logging.peak_tflops is not None and config.logging.peak_tflops <= 0:
-        problems.append(f"logging.peak_tflops={config.logging.peak_tflops}: must be > 0 (or null)")
-    if config.checkpoint.every < 0:
-        problems.append(f"checkpoint.every={config.checkpoint.every}: must be >= 0 (0 disables periodic saves)")
-    if config.checkpoint.keep_last < 0:
-        problems.append(f"checkpoint.keep_last={config.checkpoint.keep_last}: must be >= 0 (0 keeps every checkpoint)")
-    if config.optim.lr <= 0:
-        problems.append(f"optim.lr={config.optim.lr}: must be > 0")
-    problems += _check_logging_packages(config)
+def _check_ranges(config: P3DConfig) -> list[str]:
+    """Every number against its range in the schema (and finite): one line per key out of range."""
+    problems = []
+    for section in dataclasses.fields(config):
+        group = getattr(config, section.name)
+        for item in dataclasses.fields(group):
+            problem = range_problem(f"{section.name}.{item.name}", getattr(group, item.name), bounds_of(item))
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _check_options(config: P3DConfig) -> list[str]:
+    problems = _check_logging_packages(config)
+    wandb_problem = wandb_credentials_problem(config.logging)
+    if wandb_problem and not problems:  # without the package, installing it comes first
+        problems.append(wandb_problem)
     if config.train.compile and config.parallel.tp > 1:
         # Measured with torch 2.13 on CPU: compiled TP blocks fail in DTensor's backward without
         # FSDP, and give losses that differ from one process with it.
         problems.append("train.compile=true does not work with tensor parallelism on this PyTorch (2.13): use parallel.tp=1 or train.compile=false")
+    if config.train.master_dtype is DType.bf16 and config.train.dtype is not DType.bf16:
+        problems.append("train.master_dtype=bf16 stores bf16 weights, which compute in bf16: set train.dtype=bf16 (or train.master_dtype=fp32)")
     if config.optim.in_backward and config.optim.grad_clip > 0:
         problems.append("optim.in_backward=true has no global gradient norm before the updates: set optim.grad_clip=0")
     return problems
+
+
+def _check_run_dir(run_dir: str | None) -> list[str]:
+    """run.dir must be a directory, or creatable, on storage that takes new files (tried, so that it also
+    holds for root, whom permission bits do not stop, on read-only or special filesystems)."""
+    if run_dir is None:
+        return []
+    path = Path(run_dir).expanduser().absolute()
+    existing = path
+    while not os.path.exists(existing):  # False also where a parent cannot be searched: the probe below tells
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is an existing file" if existing == path else f"cannot be created: {existing} is a file"
+        return [f"run.dir={run_dir}: {what}, not a directory; choose another run.dir"]
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".p3d-write-test-", dir=existing))
+    except OSError as error:
+        return [f"run.dir={run_dir}: cannot write in {existing} ({error.strerror}); choose a run.dir on writable storage"]
+    return []
 
 
 def _check_logging_packages(config: P3DConfig) -> list[str]:

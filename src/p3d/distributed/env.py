@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -9,7 +10,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
+from p3d import compat
 from p3d.config.schema import DistConfig
 from p3d.errors import ConfigError
 
@@ -47,6 +50,24 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
+def backend_problems(requested: str, device_type: str) -> list[str]:
+    """dist.backend: every backend it names is built into this PyTorch and handles the device's tensors.
+
+    `requested` is auto, one backend (gloo) or one per device (cpu:gloo,cuda:nccl)."""
+    if requested == "auto":
+        return []
+    available = [name for name in dist.Backend.backend_list if name not in ("undefined", "fake") and dist.is_backend_available(name)]
+    per_device = dict(part.split(":", 1) if ":" in part else (None, part) for part in requested.split(","))
+    for name in per_device.values():
+        if not dist.is_backend_available(name):
+            return [f"dist.backend={requested}: this PyTorch build has no {name} backend (it has {', '.join(available)}); use dist.backend=auto"]
+    backend = per_device.get(device_type, per_device.get(None))
+    devices = dist.Backend.backend_capability.get(backend, [])
+    if backend is None or device_type not in devices:
+        return [f"dist.backend={requested}: no backend for {device_type} tensors (dist.device={device_type}); use dist.backend=auto"]
+    return []
+
+
 def resolve_backend(requested: str, device_type: str) -> str:
     if requested != "auto":
         return requested
@@ -66,6 +87,7 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
         getattr(torch, device_type).set_device(device)
     timeout = timedelta(seconds=cfg.timeout_s)
     backend = resolve_backend(cfg.backend, device_type)
+    compat.import_dynamo()  # before the group exists, so that shutdown() can release it
     if "RANK" in os.environ:
         _warn_about_shared_store_on_restart()
         dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device_type != "cpu" else None)
@@ -87,9 +109,29 @@ def _warn_about_shared_store_on_restart() -> None:
         )
 
 
-def shutdown() -> None:
+def shutdown(mesh: DeviceMesh | None = None) -> None:
+    """Leave the process group after a run that succeeded, so that no communication thread outlives it.
+
+    `destroy_process_group()` alone does not stop gloo: its backend has no shutdown, and each group's
+    worker threads live as long as the group object, which the DeviceMesh (kept alive by DTensor's
+    caches) and the model's FSDP state hold until the interpreter exits. A worker that drops its last
+    finished collective then (with the Python tensors it held) must take the GIL of an interpreter
+    being torn down; Python ends such a thread with pthread_exit, whose unwinding through a C++
+    destructor calls std::terminate ("terminate called without an active exception", SIGABRT).
+    So every group is destroyed here, while the interpreter is whole: all ranks are done (barrier),
+    the groups leave c10d's registries and the mesh's, and collecting the run's objects drops the last
+    references; each group's destructor, which torch runs without the GIL, joins its threads.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    if mesh is not None:
+        compat.release_mesh_process_groups(mesh)
+    gc.collect()
+
+
+def abandon() -> None:
+    """Leave the process group after a failure: at once, since the other ranks may never arrive."""
     if dist.is_initialized():
-        # Every rank's last message has arrived before any rank tears its connections down
-        # (gloo could abort a process at exit after point-to-point traffic otherwise).
-        dist.barrier()
         dist.destroy_process_group()

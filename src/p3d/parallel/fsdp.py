@@ -15,8 +15,10 @@ def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dt
 
     p3d divides the loss by the global token count itself, so gradients are summed across
     ranks, not averaged (FSDP2 averages by default). Plain SUM collectives also run on gloo,
-    which has no PREMUL_SUM. With a lower compute dtype, parameters are cast for compute only:
-    the sharded master weights, the optimizer state and the gradient reduction stay fp32.
+    which has no PREMUL_SUM. With a lower compute dtype, parameters are cast for compute only
+    and the sharded weights keep the dtype they were built in (`train.master_dtype`: fp32, or
+    bf16 for pure-bf16 training, where the cast is a no-op). Gradients are always reduced in
+    fp32 and stored in the weights' dtype.
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in decoder_blocks(model):

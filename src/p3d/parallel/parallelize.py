@@ -23,13 +23,14 @@ from p3d.parallel.fsdp import apply_fsdp
 from p3d.parallel.sequence import apply_sequence_parallel
 from p3d.parallel.tensor import apply_tensor_parallel
 
-COMPUTE_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16}
+TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16}
 
 
 def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], meshes: Meshes, device: torch.device) -> PreTrainedModel:
     dims = meshes.dims
-    compute_dtype = COMPUTE_DTYPES[config.train.dtype]
-    model = build_meta_model(hf_config)
+    compute_dtype = TORCH_DTYPES[config.train.dtype]
+    master_dtype = TORCH_DTYPES[config.train.master_dtype]
+    model = build_meta_model(hf_config, master_dtype)  # weights, gradients and optimizer state take this dtype
     if dims.tp > 1:
         sequence_parallel = config.parallel.sequence_parallel
         localised = architecture(hf_config).localised_attributes

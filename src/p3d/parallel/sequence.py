@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import SequenceParallel, parallelize_modu
 from transformers import PretrainedConfig
 
 from p3d.models import architecture, decoder_blocks
-from p3d.parallel.tensor import linear_features, match_plan
+from p3d.parallel.tensor import linear_features, match_plan, own_tensor
 
 TOKEN_DIM = -2
 _BLOCK_STYLES = ("colwise", "rowwise")
@@ -91,7 +91,7 @@ def _shard_block_input(mesh: DeviceMesh):
 def _gather_block_output(mesh: DeviceMesh):
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        full = DTensor.from_local(hidden, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+        full = own_tensor(DTensor.from_local(hidden, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()]).to_local())
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     return hook

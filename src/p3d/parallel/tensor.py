@@ -320,9 +320,32 @@ class _Rowwise(ParallelStyle):
 
 
 def _local(output: DTensor) -> torch.Tensor:
-    """The local tensor of a module's output, as a tensor of its own: `to_local()` returns a view made by a
-    custom autograd Function, which the model may not modify in place (Falcon's `mlp_output += attention_output`)."""
-    return output.to_local().clone()
+    return own_tensor(output.to_local())
+
+
+class _OwnTensor(torch.autograd.Function):
+    """The same values as a tensor of its own instead of a view: no copy, gradients pass unchanged.
+
+    `DTensor.to_local()` returns a view made by a custom autograd Function. A model may modify a
+    module's output in place (Falcon's `mlp_output += attention_output`), which autograd refuses on
+    such a view; and when the module is an FSDP2 unit (the embedding, the output head, and through
+    the head the model's logits), FSDP2 registers its pre-backward hook (the parameters' all-gather)
+    on that output, and an in-place op on a view would re-base it and drop the hook (FSDP2 warns
+    "returned a view tensor ... wrong gradients"). On a tensor of its own an in-place op keeps the
+    hook. The result shares storage and version counter with the view, so autograd still catches a
+    modified saved tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+own_tensor = _OwnTensor.apply
 
 
 def _unpack(x: torch.Tensor, mesh: DeviceMesh, parts: int) -> DTensor:

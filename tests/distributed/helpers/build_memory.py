@@ -35,7 +35,8 @@ def main(out_path: str, overrides: list[str]) -> None:
     if env.is_main:
         with open(out_path, "w") as stream:
             json.dump({"full_model_gb": full_gb, "largest_tensor_gb": largest_tensor_gb, "build_growth_gb_per_rank": growths}, stream)
-    shutdown()
+    del model
+    shutdown(meshes.world)
 
 
 if __name__ == "__main__":
