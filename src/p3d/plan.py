@@ -28,11 +28,12 @@ from torch import nn
 from p3d.config.schema import ACMode, CPImpl, DType, P3DConfig
 from p3d.config.validate import ValidatedSetup
 from p3d.distributed.env import resolve_device_type
-from p3d.model import build_meta_model, decoder_blocks
+from p3d.model import build_meta_model
+from p3d.models import architecture, decoder_blocks
 from p3d.parallel.context import uses_p3d_attention
 from p3d.parallel.fsdp import embedding_units
 from p3d.parallel.activation import checkpointed_block_indices
-from p3d.parallel.tensor import _SPLIT_DIM, match_plan
+from p3d.parallel.tensor import tp_sharded_parameters
 
 GB = 2**30
 FP32 = 4
@@ -75,26 +76,24 @@ class Collective:
     megabytes_per_step: float
 
 
-def _tp_divisor(name: str, matched: dict[str, str], tp: int) -> int:
-    """How many ways TP splits a parameter (1 for parameters outside the plan; biases of rowwise layers too)."""
-    module, _, leaf = name.rpartition(".")
-    style = matched.get(module)
-    if style is None or tp == 1:
-        return 1
-    if leaf == "bias" and _SPLIT_DIM[style] == 1:
-        return 1  # a rowwise layer's bias is added after the reduction, replicated
-    return tp
+def _tp_divisor(name: str, matched: set[str], tp: int) -> int:
+    """How many ways TP splits a parameter (1 for replicated ones: outside the plan, a rowwise layer's bias, ...)."""
+    return tp if name in matched else 1
+
+
+def _sharded(model: nn.Module, plan: dict[str, str], tp: int) -> set[str]:
+    return tp_sharded_parameters(model, plan) if tp > 1 else set()
 
 
 def local_parameter_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp: int) -> int:
-    matched = match_plan(plan, model) if tp > 1 else {}
+    matched = _sharded(model, plan, tp)
     total = 0
     for name, param in model.named_parameters():
         total += -(-param.numel() // (_tp_divisor(name, matched, tp) * dp_cp))
     return total
 
 
-def _unit_numel(module: nn.Module, matched: dict[str, str], tp: int, prefix: str, exclude: set[int]) -> int:
+def _unit_numel(module: nn.Module, matched: set[str], tp: int, prefix: str, exclude: set[int]) -> int:
     total = 0
     for name, param in module.named_parameters():
         if id(param) not in exclude:
@@ -119,7 +118,7 @@ def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUni
 
     This mirrors p3d.parallel.fsdp.apply_fsdp: a tied embedding stays in the root unit.
     """
-    matched = match_plan(plan, model) if tp > 1 else {}
+    matched = _sharded(model, plan, tp)
     names = {module: name for name, module in model.named_modules()}
     blocks = decoder_blocks(model)
     own_unit = {id(p) for block in blocks for p in block.parameters()}
@@ -187,11 +186,8 @@ def _activation_bytes(config: P3DConfig, setup: ValidatedSetup, text, dims, bloc
     the row-parallel layers; split over tp with sequence parallelism), ~6 TP-sharded hidden-size
     tensors (q, k, v, attention output), 3 TP-sharded MLP tensors, plus what attention keeps.
     """
-    hidden = text.hidden_size
-    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = hidden // heads
+    sizes = architecture(setup.hf_config).sizes(setup.hf_config)
+    hidden, intermediate, heads, kv_heads, head_dim = sizes.hidden, sizes.intermediate, sizes.heads, sizes.kv_heads, sizes.head_dim
     batch, seq_len = config.train.micro_batch_size, config.data.seq_len
     local_tokens = batch * seq_len // dims.cp
     residual_split = dims.tp if config.parallel.sequence_parallel else 1
@@ -221,7 +217,7 @@ def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Mod
     hidden_mb = local_tokens * text.hidden_size * compute_bytes / 2**20
     collectives = []
     if dims.dp_cp > 1:
-        matched = match_plan(setup.tp_plan, model) if dims.tp > 1 else {}
+        matched = _sharded(model, setup.tp_plan, dims.tp)
         unsharded = sum(p.numel() // _tp_divisor(n, matched, dims.tp) for n, p in model.named_parameters())
         units = blocks + 1
         collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * unsharded * compute_bytes / 2**20))
@@ -231,8 +227,8 @@ def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Mod
     elif dims.tp > 1:
         collectives.append(Collective("TP all-reduce of row-parallel outputs and column-parallel input gradients", "tp", micro * 4 * blocks, micro * 4 * blocks * hidden_mb))
     if dims.cp > 1:
-        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        kv_mb = config.train.micro_batch_size * config.data.seq_len * kv_heads / dims.tp * (text.hidden_size // text.num_attention_heads) * compute_bytes / 2**20
+        sizes = architecture(setup.hf_config).sizes(setup.hf_config)
+        kv_mb = config.train.micro_batch_size * config.data.seq_len * sizes.kv_heads / dims.tp * sizes.head_dim * compute_bytes / 2**20
         hops = dims.cp - 1
         if setup.cp_impl is CPImpl.ring:
             # forward: K/V pass cp-1 hops; backward: K/V again and dK/dV (cp hops, back to their owner)
@@ -280,6 +276,9 @@ def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_s
     lines.append(f"{'whole job':<18} {job:8.2f}   (all {dims.world_size} ranks on one machine)")
     if machine is not None and job > machine and os.environ.get("LOCAL_WORLD_SIZE") is None:
         lines.append(f"warning: {dims.world_size} ranks on this machine would need about {job:.1f} GB; it has {machine:.1f} GB")
+    if dims.tp > 1:
+        lines += ["", f"# tensor-parallel plan ({setup.plan_source})"]
+        lines += [f"{style:<32} {pattern}" for pattern, style in setup.tp_plan.items()]
     lines += ["", "# collectives per step (count, MB moved per rank)"]
     for collective in collectives_per_step(config, setup, model):
         lines.append(f"{collective.per_step:>6}  {collective.megabytes_per_step:10.1f} MB  [{collective.group}] {collective.name}")

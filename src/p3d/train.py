@@ -33,6 +33,13 @@ from p3d.resume import ResumePlan, hf_config_json, plan_resume, visible_checkpoi
 from p3d.rundir import RunLock, agree_on_run_dir, make_run_dir
 from p3d.trainer import Trainer
 
+PLAN_SOURCE_WORDS = {
+    "model.tp_plan": "from model.tp_plan",
+    "p3d": "p3d's for this model type",
+    "transformers": "transformers' own",
+    "inferred": "inferred from the modules",
+}
+
 USAGE = """usage: python -m p3d.train [--config-dir DIR] [key=value ...]
        torchrun --nproc_per_node=N -m p3d.train [--config-dir DIR] [key=value ...]
        p3d train [--nproc-per-node N] [--config-dir DIR] [-m] [key=value ...]
@@ -118,7 +125,9 @@ def prepare_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
 def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan: ResumePlan, env: DistEnv, meshes: Meshes) -> None:
     run_dir = prepare_run_dir(cfg, env)
     metrics = MetricsLogger(run_dir, env.is_main, config.logging, config.train.steps, OmegaConf.to_container(cfg, resolve=True))
-    metrics.info(f"{config.model.name} on {setup.dims.describe()}, run dir {run_dir}")
+    metrics.info(f"{config.model.name} ({setup.hf_config.model_type}) on {setup.dims.describe()}, run dir {run_dir}")
+    if setup.dims.tp > 1:
+        metrics.info(f"tensor-parallel plan ({PLAN_SOURCE_WORDS[setup.plan_source]}): " + ", ".join(f"{pattern} {style}" for pattern, style in setup.tp_plan.items()))
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)
     fingerprint = data_fingerprint(config.data)  # of the files as they are when loaded just below
     sampler = build_sampler(

@@ -9,6 +9,7 @@ scratch directory; nothing else is changed.
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from dataclasses import dataclass
@@ -138,18 +139,22 @@ def jobs_of(command: str) -> list[tuple[list[str], list[str], int | None]]:
 
 
 def _tune_jobs(args: list[str]) -> list[tuple[list[str], list[str], int | None]]:
-    """The layouts the tuner would run (it finds at least one), each composed and validated."""
-    from p3d.tune import candidates
-
+    """The command composed; with --world-size, the tuner finds a layout that validates and fits."""
     flags, rest = _flags(args)
     for option, at_least in (("--steps", 2), ("--rounds", 1)):
         _, rest = cli._int_option(rest, option, default=at_least, at_least=at_least)
     world_size, overrides = cli._world_size_arg(rest, required=False)
-    if world_size is None:
-        return [(flags.config_dirs, overrides, None)]
-    runnable = [c for c in candidates(overrides, world_size, flags.config_dirs) if c.problem is None]
-    assert runnable, f"no layout of {overrides} validates and fits {world_size} ranks"
-    return [(flags.config_dirs, [*overrides, *c.overrides], world_size) for c in runnable]
+    if world_size is not None:
+        assert _runnable_layouts(tuple(flags.config_dirs), tuple(overrides), world_size), f"no layout of {overrides} validates and fits {world_size} ranks"
+    return [(flags.config_dirs, overrides, None)]
+
+
+@functools.lru_cache(maxsize=None)
+def _runnable_layouts(config_dirs: tuple[str, ...], overrides: tuple[str, ...], world_size: int) -> list[str]:
+    """The layouts `p3d tune` would run (validated by the tuner itself; the same command in several documents is checked once)."""
+    from p3d.tune import candidates
+
+    return [c.name for c in candidates(list(overrides), world_size, list(config_dirs)) if c.problem is None]
 
 
 def _flags(args: list[str]):
@@ -222,11 +227,28 @@ def with_stand_ins(overrides: list[str], config_dirs: list[str], scratch: Path) 
 
 
 def _pretrained_stand_in(overrides: list[str], config_dirs: list[str], scratch: Path) -> Path:
-    """A directory holding the config.json of the command's model preset (validation reads no weights)."""
+    """A directory holding the config.json of the command's model preset (validation reads no weights);
+    for `model=hf`, which takes every size from the checkpoint, a tiny one of the type its path names."""
     from p3d.model import build_hf_config
 
     random_init = [o for o in overrides if not o.startswith(("model.init=", "model.pretrained="))]
-    hf_config = build_hf_config(to_object(compose(random_init, config_dirs)).model)
+    model = to_object(compose(random_init, config_dirs)).model
+    if model.arch is None:
+        pretrained = next(o.split("=", 1)[1] for o in overrides if o.startswith("model.pretrained="))
+        model = to_object(compose(["model=tiny", f"model.arch={_arch_named_in(pretrained)}"])).model
+    hf_config = build_hf_config(model)
     directory = scratch / "stand_ins" / f"pretrained_{hf_config.model_type}_{len(list((scratch / 'stand_ins').glob('pretrained_*')))}"
     hf_config.save_pretrained(directory)
     return directory
+
+
+def _arch_named_in(path: str) -> str:
+    """The Hugging Face model type a checkpoint's path names (/models/phi-3: phi3), else llama."""
+    from transformers import CONFIG_MAPPING
+
+    def letters_and_digits(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    name = letters_and_digits(Path(path).name)
+    named = [model_type for model_type in CONFIG_MAPPING.keys() if name.startswith(letters_and_digits(model_type))]
+    return max(named, key=len, default="llama")

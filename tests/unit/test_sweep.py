@@ -34,7 +34,7 @@ def test_range_choice_glob_and_the_slurm_launcher():
     [
         (["optim.lr=interval(0,1)"], "optim.lr=interval(0,1): interval() needs a sampling sweeper"),
         (["run.dir=a,b"], "run.dir=a,b: a sweep puts each job in <run.dir>/<job number>; give one run.dir"),
-        (["model=glob(gpt*)"], "model=glob(gpt*): matches no preset of group 'model'"),
+        (["model=glob(gpt5*)"], "model=glob(gpt5*): matches no preset of group 'model'"),
         (["hydra.sweep.dir=x"], "hydra.sweep.dir=x: p3d does not apply this Hydra setting; set run.dir"),
         (["--cfg"], "--cfg: not a key=value override"),
     ],

@@ -107,8 +107,12 @@ def hydra_context(config_dirs: Sequence[str | Path] = ()) -> Iterator[None]:
 
 
 def _normalise_overrides(overrides: Sequence[str]) -> list[str]:
-    """`model.config.<field>=v` may name any Hugging Face config field, present in the preset or not."""
-    normalised = []
+    """`model.config.<field>=v` may name any Hugging Face config field, present in the preset or not.
+
+    `model.arch=X` without a model preset (or a recipe that may pick one) means a tiny X: the default
+    preset's sizes are written for its own architecture, so `model=tiny` is used instead."""
+    keys = [override.lstrip("+~").split("=", 1)[0] for override in overrides]
+    normalised = ["model=tiny"] if "model.arch" in keys and "model" not in keys and "recipe" not in keys else []
     for override in overrides:
         if override.startswith("model.config.") and "=" in override:
             override = "++" + override
@@ -127,6 +131,8 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
         unknown = unknown_keys(cfg)
         if unknown:
             raise ConfigError([_unknown_key_line(key) for key in unknown])
+        if not cfg.model.name:
+            OmegaConf.update(cfg, "model.name", derived_model_name(cfg.model.pretrained, cfg.model.arch))
         # Resolved once, to a plain string: OmegaConf re-resolves an interpolation on every access,
         # and `${now:...}` or any custom resolver must name one directory for the whole run.
         run_dir = cfg.run.dir
@@ -166,6 +172,13 @@ def compose_hydra_node(overrides: Sequence[str], config_dirs: Sequence[str | Pat
 
 
 FLAGS_HINT = "p3d's Hydra flags are --config-dir DIR, --cfg job|all|hydra [--resolve] [--package KEY], --info, --help and -m (p3d train)"
+
+
+def derived_model_name(pretrained: str | None, arch: str | None) -> str:
+    """A run name for a preset without one: the checkpoint's directory (or hub repo) name, else the arch."""
+    if pretrained:
+        return Path(str(pretrained).rstrip("/")).name or "model"
+    return arch or "model"
 
 
 def set_run_dir(cfg: DictConfig, run_dir: str) -> None:

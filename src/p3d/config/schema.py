@@ -115,12 +115,13 @@ class Packing(Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "model"  # preset name; names the default run directory
-    arch: str = "llama"  # Hugging Face `model_type` used to build the config for random init (llama, opt, ...)
+    name: Optional[str] = None  # preset name; names the run directory and the start-up line (null: model.arch, or model.pretrained's directory name)
+    arch: Optional[str] = "llama"  # Hugging Face `model_type` to build (llama, gpt2, qwen3, ...); with init=pretrained: null (the checkpoint's) or the same
+    tiny: bool = False  # shrink model.arch's default config to a tiny random model (hidden 64, 2 layers, 4 heads, vocab 264, ...); model.config still applies
     init: InitMode = InitMode.random  # random: build from the config alone (no download); pretrained: load `model.pretrained`
-    pretrained: Optional[str] = None  # local directory or hub id of a Hugging Face checkpoint (used by init=pretrained)
-    config: Dict[str, Any] = field(default_factory=dict)  # overrides of Hugging Face config fields, e.g. model.config.num_hidden_layers=3
-    tp_plan: Any = "auto"  # "auto" (the model's own Hugging Face tp plan) or a map {module pattern: style}
+    pretrained: Optional[str] = None  # local directory or hub id of a Hugging Face checkpoint (used by init=pretrained; its config.json gives every size)
+    config: Dict[str, Any] = field(default_factory=dict)  # overrides of Hugging Face config fields, e.g. model.config.num_hidden_layers=3 (never a pretrained checkpoint's shapes)
+    tp_plan: Any = "auto"  # "auto" (p3d's plan for the model type, else transformers', else one inferred from the modules) or a map {module pattern: style}
 
 
 @dataclass

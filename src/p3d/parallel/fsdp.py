@@ -7,7 +7,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from p3d.model import decoder_blocks
+from p3d.models import decoder_blocks
+from p3d.parallel.tensor import own_tensor
 
 
 def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32) -> None:
@@ -22,8 +23,10 @@ def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dt
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in decoder_blocks(model):
+        _outputs_of_their_own(block)
         fully_shard(block, mesh=dp_cp_mesh, mp_policy=policy)
     for unit, reshard_after_forward in embedding_units(model):
+        _outputs_of_their_own(unit)
         fully_shard(unit, mesh=dp_cp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_cp_mesh, mp_policy=policy)
     for module in model.modules():
@@ -45,3 +48,23 @@ def embedding_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     if inputs is None or outputs is None or outputs.weight is inputs.weight:
         return []
     return [(inputs, True), (outputs, False)]
+
+
+def _outputs_of_their_own(unit: nn.Module) -> None:
+    """Hand FSDP2 the unit's outputs as tensors of their own, not views (no copy: see `own_tensor`).
+
+    FSDP2 registers its pre-backward hook (the unit's all-gather for backward) on the unit's output
+    tensors; an in-place op on a view would re-base it and drop the hook, so FSDP2 warns "returned a
+    view tensor ... wrong gradients" for every such unit. Some blocks do return views: OPT's decoder
+    layer ends with `(residual + hidden_states).view(shape)`. Registered before `fully_shard`, this
+    hook runs before FSDP2's own post-forward hook.
+    """
+    unit.register_forward_hook(_replace_views)
+
+
+def _replace_views(module: nn.Module, args, output):
+    if isinstance(output, torch.Tensor):
+        return own_tensor(output) if output._is_view() else output
+    if type(output) is tuple and any(isinstance(item, torch.Tensor) and item._is_view() for item in output):
+        return tuple(own_tensor(item) if isinstance(item, torch.Tensor) and item._is_view() else item for item in output)
+    return output

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from p3d.config.schema import DType, P3DConfig
 from p3d.distributed.mesh import Meshes
 from p3d.model import build_meta_model, materialize, tie_weights_if_configured
+from p3d.models import architecture
 from p3d.parallel.activation import apply_activation_checkpointing, compile_blocks
 from p3d.parallel.context import enable_context_parallel, uses_p3d_attention
 from p3d.parallel.fsdp import apply_fsdp
@@ -32,12 +33,14 @@ def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], 
     model = build_meta_model(hf_config, master_dtype)  # weights, gradients and optimizer state take this dtype
     if dims.tp > 1:
         sequence_parallel = config.parallel.sequence_parallel
-        apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel)
+        localised = architecture(hf_config).localised_attributes
+        apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel, localised)
         if sequence_parallel:
             apply_sequence_parallel(model, meshes.tp)
         tie_weights_if_configured(model)
     if uses_p3d_attention(dims.cp, config.data.packing):
-        enable_context_parallel(model)
+        arch = architecture(hf_config)
+        enable_context_parallel(model, arch.attention_route(hf_config), arch.decoder_blocks(model))
     apply_activation_checkpointing(model, config.train.activation_checkpointing, config.train.ac_every)
     if config.train.compile:
         compile_blocks(model)
