@@ -33,7 +33,7 @@ def test_config_dir_model_preset_and_recipe_train_under_p3d_train(tmp_path):
     command = [sys.executable, "-m", "p3d.cli", "train", "--config-dir", str(mine), "+recipe=user_run", *FAST, "train.steps=2", f"run.dir={run_dir}"]
     done = run_command(command, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "user_llama on dp=1 cp=1 tp=2 (world 2)" in done.stdout
+    assert "user_llama (llama) on dp=1 cp=1 tp=2 (world 2)" in done.stdout
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.model.name == "user_llama" and saved.model.config.num_hidden_layers == 3
     assert len(json.loads((run_dir / "summary.json").read_text())["peak_mem_gb_per_rank"]) == 2
