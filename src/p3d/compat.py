@@ -84,3 +84,24 @@ def cpu_flash_attention_backward(grad_out, query, key, value, out, lse, bias, sc
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, query, key, value, out, lse, 0.0, False, attn_mask=bias, scale=scale
     )
+
+
+# --- Hydra -----------------------------------------------------------------------------------
+
+
+def hydra_show_info(info: str, overrides: list[str]) -> None:
+    """Hydra's own `--info` report (search path, defaults list and tree, config) for p3d's root config,
+    through the private `Hydra.show_info` of the initialised GlobalHydra (hydra-core 1.3). It configures
+    Hydra's logging (a stdout handler on the root logger, level DEBUG), which is undone afterwards, so
+    later compositions in the same process stay quiet."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        GlobalHydra.instance().hydra.show_info(info, config_name="config", overrides=overrides)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

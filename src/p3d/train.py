@@ -16,13 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from p3d.checkpoint import Checkpointer, verify_checkpoint
 from p3d.config.compose import compose, to_object
+from p3d.config.flags import show, split_hydra_flags
 from p3d.config.schema import CPLayout, P3DConfig
 from p3d.config.validate import ValidatedSetup, validate
 from p3d.data import build_sampler, data_fingerprint
 from p3d.distributed.agree import on_every_rank
 from p3d.distributed.env import DistEnv, abandon, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
-from p3d.errors import RunError, exits_cleanly
+from p3d.errors import ConfigError, RunError, exits_cleanly
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
 from p3d.optim import build_optimizer, build_scheduler
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
@@ -39,9 +40,10 @@ PLAN_SOURCE_WORDS = {
     "inferred": "inferred from the modules",
 }
 
-USAGE = """usage: python -m p3d.train [key=value ...]
-       torchrun --nproc_per_node=N -m p3d.train [key=value ...]
-       p3d train [--nproc-per-node N] [key=value ...]
+USAGE = """usage: python -m p3d.train [--config-dir DIR] [key=value ...]
+       torchrun --nproc_per_node=N -m p3d.train [--config-dir DIR] [key=value ...]
+       p3d train [--nproc-per-node N] [--config-dir DIR] [-m] [key=value ...]
+       (--cfg job|all|hydra [--resolve] [--package KEY], --info, --help: print and exit)
 
 Pick presets with group=name (model=tiny_opt parallel=tp2dp2cp2 +recipe=tiny_llama_3d) and
 override any key with group.key=value (train.steps=100 model.config.num_hidden_layers=4).
@@ -50,11 +52,13 @@ override any key with group.key=value (train.steps=100 model.config.num_hidden_l
 
 @exits_cleanly
 def main(argv: Sequence[str] | None = None) -> None:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in overrides):
-        print(USAGE)
+    flags, overrides = split_hydra_flags(list(sys.argv[1:] if argv is None else argv))
+    if flags.multirun:
+        raise ConfigError("-m/--multirun: python -m p3d.train runs one job (under torchrun too); sweep with `p3d train -m ...`")
+    if flags.prints_and_exits:
+        show(flags, overrides, USAGE)
         return
-    cfg = compose(overrides)
+    cfg = compose(overrides, flags.config_dirs)
     config = to_object(cfg)
     setup = validate(config, world_size_from_env())
     env = init_distributed(config.dist)
