@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from p3d.models import infer
-from p3d.parallel.tensor import check_plan
+from p3d.parallel.tensor import check_plan, match_plan
 
 # Attention modules that keep their head counts as attributes and reshape with them (OPT's
 # `view(bsz, -1, self.num_heads, head_dim)`) must see the tp-local counts, or the reshape silently
@@ -87,7 +87,7 @@ class Architecture:
             return PlanChoice(dict(self.tp_plan), "p3d")
         own = dict(getattr(model, "_tp_plan", None) or {})
         if own:
-            return PlanChoice(own, "transformers")
+            return PlanChoice(_entries_for_this_variant(own, model), "transformers")
         inferred = infer.infer_plan(model, self.decoder_blocks(model))
         return PlanChoice(inferred.plan, "inferred", inferred.problem)
 
@@ -161,6 +161,12 @@ class Architecture:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_type!r})"
+
+
+def _entries_for_this_variant(plan: dict[str, str], model: nn.Module) -> dict[str, str]:
+    """transformers' plan covers every variant of the architecture (DeepSeek-V2's q_proj without a query
+    compression, q_b_proj with one): keep the entries that name a module or parameter of this model."""
+    return {pattern: style for pattern, style in plan.items() if match_plan({pattern: style}, model) or match_plan({pattern: style}, model, parameters=True)}
 
 
 REGISTRY: dict[str, Architecture] = {}
