@@ -18,6 +18,12 @@ def flatten_mesh(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> DeviceMe
     return mesh[dims]._flatten(name)
 
 
+def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+    """A 1-D mesh viewed as several named dims, the last varying fastest (private `DeviceMesh._unflatten`).
+    The result shares the root mesh, so DTensors on its dims and FSDP2 over them combine."""
+    return mesh._unflatten(0, sizes, names)
+
+
 def import_dynamo() -> None:
     """Import `torch._dynamo` before any process group exists. DTensor and FSDP2 import it lazily, on
     first use; imported once a default process group exists, it keeps that group alive until the

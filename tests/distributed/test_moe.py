@@ -2,10 +2,12 @@
 
 Tiny Mixtral, Qwen3-MoE, OLMoE and DeepSeek-V2 (multi-head latent attention, shared experts, the
 first layer dense) through `model=tiny model.arch=...`: experts split over tp (moe_tp_experts, with
-FSDP and context parallelism in the same run).
+FSDP and context parallelism in the same run) and over ep ranks borrowed from dp x cp (parallel.ep).
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -38,3 +40,37 @@ def test_experts_split_over_tensor_parallel_ranks_match_one_process(arch, p3d_ru
     result = p3d_runner(["model=tiny", f"model.arch={arch}", *STEPS, *layout_overrides(tp, dp, cp)], nproc=tp * dp * cp)
     assert_ok(result)
     assert_matches(result.records, reference_records(p3d_runner, arch))
+
+
+# Expert parallelism: (tp, dp, cp, ep), micro-batch; each architecture once, each layout once.
+EP_CASES = {
+    "mixtral-ep2": ("mixtral", (1, 2, 1, 2), 2),
+    "olmoe-ep2": ("olmoe", (1, 2, 1, 2), 2),
+    "deepseek_v2-dp4ep2": ("deepseek_v2", (1, 4, 1, 2), 1),
+    "qwen3_moe-ep2cp2": ("qwen3_moe", (1, 1, 2, 2), 4),
+}
+
+
+def ep_overrides(arch: str, layout: tuple[int, int, int, int], micro: int) -> list[str]:
+    tp, dp, cp, ep = layout
+    return ["model=tiny", f"model.arch={arch}", *STEPS, *layout_overrides(tp, dp, cp), f"parallel.ep={ep}", f"train.micro_batch_size={micro}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(EP_CASES))
+def test_experts_split_over_expert_parallel_ranks_match_one_process(case, p3d_runner):
+    """Tokens go to the ranks holding their experts by all-to-all and come back: the losses, gradient norms and
+    tokens per expert are one process's; each rank stores half of the expert weights."""
+    arch, layout, micro = EP_CASES[case]
+    tp, dp, cp, ep = layout
+    result = p3d_runner(ep_overrides(arch, layout, micro), nproc=tp * dp * cp)
+    assert_ok(result)
+    reference = reference_records(p3d_runner, arch)
+    assert_matches(result.records, reference)
+    load = ("expert_tokens_min", "expert_tokens_max", "expert_imbalance")
+    assert [[r[key] for key in load] for r in result.records] == [[r[key] for key in load] for r in reference]
+    line = next(line for line in result.stdout.splitlines() if "mixture of experts" in line)
+    assert "4 experts, 2 per rank (split over ep=2)" in line
+    if dp * cp == ep:  # no FSDP over replicas: each rank stores exactly its two experts
+        stored, whole = (float(size) for size in re.findall(r"([0-9.]+) MiB", line))
+        assert stored == pytest.approx(whole / 2, abs=0.01)

@@ -208,3 +208,17 @@ def test_sequence_parallel_needs_tokens_divisible_by_tp():
 def test_sequence_parallel_is_offered_only_for_verified_models():
     found = problems(["model.arch=qwen2", "parallel=tp2dp1cp1", "parallel.sequence_parallel=true"], 2)
     assert any("not verified for model type 'qwen2'" in p for p in found), found
+
+
+def test_expert_parallel_degree_is_checked_in_one_line_each():
+    moe = ["model=tiny", "model.arch=mixtral"]
+    found = problems([*moe, "parallel.ep=3"], 4)
+    assert found[0] == "parallel.ep=3 does not divide dp*cp = 4*1 = 4 (expert parallelism borrows the dp x cp ranks): choose an ep that divides 4"
+    (problem,) = problems([*moe, "parallel.ep=2", "parallel.tp=2"], 4)
+    assert problem.startswith("parallel.ep=2 with parallel.tp=2: experts are split over tp or over ep, not both")
+    (problem,) = problems([*moe, "parallel.ep=8", "train.micro_batch_size=1"], 8)
+    assert problem == "parallel.ep=8: 4 experts of 'model.layers.0.mlp.experts' cannot be split evenly over 8 ranks; choose a degree that divides 4"
+    (problem,) = problems(["model=tiny_llama", "parallel.ep=2"], 2)
+    assert problem == "parallel.ep=2: model.arch=llama has no mixture-of-experts layers p3d can split (fused experts modules); use parallel.ep=1"
+    (problem,) = problems([*moe, "model.config.output_router_logits=true"], 1)
+    assert problem.startswith("model.config.output_router_logits=true: p3d does not add the model's load-balancing")

@@ -16,4 +16,9 @@ def decoder_blocks(model) -> list:
     return architecture(model.config).decoder_blocks(model)
 
 
-__all__ = ["PLAN_SOURCES", "Architecture", "PlanChoice", "architecture", "decoder_blocks"]
+def experts_modules(model) -> list:
+    """The model's fused experts modules as (name, module) (expert parallelism, FSDP units, expert load)."""
+    return architecture(model.config).experts_modules(model)
+
+
+__all__ = ["PLAN_SOURCES", "Architecture", "PlanChoice", "architecture", "decoder_blocks", "experts_modules"]

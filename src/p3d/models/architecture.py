@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from p3d.models import infer
+from p3d.parallel.expert import expert_count, experts_problems
 from p3d.parallel.tensor import check_plan, match_plan
 
 # Attention modules that keep their head counts as attributes and reshape with them (OPT's
@@ -75,6 +76,21 @@ class Architecture:
             return blocks
         uniform = [list(module) for module in model.modules() if isinstance(module, nn.ModuleList) and len({type(child) for child in module}) == 1]
         return max(uniform, key=len, default=[])
+
+    def experts_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The mixture-of-experts layers' fused experts modules (3-D weights, one slice per expert; called as
+        experts(hidden_states, top_k_index, top_k_weights) after the model's own router), by name."""
+        return [(name, module) for name, module in model.named_modules() if expert_count(module) is not None]
+
+    def expert_parallel_problems(self, model: nn.Module, ep: int) -> list[str]:
+        """Why the experts cannot be split over `ep` ranks (empty if they can)."""
+        if ep == 1:
+            return []
+        found = self.experts_modules(model)
+        if not found:
+            return [f"parallel.ep={ep}: model.arch={self.model_type} has no mixture-of-experts layers p3d can split (fused experts modules); use parallel.ep=1"]
+        name, module = found[0]
+        return experts_problems(name, module, ep, f"parallel.ep={ep}")
 
     def norms(self, block: nn.Module) -> list[str]:
         """Names (inside the block) of its normalisation layers, which sequence parallelism runs per token."""

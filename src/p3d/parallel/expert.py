@@ -38,6 +38,8 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 def expert_count(module: nn.Module) -> int | None:
     """The number of experts of a fused experts module (its weights' leading dim), else None."""
+    if isinstance(getattr(module, "forward", None), ShardedExperts):
+        return module.forward.total_experts  # already split: `num_experts` is the local count
     count = getattr(module, "num_experts", None)
     params = list(module.parameters(recurse=False))
     if not isinstance(count, int) or not params or not any(param.dim() == 3 for param in params):
@@ -173,6 +175,25 @@ def shard_experts(module: nn.Module, mesh: DeviceMesh, tokens_shared: bool) -> N
             module.register_parameter(leaf, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)], src_data_rank=None), requires_grad=param.requires_grad))
     module.num_experts = sharded.local_experts
     module.forward = sharded
+
+
+def expert_weight_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes this rank stores, bytes of the whole module) of an experts module's weights."""
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in module.parameters(recurse=False))
+    whole = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return local, whole
+
+
+def describe_experts(experts: list[nn.Module], ep: int, tp: int) -> str:
+    """The start-up line of a mixture-of-experts model: experts per rank and the expert weights it stores."""
+    count = expert_count(experts[0])
+    split = ep if ep > 1 else tp
+    local, whole = (sum(sizes) for sizes in zip(*(expert_weight_bytes(module) for module in experts)))
+    how = f" (split over {'ep' if ep > 1 else 'tp'}={split})" if split > 1 else ""
+    return (
+        f"mixture of experts: {len(experts)} layers of {count} experts, {count // split} per rank{how}; "
+        f"expert weights on this rank {local / 2**20:.2f} MiB of {whole / 2**20:.2f} MiB"
+    )
 
 
 def experts_problems(name: str, module: nn.Module, ranks: int, key: str) -> list[str]:
