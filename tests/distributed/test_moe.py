@@ -8,10 +8,12 @@ FSDP and context parallelism in the same run) and over ep ranks borrowed from dp
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
+import torch
 
-from tests.conftest import assert_ok, layout_overrides
+from tests.conftest import assert_ok, layout_overrides, run_command
 from tests.distributed.test_parity import assert_matches
 
 STEPS = ["train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=4", "data.seq_len=32", "checkpoint=none"]
@@ -74,3 +76,35 @@ def test_experts_split_over_expert_parallel_ranks_match_one_process(case, p3d_ru
     if dp * cp == ep:  # no FSDP over replicas: each rank stores exactly its two experts
         stored, whole = (float(size) for size in re.findall(r"([0-9.]+) MiB", line))
         assert stored == pytest.approx(whole / 2, abs=0.01)
+
+
+@pytest.mark.slow
+def test_an_ep2_checkpoint_resumes_exactly_at_ep1_and_tp2_and_exports_in_the_model_s_own_layout(p3d_runner, tmp_path):
+    """DCP reshards the experts (whole experts per ep rank, FSDP shards of them) onto one process and onto tp2;
+    the export has transformers' fused 3-D expert weights and gives the trained logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.distributed.test_checkpoint import batch_at, mean_loss
+
+    four_steps = ["model=tiny", "model.arch=mixtral", "train.steps=4", "train.global_batch_size=4", "data.seq_len=32"]
+    uninterrupted = p3d_runner([*four_steps, "train.micro_batch_size=4", "checkpoint=none"])
+    assert_ok(uninterrupted)
+    saved = p3d_runner([*four_steps, "train.steps=2", "train.micro_batch_size=2", "parallel.ep=2", "checkpoint.every=2"], nproc=2)
+    assert_ok(saved)
+    checkpoint = saved.run_dir / "checkpoints" / "step_00000002"
+    for layout, nproc in ((["parallel.tp=1"], 1), (["parallel.tp=2"], 2)):
+        resumed = p3d_runner([*four_steps, "train.micro_batch_size=4", *layout, "checkpoint=none", f"checkpoint.load_from={checkpoint}"], nproc=nproc)
+        assert_ok(resumed)
+        assert f"resumed from {checkpoint} (step 2," in resumed.stdout
+        assert_matches(resumed.records, uninterrupted.records[2:])
+
+    out_dir = tmp_path / "exported"
+    done = run_command([sys.executable, "-m", "p3d.cli", "export", str(checkpoint), str(out_dir)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported, loading = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
+    assert not any(loading.values()), loading  # no missing, unexpected or mismatched keys
+    assert tuple(exported.model.layers[0].mlp.experts.gate_up_proj.shape) == (4, 256, 64)  # [experts, 2*intermediate, hidden]
+    inputs, labels = batch_at([*four_steps, "train.micro_batch_size=4"], consumed=2 * 4)
+    with torch.no_grad():
+        loss = mean_loss(exported.eval()(input_ids=inputs).logits, labels)
+    assert abs(loss - uninterrupted.records[2]["loss"]) < 1e-4  # step 3 starts from these weights
