@@ -7,7 +7,7 @@ parallelism by running its tiny version once. A model type that needs more has a
 (`gpt2.py`: Conv1D weights and a fused q|k|v projection; `opt.py`: post-norm blocks).
 """
 
-from p3d.models import gpt2, llama, opt  # noqa: F401  (each registers its model types)
+from p3d.models import gpt2, llama, opt, qwen3_moe  # noqa: F401  (each registers its model types)
 from p3d.models.architecture import PLAN_SOURCES, Architecture, PlanChoice, architecture
 
 

@@ -59,6 +59,7 @@ class Architecture:
     tp_plan: ClassVar[Mapping[str, str] | None] = None  # a plan p3d ships (module patterns of the causal-LM model)
     localised_attributes: ClassVar[tuple[str, ...]] = HEAD_COUNT_ATTRIBUTES
     sequence_parallel_verified: ClassVar[bool] = False  # loss parity with parallel.sequence_parallel=true is tested
+    extra_config_fields: ClassVar[tuple[str, ...]] = ()  # fields the modeling code reads that its config class lacks
 
     def __init__(self, model_type: str):
         self.model_type = model_type
