@@ -64,14 +64,21 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
     return None
 
 
-def matmul_params(model: nn.Module) -> int:
-    """Parameters that take part in matmuls: all but embedding lookups (a tied output head counts)."""
+def matmul_params(model: nn.Module) -> float:
+    """Parameters that take part in a token's matmuls: all but embedding lookups (a tied output head counts);
+    of a mixture-of-experts layer's experts only the share a token is routed to (k of E)."""
     unique = {id(p): p for p in model.parameters()}
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None:
         lookups.discard(id(output.weight))
-    return sum(p.numel() for key, p in unique.items() if key not in lookups)
+    active = {}
+    if hasattr(model, "config"):
+        from p3d.models import architecture
+
+        share = architecture(model.config).active_expert_share(model.config)
+        active = {id(p): share for _, module in architecture(model.config).experts_modules(model) for p in module.parameters(recurse=False)}
+    return sum(p.numel() * active.get(key, 1.0) for key, p in unique.items() if key not in lookups)
 
 
 def flops_per_token(model: nn.Module, hf_config, seq_len: int) -> float:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from p3d.models import infer
+from p3d.models.tiny import EXPERT_COUNT_FIELDS, EXPERTS_PER_TOKEN_FIELDS
 from p3d.parallel.expert import expert_count, experts_problems
 from p3d.parallel.tensor import check_plan, match_plan
 
@@ -82,6 +83,13 @@ class Architecture:
         """The mixture-of-experts layers' fused experts modules (3-D weights, one slice per expert; called as
         experts(hidden_states, top_k_index, top_k_weights) after the model's own router), by name."""
         return [(name, module) for name, module in model.named_modules() if expert_count(module) is not None]
+
+    def active_expert_share(self, config: PretrainedConfig) -> float:
+        """The share of a layer's experts each token runs through (experts per token / experts)."""
+        text = config.get_text_config()
+        experts = next((value for name in EXPERT_COUNT_FIELDS if isinstance(value := getattr(text, name, None), int)), None)
+        per_token = next((value for name in EXPERTS_PER_TOKEN_FIELDS if isinstance(value := getattr(text, name, None), int)), None)
+        return per_token / experts if experts and per_token else 1.0
 
     def expert_parallel_problems(self, model: nn.Module, ep: int) -> list[str]:
         """Why the experts cannot be split over `ep` ranks (empty if they can)."""

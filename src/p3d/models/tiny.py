@@ -56,8 +56,8 @@ _EXACT = {
     "qk_nope_head_dim": HEAD_DIM - ROPE_HEAD_DIM,
     "v_head_dim": HEAD_DIM,
 }
-_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-_EXPERTS_PER_TOKEN_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k")
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+EXPERTS_PER_TOKEN_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k")
 _HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads", "encoder_attention_heads")
 _KV_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
 _LAYER_FIELDS = ("decoder_layers", "encoder_layers", "num_decoder_layers", "num_encoder_layers")
@@ -106,14 +106,14 @@ def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int 
     heads = next((values[name] for name in _HEAD_FIELDS if _int(values.get(name))), None)
     head_dim = values.get("head_dim") if _int(values.get("head_dim")) else (hidden // heads if _int(hidden) and heads else None)
     intermediate = next((values[name] for name in _INTERMEDIATE_FIELDS if _int(values.get(name))), None)
-    has_experts = any(_int(values.get(name)) for name in _EXPERT_COUNT_FIELDS)
+    has_experts = any(_int(values.get(name)) for name in EXPERT_COUNT_FIELDS)
     tiny: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, PretrainedConfig):
             tiny[name] = {**value.to_dict(), **shrink(value, keep_features)}
         elif name in _EXACT and _int(value):
             tiny[name] = _EXACT[name]
-        elif name in _EXPERTS_PER_TOKEN_FIELDS and value is None and has_experts:
+        elif name in EXPERTS_PER_TOKEN_FIELDS and value is None and has_experts:
             tiny[name] = EXPERTS_PER_TOKEN  # a default of None (DeepSeek-V2) makes its router's top-k fail
         elif name in _LAYER_FIELDS and _int(value):
             tiny[name] = min(value, LAYERS)
