@@ -1,6 +1,6 @@
 """A small mixture of experts at ep1, ep2 and ep4 on 4 ranks: tokens/s, peak memory, expert weight bytes.
 
-    python benchmarks/moe.py [--steps 8] [--out docs/results]
+    python benchmarks/moe.py [--steps 8] [--out docs/results] [--render-only]
 
 The model is Mixtral's architecture with 8 experts of 2 per token (hidden 256, expert MLP 1024,
 4 layers, vocabulary 264); the layouts are dp4 (experts FSDP-sharded over 4 ranks, each rank
