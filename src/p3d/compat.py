@@ -24,6 +24,12 @@ def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, .
     return mesh._unflatten(0, sizes, names)
 
 
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread, e.g. activation checkpointing
+    recomputing a block's forward (private `torch._C._current_graph_task_id`, torch 2.13: -1 outside)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def import_dynamo() -> None:
     """Import `torch._dynamo` before any process group exists. DTensor and FSDP2 import it lazily, on
     first use; imported once a default process group exists, it keeps that group alive until the

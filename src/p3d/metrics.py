@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from p3d.compat import in_backward
 from p3d.config.schema import LoggingConfig, WandbMode
 
 # Dense bf16 peak TFLOP/s of one device (datasheet figures, without sparsity). MFU is reported
@@ -226,6 +227,8 @@ class ExpertLoad:
 
     def _counter(self, layer: int):
         def count(module, args):
+            if in_backward():
+                return  # a block recomputed for backward (activation checkpointing) routes the same tokens again
             chosen = args[1].detach().reshape(-1).to("cpu")  # top_k_index: global expert ids
             self.counts[layer, : self.experts[layer]] += torch.bincount(chosen, minlength=self.experts[layer]).to(torch.float64)
 

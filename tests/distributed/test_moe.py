@@ -108,3 +108,15 @@ def test_an_ep2_checkpoint_resumes_exactly_at_ep1_and_tp2_and_exports_in_the_mod
     with torch.no_grad():
         loss = mean_loss(exported.eval()(input_ids=inputs).logits, labels)
     assert abs(loss - uninterrupted.records[2]["loss"]) < 1e-4  # step 3 starts from these weights
+
+
+def test_tokens_per_expert_are_counted_once_when_blocks_are_recomputed(p3d_runner):
+    """Activation checkpointing runs each block's forward again in backward: the router's choice is not counted twice."""
+    one_step = ["model=tiny", "model.arch=mixtral", "train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=2", "data.seq_len=32", "checkpoint=none"]
+    load = ("expert_tokens_min", "expert_tokens_max", "expert_imbalance")
+    plain = p3d_runner(one_step)
+    recomputed = p3d_runner([*one_step, "train.activation_checkpointing=full"])
+    assert_ok(plain)
+    assert_ok(recomputed)
+    assert [recomputed.records[0][key] for key in load] == [plain.records[0][key] for key in load]
+    assert plain.records[0]["expert_imbalance"] >= 1.0
