@@ -18,6 +18,18 @@ def flatten_mesh(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> DeviceMe
     return mesh[dims]._flatten(name)
 
 
+def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+    """A 1-D mesh viewed as several named dims, the last varying fastest (private `DeviceMesh._unflatten`).
+    The result shares the root mesh, so DTensors on its dims and FSDP2 over them combine."""
+    return mesh._unflatten(0, sizes, names)
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread, e.g. activation checkpointing
+    recomputing a block's forward (private `torch._C._current_graph_task_id`, torch 2.13: -1 outside)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def import_dynamo() -> None:
     """Import `torch._dynamo` before any process group exists. DTensor and FSDP2 import it lazily, on
     first use; imported once a default process group exists, it keeps that group alive until the

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from p3d.compat import in_backward
 from p3d.config.schema import LoggingConfig, WandbMode
 
 # Dense bf16 peak TFLOP/s of one device (datasheet figures, without sparsity). MFU is reported
@@ -38,7 +39,10 @@ PEAK_TFLOPS_BY_DEVICE_NAME = {
     "MI300X": 1307.0,
 }
 
-SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s")
+SCALARS = (
+    "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s",
+    "expert_tokens_min", "expert_tokens_max", "expert_imbalance",
+)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -61,14 +65,21 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
     return None
 
 
-def matmul_params(model: nn.Module) -> int:
-    """Parameters that take part in matmuls: all but embedding lookups (a tied output head counts)."""
+def matmul_params(model: nn.Module) -> float:
+    """Parameters that take part in a token's matmuls: all but embedding lookups (a tied output head counts);
+    of a mixture-of-experts layer's experts only the share a token is routed to (k of E)."""
     unique = {id(p): p for p in model.parameters()}
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None:
         lookups.discard(id(output.weight))
-    return sum(p.numel() for key, p in unique.items() if key not in lookups)
+    active = {}
+    if hasattr(model, "config"):
+        from p3d.models import architecture
+
+        share = architecture(model.config).active_expert_share(model.config)
+        active = {id(p): share for _, module in architecture(model.config).experts_modules(model) for p in module.parameters(recurse=False)}
+    return sum(p.numel() * active.get(key, 1.0) for key, p in unique.items() if key not in lookups)
 
 
 def flops_per_token(model: nn.Module, hf_config, seq_len: int) -> float:
@@ -197,6 +208,52 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of each mixture-of-experts layer, summed over a step and all ranks.
+
+    Each experts module is called with the router's choice (`top_k_index`, global expert ids) on this
+    rank's tokens; ranks of one tp group see the same tokens, so the counts are summed over dp x cp only.
+    Per step: the fewest and most (token, expert) pairs any expert of any layer got, and the imbalance:
+    the highest ratio of a layer's busiest expert to its mean (1.0: perfectly even).
+    """
+
+    def __init__(self, experts: list[nn.Module]):
+        self.counts = torch.zeros((len(experts), max((_global_expert_count(m) for m in experts), default=0)), dtype=torch.float64)
+        self.experts = [_global_expert_count(module) for module in experts]
+        for layer, module in enumerate(experts):
+            module.register_forward_pre_hook(self._counter(layer))
+
+    def _counter(self, layer: int):
+        def count(module, args):
+            if in_backward():
+                return  # a block recomputed for backward (activation checkpointing) routes the same tokens again
+            chosen = args[1].detach().reshape(-1).to("cpu")  # top_k_index: global expert ids
+            self.counts[layer, : self.experts[layer]] += torch.bincount(chosen, minlength=self.experts[layer]).to(torch.float64)
+
+        return count
+
+    def take(self, group) -> dict:
+        """The step's record fields (none for a dense model); resets the counts. Collective over `group`."""
+        if not self.experts:
+            return {}
+        counts = self.counts.clone()
+        self.counts.zero_()
+        torch.distributed.all_reduce(counts, group=group)
+        per_layer = [counts[layer, :experts] for layer, experts in enumerate(self.experts)]
+        imbalance = max(row.max().item() / max(row.mean().item(), 1e-9) for row in per_layer)
+        return {
+            "expert_tokens_min": int(min(row.min().item() for row in per_layer)),
+            "expert_tokens_max": int(max(row.max().item() for row in per_layer)),
+            "expert_imbalance": round(imbalance, 4),
+        }
+
+
+def _global_expert_count(module: nn.Module) -> int:
+    from p3d.parallel.expert import expert_count
+
+    return expert_count(module)
 
 
 class MetricsLogger:

@@ -15,7 +15,10 @@ step. The memory model follows what p3d allocates:
   own: scores of the local queries over the whole sequence; p3d's ring: only the local queries'
   log-sum-exp; allgather: the gathered keys and values), and the logits;
 - a per-process baseline (torch, transformers, datasets imports), measured on this stack;
-- on CPU, memory the C allocator retains: half of what a step allocates and frees (measured).
+- on CPU, memory the C allocator retains: half of what a step allocates and frees (measured);
+- mixture-of-experts layers under expert parallelism: a block gathers only its `experts / ep`
+  experts (over the efsdp ranks that hold them), and each MoE layer sends its routed tokens to
+  the experts' ranks and back by all-to-all (the traffic assumes evenly spread routing).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from p3d.config.schema import ACMode, CPImpl, DType, P3DConfig
 from p3d.config.validate import ValidatedSetup
 from p3d.distributed.env import resolve_device_type
 from p3d.model import build_meta_model
-from p3d.models import architecture, decoder_blocks
+from p3d.models import architecture, decoder_blocks, experts_modules
 from p3d.parallel.context import uses_p3d_attention
 from p3d.parallel.fsdp import embedding_units
 from p3d.parallel.activation import checkpointed_block_indices
@@ -113,12 +116,24 @@ class FsdpUnit:
         return self.weights * compute_bytes + (self.weights + self.extra_gradients) * compute_bytes + self.weights * FP32
 
 
-def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUnit, list[FsdpUnit], list[FsdpUnit]]:
+def expert_numel(model: nn.Module) -> int:
+    """Elements of all experts' weights (mixture-of-experts layers)."""
+    return sum(p.numel() for _, module in experts_modules(model) for p in module.parameters(recurse=False))
+
+
+def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int, ep: int = 1) -> tuple[FsdpUnit, list[FsdpUnit], list[FsdpUnit]]:
     """The root unit, the untied embedding units (input, output head) and one unit per decoder block.
 
-    This mirrors p3d.parallel.fsdp.apply_fsdp: a tied embedding stays in the root unit.
+    This mirrors p3d.parallel.fsdp.apply_fsdp: a tied embedding stays in the root unit; under
+    expert parallelism a block's experts are gathered only for this rank's `experts / ep`.
     """
     matched = _sharded(model, plan, tp)
+    if ep > 1:
+        off_rank = {id(p): p.numel() - p.numel() // ep for _, module in experts_modules(model) for p in module.parameters(recurse=False)}
+        blocks_with_experts = [
+            FsdpUnit(_unit_numel(block, matched, tp, "", set()) - sum(off_rank.get(id(p), 0) for p in block.parameters()), 0)
+            for block in decoder_blocks(model)
+        ]
     names = {module: name for name, module in model.named_modules()}
     blocks = decoder_blocks(model)
     own_unit = {id(p) for block in blocks for p in block.parameters()}
@@ -131,10 +146,12 @@ def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUni
         embeddings.append(FsdpUnit(_unit_numel(unit, matched, tp, names[unit] + ".", set()), 0))
         own_unit |= {id(p) for p in unit.parameters()}
     root = FsdpUnit(_unit_numel(model, matched, tp, "", own_unit), tied)
+    if ep > 1:
+        return root, embeddings, blocks_with_experts
     return root, embeddings, [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
 
 
-def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int) -> int:
+def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int, ep: int = 1) -> int:
     """Memory that exists only during a step, beyond the sharded state.
 
     With FSDP the root unit stays unsharded through forward and backward. On top of it, the
@@ -143,7 +160,7 @@ def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bo
     output buffer it is copied out of. Without FSDP: a tied output head's gradient is buffered
     beside the embedding's.
     """
-    root, embeddings, blocks = fsdp_units(model, plan, tp)
+    root, embeddings, blocks = fsdp_units(model, plan, tp, ep)
     if not sharded:
         return root.extra_gradients * compute_bytes
     largest_block = max(blocks, key=lambda unit: unit.weights, default=FsdpUnit(0, 0))
@@ -162,7 +179,7 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
     weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) * DTYPE_BYTES[config.train.master_dtype]
     gradients = 0 if config.optim.in_backward else weights
     sharded = dims.dp_cp > 1 or config.train.dtype is not DType.fp32  # FSDP2 is applied
-    transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes)
+    transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes, dims.ep)
     activations = _activation_bytes(config, setup, text, dims, len(decoder_blocks(model)), compute_bytes)
     local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
     logits = local_tokens * text.vocab_size * (compute_bytes + 2 * FP32)  # logits, fp32 copy for the loss, its gradient
@@ -219,9 +236,20 @@ def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Mod
     if dims.dp_cp > 1:
         matched = _sharded(model, setup.tp_plan, dims.tp)
         unsharded = sum(p.numel() // _tp_divisor(n, matched, dims.tp) for n, p in model.named_parameters())
+        experts = expert_numel(model) if dims.ep > 1 else 0  # gathered over efsdp instead, this rank's share only
         units = blocks + 1
-        collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * unsharded * compute_bytes / 2**20))
-        collectives.append(Collective("FSDP reduce-scatter of gradients", "dp_cp", micro * units, micro * unsharded * FP32 / 2**20))
+        collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * (unsharded - experts) * compute_bytes / 2**20))
+        collectives.append(Collective("FSDP reduce-scatter of gradients", "dp_cp", micro * units, micro * (unsharded - experts) * FP32 / 2**20))
+        if experts and dims.efsdp > 1:
+            moe_layers = len(experts_modules(model))
+            collectives.append(Collective("FSDP all-gather of this rank's experts (forward and backward)", "efsdp", micro * 2 * moe_layers, micro * 2 * experts / dims.ep * compute_bytes / 2**20))
+            collectives.append(Collective("FSDP reduce-scatter of this rank's expert gradients", "efsdp", micro * moe_layers, micro * experts / dims.ep * FP32 / 2**20))
+    if dims.ep > 1:
+        moe_layers = len(experts_modules(model))
+        share = architecture(setup.hf_config).active_expert_share(setup.hf_config)
+        per_token = max(1, round(share * _expert_count(model)))  # (token, expert) pairs per token
+        leaving_mb = local_tokens * per_token * text.hidden_size * compute_bytes * (dims.ep - 1) / dims.ep / 2**20
+        collectives.append(Collective("EP all-to-all of routed tokens and their outputs (forward, backward), and per-expert counts", "ep", micro * moe_layers * 5, micro * moe_layers * 4 * leaving_mb))
     if dims.tp > 1 and config.parallel.sequence_parallel:
         collectives.append(Collective("TP all-gather of norm outputs and reduce-scatter of row-parallel outputs (sequence parallel)", "tp", micro * 8 * blocks, micro * 4 * blocks * hidden_mb))
     elif dims.tp > 1:
@@ -241,6 +269,28 @@ def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Mod
     collectives.append(Collective("loss (all-reduce)", "dp_cp", 1, 0.0))
     collectives.append(Collective("gradient norm and peak memory (all-reduce)", "world", 2, 0.0))
     return collectives
+
+
+def _expert_count(model: nn.Module) -> int:
+    from p3d.parallel.expert import expert_count
+
+    found = experts_modules(model)
+    return expert_count(found[0][1]) if found else 0
+
+
+def experts_line(model: nn.Module, dims, master_bytes: int, compute_bytes: int) -> str | None:
+    """What a rank keeps of the experts: stored (sharded over efsdp x ep = dp x cp, or over tp) and gathered to compute."""
+    found = experts_modules(model)
+    if not found:
+        return None
+    count, elements = _expert_count(model), expert_numel(model)
+    split = dims.ep if dims.ep > 1 else dims.tp
+    stored = elements / (dims.dp_cp * (dims.tp if dims.ep == 1 else 1)) * master_bytes
+    held = elements / split * compute_bytes
+    return (
+        f"# experts: {len(found)} layers of {count}, {count // split} per rank; expert weights per rank: "
+        f"{stored / 2**20:,.1f} MB stored, {held / 2**20:,.1f} MB gathered to compute (of {elements * master_bytes / 2**20:,.1f} MB)"
+    )
 
 
 def machine_memory_gb() -> float | None:
@@ -267,6 +317,11 @@ def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_s
         f"# batch: {config.train.global_batch_size} sequences x {config.data.seq_len} tokens per step; "
         f"{config.train.micro_batch_size} per dp rank per forward, {accumulation} accumulation step(s); "
         f"{config.train.micro_batch_size * config.data.seq_len // dims.cp} tokens per rank per forward",
+    ]
+    experts = experts_line(model, dims, DTYPE_BYTES[config.train.master_dtype], DTYPE_BYTES[config.train.dtype])
+    if experts is not None:
+        lines.append(experts)
+    lines += [
         "",
         "# memory per rank (estimate, GB)",
     ]

@@ -25,9 +25,11 @@ from p3d.distributed.env import DistEnv, abandon, init_distributed, shutdown, wo
 from p3d.distributed.mesh import Meshes
 from p3d.errors import ConfigError, RunError, exits_cleanly
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
+from p3d.models import experts_modules
 from p3d.optim import build_optimizer, build_scheduler
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer
+from p3d.parallel.expert import describe_experts
 from p3d.parallel.parallelize import build_parallel_model
 from p3d.resume import ResumePlan, hf_config_json, plan_resume, visible_checkpoints
 from p3d.rundir import RunLock, agree_on_run_dir, make_run_dir
@@ -129,6 +131,9 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
     if setup.dims.tp > 1:
         metrics.info(f"tensor-parallel plan ({PLAN_SOURCE_WORDS[setup.plan_source]}): " + ", ".join(f"{pattern} {style}" for pattern, style in setup.tp_plan.items()))
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)
+    experts = [module for _, module in experts_modules(model)]
+    if experts:
+        metrics.info(describe_experts(experts, setup.dims.ep, setup.dims.tp))
     fingerprint = data_fingerprint(config.data)  # of the files as they are when loaded just below
     sampler = build_sampler(
         config.data, config.model, config.train.seed, config.train.global_batch_size, config.train.micro_batch_size,

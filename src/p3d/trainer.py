@@ -20,7 +20,8 @@ from p3d.config.schema import P3DConfig
 from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
 from p3d.errors import RunError
-from p3d.metrics import MetricsLogger, peak_memory_gb
+from p3d.metrics import ExpertLoad, MetricsLogger, peak_memory_gb
+from p3d.models import experts_modules
 from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
 from p3d.resume import ResumePlan
@@ -68,6 +69,7 @@ class Trainer:
 
     def __post_init__(self):
         self.state = TrainState()
+        self.expert_load = ExpertLoad([module for _, module in experts_modules(self.model)])
         self.load_s: float | None = None  # seconds the checkpoint load took, when resumed
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
 
@@ -231,6 +233,7 @@ class Trainer:
             "step_time_s": elapsed,
             "data_wait_frac": data_wait / elapsed,
             "peak_mem_gb": None,  # the highest of all ranks, filled in by fit() with the per-step agreement
+            **self.expert_load.take(self.meshes.dp_cp.get_group()),
         }
 
     def _global_valid_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:

@@ -71,3 +71,20 @@ def test_memory_options_lower_their_term(key, effect):
     before, after = estimate_memory(config, setup), estimate_memory(changed_config, changed_setup)
     assert getattr(after, effect) < getattr(before, effect) / 2
     assert after.total < before.total
+
+
+def test_plan_counts_expert_memory_per_rank_and_the_all_to_all():
+    """At dp4: ep1 gathers all 4 experts of a layer to compute, ep2 half of them (stored: a quarter either way)."""
+    from p3d.plan import collectives_per_step, experts_line
+
+    lines, collectives = {}, {}
+    for ep in (1, 2):
+        setup = validate(to_object(compose(["model=tiny", "model.arch=mixtral", f"parallel.ep={ep}", "train.micro_batch_size=1"])), 4)
+        model = build_meta_model(setup.hf_config)
+        lines[ep] = experts_line(model, setup.dims, 4, 4)
+        collectives[ep] = {c.group: c for c in collectives_per_step(to_object(compose(["train.micro_batch_size=1"])), setup, model)}
+    assert lines[1] == "# experts: 2 layers of 4, 4 per rank; expert weights per rank: 0.2 MB stored, 0.8 MB gathered to compute (of 0.8 MB)"
+    assert lines[2] == "# experts: 2 layers of 4, 2 per rank; expert weights per rank: 0.2 MB stored, 0.4 MB gathered to compute (of 0.8 MB)"
+    assert "ep" not in collectives[1]
+    assert collectives[2]["ep"].per_step == 2 * 2 * 5  # 2 micro-batches x 2 MoE layers x (2 forward, 2 backward, counts)
+    assert collectives[2]["efsdp"].per_step > 0

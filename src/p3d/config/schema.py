@@ -129,6 +129,7 @@ class ParallelConfig:
     dp: int = bounded(-1, ge=1, also=(-1,))  # data-parallel degree (FSDP2 shards over dp*cp); -1 infers it as world_size / (cp*tp)
     cp: int = bounded(1, ge=1)  # context-parallel degree: the sequence is split over this many ranks
     tp: int = bounded(1, ge=1)  # tensor-parallel degree (innermost mesh dimension)
+    ep: int = bounded(1, ge=1)  # expert-parallel degree: each mixture-of-experts layer's experts split over this many of the dp*cp ranks (must divide dp*cp), tokens sent to them by all-to-all
     cp_layout: CPLayout = CPLayout.balanced  # sequence sharding under CP: balanced (rank i holds chunks i and 2cp-1-i) or contiguous
     cp_impl: CPImpl = CPImpl.auto  # CP attention: ring (p2p K/V rotation, any backend), allgather, torch (PyTorch's, CUDA only), auto (torch on CUDA, else ring)
     sequence_parallel: bool = False  # with tp > 1: norms and residuals between TP regions hold 1/tp of the sequence (llama and opt)

@@ -39,7 +39,7 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems = _check_ranges(config)
     if problems:
         raise ConfigError(problems)  # every check below assumes its numbers are in range
-    dims = _collect(problems, lambda: ParallelDims.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size))
+    dims = _collect(problems, lambda: ParallelDims.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size, config.parallel.ep))
     problems += _check_options(config)
     dp = dims.dp if dims else max(config.parallel.dp, 1)
     problems += _check_batch(config, dp)
@@ -66,6 +66,8 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
         plan_source = choice.source if config.model.tp_plan == "auto" else "model.tp_plan"
         tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, choice.plan)) or {}
         problems += arch.tensor_parallel_problems(meta_model, choice, tp_plan, config.parallel.tp)
+        problems += arch.expert_parallel_problems(meta_model, config.parallel.ep)
+        problems += _check_router_loss(hf_config)
         if config.parallel.sequence_parallel:
             local_seq_len = config.data.seq_len // config.parallel.cp
             problems += sequence_parallel_problems(hf_config, meta_model, tp_plan, config.parallel.tp, local_seq_len)
@@ -191,6 +193,13 @@ def _check_attention_for_cp(hf_config: PretrainedConfig, config: P3DConfig, cp_i
     if not problems and cp_impl is CPImpl.torch and not arch.attention_is_plain_causal(hf_config):
         problems.append(f"parallel.cp_impl=torch runs plain causal attention; model.arch={hf_config.model_type} uses sliding windows, softcapping or sinks: use parallel.cp_impl=ring")
     return problems
+
+
+def _check_router_loss(hf_config: PretrainedConfig) -> list[str]:
+    """p3d computes the loss from the logits itself; the model's load-balancing loss is not added (yet)."""
+    if getattr(hf_config.get_text_config(), "output_router_logits", False):
+        return ["model.config.output_router_logits=true: p3d does not add the model's load-balancing (auxiliary) loss; set it to false"]
+    return []
 
 
 def _check_vocab(config: P3DConfig, hf_config: PretrainedConfig) -> list[str]:
