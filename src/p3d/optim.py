@@ -1,10 +1,11 @@
-"""AdamW (fp32 or bf16 state), warmup + cosine learning rate, and gradient-norm clipping that understands DTensors."""
+"""AdamW (fp32 or bf16 state), learning-rate schedules (warmup, then cosine, linear, constant or WSD), and gradient-norm clipping that understands DTensors."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from p3d.compat import local_box
-from p3d.config.schema import OptimConfig
+from p3d.config.schema import OptimConfig, Schedule
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, seed: int = 0) -> torch.optim.Optimizer:
@@ -158,20 +159,68 @@ class BF16AdamW(torch.optim.AdamW):
                 weight.copy_(weight32)
 
 
-class WarmupCosine:
-    """LR multiplier: linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
+DEFAULT_MIN_LR_RATIO = 0.1  # optim.min_lr_ratio=null
+DEFAULT_DECAY_RATIO = 0.2  # optim.decay_ratio=null with schedule=wsd
 
-    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_lr_ratio = min_lr_ratio
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning-rate multiplier of each step, a pure function of the step (0-based: `schedule(s)`
+    scales the (s+1)-th optimizer step).
+
+    A linear warmup (1/W, 2/W, ..., 1 over W = warmup_steps), then by `kind`:
+    cosine and linear decay from 1 to min_lr_ratio, reached at total_steps; constant stays at 1;
+    wsd (warmup-stable-decay) stays at 1 until the last `decay_steps` steps and decays linearly
+    from there to min_lr_ratio at total_steps.
+    """
+
+    kind: Schedule
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float = DEFAULT_MIN_LR_RATIO
+    decay_steps: int = 0  # wsd only
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.kind is Schedule.constant:
+            return 1.0
+        decay_start = self.total_steps - self.decay_steps if self.kind is Schedule.wsd else self.warmup_steps
+        if step < decay_start:
+            return 1.0
+        progress = min((step - decay_start) / max(self.total_steps - decay_start, 1), 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.kind is Schedule.cosine else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> LRSchedule:
+    """The schedule the config describes (nulls replaced by their defaults)."""
+    min_lr_ratio = DEFAULT_MIN_LR_RATIO if cfg.min_lr_ratio is None else cfg.min_lr_ratio
+    return LRSchedule(cfg.schedule, cfg.warmup_steps, total_steps, min_lr_ratio, wsd_decay_steps(cfg, total_steps))
+
+
+def wsd_decay_steps(cfg: OptimConfig, total_steps: int) -> int:
+    if cfg.schedule is not Schedule.wsd:
+        return 0
+    ratio = DEFAULT_DECAY_RATIO if cfg.decay_ratio is None else cfg.decay_ratio
+    return max(1, round(ratio * total_steps))
+
+
+def schedule_problems(cfg: OptimConfig, total_steps: int) -> list[str]:
+    """Schedule keys that do not apply to optim.schedule, and a WSD decay that would overlap the warmup."""
+    kind = cfg.schedule.value
+    problems = []
+    if cfg.min_lr_ratio is not None and cfg.schedule is Schedule.constant:
+        problems.append(f"optim.min_lr_ratio={cfg.min_lr_ratio}: optim.schedule=constant does not decay; remove optim.min_lr_ratio or choose cosine, linear or wsd")
+    if cfg.decay_ratio is not None and cfg.schedule is not Schedule.wsd:
+        problems.append(f"optim.decay_ratio={cfg.decay_ratio} applies to optim.schedule=wsd only, not {kind}; remove optim.decay_ratio or set optim.schedule=wsd")
+    decay_steps = wsd_decay_steps(cfg, total_steps)
+    if cfg.schedule is Schedule.wsd and cfg.warmup_steps + decay_steps > total_steps:
+        problems.append(
+            f"optim.warmup_steps={cfg.warmup_steps}: with optim.schedule=wsd the warmup and the decay ({decay_steps} of "
+            f"train.steps={total_steps}) overlap; lower optim.warmup_steps or optim.decay_ratio, or raise train.steps"
+        )
+    return problems
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
@@ -182,7 +231,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     """
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio), last_epoch=start_step - 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, total_steps), last_epoch=start_step - 1)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:

@@ -108,6 +108,13 @@ class CPImpl(Enum):
     torch = "torch"
 
 
+class Schedule(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    wsd = "wsd"
+
+
 class Packing(Enum):
     stream = "stream"
     documents = "documents"
@@ -154,8 +161,10 @@ class OptimConfig:
     eps: float = bounded(1e-8, gt=0)  # AdamW epsilon
     grad_clip: float = bounded(1.0, ge=0)  # max global gradient norm; 0 disables clipping
     in_backward: bool = False  # step each weight as soon as its gradient is ready and free it (saves gradient memory; needs grad_clip=0, no accumulation)
-    warmup_steps: int = bounded(2, ge=0)  # linear warmup steps before the cosine decay
-    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # final learning rate as a fraction of optim.lr
+    schedule: Schedule = Schedule.cosine  # learning rate after the warmup: cosine or linear decay to the end, constant, or wsd (warmup-stable-decay: constant, then a linear decay over the last optim.decay_ratio of the steps)
+    warmup_steps: int = bounded(2, ge=0)  # linear warmup steps from optim.lr/warmup_steps up to optim.lr
+    min_lr_ratio: Optional[float] = bounded(None, ge=0, le=1)  # final learning rate as a fraction of optim.lr, reached at train.steps (cosine, linear, wsd; null: 0.1); refused with schedule=constant
+    decay_ratio: Optional[float] = bounded(None, gt=0, le=1)  # schedule=wsd: the final share of train.steps over which the learning rate decays (null: 0.2); refused with other schedules
 
 
 @dataclass
