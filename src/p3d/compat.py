@@ -84,3 +84,19 @@ def cpu_flash_attention_backward(grad_out, query, key, value, out, lse, bias, sc
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, query, key, value, out, lse, 0.0, False, attn_mask=bias, scale=scale
     )
+
+
+def newton_schulz_orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization of a whole 2-D update (quintic Newton-Schulz in bf16):
+    the private `torch.optim._muon._zeropower_via_newtonschulz` (torch 2.13)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return _zeropower_via_newtonschulz(matrix, coefficients, steps, eps)
+
+
+def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning rate for a matrix of `shape` (`original`: sqrt(max(1, rows/cols));
+    `match_rms_adamw`: 0.2 sqrt(max(rows, cols))): the private `torch.optim._muon._adjust_lr` (torch 2.13)."""
+    from torch.optim._muon import _adjust_lr
+
+    return _adjust_lr(lr, adjust_lr_fn, shape)

@@ -138,6 +138,7 @@ def test_allowed_changes_are_listed(tmp_path):
         ("data.seq_len=64", "data.seq_len: 32 in checkpoint step_00000010, 64 now: the data position"),
         ("train.seed=1", "train.seed: 0 in checkpoint step_00000010, 1 now: the data position"),
         ("data.tokenizer=gpt2", "data.tokenizer: auto in checkpoint step_00000010, gpt2 now"),
+        ("optim.name=muon", "optim.name: adamw in checkpoint step_00000010, muon now: the checkpoint holds adamw's optimizer state"),
     ],
 )
 def test_shape_and_data_changes_are_refused_naming_the_key(override, key, tmp_path):

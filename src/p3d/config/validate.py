@@ -18,7 +18,7 @@ from p3d.errors import ConfigError
 from p3d.metrics import wandb_credentials_problem
 from p3d.model import build_checked_meta_model, build_hf_config
 from p3d.models import architecture
-from p3d.optim import schedule_problems
+from p3d.optim import optimizer_problems, schedule_problems
 from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
 from p3d.parallel.sequence import sequence_parallel_problems
 from p3d.parallel.tensor import resolve_plan
@@ -44,6 +44,7 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems += _check_options(config)
     dp = dims.dp if dims else max(config.parallel.dp, 1)
     problems += _check_batch(config, dp)
+    problems += optimizer_problems(config.optim, config.train.master_dtype)
     problems += schedule_problems(config.optim, config.train.steps)
     problems += _check_sequence(config)
     problems += check_data_source(config.data)
