@@ -36,8 +36,10 @@ from p3d.data import data_fingerprint, fingerprint_change
 from p3d.errors import ConfigError
 from p3d.model import build_meta_model
 
-# Keys whose change would make the saved data position point at other samples.
+# Keys whose change would make the saved data position point at other samples (data.eval_path, the
+# held-out documents, does not).
 DATA_POSITION_KEYS = ("data", "train.seed")
+NOT_DATA_POSITION_KEYS = ("data.eval_path",)
 # Keys that may change what the model is; refused only when the parameter shapes change.
 MODEL_KEYS = ("model.arch", "model.config", "model.init", "model.pretrained")
 # Keys whose change would leave the saved optimizer state without a reader (another optimizer's
@@ -148,7 +150,7 @@ def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fr
         f"{key}: {old} in checkpoint {path.name}, {new} now: the data position counts samples of the checkpoint's data "
         f"order; set {key}={old} to resume, or {fresh_hint}"
         for key, (old, new) in changed.items()
-        if _under(key, DATA_POSITION_KEYS)
+        if _under(key, DATA_POSITION_KEYS) and not _under(key, NOT_DATA_POSITION_KEYS)
     ]
     problems += [
         f"{key}: {old} in checkpoint {path.name}, {new} now: the checkpoint holds {old}'s optimizer state, which {new} cannot "

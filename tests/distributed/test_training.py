@@ -3,9 +3,13 @@ parameters, a validation pass, sampling from a checkpoint (real processes on glo
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import pytest
 
-from tests.conftest import FAST, assert_ok, layout_overrides
+from tests.conftest import FAST, assert_ok, layout_overrides, run_p3d
 from tests.distributed.test_checkpoint import SAME_LAYOUT, assert_same_losses
 from tests.distributed.test_parity import assert_matches
 
@@ -45,3 +49,98 @@ def test_whole_matrix_optimizers_at_tp2dp2_match_one_process_and_resume_on_it(op
     resumed = p3d_runner([*overrides, "train.micro_batch_size=4", f"checkpoint.load_from={sharded.run_dir / 'checkpoints' / 'step_00000003'}"])
     assert_ok(resumed)
     assert_same_losses(resumed.records, reference.records[3:])
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def write_held_out(path):
+    """Short documents (paragraphs of stdlib docstrings), so packed-document boundaries fall inside the windows."""
+    import argparse, collections, csv, json as json_module, textwrap
+
+    paragraphs = [part.strip() for module in (argparse, textwrap, collections, csv, json_module) for part in (module.__doc__ or "").split("\n\n")]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in paragraphs if text))
+    return path
+
+
+# 5 steps, a pass every 2 (steps 2 and 4) and the final one (step 5); packed documents in the held-out data.
+VALIDATED = [*FAST, "train.steps=5", "eval.every=2", "eval.steps=2", "data.packing=documents"]
+EVALUATED_STEPS = [2, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory):
+    """One process with every sink on."""
+    root = tmp_path_factory.mktemp("validated")
+    held_out = write_held_out(root / "held_out.jsonl")
+    overrides = [*VALIDATED, f"data.eval_path={held_out}", "train.micro_batch_size=4"]
+    result = run_p3d(root / "run", [*overrides, "logging.tensorboard=true", "logging.wandb=true"])
+    assert_ok(result)
+    return result, held_out
+
+
+@pytest.mark.slow
+def test_validation_goes_on_the_evaluated_steps_records_of_metrics_jsonl(validated_run):
+    result, _ = validated_run
+    evaluated = [record for record in result.records if "val_loss" in record]
+    assert [record["step"] for record in evaluated] == EVALUATED_STEPS  # every 2 steps, and after the last
+    for record in evaluated:
+        assert record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]), rel=1e-12) and record["eval_s"] > 0
+    assert 3 < evaluated[-1]["val_loss"] < evaluated[0]["val_loss"]  # the model learns bytes, so held-out loss falls
+
+
+@pytest.mark.slow
+def test_validation_is_printed_on_the_console_and_summarised(validated_run):
+    result, _ = validated_run
+    lines = [line for line in result.stdout.splitlines() if line.startswith("eval ")]
+    evaluated = [record for record in result.records if "val_loss" in record]
+    assert lines == [
+        f"eval {r['step']:>5}/5 | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f} | {r['eval_s']:.2f} s" for r in evaluated
+    ]
+    assert f"| val_loss {evaluated[-1]['val_loss']:.4f} |" in result.stdout.splitlines()[-1]
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["val_loss"] == evaluated[-1]["val_loss"]
+    # Training throughput leaves the validation passes out.
+    assert summary["eval_s"] == pytest.approx(sum(r["eval_s"] for r in evaluated), abs=2e-3)
+    tokens = 5 * result.records[-1]["tokens"]
+    assert summary["tokens_per_s"] == pytest.approx(tokens / (summary["seconds"] - summary["eval_s"]), rel=1e-2)
+
+
+@pytest.mark.slow
+def test_validation_goes_to_tensorboard(validated_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, _ = validated_run
+    (events,) = (result.run_dir / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    evaluated = [record for record in result.records if "val_loss" in record]
+    for tag, key in (("val/loss", "val_loss"), ("val/ppl", "val_ppl")):
+        scalars = accumulator.Scalars(tag)
+        assert [event.step for event in scalars] == EVALUATED_STEPS
+        assert [event.value for event in scalars] == pytest.approx([record[key] for record in evaluated], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_validation_goes_to_wandb_offline(validated_run):
+    """The offline run file holds each logged value as its JSON text right after its key."""
+    result, _ = validated_run
+    (run_file,) = (result.run_dir / "wandb").glob("offline-run-*/*.wandb")
+    data = run_file.read_bytes()
+    for record in result.records:
+        for key, name in (("val_loss", b"val/loss"), ("val_ppl", b"val/ppl")):
+            if key in record:
+                assert re.search(re.escape(name) + rb".{1,4}" + re.escape(json.dumps(record[key]).encode()), data, re.DOTALL), (key, record["step"])
+    assert data.count(b"val/loss") == data.count(b"val/ppl") >= len(EVALUATED_STEPS)
+
+
+@pytest.mark.slow
+def test_validation_at_tp2dp2cp2_gives_one_process_s_numbers(validated_run, tmp_path):
+    reference, held_out = validated_run
+    result = run_p3d(tmp_path / "run", [*VALIDATED, f"data.eval_path={held_out}", "parallel=tp2dp2cp2", "train.micro_batch_size=1"], nproc=8)
+    assert_ok(result)
+    ours = [(r["step"], r["val_loss"]) for r in result.records if "val_loss" in r]
+    expected = [(r["step"], r["val_loss"]) for r in reference.records if "val_loss" in r]
+    assert [step for step, _ in ours] == EVALUATED_STEPS
+    worst = max(abs(a - b) for (_, a), (_, b) in zip(ours, expected))
+    assert worst < 1e-4, (ours, expected)

@@ -130,6 +130,16 @@ def test_allowed_changes_are_listed(tmp_path):
     )
 
 
+def test_held_out_data_and_validation_can_change_on_resume(tmp_path):
+    """data.eval_path is not part of the training data's position (the rest of data.* is)."""
+    root = tmp_path / "run" / "checkpoints"
+    make_checkpoint(root / "step_00000010", tmp_path=tmp_path)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("held-out text\n")
+    _, config, hf_config = configured(tmp_path, f"data.eval_path={held_out}", "eval.every=5")
+    assert plan_resume(config, hf_config).changes == (f"data.eval_path: None -> {held_out}", "eval.every: 0 -> 5")
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

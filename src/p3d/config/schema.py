@@ -163,6 +163,7 @@ class DataConfig:
     seq_len: int = bounded(128, ge=1)  # tokens per training sequence
     tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
     packing: Packing = Packing.stream  # stream: windows cut from one token stream, attention crosses documents; documents: attention and positions stay inside each document
+    eval_path: Optional[str] = None  # held-out documents for the validation pass (eval.every): a local file/dir or hub dataset id, read, tokenized and packed like data.path
 
 
 @dataclass
@@ -196,6 +197,12 @@ class TrainConfig:
     activation_checkpointing: ACMode = ACMode.none  # recompute block activations in backward: none, full (every block) or selective
     ac_every: int = bounded(2, ge=1)  # with activation_checkpointing=selective: checkpoint every n-th block (blocks 0, n, 2n, ...)
     compile: bool = False  # torch.compile each decoder block (after TP and activation checkpointing, before FSDP)
+
+
+@dataclass
+class EvalConfig:
+    every: int = bounded(0, ge=0)  # a validation pass over data.eval_path every this many steps and after the last step (val_loss, val_ppl); 0: none
+    steps: int = bounded(4, ge=1)  # batches of train.global_batch_size held-out sequences per pass (the same batches every pass)
 
 
 @dataclass
@@ -242,6 +249,7 @@ class P3DConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig, Packing, bounds_of, range_problem
-from p3d.data import build_tokenizer, check_data_source
+from p3d.data import build_tokenizer, check_data_source, check_eval_source
 from p3d.distributed.env import backend_problems, resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
@@ -48,6 +48,7 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems += schedule_problems(config.optim, config.train.steps)
     problems += _check_sequence(config)
     problems += check_data_source(config.data)
+    problems += check_eval_source(config.data, config.eval.every)
     problems += _check_run_dir(config.run.dir)
     device_type = _collect(problems, lambda: resolve_device_type(config.dist.device))
     if device_type is not None:
