@@ -2,6 +2,7 @@
 
     p3d train [torchrun options] [key=value ...]   validate, then launch (torchrun in-process)
     p3d export <checkpoint> <out_dir>              a checkpoint as a Hugging Face model directory
+    p3d generate <run dir or checkpoint> --prompt  what a checkpoint writes (one process)
     p3d ls                                         presets of every config group, and the recipes
 """
 
@@ -27,6 +28,9 @@ commands:
                                              process group): rank map, memory per rank, collectives
   export <checkpoint or run dir> <out_dir>   write a checkpoint as a Hugging Face model directory
                                              (safetensors, config, tokenizer); a run dir means its newest
+  generate <run dir or checkpoint> --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--chat]
+                                             continue TEXT with a checkpoint (a run dir: its newest
+                                             complete one) on one process; greedy by default
   ls                                         list the presets of every config group and the recipes
 
 examples:
@@ -34,6 +38,7 @@ examples:
   p3d train --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:29500 parallel=tp2dp4cp2
   p3d plan parallel=tp2dp2cp2 model=opt1.3b --world-size 8
   p3d export runs/tiny_llama-1a2b3c4d/checkpoints/step_00000020 exported/tiny_llama
+  p3d generate runs/tiny_llama-1a2b3c4d --prompt "The " --max-new-tokens 40
   p3d ls"""
 
 
@@ -50,10 +55,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         plan_command(rest)
     elif command == "export":
         export_command(rest)
+    elif command == "generate":
+        generate_command(rest)
     elif command == "ls":
         list_command()
     else:
-        print(f"p3d: error: unknown command '{command}' (use train, plan, export or ls)", file=sys.stderr)
+        print(f"p3d: error: unknown command '{command}' (use train, plan, export, generate or ls)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -252,6 +259,13 @@ def export_command(args: Sequence[str]) -> None:
         return
     out_dir = export_checkpoint(Path(args[0]), Path(args[1]))
     print(f"p3d: exported to {out_dir}")
+
+
+@exits_cleanly
+def generate_command(args: Sequence[str]) -> None:
+    from p3d.generate import main as generate_main
+
+    generate_main(args)
 
 
 def list_command() -> None:

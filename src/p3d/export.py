@@ -9,6 +9,7 @@ group (DCP gathers every shard into full tensors), and written with `save_pretra
   a byte-level BPE without merges whose ids are the UTF-8 bytes (0-255) and whose
   end-of-document token <|endoftext|> is id 256, exactly p3d's ids. (Only a document that
   contains that literal text would tokenize differently.)
+The generation config names the tokenizer's end-of-text id (see `align_special_tokens`).
 The output appears whole or not at all: it is written next to out_dir and renamed into place.
 """
 
@@ -64,6 +65,7 @@ def export_checkpoint(source: Path, out_dir: Path) -> Path:
         raise ConfigError(f"{out_dir}: already exists and is not empty; choose a new output directory")
     model = load_model(checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint)
+    align_special_tokens(model, tokenizer)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -90,6 +92,24 @@ def load_model(checkpoint: Path) -> PreTrainedModel:
         dcp.load({"app": {"model": state}}, checkpoint_id=str(checkpoint))
     model.eval()
     return model
+
+
+def align_special_tokens(model: PreTrainedModel, tokenizer) -> None:
+    """Make generation stop at the tokenizer's own end-of-text id. A model built from an architecture's
+    defaults carries that architecture's ids (Llama's eos 2), which mean another token in another
+    vocabulary (p3d's byte tokenizer ends a document with 256, and 2 is the byte 0x02). Ids the model
+    already lists (a pretrained model's own, possibly several) are kept; padding takes the end id if
+    nothing else is set."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return
+    generation = model.generation_config
+    listed = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    if eos not in listed:
+        generation.eos_token_id = eos
+        model.config.eos_token_id = eos
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
 
 def checkpoint_tokenizer(checkpoint: Path):

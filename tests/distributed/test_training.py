@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 import pytest
 
-from tests.conftest import FAST, assert_ok, layout_overrides, run_p3d
+from tests.conftest import FAST, assert_ok, layout_overrides, run_command, run_p3d
 from tests.distributed.test_checkpoint import SAME_LAYOUT, assert_same_losses
 from tests.distributed.test_parity import assert_matches
 
@@ -144,3 +145,42 @@ def test_validation_at_tp2dp2cp2_gives_one_process_s_numbers(validated_run, tmp_
     assert [step for step, _ in ours] == EVALUATED_STEPS
     worst = max(abs(a - b) for (_, a), (_, b) in zip(ours, expected))
     assert worst < 1e-4, (ours, expected)
+
+
+# --- sampling from a checkpoint -------------------------------------------------------------------
+
+PROMPT = "The "
+
+
+@pytest.mark.slow
+def test_generate_prints_the_same_greedy_text_twice_and_the_tokens_of_transformers_generate(p3d_runner, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from p3d.export import export_checkpoint
+    from p3d.generate import GenerateOptions, generate_ids, load_for_generation, prompt_ids
+
+    run = p3d_runner([*FAST, "checkpoint=default", "checkpoint.every=3"])
+    assert_ok(run)
+    command = [sys.executable, "-m", "p3d.cli", "generate", str(run.run_dir), "--prompt", PROMPT, "--max-new-tokens", "24"]
+    first, second = run_command(command, cwd=tmp_path), run_command(command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout == second.stdout and len(first.stdout) > 1  # some text (the tiny model favours spaces)
+    assert first.stderr.strip() == f"p3d: generating from {run.run_dir / 'checkpoints' / 'step_00000006'} (step 6)"
+
+    exported_dir = export_checkpoint(run.run_dir, tmp_path / "exported")
+    exported = AutoModelForCausalLM.from_pretrained(exported_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported_dir)
+    assert exported.generation_config.eos_token_id == tokenizer.eos_token_id == 256  # the byte tokenizer's, not Llama's 2
+    prompt = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")
+    expected = exported.generate(**prompt, max_new_tokens=24, do_sample=False)[0, prompt["input_ids"].shape[1] :].tolist()
+    _, model, own_tokenizer = load_for_generation(run.run_dir)
+    greedy = GenerateOptions(PROMPT, max_new_tokens=24)
+    assert generate_ids(model, prompt_ids(own_tokenizer, greedy), greedy) == expected
+    assert first.stdout == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+    # Sampling is seeded: the same seed gives the same tokens, another seed other ones.
+    sampled = [generate_ids(model, prompt_ids(own_tokenizer, options), options) for options in (
+        GenerateOptions(PROMPT, 24, temperature=1.0, top_p=0.95, seed=1),
+        GenerateOptions(PROMPT, 24, temperature=1.0, top_p=0.95, seed=1),
+        GenerateOptions(PROMPT, 24, temperature=1.0, top_p=0.95, seed=2),
+    )]
+    assert sampled[0] == sampled[1] != sampled[2]
