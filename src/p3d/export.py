@@ -34,29 +34,30 @@ from p3d.resume import load_hf_config
 BYTE_EOS_TOKEN = "<|endoftext|>"
 
 
-def resolve_checkpoint(source: Path) -> Path:
+def resolve_checkpoint(source: Path, verb: str = "export") -> Path:
     """A checkpoint directory, or the newest complete checkpoint of a run directory; verified intact
-    (every file's size and checksum as its marker recorded) before anything is read from it."""
+    (every file's size and checksum as its marker recorded) before anything is read from it. `verb`
+    names what the errors say it is for (export, generate from)."""
     if (source / "checkpoints").is_dir():
         found = complete_checkpoints(source / "checkpoints")
         if not found:
-            raise ConfigError(f"{source}: this run directory has no complete checkpoint to export")
+            raise ConfigError(f"{source}: this run directory has no complete checkpoint to {verb}")
         checkpoint = found[-1][1]
         problem = verify_checkpoint(checkpoint)
         if problem:
-            raise ConfigError(f"{source}: its newest checkpoint {checkpoint.name} cannot be exported ({problem}); {_export_hint(checkpoint)}")
+            raise ConfigError(f"{source}: its newest checkpoint {checkpoint.name} cannot be used ({problem}); {_intact_hint(checkpoint, verb)}")
         return checkpoint
     problem = verify_checkpoint(source)
     if problem:
-        raise ConfigError(f"{source}: {problem}; {_export_hint(source)}")
+        raise ConfigError(f"{source}: {problem}; {_intact_hint(source, verb)}")
     return source
 
 
-def _export_hint(checkpoint: Path) -> str:
+def _intact_hint(checkpoint: Path, verb: str) -> str:
     intact = newest_intact(checkpoint.parent, other_than=checkpoint)
     if intact is None:
         return "name an intact checkpoint directory or a run directory (there is none beside it)"
-    return f"the newest intact checkpoint there is {intact}: export that one by name"
+    return f"the newest intact checkpoint there is {intact}: {verb} that one by name"
 
 
 def export_checkpoint(source: Path, out_dir: Path) -> Path:

@@ -103,7 +103,7 @@ def load_for_generation(source: Path):
     one) and the run's tokenizer, with the generation config `p3d export` writes."""
     from p3d.export import align_special_tokens, checkpoint_tokenizer, load_model, resolve_checkpoint
 
-    checkpoint = resolve_checkpoint(source)
+    checkpoint = resolve_checkpoint(source, verb="generate from")
     model = load_model(checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint)
     align_special_tokens(model, tokenizer)

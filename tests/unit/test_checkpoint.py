@@ -230,7 +230,7 @@ def test_a_damaged_load_from_is_one_line_naming_the_intact_checkpoint_to_use(tmp
         f"checkpoint.load_from={damaged}: corrupt checkpoint: __0_0.distcp does not match the checksum recorded when it was saved "
         f"(damaged since); the newest intact one there is step_00000005: set checkpoint.load_from={intact}"
     ]
-    with pytest.raises(ConfigError, match=f"cannot be exported .*; the newest intact checkpoint there is {intact}: export that one by name"):
+    with pytest.raises(ConfigError, match=f"cannot be used .*; the newest intact checkpoint there is {intact}: export that one by name"):
         resolve_checkpoint(tmp_path / "other")
     assert resolve_checkpoint(intact) == intact
 
