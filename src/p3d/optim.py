@@ -1,4 +1,6 @@
-"""AdamW (fp32 or bf16 state), learning-rate schedules (warmup, then cosine, linear, constant or WSD), and gradient-norm clipping that understands DTensors."""
+"""The optimizer (optim.name: torch's AdamW, Adam or SGD, p3d's sharded Muon or Adafactor, and AdamW with
+bf16 state), its hyperparameters, learning-rate schedules (warmup, then cosine, linear, constant or WSD),
+and gradient-norm clipping that understands DTensors."""
 
 from __future__ import annotations
 
