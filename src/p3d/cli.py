@@ -4,6 +4,7 @@
     p3d plan [key=value ...] --world-size N        validate and explain a config for N ranks
     p3d tune [key=value ...] --world-size N        rank the layouts that fit by measured tokens/s (p3d/tune.py)
     p3d export <checkpoint> <out_dir>              a checkpoint as a Hugging Face model directory
+    p3d generate <run dir or checkpoint> --prompt  what a checkpoint writes (one process)
     p3d ls                                         presets of every config group, and the recipes
 """
 
@@ -33,6 +34,9 @@ commands:
                                              the fastest
   export <checkpoint or run dir> <out_dir>   write a checkpoint as a Hugging Face model directory
                                              (safetensors, config, tokenizer); a run dir means its newest
+  generate <run dir or checkpoint> --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--chat]
+                                             continue TEXT with a checkpoint (a run dir: its newest
+                                             complete one) on one process; greedy by default
   ls                                         list the presets of every config group and the recipes
 
 examples:
@@ -41,6 +45,7 @@ examples:
   p3d plan parallel=tp2dp2cp2 model=opt1.3b --world-size 8
   p3d tune model=tiny_llama --world-size 8 --steps 10
   p3d export runs/tiny_llama-1a2b3c4d/checkpoints/step_00000020 exported/tiny_llama
+  p3d generate runs/tiny_llama-1a2b3c4d --prompt "The " --max-new-tokens 40
   p3d ls"""
 
 
@@ -59,10 +64,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         export_command(rest)
     elif command == "tune":
         tune_command(rest)
+    elif command == "generate":
+        generate_command(rest)
     elif command == "ls":
         list_command(rest)
     else:
-        print(f"p3d: error: unknown command '{command}' (use train, plan, tune, export or ls)", file=sys.stderr)
+        print(f"p3d: error: unknown command '{command}' (use train, plan, tune, export, generate or ls)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -345,6 +352,13 @@ def export_command(args: Sequence[str]) -> None:
         return
     out_dir = export_checkpoint(Path(args[0]), Path(args[1]))
     print(f"p3d: exported to {out_dir}")
+
+
+@exits_cleanly
+def generate_command(args: Sequence[str]) -> None:
+    from p3d.generate import main as generate_main
+
+    generate_main(args)
 
 
 @exits_cleanly

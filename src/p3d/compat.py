@@ -117,3 +117,19 @@ def hydra_show_info(info: str, overrides: list[str]) -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def newton_schulz_orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization of a whole 2-D update (quintic Newton-Schulz in bf16):
+    the private `torch.optim._muon._zeropower_via_newtonschulz` (torch 2.13)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return _zeropower_via_newtonschulz(matrix, coefficients, steps, eps)
+
+
+def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning rate for a matrix of `shape` (`original`: sqrt(max(1, rows/cols));
+    `match_rms_adamw`: 0.2 sqrt(max(rows, cols))): the private `torch.optim._muon._adjust_lr` (torch 2.13)."""
+    from torch.optim._muon import _adjust_lr
+
+    return _adjust_lr(lr, adjust_lr_fn, shape)

@@ -1,6 +1,7 @@
 """Per-step metrics and where they go: console, metrics.jsonl, TensorBoard, Weights & Biases.
 
-Rank 0 alone writes. Every step appends one JSON object to <run.dir>/metrics.jsonl; the console
+Rank 0 alone writes. Every step appends one JSON object to <run.dir>/metrics.jsonl (with val_loss,
+val_ppl and eval_s on the steps that ran a validation pass, which the console also prints); the console
 shows a progress bar with ETA on a terminal and a plain line every `logging.every` steps
 otherwise (CI logs, files); TensorBoard and W&B are opt-in.
 """
@@ -43,6 +44,15 @@ SCALARS = (
     "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s",
     "expert_tokens_min", "expert_tokens_max", "expert_imbalance",
 )
+# A validation pass's fields of a step's record, and their names in TensorBoard and W&B.
+VALIDATION_SCALARS = {"val_loss": "val/loss", "val_ppl": "val/ppl"}
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The record's values for TensorBoard and W&B: train/<key>, and val/loss, val/ppl on evaluated steps."""
+    values = {f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}
+    values.update({name: record[key] for key, name in VALIDATION_SCALARS.items() if record.get(key) is not None})
+    return values
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -109,6 +119,8 @@ class ConsoleSink:
             self.bar.update(1)
         elif record["step"] % self.every == 0 or record["step"] == self.total_steps:
             print(format_line(record, self.total_steps), flush=True)
+        if record.get("val_loss") is not None:
+            self.message(format_validation_line(record, self.total_steps))
 
     def message(self, text: str) -> None:
         (self.bar.write if self.bar is not None else print)(text)
@@ -126,6 +138,10 @@ def format_line(record: dict, total_steps: int) -> str:
     )
 
 
+def format_validation_line(record: dict, total_steps: int) -> str:
+    return f"eval {record['step']:>5}/{total_steps} | val_loss {record['val_loss']:.4f} | val_ppl {record['val_ppl']:.2f} | {record['eval_s']:.2f} s"
+
+
 def format_summary(record: dict, run_dir: Path) -> str:
     """One line: steps, final loss, mean tokens/s of this run, the lowest and highest peak memory of
     any rank (and their sum), the run directory and the newest complete checkpoint."""
@@ -136,6 +152,8 @@ def format_summary(record: dict, run_dir: Path) -> str:
         memory += f" ({sum(peaks):.2f} GB summed over {len(peaks)} ranks)"
     stopped = " (stopped by SIGTERM)" if record.get("stopped_by_sigterm") else ""
     loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+    if record.get("val_loss") is not None:
+        loss += f" | val_loss {record['val_loss']:.4f}"
     throughput = "n/a" if record["tokens_per_s"] is None else f"{record['tokens_per_s']:,.0f}"
     return (
         f"done: step {record['step']}{stopped}, {record['steps_run']} steps this run | final loss {loss} | "
@@ -150,9 +168,8 @@ class TensorBoardSink:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        for key in SCALARS:
-            if record.get(key) is not None:
-                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        for name, value in scalars(record).items():
+            self.writer.add_scalar(name, value, record["step"])
 
     def close(self) -> None:
         self.writer.close()
@@ -204,7 +221,7 @@ class WandbSink:
         )
 
     def write(self, record: dict) -> None:
-        self.run.log({f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}, step=record["step"])
+        self.run.log(scalars(record), step=record["step"])
 
     def close(self) -> None:
         self.run.finish()

@@ -4,8 +4,9 @@ It validates the config for the world size, maps ranks to (dp, cp, tp), estimate
 memory from the model's real parameter shapes and the TP plan, and lists the collectives of a
 step. The memory model follows what p3d allocates:
 
-- fp32 master weights, fp32 gradients (none kept with optim.in_backward) and AdamW's two fp32
-  moments, each sharded by TP (planned modules) and then by FSDP over dp*cp;
+- fp32 master weights, fp32 gradients (none kept with optim.in_backward) and the optimizer's fp32
+  state (AdamW's two moments; see optimizer_state_numel for the others), each sharded by TP
+  (planned modules) and then by FSDP over dp*cp (Adafactor's small row and column factors are whole);
 - step transients: FSDP's working set (the root unit unsharded throughout; untied embeddings
   and output head as units of their own, gathered only around their use; a block's unsharded
   weights, gradients and fp32 reduce-scatter buffer, the next block prefetched), or without
@@ -28,11 +29,12 @@ from dataclasses import dataclass, fields
 
 from torch import nn
 
-from p3d.config.schema import ACMode, CPImpl, DType, P3DConfig
+from p3d.config.schema import ACMode, CPImpl, DType, OptimConfig, P3DConfig
 from p3d.config.validate import ValidatedSetup
 from p3d.distributed.env import resolve_device_type
 from p3d.model import build_meta_model
 from p3d.models import architecture, decoder_blocks, experts_modules
+from p3d.optim import muon_matrices, setting
 from p3d.parallel.context import uses_p3d_attention
 from p3d.parallel.fsdp import embedding_units
 from p3d.parallel.activation import checkpointed_block_indices
@@ -93,6 +95,26 @@ def local_parameter_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp
     total = 0
     for name, param in model.named_parameters():
         total += -(-param.numel() // (_tp_divisor(name, matched, tp) * dp_cp))
+    return total
+
+
+def optimizer_state_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp: int, optim: OptimConfig) -> int:
+    """Elements of optimizer state one rank keeps (in the weights' dtype): AdamW's and Adam's two moments,
+    SGD's momentum (if any), Muon's momentum for its matrices and AdamW's moments for the rest, and
+    Adafactor's whole row and column factors of each matrix (every rank holds them) and a second
+    moment for each vector."""
+    name = optim.name.value
+    matched = _sharded(model, plan, tp)
+    matrices = {id(param) for param in muon_matrices(model)} if name == "muon" else set()
+    total = 0
+    for param_name, param in model.named_parameters():
+        local = -(-param.numel() // (_tp_divisor(param_name, matched, tp) * dp_cp))
+        if name == "adafactor":
+            total += param.numel() // param.shape[-1] + param.numel() // param.shape[-2] if param.ndim > 1 else local
+        elif name == "sgd":
+            total += local if setting(optim, "momentum") else 0
+        else:
+            total += local if id(param) in matrices else 2 * local
     return total
 
 
@@ -188,7 +210,7 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
         baseline=PROCESS_BASELINE_GB,
         weights=weights / GB,
         gradients=gradients / GB,
-        optimizer=2 * weights / GB,
+        optimizer=optimizer_state_numel(model, setup.tp_plan, dims.tp, dims.dp_cp, config.optim) * DTYPE_BYTES[config.train.master_dtype] / GB,
         step_transients=transients / GB,
         activations=activations / GB,
         logits=logits / GB,

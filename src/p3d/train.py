@@ -19,7 +19,7 @@ from p3d.config.compose import compose, to_object
 from p3d.config.flags import show, split_hydra_flags
 from p3d.config.schema import CPLayout, P3DConfig
 from p3d.config.validate import ValidatedSetup, validate
-from p3d.data import build_sampler, data_fingerprint
+from p3d.data import build_eval_sampler, build_sampler, data_fingerprint
 from p3d.distributed.agree import on_every_rank
 from p3d.distributed.env import DistEnv, abandon, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
@@ -139,6 +139,11 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
         config.data, config.model, config.train.seed, config.train.global_batch_size, config.train.micro_batch_size,
         setup.dims.dp, meshes.dp.get_local_rank(),
     )
+    eval_sampler = None
+    if config.eval.every > 0:
+        eval_sampler = build_eval_sampler(
+            config.data, config.model, config.train.global_batch_size, config.train.micro_batch_size, setup.dims.dp, meshes.dp.get_local_rank()
+        )
     optimizer = build_optimizer(model, config.optim, config.train.seed)
     trainer = Trainer(
         config=config,
@@ -162,6 +167,7 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
         ),
         flops_per_token=flops_per_token(model, setup.hf_config, config.data.seq_len),
         peak_tflops=peak_tflops(env.device, config.logging.peak_tflops),
+        eval_sampler=eval_sampler,
     )
     trainer.resume(resume_plan)
     trainer.fit()

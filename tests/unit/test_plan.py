@@ -88,3 +88,20 @@ def test_plan_counts_expert_memory_per_rank_and_the_all_to_all():
     assert "ep" not in collectives[1]
     assert collectives[2]["ep"].per_step == 2 * 2 * 5  # 2 micro-batches x 2 MoE layers x (2 forward, 2 backward, counts)
     assert collectives[2]["efsdp"].per_step > 0
+
+
+def test_optimizer_state_follows_the_optimizer():
+    """AdamW and Adam: two moments per weight; Muon: one for its matrices; SGD: one with momentum, none
+    without; Adafactor: a row and a column factor per matrix (whole) and one moment per vector."""
+    base = ["model=opt1.3b", "parallel=tp2dp2cp2"]
+    states = {}
+    for optimizer in ("adamw", "adam", "muon", "sgd", "adafactor"):
+        config, setup = setup_for([*base, f"optim.name={optimizer}"], 8)
+        estimate = estimate_memory(config, setup)
+        states[optimizer] = estimate.optimizer / estimate.weights
+    config, setup = setup_for([*base, "optim.name=sgd", "optim.momentum=0.9"], 8)
+    estimate = estimate_memory(config, setup)
+    assert states["adamw"] == states["adam"] == pytest.approx(2.0, rel=1e-3)
+    assert estimate.optimizer / estimate.weights == pytest.approx(1.0, rel=1e-3) and states["sgd"] == 0
+    assert 1.0 < states["muon"] < 1.3  # OPT-1.3B's embeddings (about 1/13 of the weights) take AdamW's two
+    assert 0 < states["adafactor"] < 0.05

@@ -35,9 +35,9 @@ from p3d.errors import ConfigError
 SCHEMA_NAME = "p3d_schema"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
-# Overrides that change how a run is laid out or reported, not what it computes: they do not
+# Overrides that change how a run is laid out, reported or evaluated, not what it trains: they do not
 # change the default run directory, so rerunning with another layout or more steps resumes.
-_RUN_ID_EXCLUDED = ("parallel", "train.steps", "train.micro_batch_size", "checkpoint", "logging", "run", "dist")
+_RUN_ID_EXCLUDED = ("parallel", "train.steps", "train.micro_batch_size", "checkpoint", "logging", "run", "dist", "eval", "data.eval_path")
 
 
 def _shipped_dir(installed_name: str, repo_name: str) -> Path:

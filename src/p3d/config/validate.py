@@ -11,13 +11,14 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig, Packing, bounds_of, range_problem
-from p3d.data import build_tokenizer, check_data_source
+from p3d.data import build_tokenizer, check_data_source, check_eval_source
 from p3d.distributed.env import backend_problems, resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
 from p3d.metrics import wandb_credentials_problem
 from p3d.model import build_checked_meta_model, build_hf_config
 from p3d.models import architecture
+from p3d.optim import optimizer_problems, schedule_problems
 from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
 from p3d.parallel.sequence import sequence_parallel_problems
 from p3d.parallel.tensor import resolve_plan
@@ -43,8 +44,11 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems += _check_options(config)
     dp = dims.dp if dims else max(config.parallel.dp, 1)
     problems += _check_batch(config, dp)
+    problems += optimizer_problems(config.optim, config.train.master_dtype)
+    problems += schedule_problems(config.optim, config.train.steps)
     problems += _check_sequence(config)
     problems += check_data_source(config.data)
+    problems += check_eval_source(config.data, config.eval.every)
     problems += _check_run_dir(config.run.dir)
     device_type = _collect(problems, lambda: resolve_device_type(config.dist.device))
     if device_type is not None:
