@@ -7,8 +7,9 @@ from functools import cached_property
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from p3d.errors import ConfigError
 from p3d.compat import flatten_mesh
+from p3d.distributed.env import launch_example
+from p3d.errors import ConfigError
 
 # Mesh dimension order: tp innermost (neighbouring ranks, the fastest links), dp outermost.
 MESH_DIMS = ("dp", "cp", "tp")
@@ -38,7 +39,7 @@ class ParallelDims:
         if dp * cp * tp != world_size:
             raise ConfigError(
                 f"parallel.dp*parallel.cp*parallel.tp = {dp}*{cp}*{tp} = {dp * cp * tp} but the world size is {world_size}: "
-                f"launch {dp * cp * tp} processes (e.g. torchrun --nproc_per_node={dp * cp * tp}) or change parallel.dp/cp/tp"
+                f"launch {dp * cp * tp} processes (e.g. {launch_example(dp * cp * tp)}) or change parallel.dp/cp/tp"
             )
         return cls(dp=dp, cp=cp, tp=tp)
 
