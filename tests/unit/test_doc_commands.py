@@ -82,7 +82,7 @@ COMMANDS = documented_commands()
 
 def test_the_documents_hold_commands_of_every_kind():
     starts = {STARTS.match(command.text).group(1).strip() for command in COMMANDS}
-    assert {"p3d", "torchrun", "python -m p3d.train", "sbatch"} <= starts, starts
+    assert {"p3d", "torchrun", "python -m p3d.train", "accelerate launch", "sbatch"} <= starts, starts
     assert len(COMMANDS) >= 20, COMMANDS
 
 

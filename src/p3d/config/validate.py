@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig, Packing, bounds_of, range_problem
 from p3d.data import build_tokenizer, check_data_source, check_eval_source
-from p3d.distributed.env import backend_problems, resolve_device_type
+from p3d.distributed.env import accelerate_problems, backend_problems, resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
 from p3d.metrics import wandb_credentials_problem
@@ -53,6 +53,7 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     device_type = _collect(problems, lambda: resolve_device_type(config.dist.device))
     if device_type is not None:
         problems += backend_problems(config.dist.backend, device_type)
+    problems += accelerate_problems()
     cp_impl = resolve_cp_impl(config.parallel.cp_impl, device_type or "cpu", config.data.packing)
     problems += _check_cp_impl(config, cp_impl, device_type)
     hf_config = _collect(problems, lambda: build_hf_config(config.model))

@@ -12,8 +12,9 @@ from functools import cached_property
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from p3d.errors import ConfigError
 from p3d.compat import flatten_mesh, unflatten_mesh
+from p3d.distributed.env import launch_example
+from p3d.errors import ConfigError
 
 # Mesh dimension order: tp innermost (neighbouring ranks, the fastest links), dp outermost.
 MESH_DIMS = ("dp", "cp", "tp")
@@ -44,7 +45,7 @@ class ParallelDims:
         if dp * cp * tp != world_size:
             raise ConfigError(
                 f"parallel.dp*parallel.cp*parallel.tp = {dp}*{cp}*{tp} = {dp * cp * tp} but the world size is {world_size}: "
-                f"launch {dp * cp * tp} processes (e.g. torchrun --nproc_per_node={dp * cp * tp}) or change parallel.dp/cp/tp"
+                f"launch {dp * cp * tp} processes (e.g. {launch_example(dp * cp * tp)}) or change parallel.dp/cp/tp"
             )
         if (dp * cp) % ep:
             raise ConfigError(f"parallel.ep={ep} does not divide dp*cp = {dp}*{cp} = {dp * cp} (expert parallelism borrows the dp x cp ranks): choose an ep that divides {dp * cp}")
