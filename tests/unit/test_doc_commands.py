@@ -214,12 +214,12 @@ def with_stand_ins(overrides: list[str], config_dirs: list[str], scratch: Path) 
     result = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if key == "data.path" and not Path(value).exists():
+        if key in ("data.path", "data.eval_path") and not Path(value).exists():
             path = scratch / "stand_ins" / Path(value).name
             path.parent.mkdir(parents=True, exist_ok=True)
             line = '{"text": "a stand-in corpus of a few words"}\n' if path.suffix == ".jsonl" else "a stand-in corpus of a few words\n"
             path.write_text(line * 2000)
-            override = f"data.path={path}"
+            override = f"{key}={path}"
         elif key == "model.pretrained" and not Path(value).exists():
             override = f"model.pretrained={_pretrained_stand_in(overrides, config_dirs, scratch)}"
         result.append(override)
