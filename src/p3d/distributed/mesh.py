@@ -152,8 +152,7 @@ class Meshes:
         ParallelDims.replicated), else (dp_replicate, dp_shard_cp) for HSDP."""
         if not self.dims.hybrid:
             return self.dp_cp
-        flatten_mesh(self.world, ("dp_shard", "cp"), "dp_shard_cp")
-        return self.world["dp_replicate", "dp_shard_cp"]
+        return unflatten_mesh(self.dp_cp, (self.dims.dp_replicate, self.dims.shard_ranks), ("dp_replicate", "dp_shard_cp"))
 
     @cached_property
     def experts(self) -> DeviceMesh:
