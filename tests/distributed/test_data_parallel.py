@@ -17,9 +17,9 @@ from tests.hooks import read_reports
 WIDER = ["model=tiny_llama", "model.config.hidden_size=512", "model.config.intermediate_size=1664", "model.config.num_hidden_layers=4"]
 
 
-def parameter_count(overrides: list[str]) -> tuple[int, list[int]]:
+def parameter_count(model_overrides: list[str]) -> tuple[int, list[int]]:
     """All parameters of the model, and each decoder block's."""
-    model = build_meta_model(validate(to_object(compose(overrides)), 1).hf_config)
+    model = build_meta_model(validate(to_object(compose(model_overrides)), 1).hf_config)
     blocks = [sum(p.numel() for p in block.parameters()) for block in model.model.layers]
     return sum(p.numel() for p in model.parameters()), blocks
 
@@ -37,7 +37,7 @@ def test_replicated_gradients_are_one_all_reduce_per_step_not_one_collective_per
     in one bucket for a small model; grad_sync=micro_batch reduces after each; FSDP reduce-scatters
     every unit after every micro-batch."""
     base = ["model=tiny_llama", *FAST, "train.micro_batch_size=1", "train.steps=2"]
-    total, _ = parameter_count(base)
+    total, _ = parameter_count(["model=tiny_llama"])
     replicated = reductions(p3d_runner, tmp_path, [*base, "parallel.dp_replicate=2"])
     assert replicated == [{"all_reduce": [total], "reduce_scatter": []}] * 2
     every_micro_batch = reductions(p3d_runner, tmp_path, [*base, "parallel.dp_replicate=2", "parallel.grad_sync=micro_batch"])
@@ -49,7 +49,7 @@ def test_replicated_gradients_are_one_all_reduce_per_step_not_one_collective_per
 
 def test_a_larger_replicated_model_is_reduced_in_buckets_of_blocks(p3d_runner, tmp_path):
     overrides = [*WIDER, *FAST, "train.micro_batch_size=2", "train.steps=1", "parallel.dp_replicate=2"]
-    total, blocks = parameter_count(overrides)
+    total, blocks = parameter_count(WIDER)
     buckets = replicate_buckets([block * REDUCE_BYTES for block in blocks])
     assert buckets == [[2, 3], [0, 1]] and 2 * blocks[0] * REDUCE_BYTES >= REPLICATE_BUCKET_BYTES
     bucket_sizes = [sum(blocks[index] for index in bucket) for bucket in buckets]
