@@ -163,5 +163,5 @@ def test_data_parallel_mode_matches_one_process(mode, p3d_runner):
 def test_comparison_detects_averaged_gradients_of_replicas(p3d_runner):
     """Negative control for the replicated mode: FSDP2's replicate averaging over the replicas."""
     result = run_dp_mode(p3d_runner, "dp_replicate2", env=hooks_env("grad_divide_factor=2"))
-    with pytest.raises(AssertionError, match="grad_norm"):
+    with pytest.raises(AssertionError, match="loss|grad_norm"):
         assert_matches(result.records, reference_records("tiny_llama", p3d_runner))
