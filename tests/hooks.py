@@ -450,8 +450,8 @@ def probe_compiled_calls(value: str | None) -> None:
 @hook("probe_gradient_reductions")
 def probe_gradient_reductions(value: str | None) -> None:
     """Per training step: the element counts of the all-reduces and reduce-scatters (FSDP2's
-    gradient collectives) larger than `value` elements (default 16: more than any scalar
-    all-reduce of the loop)."""
+    gradient collectives) and of the all-gathers (FSDP2's weights) larger than `value` elements
+    (default 16: more than any scalar all-reduce of the loop)."""
     import torch.distributed as dist
 
     from p3d.trainer import Trainer
@@ -474,10 +474,11 @@ def probe_gradient_reductions(value: str | None) -> None:
 
     wrap(dist, "all_reduce", recording("all_reduce", lambda tensor, *args, **kwargs: tensor.numel()))
     wrap(dist, "reduce_scatter_single", recording("reduce_scatter", lambda *args, **kwargs: kwargs.get("input", args[1] if len(args) > 1 else None).numel()))
+    wrap(dist, "all_gather_single", recording("all_gather", lambda output, *args, **kwargs: output.numel()))
 
     def make(train_step):
         def recorded(self) -> dict:
-            steps.append({"all_reduce": [], "reduce_scatter": []})
+            steps.append({"all_reduce": [], "reduce_scatter": [], "all_gather": []})
             return train_step(self)
 
         return recorded
