@@ -77,7 +77,8 @@ def _shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, exp
 
 def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
     """Each bucket of consecutive blocks is one unit, whose gradients are all-reduced together once
-    its backward is done (on CUDA on a stream of their own, overlapping the rest of the backward);
+    its backward is done (FSDP2 issues it on a stream of its own on CUDA, overlapping the rest of the
+    backward; on CPU/gloo it runs in line);
     the root unit holds the rest (embeddings, final norm, head) and every block when the blocks
     together are smaller than one bucket."""
     blocks = decoder_blocks(model)
