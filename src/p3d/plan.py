@@ -223,8 +223,9 @@ def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bo
     input embedding's) weights stay gathered until its backward. Replicated, FSDP2 keeps an
     unsharded copy of every weight from forward to backward, and a bucket's gradients exist in the
     compute dtype before they are all-reduced into the stored ones. Sharded gradients reduced only
-    after a step's last micro-batch are held unsharded, for the whole model, until then (replicated
-    ones take the place of the stored gradients, which every step frees). Without FSDP: a
+    after a step's last micro-batch are held unsharded and in fp32, for the whole model, until then
+    (replicated ones take the place of the stored gradients, which every step frees; with
+    train.master_dtype=bf16 they are twice their size, which is not counted). Without FSDP: a
     tied output head's gradient is buffered beside the embedding's.
     """
     root, embeddings, blocks = fsdp_units(model, plan, tp, ep)
@@ -233,7 +234,7 @@ def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bo
     total = root.weights + sum(unit.weights for unit in (*embeddings, *blocks))
     if step.replicated:  # gradients held across micro-batches take the place of the stored ones (freed every step)
         return total * compute_bytes + max(replicated_units(blocks, total)) * compute_bytes
-    held = total * compute_bytes if step.holds_gradients else 0
+    held = total * FP32 if step.holds_gradients else 0  # FSDP2 accumulates them in the reduce dtype
     largest_block = max(blocks, key=lambda unit: unit.weights, default=FsdpUnit(0, 0))
     if not step.reshard_after_forward:
         kept = sum(unit.weights for unit in blocks) + (embeddings[0].weights if embeddings else 0)
