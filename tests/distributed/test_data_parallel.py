@@ -34,30 +34,28 @@ def reductions(p3d_runner, tmp_path, overrides: list[str], ranks: int = 2) -> li
 
 def test_replicated_gradients_are_one_all_reduce_per_step_not_one_collective_per_block(p3d_runner, tmp_path):
     """Two micro-batches per step: replicated, gradients are all-reduced once per step (grad_sync=auto),
-    in one bucket for a small model; grad_sync=micro_batch reduces after each; FSDP reduce-scatters
-    every unit after every micro-batch."""
+    in one bucket for a small model; grad_sync=micro_batch reduces after each. (FSDP reduce-scatters
+    every unit after every micro-batch: the next test.)"""
     base = ["model=tiny_llama", *FAST, "train.micro_batch_size=1", "train.steps=2"]
     total, _ = parameter_count(["model=tiny_llama"])
     replicated = reductions(p3d_runner, tmp_path, [*base, "parallel.dp_replicate=2"])
     assert replicated == [{"all_reduce": [total], "reduce_scatter": [], "all_gather": []}] * 2
     every_micro_batch = reductions(p3d_runner, tmp_path, [*base, "parallel.dp_replicate=2", "parallel.grad_sync=micro_batch"])
     assert every_micro_batch == [{"all_reduce": [total, total], "reduce_scatter": [], "all_gather": []}] * 2
-    sharded = reductions(p3d_runner, tmp_path, [*base, "parallel.dp=2"])
-    units = 2 + 2 + 1  # two blocks, the untied embedding and head, the root (final norm)
-    assert [(len(step["all_reduce"]), len(step["reduce_scatter"])) for step in sharded] == [(0, 2 * units)] * 2
 
 
 def test_fsdp_options_cut_all_gathers_and_reduce_scatters(p3d_runner, tmp_path):
-    """Two micro-batches per step at dp2. Each forward gathers the root, the two blocks and the
-    embedding and head (5); each backward gathers the two blocks again and the input embedding
-    (3), unless they were kept from the forward. grad_sync=step reduce-scatters each of the 5 units
-    once per step instead of once per micro-batch."""
+    """Two micro-batches per step at dp2, 5 FSDP units (two blocks, the untied embedding and head, the
+    root with the final norm). Each forward gathers all 5; each backward gathers the two blocks
+    again and the input embedding (3), unless they were kept from the forward. Each unit's
+    gradients are reduce-scattered after every micro-batch, or once per step with grad_sync=step.
+    No all-reduce of gradients."""
     base = ["model=tiny_llama", *FAST, "train.micro_batch_size=1", "train.steps=1", "parallel.dp=2"]
     counts = {}
     for name, options in {"default": [], "kept": ["parallel.reshard_after_forward=false"], "per step": ["parallel.grad_sync=step"]}.items():
         (step,) = reductions(p3d_runner, tmp_path, [*base, *options])
-        counts[name] = (len(step["all_gather"]), len(step["reduce_scatter"]))
-    assert counts == {"default": (2 * (5 + 3), 2 * 5), "kept": (2 * 5, 2 * 5), "per step": (2 * (5 + 3), 5)}
+        counts[name] = (len(step["all_gather"]), len(step["reduce_scatter"]), len(step["all_reduce"]))
+    assert counts == {"default": (2 * (5 + 3), 2 * 5, 0), "kept": (2 * 5, 2 * 5, 0), "per step": (2 * (5 + 3), 5, 0)}
 
 
 def test_a_larger_replicated_model_is_reduced_in_buckets_of_blocks(p3d_runner, tmp_path):
