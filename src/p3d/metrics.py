@@ -38,7 +38,14 @@ PEAK_TFLOPS_BY_DEVICE_NAME = {
     "MI300X": 1307.0,
 }
 
-SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s")
+SCALARS = ("loss", "grad_norm", "lr", "label_tokens", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s")
+
+
+def record_scalars(record: dict) -> dict[str, float]:
+    """The step record's numbers for TensorBoard and W&B: train/<key>, and data/samples_<source> for a mixture."""
+    scalars = {f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}
+    scalars.update({f"data/samples_{label}": count for label, count in record.get("samples_per_source", {}).items()})
+    return scalars
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -139,9 +146,8 @@ class TensorBoardSink:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        for key in SCALARS:
-            if record.get(key) is not None:
-                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        for key, value in record_scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         self.writer.close()
@@ -193,7 +199,7 @@ class WandbSink:
         )
 
     def write(self, record: dict) -> None:
-        self.run.log({f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}, step=record["step"])
+        self.run.log(record_scalars(record), step=record["step"])
 
     def close(self) -> None:
         self.run.finish()

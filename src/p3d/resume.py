@@ -37,6 +37,9 @@ from p3d.model import build_meta_model
 
 # Keys whose change would make the saved data position point at other samples.
 DATA_POSITION_KEYS = ("data", "train.seed")
+# Data keys that leave the training samples as they are: where the token cache lives, how many
+# processes build it, the held-out data that evaluation reads.
+DATA_KEYS_KEEPING_POSITION = ("data.cache_dir", "data.tokenize_workers", "data.eval_path")
 # Keys that may change what the model is; refused only when the parameter shapes change.
 MODEL_KEYS = ("model.arch", "model.config", "model.init", "model.pretrained")
 # Keys whose change the load itself carries out (DCP casts each stored tensor to the new dtype).
@@ -139,12 +142,14 @@ def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fr
     """The config changes since the checkpoint, one line each; ConfigError for refused ones."""
     stored = flatten(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=True))
     current = flatten(OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True))
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(P3DConfig), resolve=True, enum_to_str=True))
+    stored = {**{key: value for key, value in defaults.items() if key not in stored and key in current}, **stored}  # keys added since: their defaults
     changed = {key: (stored.get(key, "<unset>"), current.get(key, "<unset>")) for key in sorted(stored.keys() | current.keys()) if stored.get(key) != current.get(key)}
     problems = [
         f"{key}: {old} in checkpoint {path.name}, {new} now: the data position counts samples of the checkpoint's data "
         f"order; set {key}={old} to resume, or {fresh_hint}"
         for key, (old, new) in changed.items()
-        if _under(key, DATA_POSITION_KEYS)
+        if _under(key, DATA_POSITION_KEYS) and not _under(key, DATA_KEYS_KEEPING_POSITION)
     ]
     data_change = None if problems else data_source_change(path, config)
     if data_change is not None and not config.checkpoint.allow_data_change:

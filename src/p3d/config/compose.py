@@ -163,10 +163,14 @@ def describe_compose_error(error: BaseException) -> str:
     while current is not None:
         chain.append(current)
         current = current.__cause__ or current.__context__
+    overridden = next((m.group(1) for link in chain if (m := re.search(r"(?:Could not override '|Error merging override )([^'=]+)", str(link)))), None)
     for link in chain:
         full_key = getattr(link, "full_key", None)
         if isinstance(link, OmegaConfBaseException) and full_key:
             reason = str(link).splitlines()[0]
+            if overridden and not full_key.startswith(overridden.split(".")[0]):
+                # a key inside a list item (data.sources=[{...}]): OmegaConf names it relative to the item
+                return f"{overridden}: {reason} (docs/config.md lists the keys of {overridden}[])"
             if "not in" in reason or "is not in struct" in reason:
                 return _unknown_key_line(full_key)
             if isinstance(link, InterpolationResolutionError):

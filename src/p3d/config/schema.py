@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,11 @@ class Packing(Enum):
     documents = "documents"
 
 
+class DataFormat(Enum):
+    text = "text"
+    chat = "chat"
+
+
 @dataclass
 class ModelConfig:
     name: str = "model"  # preset name; names the default run directory
@@ -134,14 +139,30 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: Optional[str] = None  # local file/dir or hub dataset id of this source; null: the built-in corpus (the built-in chat set with data.format=chat)
+    weight: float = bounded(1.0, ge=0)  # this source's share of the samples: its weight over the sum of all weights
+    name: Optional[str] = None  # hub dataset configuration name; null: data.name
+    split: Optional[str] = None  # dataset split to read; null: data.split
+    text_field: Optional[str] = None  # column holding the text; null: data.text_field
+
+
+@dataclass
 class DataConfig:
-    path: Optional[str] = None  # local file/dir (.txt, .json, .jsonl, .parquet) or hub dataset id; null: the built-in corpus
+    path: Optional[str] = None  # local file/dir (.txt, .json, .jsonl, .parquet, .csv) or hub dataset id; null: the built-in corpus (chat set with format=chat)
     name: Optional[str] = None  # hub dataset configuration name (with a hub id in data.path)
     split: str = "train"  # dataset split to read
     text_field: str = "text"  # column holding the text
+    sources: List[SourceConfig] = field(default_factory=list)  # a weighted mixture of sources, e.g. [{path: a.jsonl, weight: 0.8}, {path: b, weight: 0.2}] (instead of data.path)
+    format: DataFormat = DataFormat.text  # text: every token is a target; chat: rows hold a `messages` list (role, content), only assistant tokens are targets
+    messages_field: str = "messages"  # with format=chat: the column holding each conversation's list of {role, content}
     seq_len: int = bounded(128, ge=1)  # tokens per training sequence
     tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
     packing: Packing = Packing.stream  # stream: windows cut from one token stream, attention crosses documents; documents: attention and positions stay inside each document
+    eval_path: Optional[str] = None  # held-out data for evaluation: a local file/dir or hub id read whole (its split is data.split)
+    eval_fraction: float = bounded(0.0, ge=0, lt=1)  # held-out share of each training source's documents (chosen by content hash), never trained on; 0: none
+    cache_dir: Optional[str] = None  # where tokenized sources are cached (shareable between runs and jobs); null: <run.root>/data-cache
+    tokenize_workers: int = bounded(0, ge=0)  # processes that tokenize a source into a new cache; 0: one per available CPU core
 
 
 @dataclass
