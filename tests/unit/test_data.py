@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,26 @@ def test_windows_are_read_on_demand_from_the_map(tmp_path):
     _, windows = sampler.order.at(0, 8)
     expected = np.stack([np.asarray(stream.tokens[w * 33 : (w + 1) * 33], dtype=np.int64) for w in windows])
     assert torch.equal(batch.input_ids, torch.from_numpy(expected[:, :-1]))
+
+
+def resident_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
+def test_reading_windows_all_over_a_large_cache_does_not_grow_resident_memory(tmp_path):
+    """The pages read for a step are dropped from the process's mapping (they stay in the page cache)."""
+    tokens = np.arange(40 * 2**20, dtype=np.uint16)  # 80 MB
+    tokens.tofile(tmp_path / "train.tokens.bin")
+    np.arange(0, len(tokens), 5000, dtype=np.uint64).tofile(tmp_path / "train.starts.bin")
+    stream = TokenStream.open(tmp_path, "train", "uint16", chat=False)
+    window = 129
+    windows = np.random.default_rng(0).permutation(len(tokens) // window)[:20_000]
+    before = resident_mb()
+    for step in range(0, len(windows), 16):  # 20,000 windows: 4 KB pages of 80 MB touched at random
+        rows = stream.read(windows[step : step + 16], window)
+    assert resident_mb() - before < 8, f"resident memory grew by {resident_mb() - before:.0f} MB"
+    assert rows.tokens[-1, 0] == (windows[-1] * window) % 2**16
 
 
 # --- the global order -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import json
 import mmap
 import multiprocessing
 import os
+import resource
 import shutil
 import socket
 import threading
@@ -67,15 +68,16 @@ def _no_info(message: str) -> None:
 # --- reading a built cache -----------------------------------------------------------------------
 
 
-def _map(path: Path, dtype) -> np.ndarray:
-    """A read-only view of a file: pages are read on demand, shared by every process that maps it."""
+def _map(path: Path, dtype) -> tuple[np.ndarray, mmap.mmap | None]:
+    """A read-only view of a file (and its map): pages are read on demand, from the page cache that
+    every process on the node shares."""
     if not path.exists() or path.stat().st_size == 0:
-        return np.zeros(0, dtype=dtype)
+        return np.zeros(0, dtype=dtype), None
     with path.open("rb") as handle:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_RANDOM)  # windows are read at random: no read-ahead into memory
-    return np.frombuffer(mapped, dtype=dtype)
+        mapped.madvise(mmap.MADV_RANDOM)  # windows are read at random: no read-ahead
+    return np.frombuffer(mapped, dtype=dtype), mapped
 
 
 @dataclass(frozen=True)
@@ -90,17 +92,26 @@ class Rows:
 class TokenStream:
     """One part (train or eval) of a cache entry: documents one after another, cut into windows."""
 
-    def __init__(self, tokens: np.ndarray, starts: np.ndarray, targets: np.ndarray | None):
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, targets: np.ndarray | None, maps: tuple = ()):
         self.tokens = tokens
         self.starts = starts
         self.targets = targets
+        self.maps = [mapped for mapped in maps if mapped is not None]
 
     @classmethod
     def open(cls, directory: Path, part: str, dtype: str, chat: bool) -> "TokenStream":
-        tokens = _map(directory / f"{part}.tokens.bin", np.dtype(dtype))
-        starts = _map(directory / f"{part}.starts.bin", np.uint64)
-        targets = _map(directory / f"{part}.targets.bin", np.uint8) if chat else None
-        return cls(tokens, starts, targets)
+        tokens, tokens_map = _map(directory / f"{part}.tokens.bin", np.dtype(dtype))
+        starts, starts_map = _map(directory / f"{part}.starts.bin", np.uint64)
+        targets, targets_map = _map(directory / f"{part}.targets.bin", np.uint8) if chat else (None, None)
+        return cls(tokens, starts, targets, (tokens_map, starts_map, targets_map))
+
+    def _release(self) -> None:
+        """Drop the pages just read from this process's mapping. They stay in the page cache, but no
+        longer count as this process's resident memory, which would otherwise grow towards the
+        corpus' size as training visits it (and show a mapped 1 GB file as 1 GB per rank)."""
+        for mapped in self.maps:
+            if hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     @classmethod
     def from_documents(cls, documents: Iterable[Iterable[int]], eos: int, targets: Iterable[Iterable[bool]] | None = None) -> "TokenStream":
@@ -129,6 +140,7 @@ class TokenStream:
             starts[row, self.starts[low:high].astype(np.int64) - first] = True
             if targets is not None:
                 targets[row] = self.targets[first : first + window] != 0
+        self._release()
         return Rows(tokens, starts, targets)
 
 
@@ -208,6 +220,8 @@ def open_cache(source: Source, tokenizer: Tokenizer, root: Path, eval_fraction: 
         manifest = _complete(entry)
         if manifest is not None:
             return CachedSource(source, entry, manifest)
+        if failed.exists() and failed.stat().st_mtime >= waiting_since - 1:  # the build we waited for failed
+            raise ConfigError(failed.read_text().strip())
         if lock.try_acquire():
             try:
                 manifest = _complete(entry)  # built by another process between our look and the lock
@@ -217,8 +231,6 @@ def open_cache(source: Source, tokenizer: Tokenizer, root: Path, eval_fraction: 
                 return CachedSource(source, entry, manifest)
             finally:
                 lock.release()
-        if failed.exists() and failed.stat().st_mtime >= waiting_since - 1:
-            raise ConfigError(failed.read_text().strip())
         holder = lock.holder()
         reason = lock.stale_reason(holder)
         if reason is not None:
@@ -364,6 +376,7 @@ def build_entry(source: Source, tokenizer: Tokenizer, identity: dict, directory:
             "processes": processes,
             "units": len(units),
             "tokens_per_s": round(total / max(seconds, 1e-9), 1),
+            "peak_rss_gb": round(max(count["peak_rss_gb"] for count in counts), 3),  # of the process(es) that tokenized
             "host": socket.gethostname(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         },
@@ -485,7 +498,8 @@ def tokenize_unit(unit: WorkUnit, source: Source, tokenizer: Tokenizer, fraction
     if batch:
         flush()
     counts = {part: writer.close() for part, writer in writers.items()}
-    return {**counts, "eval": counts.get("eval", {"tokens": 0, "documents": 0, "target_tokens": 0})}
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {**counts, "eval": counts.get("eval", {"tokens": 0, "documents": 0, "target_tokens": 0}), "peak_rss_gb": peak_rss_gb}
 
 
 def _content(row) -> bytes:
