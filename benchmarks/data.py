@@ -13,12 +13,13 @@
 3. Second run: a fresh process builds the sampler again (the cache exists): the seconds from the
    call to the first batch (fingerprint, manifest, maps, one global batch read).
 4. Training: `p3d.train` under torchrun (`--nproc` ranks, dp), tiny Llama, on each corpus with
-   its cache built; per-rank peak RSS (summary.json) and tokens/s (median of the step records
-   after the first five). The same training on the small corpus with the data.py of `--baseline`
-   (a git revision from before the cache: every rank tokenizes the whole corpus into one int64
-   array in memory), alternated with the cached runs `--repeats` times, for the throughput
-   comparison; that version cannot hold the large corpus (8 bytes per token per rank, and more
-   while it tokenizes), so it runs on the small one only.
+   its cache built; per-rank peak RSS (summary.json), tokens/s (median of the step records after
+   the first five), the fastest step's tokens/s, and the time a step waits for its data. The same
+   training on the small corpus with the data.py of `--baseline` (a git revision from before the
+   cache: every rank tokenizes the whole corpus into one int64 array in memory), alternated with
+   cached runs (ABBA order) for `--repeats` rounds, for the throughput comparison; that version
+   cannot hold the large corpus (8 bytes per token per rank, and more while it tokenizes), so it
+   runs on the small one only.
 
 Timings on a loaded machine are marked so in the output; the memory figures (RSS) are not
 affected by load. Writes <out>/data.md and <out>/data.json.
@@ -38,7 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["model=tiny_llama", "data.seq_len=128", "train.global_batch_size=16", "train.micro_batch_size=8", "train.steps=40", "checkpoint=none", "logging.every=10"]
+SEQ_LEN, GLOBAL_BATCH = 128, 16
+TRAIN = ["model=tiny_llama", f"data.seq_len={SEQ_LEN}", f"train.global_batch_size={GLOBAL_BATCH}", "train.micro_batch_size=8", "train.steps=40", "checkpoint=none", "logging.every=10"]
 
 
 def generate(directory: Path, tokens: int, file_bytes: int, seed: int = 0) -> dict:
@@ -83,9 +85,7 @@ config = to_object(compose([f"data.path={sys.argv[1]}"]))
 started = time.perf_counter()
 entry = open_cache(source, ByteTokenizer(), Path(sys.argv[2]), workers=0)
 seconds = time.perf_counter() - started
-print(json.dumps({"wall_s": seconds, "manifest": entry.manifest,
-  "builder_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-  "largest_worker_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}))
+print(json.dumps({"wall_s": seconds, "manifest": entry.manifest, "builder_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
 STARTUP = """
@@ -122,6 +122,9 @@ def train(name: str, corpus: Path, cache: Path, workdir: Path, nproc: int, sourc
         "name": name,
         "peak_rss_gb_per_rank": summary["peak_mem_gb_per_rank"],
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[5:]),
+        "fastest_step_tokens_per_s": max(r["tokens_per_s"] for r in records[5:]),  # the step least slowed by other jobs
+        "data_wait_frac": statistics.median(r["data_wait_frac"] for r in records[5:]),
+        "data_wait_ms": statistics.median(r["data_wait_frac"] * r["step_time_s"] * 1000 for r in records[5:]),
         "final_loss": summary["loss"],
         "wall_s": round(time.perf_counter() - started, 1),
     }
@@ -146,7 +149,7 @@ def main() -> None:
     parser.add_argument("--small-tokens", type=float, default=1.0e7, help="byte tokens of the small corpus")
     parser.add_argument("--file-mb", type=int, default=64, help="size of each .jsonl file")
     parser.add_argument("--nproc", type=int, default=2, help="training ranks")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of the cached and the in-memory data for the throughput comparison")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs of the cached and the in-memory data for the throughput comparison")
     parser.add_argument("--baseline", default="5ce82a4", help="git revision with the in-memory data.py")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/p3d-data-benchmark"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -182,16 +185,15 @@ def measure(args, work: Path, large: int, small: int) -> dict:
         print(f"building the cache of the {name} corpus", flush=True)
         builds[name] = run_python(BUILD.replace("sys.argv[1]", repr(str(work / name))).replace("sys.argv[2]", repr(str(cache))))
     startup = run_python(STARTUP.replace("sys.argv[1]", repr(str(work / "large"))).replace("sys.argv[2]", repr(str(cache))))
-    print("training", flush=True)
+    print("training: peak RSS per rank", flush=True)
     memory = {name: train(f"cached-{name}", work / name, cache, work, args.nproc) for name in ("small", "large")}
     baseline_src = baseline_checkout(args.baseline, work / "baseline")
-    throughput = {"cached": [memory["small"]["tokens_per_s"]], "in_memory": []}
-    in_memory = []
-    for repeat in range(args.repeats):
-        in_memory.append(train(f"in-memory-{repeat}", work / "small", cache, work, args.nproc, source_root=baseline_src))
-        throughput["in_memory"].append(in_memory[-1]["tokens_per_s"])
-        if repeat + 1 < args.repeats:
-            throughput["cached"].append(train(f"cached-small-{repeat}", work / "small", cache, work, args.nproc)["tokens_per_s"])
+    comparison = {"cached": [], "in_memory": []}
+    for repeat in range(args.repeats):  # alternated (ABBA), so that a change in the machine's load hits both alike
+        print(f"training: throughput, round {repeat + 1} of {args.repeats}", flush=True)
+        for kind in ("in_memory", "cached") if repeat % 2 == 0 else ("cached", "in_memory"):
+            source_root = baseline_src if kind == "in_memory" else None
+            comparison[kind].append(train(f"{kind}-small-{repeat}", work / "small", cache, work, args.nproc, source_root=source_root))
     return {
         "machine": {"cpus": os.cpu_count(), "load": machine_load(), "note": "timings measured under load (other jobs on the machine); RSS is not affected"},
         "corpora": corpora,
@@ -204,60 +206,95 @@ def measure(args, work: Path, large: int, small: int) -> dict:
             "parts": build["manifest"]["build"]["units"],
             "dtype": build["manifest"]["dtype"],
             "builder_peak_rss_gb": round(build["builder_peak_rss_gb"], 3),
-            "largest_worker_peak_rss_gb": round(build["largest_worker_peak_rss_gb"], 3),
+            "largest_worker_peak_rss_gb": build["manifest"]["build"]["peak_rss_gb"],
         } for name, build in builds.items()},
         "second_start": {key: round(value, 4) if isinstance(value, float) else value for key, value in startup.items()},
-        "training": {"cached_small": memory["small"], "cached_large": memory["large"], "in_memory_small": in_memory},
-        "throughput_tokens_per_s": {"cached": throughput["cached"], "in_memory": throughput["in_memory"]},
-        "settings": {"train": TRAIN, "nproc": args.nproc, "baseline": args.baseline},
+        "training": {"cached_small": memory["small"], "cached_large": memory["large"]},
+        "comparison": comparison,
+        "settings": {"train": TRAIN, "nproc": args.nproc, "baseline": args.baseline, "file_mb": args.file_mb, "repeats": args.repeats},
     }
 
 
 def report(results: dict) -> str:
     large, small = results["corpora"]["large"], results["corpora"]["small"]
-    build = results["cache_build"]["large"]
-    training = results["training"]
-    rss = lambda run: "-".join(f"{value:.3f}" for value in sorted({min(run["peak_rss_gb_per_rank"]), max(run["peak_rss_gb_per_rank"])}))  # noqa: E731
-    cached, in_memory = results["throughput_tokens_per_s"]["cached"], results["throughput_tokens_per_s"]["in_memory"]
+    builds = results["cache_build"]
+    training, comparison = results["training"], results["comparison"]
+    median = lambda runs, key: statistics.median(run[key] for run in runs)  # noqa: E731
+
+    def rss(run: dict) -> str:
+        low, high = min(run["peak_rss_gb_per_rank"]), max(run["peak_rss_gb_per_rank"])
+        return f"{low:.3f}" if f"{low:.3f}" == f"{high:.3f}" else f"{low:.3f} / {high:.3f}"
+
+    def build_row(label: str, key: str, form: str) -> str:
+        return f"| {label} | " + " | ".join(form.format(builds[name][key]) for name in ("small", "large")) + " |"
+
+    small_rss, large_rss = max(training["cached_small"]["peak_rss_gb_per_rank"]), max(training["cached_large"]["peak_rss_gb_per_rank"])
     lines = [
         "# Data at scale: token cache, start-up, memory per rank",
         "",
         "Measured by `python benchmarks/data.py` (the script's docstring says what each figure is). "
-        f"Machine: {results['machine']['cpus']} CPU cores, {results['machine']['load']} when it finished; "
-        "**the times were measured under load** (other jobs shared the machine) and are for orientation; "
+        f"Machine: {results['machine']['cpus']} CPU cores, shared with other jobs ({results['machine']['load']} when it finished): "
+        "**the times and throughputs were measured under load** and are for orientation; "
         "the memory figures (peak RSS) do not depend on load.",
         "",
-        f"Synthetic corpora of byte tokens (UTF-8 text of random words, documents of a few KB, `.jsonl` files): "
-        f"large {large['tokens']:,} tokens ({large['documents']:,} documents, {large['files']} files, {large['bytes_on_disk'] / 1e9:.2f} GB on disk); "
-        f"small {small['tokens']:,} tokens.",
+        "Synthetic corpora generated on disk by the script (UTF-8 text of random words, documents of a few KB, "
+        f"`.jsonl` files of {results['settings']['file_mb']} MB, byte tokenizer: one token per byte plus one end-of-document token per document):",
         "",
-        "## Building the cache (first run) and starting again (second run)",
+        "| corpus | tokens | documents | files | on disk |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {name} | {c['tokens']:,} | {c['documents']:,} | {c['files']} | {c['bytes_on_disk'] / 1e9:.2f} GB |" for name, c in (("small", small), ("large", large))),
         "",
-        "| | large corpus |",
-        "| --- | --- |",
-        f"| first run: cache build, wall | {build['wall_s']:.1f} s |",
-        f"| first run: throughput | {build['tokens_per_s']:,.0f} tokens/s |",
-        f"| processes used (one per available core) | {build['processes']} ({build['parts']} parts) |",
-        f"| cache: dtype, size | {build['dtype']}, {build['tokens'] * 2 / 1e9:.2f} GB of tokens |",
-        f"| peak RSS: builder process / largest worker | {build['builder_peak_rss_gb']:.3f} / {build['largest_worker_peak_rss_gb']:.3f} GB |",
-        f"| second run: sampler ready (fingerprint, manifest, maps) | {results['second_start']['sampler_s'] * 1000:.0f} ms |",
-        f"| second run: first global batch read | {results['second_start']['first_batch_s'] * 1000:.0f} ms |",
+        "## First run: building the cache; second run: starting again",
         "",
-        "## Training: peak RSS per rank and throughput",
+        "| | small corpus | large corpus |",
+        "| --- | --- | --- |",
+        build_row("first run: cache build, wall", "wall_s", "{:,.2f} s"),
+        build_row("first run: tokens/s", "tokens_per_s", "{:,.0f}"),
+        build_row("processes that tokenized (one per available core)", "processes", "{}"),
+        build_row("parts (files, 32 MB ranges of a file)", "parts", "{}"),
+        build_row("token dtype", "dtype", "{}"),
+        build_row("peak RSS of the building process (GB)", "builder_peak_rss_gb", "{:.3f}"),
+        build_row("peak RSS of the largest tokenizing worker (GB)", "largest_worker_peak_rss_gb", "{:.3f}"),
         "",
-        f"`p3d.train` under torchrun, {results['settings']['nproc']} ranks (dp), {' '.join(results['settings']['train'])}.",
+        f"Second run over the large corpus (the cache exists), in a fresh process: the sampler is ready (fingerprint of "
+        f"the {large['files']} files, manifest, maps) {results['second_start']['sampler_s'] * 1000:,.0f} ms after the call, "
+        f"the first global batch is read {results['second_start']['first_batch_s'] * 1000:,.0f} ms after it "
+        f"({results['second_start']['windows']:,} windows of {SEQ_LEN + 1} tokens).",
         "",
-        "| run | corpus | peak RSS per rank (GB) | tokens/s |",
+        "## Training: peak RSS per rank",
+        "",
+        f"`p3d.train` under torchrun, {results['settings']['nproc']} ranks (dp), `{' '.join(results['settings']['train'])}`, "
+        "the cache built beforehand.",
+        "",
+        "| corpus | peak RSS per rank (GB) | tokens/s | data read per step (ms) |",
         "| --- | --- | --- | --- |",
-        f"| token cache (memory-mapped) | small, {small['tokens']:,} tokens | {rss(training['cached_small'])} | {training['cached_small']['tokens_per_s']:,.0f} |",
-        f"| token cache (memory-mapped) | large, {large['tokens']:,} tokens | {rss(training['cached_large'])} | {training['cached_large']['tokens_per_s']:,.0f} |",
-        *(f"| in-memory int64 array ({results['settings']['baseline']}) | small | {rss(run)} | {run['tokens_per_s']:,.0f} |" for run in training["in_memory_small"]),
+        *(f"| {name}, {c['tokens']:,} tokens | {rss(training[key])} | {training[key]['tokens_per_s']:,.0f} | {training[key]['data_wait_ms']:.1f} |"
+          for name, c, key in (("small", small, "cached_small"), ("large", large, "cached_large"))),
         "",
-        f"Throughput on the small corpus, runs alternated: cached {', '.join(f'{v:,.0f}' for v in cached)} tokens/s "
-        f"(median {statistics.median(cached):,.0f}); in-memory {', '.join(f'{v:,.0f}' for v in in_memory)} tokens/s "
-        f"(median {statistics.median(in_memory):,.0f}).",
-        "The in-memory version cannot run the large corpus: every rank would hold it as int64 "
-        f"({large['tokens'] * 8 / 1e9:.0f} GB each), and more while it tokenizes.",
+        f"Per-rank peak RSS, large against small corpus: {large_rss - small_rss:+.3f} GB ({(large_rss / small_rss - 1):+.1%}) "
+        f"for {large['tokens'] / small['tokens']:.0f} times the tokens. Each rank maps the cache and reads a step's windows "
+        "on demand; the in-memory array of the version before would hold "
+        f"{large['tokens'] * 8 / 1e9:.1f} GB per rank for the large corpus (int64), and more while it tokenizes, so it was not run on it.",
+        "",
+        "## Training: throughput against the in-memory array",
+        "",
+        f"The small corpus, the same training, with the token cache and with the data.py of {results['settings']['baseline']} "
+        "(every rank tokenizes the corpus into one int64 array in memory), runs alternated, tokens/s the median of the steps after the fifth:",
+        "",
+        "| round | tokens/s: in-memory | tokens/s: cache | fastest step, tokens/s: in-memory | fastest step, tokens/s: cache | data read per step (ms): in-memory | data read per step (ms): cache |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *(f"| {index + 1} | {memory['tokens_per_s']:,.0f} | {cached['tokens_per_s']:,.0f} | {memory['fastest_step_tokens_per_s']:,.0f} | "
+          f"{cached['fastest_step_tokens_per_s']:,.0f} | {memory['data_wait_ms']:.2f} | {cached['data_wait_ms']:.2f} |"
+          for index, (memory, cached) in enumerate(zip(comparison["in_memory"], comparison["cached"]))),
+        "| **median** | " + " | ".join(f"**{median(comparison[kind], key):{form}}**" for key, form in (("tokens_per_s", ",.0f"), ("fastest_step_tokens_per_s", ",.0f"), ("data_wait_ms", ".2f"))
+                                        for kind in ("in_memory", "cached")) + " |",
+        "",
+        f"Cache over in-memory, median tokens/s: {median(comparison['cached'], 'tokens_per_s') / median(comparison['in_memory'], 'tokens_per_s'):.3f}; "
+        f"median of the fastest steps: {median(comparison['cached'], 'fastest_step_tokens_per_s') / median(comparison['in_memory'], 'fastest_step_tokens_per_s'):.3f}. "
+        "The two runs differ only in how a step's windows are read (the model, its step and the metrics are the same code), "
+        f"which the last two columns time: the cache takes {median(comparison['cached'], 'data_wait_ms') - median(comparison['in_memory'], 'data_wait_ms'):+.2f} ms "
+        f"per step (median), in a step of {GLOBAL_BATCH * SEQ_LEN / median(comparison['cached'], 'tokens_per_s') * 1000:.0f} ms; "
+        "the spread of tokens/s between rounds of the same kind is the load of the other jobs.",
         "",
     ]
     return "\n".join(lines)

@@ -56,6 +56,20 @@ def test_labels_of_the_builtin_chat_set_are_only_assistant_tokens(tmp_path):
     assert 0 < manifest["parts"]["train"]["target_tokens"] < manifest["parts"]["train"]["tokens"] // 2
 
 
+def test_a_conversation_read_through_the_cache_has_exactly_its_assistant_tokens_as_labels(tmp_path):
+    """The label mask itself, end to end (file -> cache -> window -> batch), against the text's own spans."""
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    text, _ = render_builtin(CONVERSATION)
+    data = text.encode()
+    c = chat_config(tmp_path, f"data.path={tmp_path / 'chat.jsonl'}", f"data.seq_len={len(data)}")
+    (batch,) = build_sampler(c.data, c.model, 0, 1, 1, 1, 0).micro_batches(0)  # the one window: the conversation and its end
+    spans = [(data.index(part), data.index(part) + len(part)) for part in ("4.<|end|>".encode(), "12, naïvely.<|end|>".encode())]
+    expected = [data[i + 1] if any(low <= i + 1 < high for low, high in spans) else IGNORE_INDEX for i in range(len(data))]
+    assert batch.labels[0].tolist() == expected
+    assert batch.input_ids[0].tolist() == list(data)
+    assert batch.valid_label_count() == sum(high - low for low, high in spans)
+
+
 def test_the_builtin_chat_set_is_fixed_and_varied():
     conversations = builtin_conversations()
     assert conversations == builtin_conversations() and len(conversations) == 2000

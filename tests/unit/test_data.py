@@ -232,13 +232,37 @@ def test_reading_windows_all_over_a_large_cache_does_not_grow_resident_memory(tm
     assert rows.tokens[-1, 0] == (windows[-1] * window) % 2**16
 
 
+def test_reading_a_window_does_not_copy_the_document_index(tmp_path):
+    """The index of document starts grows with the corpus; finding a window's starts in it must be a
+    binary search in place (a lookup in another dtype made numpy convert the whole index, every window)."""
+    import tracemalloc
+
+    documents = 2_000_000
+    np.zeros(documents * 4, dtype=np.uint16).tofile(tmp_path / "train.tokens.bin")
+    np.arange(0, documents * 4, 4, dtype=np.uint64).tofile(tmp_path / "train.starts.bin")  # 16 MB of index
+    stream = TokenStream.open(tmp_path, "train", "uint16", chat=False)
+    tracemalloc.start()
+    try:
+        rows = stream.read(np.arange(0, 2000, 100), 9)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"reading 20 windows allocated {peak / 2**20:.0f} MB"
+    assert rows.starts[1].tolist() == [True, False, False, False, True, False, False, False, True]
+
+
 # --- the global order -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 10, 17, 64, 1000, 4099])
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 10, 17, 64, 1000, 4099, 86_481])
 def test_each_epoch_of_a_source_is_a_permutation_computed_per_position(count):
     order = ShuffledWindows(count, seed=3)
+    permuted = []
+    permute = order._permute
+    order._permute = lambda values, keys: permuted.append(len(values)) or permute(values, keys)
     first = order.windows(np.arange(count))
+    assert sum(permuted) <= 2 * max(count, 2)  # the Feistel range is under twice the windows: few passes per value
+    del order._permute
     assert sorted(first.tolist()) == list(range(count))
     second = order.windows(np.arange(count, 2 * count))
     assert sorted(second.tolist()) == list(range(count))
@@ -250,11 +274,13 @@ def test_each_epoch_of_a_source_is_a_permutation_computed_per_position(count):
         assert not np.array_equal(first, np.arange(count))
 
 
-def test_the_shuffle_is_not_ordered_in_a_visible_way():
-    windows = ShuffledWindows(10_000, seed=0).windows(np.arange(10_000))
-    assert abs(np.corrcoef(np.arange(10_000), windows)[0, 1]) < 0.05
+@pytest.mark.parametrize("count", [10_000, 100_000])  # 14 bits: balanced halves; 17 bits: unbalanced ones
+def test_the_shuffle_is_not_ordered_in_a_visible_way(count):
+    windows = ShuffledWindows(count, seed=0).windows(np.arange(count))
+    assert sorted(windows.tolist()) == list(range(count))
+    assert abs(np.corrcoef(np.arange(count), windows)[0, 1]) < 0.05
     steps = np.abs(np.diff(windows))
-    assert np.median(steps) > 1000  # neighbours in the order are not neighbours in the corpus
+    assert np.median(steps) > count / 5  # neighbours in the order are not neighbours in the corpus (random: 0.29 count)
 
 
 def stream_sampler(windows: int, global_batch: int, micro: int, dp: int, rank: int) -> DataParallelSampler:

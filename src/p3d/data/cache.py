@@ -136,7 +136,8 @@ class TokenStream:
         for row, index in enumerate(indices.tolist()):
             first = index * window
             tokens[row] = self.tokens[first : first + window]
-            low, high = np.searchsorted(self.starts, [first, first + window])
+            # the bounds in the index's own dtype: other types make numpy convert the whole index first
+            low, high = np.searchsorted(self.starts, np.asarray([first, first + window], dtype=self.starts.dtype))
             starts[row, self.starts[low:high].astype(np.int64) - first] = True
             if targets is not None:
                 targets[row] = self.targets[first : first + window] != 0

@@ -40,19 +40,22 @@ def cache_root(data_cfg: DataConfig, run_root: str | Path = "runs") -> Path:
 
 
 def _mix64(values: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a strong 64-bit mixing function (the Feistel rounds' function)."""
-    with np.errstate(over="ignore"):
-        values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return values ^ (values >> np.uint64(31))
+    """splitmix64's finalizer: a strong 64-bit mixing function (the Feistel rounds' function).
+    The products wrap around modulo 2**64 on purpose (numpy does not warn for arrays)."""
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
 
 
 class ShuffledWindows:
     """A source's k-th sample (0, 1, 2, ... over all epochs) -> its window; a new shuffle each epoch.
 
     Each epoch's shuffle is a pseudo-random permutation of the windows computed per position: a
-    4-round Feistel network (a bijection) on the smallest even-bit range holding them, applied
-    again to values that fall outside (cycle walking keeps it a bijection on [0, windows))."""
+    4-round Feistel network (a bijection) on the smallest power-of-two range holding them, applied
+    again to values that fall outside (cycle walking keeps it a bijection on [0, windows)). The
+    range is at most twice the windows, so a value needs two passes on average. With an odd number
+    of bits the two halves differ by one bit (an unbalanced Feistel network): each round moves the
+    low part up and mixes it into the high part, so the halves swap widths from round to round."""
 
     ROUNDS = 4
 
@@ -60,17 +63,23 @@ class ShuffledWindows:
         self.count = count
         self.seed = seed
         bits = max(2, (count - 1).bit_length())
-        self.half = np.uint64((bits + bits % 2) // 2)
-        self.mask = np.uint64((1 << int(self.half)) - 1)
+        low = bits // 2
+        # each round's (width of the low part, width of the high part): the widths alternate
+        self.splits = [(np.uint64(width), np.uint64(bits - width)) for width in (low, bits - low)]
+        self._epoch_keys: tuple[int, np.ndarray] | None = None
 
     def _keys(self, epoch: int) -> np.ndarray:
-        return np.random.SeedSequence([self.seed, epoch]).generate_state(self.ROUNDS, dtype=np.uint64)
+        if self._epoch_keys is None or self._epoch_keys[0] != epoch:
+            self._epoch_keys = (epoch, np.random.SeedSequence([self.seed, epoch]).generate_state(self.ROUNDS, dtype=np.uint64))
+        return self._epoch_keys[1]
 
     def _permute(self, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        left, right = values >> self.half, values & self.mask
-        for key in keys:
-            left, right = right, left ^ (_mix64(right ^ key) & self.mask)
-        return (left << self.half) | right
+        one = np.uint64(1)
+        for round_index, key in enumerate(keys):
+            low_bits, high_bits = self.splits[round_index % 2]
+            high, low = values >> low_bits, values & ((one << low_bits) - one)
+            values = (low << high_bits) | (high ^ (_mix64(low ^ key) & ((one << high_bits) - one)))
+        return values
 
     def windows(self, samples: np.ndarray) -> np.ndarray:
         samples = np.asarray(samples, dtype=np.int64)
