@@ -20,6 +20,9 @@
    cached runs (ABBA order) for `--repeats` rounds, for the throughput comparison; that version
    cannot hold the large corpus (8 bytes per token per rank, and more while it tokenizes), so it
    runs on the small one only.
+5. Paired steps: in one process, one model trained with both samplers of the small corpus, their
+   steps alternated, each step timed (read, forward, backward, optimizer step): the comparison
+   that the load of other jobs disturbs least.
 
 Timings on a loaded machine are marked so in the output; the memory figures (RSS) are not
 affected by load. Writes <out>/data.md and <out>/data.json.
@@ -39,8 +42,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQ_LEN, GLOBAL_BATCH = 128, 16
-TRAIN = ["model=tiny_llama", f"data.seq_len={SEQ_LEN}", f"train.global_batch_size={GLOBAL_BATCH}", "train.micro_batch_size=8", "train.steps=40", "checkpoint=none", "logging.every=10"]
+SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH = 128, 16, 8
+TRAIN = ["model=tiny_llama", f"data.seq_len={SEQ_LEN}", f"train.global_batch_size={GLOBAL_BATCH}", f"train.micro_batch_size={MICRO_BATCH}", "train.steps=40", "checkpoint=none", "logging.every=10"]
 
 
 def generate(directory: Path, tokens: int, file_bytes: int, seed: int = 0) -> dict:
@@ -68,8 +71,8 @@ def generate(directory: Path, tokens: int, file_bytes: int, seed: int = 0) -> di
     return {"tokens": text_bytes, "documents": documents, "files": index, "bytes_on_disk": sum(p.stat().st_size for p in directory.iterdir())}
 
 
-def run_python(code: str, env: dict | None = None) -> dict:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **(env or {})})
+def run_python(code: str, argv: list[str] = ()) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -101,6 +104,49 @@ sampler.micro_batches(0)
 first_batch = time.perf_counter() - started
 print(json.dumps({"sampler_s": ready, "first_batch_s": first_batch, "windows": int(sampler.order.shuffles[0].count)}))
 """
+
+
+PAIRED = """
+import importlib.util, json, statistics, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+from p3d.config.compose import compose, to_object
+from p3d.data import IGNORE_INDEX, build_sampler
+from p3d.model import build_hf_config
+corpus, cache, baseline_data, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.manual_seed(0)
+config = to_object(compose(["model=tiny_llama", f"data.path={corpus}", f"data.cache_dir={cache}", "data.seq_len=SEQ_LEN"]))
+spec = importlib.util.spec_from_file_location("baseline_data", baseline_data)
+baseline = sys.modules["baseline_data"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(baseline)
+samplers = {
+    "in_memory": baseline.build_sampler(config.data, config.model, 0, GLOBAL_BATCH, MICRO_BATCH, 1, 0),
+    "cached": build_sampler(config.data, config.model, 0, GLOBAL_BATCH, MICRO_BATCH, 1, 0),
+}
+model = AutoModelForCausalLM.from_config(build_hf_config(config.model))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+def step(sampler, consumed):
+    started = time.perf_counter()
+    batches = sampler.micro_batches(consumed)
+    waited = time.perf_counter() - started
+    for batch in batches:
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started, waited
+
+times = {kind: [] for kind in samplers}
+for index in range(steps + 5):
+    order = ("in_memory", "cached") if index % 2 == 0 else ("cached", "in_memory")
+    for kind in order:
+        seconds, waited = step(samplers[kind], index * GLOBAL_BATCH)
+        if index >= 5:
+            times[kind].append((seconds, waited))
+print(json.dumps({kind: {"step_ms": [round(s * 1000, 3) for s, _ in values], "wait_ms": [round(w * 1000, 4) for _, w in values]} for kind, values in times.items()}))
+""".replace("SEQ_LEN", str(SEQ_LEN)).replace("GLOBAL_BATCH", str(GLOBAL_BATCH)).replace("MICRO_BATCH", str(MICRO_BATCH))
 
 
 def train(name: str, corpus: Path, cache: Path, workdir: Path, nproc: int, source_root: Path | None = None) -> dict:
@@ -149,7 +195,8 @@ def main() -> None:
     parser.add_argument("--small-tokens", type=float, default=1.0e7, help="byte tokens of the small corpus")
     parser.add_argument("--file-mb", type=int, default=64, help="size of each .jsonl file")
     parser.add_argument("--nproc", type=int, default=2, help="training ranks")
-    parser.add_argument("--repeats", type=int, default=5, help="alternating runs of the cached and the in-memory data for the throughput comparison")
+    parser.add_argument("--paired-steps", type=int, default=300, help="steps of each kind in the paired comparison in one process")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of the cached and the in-memory data for the throughput comparison")
     parser.add_argument("--baseline", default="5ce82a4", help="git revision with the in-memory data.py")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/p3d-data-benchmark"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -183,8 +230,8 @@ def measure(args, work: Path, large: int, small: int) -> dict:
     builds = {}
     for name in ("small", "large"):
         print(f"building the cache of the {name} corpus", flush=True)
-        builds[name] = run_python(BUILD.replace("sys.argv[1]", repr(str(work / name))).replace("sys.argv[2]", repr(str(cache))))
-    startup = run_python(STARTUP.replace("sys.argv[1]", repr(str(work / "large"))).replace("sys.argv[2]", repr(str(cache))))
+        builds[name] = run_python(BUILD, [str(work / name), str(cache)])
+    startup = run_python(STARTUP, [str(work / "large"), str(cache)])
     print("training: peak RSS per rank", flush=True)
     memory = {name: train(f"cached-{name}", work / name, cache, work, args.nproc) for name in ("small", "large")}
     baseline_src = baseline_checkout(args.baseline, work / "baseline")
@@ -194,6 +241,8 @@ def measure(args, work: Path, large: int, small: int) -> dict:
         for kind in ("in_memory", "cached") if repeat % 2 == 0 else ("cached", "in_memory"):
             source_root = baseline_src if kind == "in_memory" else None
             comparison[kind].append(train(f"{kind}-small-{repeat}", work / "small", cache, work, args.nproc, source_root=source_root))
+    print("training: paired steps in one process", flush=True)
+    paired = run_python(PAIRED, [str(work / "small"), str(cache), str(baseline_src / "p3d" / "data.py"), str(args.paired_steps)])
     return {
         "machine": {"cpus": os.cpu_count(), "load": machine_load(), "note": "timings measured under load (other jobs on the machine); RSS is not affected"},
         "corpora": corpora,
@@ -211,6 +260,7 @@ def measure(args, work: Path, large: int, small: int) -> dict:
         "second_start": {key: round(value, 4) if isinstance(value, float) else value for key, value in startup.items()},
         "training": {"cached_small": memory["small"], "cached_large": memory["large"]},
         "comparison": comparison,
+        "paired_steps": paired,
         "settings": {"train": TRAIN, "nproc": args.nproc, "baseline": args.baseline, "file_mb": args.file_mb, "repeats": args.repeats},
     }
 
@@ -228,6 +278,8 @@ def report(results: dict) -> str:
     def build_row(label: str, key: str, form: str) -> str:
         return f"| {label} | " + " | ".join(form.format(builds[name][key]) for name in ("small", "large")) + " |"
 
+    paired = results["paired_steps"]
+    paired_difference = statistics.median(b - a for a, b in zip(paired["in_memory"]["step_ms"], paired["cached"]["step_ms"]))
     small_rss, large_rss = max(training["cached_small"]["peak_rss_gb_per_rank"]), max(training["cached_large"]["peak_rss_gb_per_rank"])
     lines = [
         "# Data at scale: token cache, start-up, memory per rank",
@@ -292,11 +344,26 @@ def report(results: dict) -> str:
         f"Cache over in-memory, median tokens/s: {median(comparison['cached'], 'tokens_per_s') / median(comparison['in_memory'], 'tokens_per_s'):.3f}; "
         f"median of the fastest steps: {median(comparison['cached'], 'fastest_step_tokens_per_s') / median(comparison['in_memory'], 'fastest_step_tokens_per_s'):.3f}. "
         "The two runs differ only in how a step gets its windows (the model, its step and the metrics are the same code): "
-        "the in-memory version gathers them from its array when the step starts; the cache's sampler reads the next step's "
-        "windows from the map in a background thread while this step computes. The last two columns are the time a step "
-        f"waits for its data: {median(comparison['cached'], 'data_wait_ms') - median(comparison['in_memory'], 'data_wait_ms'):+.2f} ms "
+        "the in-memory version gathers them from its array, the cache's sampler computes their positions and reads them "
+        "from the map. The last two columns time that at the start of each step: "
+        f"{median(comparison['cached'], 'data_wait_ms') - median(comparison['in_memory'], 'data_wait_ms'):+.2f} ms "
         f"per step (median) with the cache, in a step of {GLOBAL_BATCH * SEQ_LEN / median(comparison['cached'], 'tokens_per_s') * 1000:.0f} ms. "
         "The spread of tokens/s between rounds of the same kind is the load of the other jobs.",
+        "",
+        "### Step by step in one process",
+        "",
+        "Runs seconds apart see different loads. So the same comparison once more in one process: one model "
+        f"(tiny Llama, AdamW), the two samplers of the small corpus (one rank, {GLOBAL_BATCH} sequences of {SEQ_LEN} tokens per step), "
+        f"their steps alternated (ABBA), {len(paired['cached']['step_ms'])} steps of each; a step is reading its batch, forward, backward and the optimizer step.",
+        "",
+        "| | in-memory array | token cache |",
+        "| --- | --- | --- |",
+        "| median step (ms) | " + " | ".join(f"{statistics.median(paired[kind]['step_ms']):.1f}" for kind in ("in_memory", "cached")) + " |",
+        "| tokens/s at the median step | " + " | ".join(f"{GLOBAL_BATCH * SEQ_LEN / statistics.median(paired[kind]['step_ms']) * 1000:,.0f}" for kind in ("in_memory", "cached")) + " |",
+        "| fastest step (ms) | " + " | ".join(f"{min(paired[kind]['step_ms']):.1f}" for kind in ("in_memory", "cached")) + " |",
+        "| reading the step's batch, median (ms) | " + " | ".join(f"{statistics.median(paired[kind]['wait_ms']):.2f}" for kind in ("in_memory", "cached")) + " |",
+        "",
+        f"Median of the differences of neighbouring steps (cache minus in-memory): {paired_difference:+.2f} ms per step.",
         "",
     ]
     return "\n".join(lines)

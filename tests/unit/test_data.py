@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -211,24 +210,6 @@ def test_windows_are_read_on_demand_from_the_map(tmp_path):
     _, windows = sampler.order.at(0, 8)
     expected = np.stack([np.asarray(stream.tokens[w * 33 : (w + 1) * 33], dtype=np.int64) for w in windows])
     assert torch.equal(batch.input_ids, torch.from_numpy(expected[:, :-1]))
-
-
-def test_the_next_steps_batches_are_read_while_this_step_computes(tmp_path):
-    sampler = sampler_for(tmp_path, "data.seq_len=32", batch=8)
-    reads = []
-    read_step = sampler.read_step
-    sampler.read_step = lambda consumed: reads.append((consumed, threading.current_thread().name)) or read_step(consumed)
-    steps = [sampler.micro_batches(consumed) for consumed in (0, 8, 16, 48)]  # then a jump (a resume elsewhere)
-    sampler._ahead[1].result()
-    assert [consumed for consumed, thread in reads if thread == "MainThread"] == [0, 48]
-    ahead = {consumed for consumed, thread in reads if thread.startswith("p3d-data")}
-    assert {8, 16, 56} <= ahead <= {8, 16, 24, 56}  # 24 was read ahead too, unless cancelled in time
-    plain = sampler_for(tmp_path, "data.seq_len=32", batch=8)
-    plain.prefetch = False
-    for consumed, batches in zip((0, 8, 16, 48), steps):
-        (expected,) = plain.micro_batches(consumed)
-        assert torch.equal(batches[0].input_ids, expected.input_ids) and torch.equal(batches[0].labels, expected.labels)
-    assert plain._ahead is None
 
 
 def resident_mb() -> float:

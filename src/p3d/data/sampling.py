@@ -16,10 +16,8 @@ the memory-mapped cache on demand.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -202,12 +200,7 @@ def make_batch(rows: Rows, packing: Packing) -> TokenBatch:
 
 @dataclass
 class DataParallelSampler:
-    """The windows of one optimizer step that belong to one dp rank, as micro-batches.
-
-    After returning a step's micro-batches it starts reading the next step's (one background
-    thread), so that step's read overlaps this step's compute: the page faults of a cache that is
-    not in memory, or on a network filesystem, do not stall training. The batches are a function
-    of the position alone, so a prefetched step is only used when that position is asked for."""
+    """The windows of one optimizer step that belong to one dp rank, as micro-batches."""
 
     streams: list[TokenStream]
     order: GlobalSampleOrder | SequentialOrder
@@ -218,10 +211,6 @@ class DataParallelSampler:
     dp_rank: int
     packing: Packing = Packing.stream
     labels: tuple[str, ...] = ("data",)  # each source's name in metrics
-    prefetch: bool = True  # read the next step's batches in the background
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)  # the order's caches and the maps: one reader at a time
-    _ahead: tuple[int, Future] | None = field(default=None, init=False, repr=False)
-    _reader: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     @property
     def per_rank(self) -> int:
@@ -233,23 +222,22 @@ class DataParallelSampler:
 
     def rows(self, start: int, count: int) -> Rows:
         """Positions start .. start+count-1 of the order, read from their sources' maps."""
-        with self._lock:
-            sources, windows = self.order.at(start, count)
-            window = self.seq_len + 1
-            tokens = np.empty((count, window), dtype=np.int64)
-            starts = np.empty((count, window), dtype=bool)
-            chat = any(stream.targets is not None for stream in self.streams)
-            targets = np.empty((count, window), dtype=bool) if chat else None
-            for source in np.unique(sources).tolist():
-                chosen = np.flatnonzero(sources == source)
-                part = self.streams[source].read(windows[chosen], window)
-                tokens[chosen], starts[chosen] = part.tokens, part.starts
-                if targets is not None:
-                    targets[chosen] = part.targets if part.targets is not None else True
+        sources, windows = self.order.at(start, count)
+        window = self.seq_len + 1
+        tokens = np.empty((count, window), dtype=np.int64)
+        starts = np.empty((count, window), dtype=bool)
+        chat = any(stream.targets is not None for stream in self.streams)
+        targets = np.empty((count, window), dtype=bool) if chat else None
+        for source in np.unique(sources).tolist():
+            chosen = np.flatnonzero(sources == source)
+            part = self.streams[source].read(windows[chosen], window)
+            tokens[chosen], starts[chosen] = part.tokens, part.starts
+            if targets is not None:
+                targets[chosen] = part.targets if part.targets is not None else True
         return Rows(tokens, starts, targets)
 
-    def read_step(self, consumed_samples: int) -> list[TokenBatch]:
-        """The micro-batches of the step whose global batch starts at sample `consumed_samples`, read now."""
+    def micro_batches(self, consumed_samples: int) -> list[TokenBatch]:
+        """Micro-batches of the step whose global batch starts at sample `consumed_samples`."""
         rows = self.rows(consumed_samples + self.dp_rank * self.per_rank, self.per_rank)
         size = self.micro_batch_size
         return [
@@ -257,27 +245,9 @@ class DataParallelSampler:
             for i in range(0, self.per_rank, size)
         ]
 
-    def micro_batches(self, consumed_samples: int) -> list[TokenBatch]:
-        """Micro-batches of the step whose global batch starts at sample `consumed_samples` (read
-        ahead while the previous step computed, when it was the previous step's successor)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == consumed_samples:
-            batches = ahead[1].result()
-        else:
-            if ahead is not None:
-                ahead[1].cancel()
-            batches = self.read_step(consumed_samples)
-        if self.prefetch:
-            if self._reader is None:
-                self._reader = ThreadPoolExecutor(1, thread_name_prefix="p3d-data")
-            following = consumed_samples + self.global_batch_size
-            self._ahead = (following, self._reader.submit(self.read_step, following))
-        return batches
-
     def source_counts(self, consumed_samples: int) -> dict[str, int]:
         """How many samples of the whole global batch (all dp ranks) each source gives."""
-        with self._lock:
-            sources, _ = self.order.at(consumed_samples, self.global_batch_size)
+        sources, _ = self.order.at(consumed_samples, self.global_batch_size)
         counts = np.bincount(sources, minlength=len(self.labels))
         return {label: int(count) for label, count in zip(self.labels, counts)}
 
