@@ -260,18 +260,34 @@ def test_each_epoch_of_a_source_is_a_permutation_computed_per_position(count):
     permuted = []
     permute = order._permute
     order._permute = lambda values, keys: permuted.append(len(values)) or permute(values, keys)
-    first = order.windows(np.arange(count))
+    assert sorted(order.compute(np.arange(count)).tolist()) == list(range(count))
     assert sum(permuted) <= 2 * max(count, 2)  # the Feistel range is under twice the windows: few passes per value
     del order._permute
+    first = order.windows(np.arange(count))
+    assert np.array_equal(first, order.compute(np.arange(count)))
     assert sorted(first.tolist()) == list(range(count))
     second = order.windows(np.arange(count, 2 * count))
     assert sorted(second.tolist()) == list(range(count))
     assert np.array_equal(first, ShuffledWindows(count, seed=3).windows(np.arange(count)))
     assert np.array_equal(order.windows(np.arange(5, 9) % count), first[np.arange(5, 9) % count])  # any position alone
+    late = np.arange(3 * count + 4090, 3 * count + 4100)  # across a chunk of the order, in a later epoch
+    assert np.array_equal(ShuffledWindows(count, seed=3).windows(late), order.compute(late))
     if count >= 10:
         assert not np.array_equal(first, second)
         assert not np.array_equal(first, ShuffledWindows(count, seed=4).windows(np.arange(count)))
         assert not np.array_equal(first, np.arange(count))
+
+
+def test_steps_take_their_windows_from_a_chunk_of_the_order_computed_at_once():
+    """A step's few samples come from a chunk of 4,096 computed in one numpy pass (the cost is per
+    call): 256 steps of 16 samples need the passes of one chunk, not of 256 small requests."""
+    order = ShuffledWindows(1_000_000, seed=0)
+    calls = []
+    permute = order._permute
+    order._permute = lambda values, keys: calls.append(len(values)) or permute(values, keys)
+    steps = [order.windows(np.arange(step * 16, (step + 1) * 16)) for step in range(256)]
+    assert len(calls) < 30 and calls[0] == 4096
+    assert np.array_equal(np.concatenate(steps), ShuffledWindows(1_000_000, seed=0).compute(np.arange(4096)))
 
 
 @pytest.mark.parametrize("count", [10_000, 100_000])  # 14 bits: balanced halves; 17 bits: unbalanced ones

@@ -58,6 +58,7 @@ class ShuffledWindows:
     low part up and mixes it into the high part, so the halves swap widths from round to round."""
 
     ROUNDS = 4
+    CHUNK = 4096
 
     def __init__(self, count: int, seed: int):
         self.count = count
@@ -67,6 +68,8 @@ class ShuffledWindows:
         # each round's (width of the low part, width of the high part): the widths alternate
         self.splits = [(np.uint64(width), np.uint64(bits - width)) for width in (low, bits - low)]
         self._epoch_keys: tuple[int, np.ndarray] | None = None
+        self._chunks_per_epoch = -(-count // self.CHUNK)
+        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()  # the two chunks of windows used last
 
     def _keys(self, epoch: int) -> np.ndarray:
         if self._epoch_keys is None or self._epoch_keys[0] != epoch:
@@ -82,19 +85,47 @@ class ShuffledWindows:
         return values
 
     def windows(self, samples: np.ndarray) -> np.ndarray:
+        """The windows of samples `samples`. A step asks for a few; they are taken from the whole
+        chunk of (up to) CHUNK consecutive samples of one epoch around them, computed at once
+        (numpy's cost is per call, not per value); the two chunks used last are kept."""
+        samples = np.asarray(samples, dtype=np.int64)
+        if len(samples) >= self.CHUNK:
+            return self.compute(samples)
+        epochs, offsets = np.divmod(samples, self.count)
+        chunks = epochs * self._chunks_per_epoch + offsets // self.CHUNK
+        result = np.empty(len(samples), dtype=np.int64)
+        for chunk in np.unique(chunks).tolist():
+            chosen = chunks == chunk
+            result[chosen] = self._chunk(chunk)[offsets[chosen] % self.CHUNK]
+        return result
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        if chunk not in self._chunks:
+            epoch, index = divmod(chunk, self._chunks_per_epoch)
+            offsets = np.arange(index * self.CHUNK, min((index + 1) * self.CHUNK, self.count), dtype=np.int64)
+            self._chunks[chunk] = self._epoch_windows(epoch, offsets)
+            if len(self._chunks) > 2:
+                self._chunks.popitem(last=False)
+        return self._chunks[chunk]
+
+    def compute(self, samples: np.ndarray) -> np.ndarray:
+        """The windows of `samples`, each computed on its own."""
         samples = np.asarray(samples, dtype=np.int64)
         epochs, offsets = np.divmod(samples, self.count)
         result = np.empty(len(samples), dtype=np.int64)
         for epoch in np.unique(epochs).tolist():
             chosen = epochs == epoch
-            keys = self._keys(epoch)
-            values = self._permute(offsets[chosen].astype(np.uint64), keys)
-            outside = values >= self.count
-            while outside.any():
-                values[outside] = self._permute(values[outside], keys)
-                outside = values >= self.count
-            result[chosen] = values.astype(np.int64)
+            result[chosen] = self._epoch_windows(epoch, offsets[chosen])
         return result
+
+    def _epoch_windows(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
+        keys = self._keys(epoch)
+        values = self._permute(offsets.astype(np.uint64), keys)
+        outside = values >= self.count
+        while outside.any():
+            values[outside] = self._permute(values[outside], keys)
+            outside = values >= self.count
+        return values.astype(np.int64)
 
 
 class GlobalSampleOrder:
