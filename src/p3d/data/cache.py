@@ -129,18 +129,19 @@ class TokenStream:
 
     def read(self, indices: np.ndarray, window: int) -> Rows:
         """Windows `indices` (each `window` tokens long), read from the map on demand."""
-        count = len(indices)
-        tokens = np.empty((count, window), dtype=np.int64)
-        starts = np.zeros((count, window), dtype=bool)
-        targets = None if self.targets is None else np.empty((count, window), dtype=bool)
-        for row, index in enumerate(indices.tolist()):
-            first = index * window
-            tokens[row] = self.tokens[first : first + window]
-            # the bounds in the index's own dtype: other types make numpy convert the whole index first
-            low, high = np.searchsorted(self.starts, np.asarray([first, first + window], dtype=self.starts.dtype))
-            starts[row, self.starts[low:high].astype(np.int64) - first] = True
-            if targets is not None:
-                targets[row] = self.targets[first : first + window] != 0
+        firsts = np.asarray(indices, dtype=np.int64) * window
+        positions = firsts[:, None] + np.arange(window)
+        tokens = self.tokens[positions].astype(np.int64)
+        targets = None if self.targets is None else self.targets[positions] != 0
+        # the documents starting inside each window; the bounds in the index's own dtype (other
+        # types make numpy convert the whole index first)
+        low = np.searchsorted(self.starts, firsts.astype(self.starts.dtype))
+        high = np.searchsorted(self.starts, (firsts + window).astype(self.starts.dtype))
+        counts = high - low
+        rows = np.repeat(np.arange(len(firsts)), counts)
+        found = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(low, counts)
+        starts = np.zeros((len(firsts), window), dtype=bool)
+        starts[rows, self.starts[found].astype(np.int64) - firsts[rows]] = True
         self._release()
         return Rows(tokens, starts, targets)
 

@@ -167,6 +167,8 @@ class GlobalSampleOrder:
     def at(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, window) of positions start .. start+count-1."""
         sources, samples = self.sources(start, count)
+        if len(self.shuffles) == 1:
+            return sources, self.shuffles[0].windows(samples)
         windows = np.empty(count, dtype=np.int64)
         for source in np.unique(sources).tolist():
             chosen = sources == source
@@ -255,6 +257,8 @@ class DataParallelSampler:
         """Positions start .. start+count-1 of the order, read from their sources' maps."""
         sources, windows = self.order.at(start, count)
         window = self.seq_len + 1
+        if len(self.streams) == 1:
+            return self.streams[0].read(windows, window)
         tokens = np.empty((count, window), dtype=np.int64)
         starts = np.empty((count, window), dtype=bool)
         chat = any(stream.targets is not None for stream in self.streams)
