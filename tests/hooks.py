@@ -177,16 +177,18 @@ def grad_divide_factor(value: str | None) -> None:
 @hook("skip_tp_allreduce")
 def skip_tp_allreduce(value: str | None) -> None:
     """Row-parallel layers return their partial sums without the tensor-parallel all-reduce."""
-    from torch.distributed.tensor.parallel import RowwiseParallel
+    import torch
 
     import p3d.parallel.tensor as tensor
 
-    class UnreducedRowwise(RowwiseParallel):
-        @staticmethod
-        def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-            return outputs.to_local()
+    reduced_output = tensor._Rowwise._output
 
-    tensor.STYLES["rowwise"] = UnreducedRowwise
+    def unreduced_output(self, module, output, mesh):
+        if isinstance(module, torch.nn.Embedding):
+            return reduced_output(self, module, output, mesh)
+        return output.to_local()  # each rank's partial sum
+
+    tensor._Rowwise._output = unreduced_output
 
 
 @hook("fresh_optimizer_on_resume")

@@ -18,6 +18,18 @@ def flatten_mesh(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> DeviceMe
     return mesh[dims]._flatten(name)
 
 
+def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+    """A 1-D mesh viewed as several named dims, the last varying fastest (private `DeviceMesh._unflatten`).
+    The result shares the root mesh, so DTensors on its dims and FSDP2 over them combine."""
+    return mesh._unflatten(0, sizes, names)
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread, e.g. activation checkpointing
+    recomputing a block's forward (private `torch._C._current_graph_task_id`, torch 2.13: -1 outside)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def import_dynamo() -> None:
     """Import `torch._dynamo` before any process group exists. DTensor and FSDP2 import it lazily, on
     first use; imported once a default process group exists, it keeps that group alive until the
@@ -84,3 +96,40 @@ def cpu_flash_attention_backward(grad_out, query, key, value, out, lse, bias, sc
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, query, key, value, out, lse, 0.0, False, attn_mask=bias, scale=scale
     )
+
+
+# --- Hydra -----------------------------------------------------------------------------------
+
+
+def hydra_show_info(info: str, overrides: list[str]) -> None:
+    """Hydra's own `--info` report (search path, defaults list and tree, config) for p3d's root config,
+    through the private `Hydra.show_info` of the initialised GlobalHydra (hydra-core 1.3). It configures
+    Hydra's logging (a stdout handler on the root logger, level DEBUG), which is undone afterwards, so
+    later compositions in the same process stay quiet."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        GlobalHydra.instance().hydra.show_info(info, config_name="config", overrides=overrides)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def newton_schulz_orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization of a whole 2-D update (quintic Newton-Schulz in bf16):
+    the private `torch.optim._muon._zeropower_via_newtonschulz` (torch 2.13)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return _zeropower_via_newtonschulz(matrix, coefficients, steps, eps)
+
+
+def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning rate for a matrix of `shape` (`original`: sqrt(max(1, rows/cols));
+    `match_rms_adamw`: 0.2 sqrt(max(rows, cols))): the private `torch.optim._muon._adjust_lr` (torch 2.13)."""
+    from torch.optim._muon import _adjust_lr
+
+    return _adjust_lr(lr, adjust_lr_fn, shape)

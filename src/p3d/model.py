@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from p3d.config.schema import InitMode, ModelConfig
 from p3d.errors import ConfigError
 from p3d.compat import local_box
+from p3d.models import architecture, tiny
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 
@@ -42,29 +43,98 @@ SIZE_FIELDS = (
 
 
 def build_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
-    """The Hugging Face config: from `model.arch` (random init) or the checkpoint, plus `model.config`."""
+    """The Hugging Face config: the checkpoint's (init=pretrained) or `model.arch`'s defaults (shrunk with
+    `model.tiny`), then `model.config` on top."""
     overrides = dict(model_cfg.config)
     if model_cfg.init is InitMode.pretrained:
-        config = _pretrained_config(model_cfg.pretrained)
-        _refuse_unknown_fields(config, overrides)
-        _refuse_bad_numbers(config, overrides)
-        for key, value in overrides.items():  # the checkpoint's shapes are fixed; these change depth, dropout, ...
-            setattr(config, key, value)
-        return config
+        return _pretrained_with_overrides(model_cfg, overrides)
+    if not model_cfg.arch:
+        raise ConfigError("model.arch: set a Hugging Face model type (llama, gpt2, qwen3, ...) or model.init=pretrained with model.pretrained=<dir>")
     try:
         defaults = AutoConfig.for_model(model_cfg.arch)
-    except ValueError:
+    except ValueError as error:
+        if "Unrecognized model identifier" not in str(error):
+            raise ConfigError(f"model.arch={model_cfg.arch}: transformers cannot build its default config ({_last_line(error)})") from None
         raise ConfigError(f"model.arch={model_cfg.arch}: not a Hugging Face model type (e.g. llama, opt, mistral, qwen2)") from None
-    _refuse_unknown_fields(defaults, overrides)
+    except Exception as error:  # strict-dataclass validation of the defaults themselves
+        raise ConfigError(f"model.arch={model_cfg.arch}: transformers cannot build its default config ({_last_line(error)})") from None
+    _refuse_unknown_fields(defaults, overrides, model_cfg)
     _refuse_bad_numbers(defaults, overrides)
+    layers = next((overrides[name] for name in tiny.LAYER_COUNT_FIELDS if isinstance(overrides.get(name), int)), None)
+    values = {**(tiny.shrink(defaults, layers=layers) if model_cfg.tiny else {}), **overrides}
     # Passed to the constructor, not set afterwards, so that derived fields (Llama's head_dim from
     # hidden_size and num_attention_heads) follow the given sizes instead of the defaults'.
     try:
-        return AutoConfig.for_model(model_cfg.arch, **overrides)
+        config = AutoConfig.for_model(model_cfg.arch, **_without_stray_token_ids(defaults, values, overrides))
     except Exception as error:  # transformers validates configs with its own (strict-dataclass) errors
         named = [key for key in overrides if f"'{key}'" in str(error)] or list(overrides)  # the fields the error names, if any
-        given = " ".join(f"model.config.{key}={overrides[key]}" for key in named)
+        given = " ".join(f"model.config.{key}={overrides[key]}" for key in named) or f"model.arch={model_cfg.arch}"
         raise ConfigError(f"{given}: {type(defaults).__name__} refuses these values ({_last_line(error)})") from None
+    _refuse_stray_token_ids(config, overrides)
+    return config
+
+
+def _without_stray_token_ids(defaults: PretrainedConfig, values: dict, overrides: dict) -> dict:
+    """The architecture's default special-token ids (Phi-3's pad id 32000) mean nothing in a smaller
+    vocabulary (and an out-of-range pad id breaks the embedding): dropped unless the user gave them."""
+    vocab = values.get("vocab_size")
+    if not isinstance(vocab, int):
+        return values
+    probe = copy.copy(defaults)
+    probe.vocab_size = vocab
+    stray = {key: None for key in tiny.out_of_vocabulary_token_ids(probe) if key not in overrides and key not in values}
+    return {**values, **stray}
+
+
+def _refuse_stray_token_ids(config: PretrainedConfig, overrides: dict) -> None:
+    stray = tiny.out_of_vocabulary_token_ids(config)
+    if stray:
+        vocab = tiny.text_config(config).vocab_size
+        given = ", ".join(f"model.config.{key}={value}" for key, value in stray.items())
+        raise ConfigError(f"{given}: not below model.config.vocab_size={vocab}; set it to a smaller id or null")
+
+
+def _pretrained_with_overrides(model_cfg: ModelConfig, overrides: dict) -> PretrainedConfig:
+    """The checkpoint's config.json; `model.config` may change fields, never the checkpoint's shapes."""
+    config = _pretrained_config(model_cfg.pretrained)
+    if model_cfg.arch and model_cfg.arch != config.model_type:
+        raise ConfigError(
+            f"model.arch={model_cfg.arch}: model.pretrained={model_cfg.pretrained} is a '{config.model_type}' checkpoint; "
+            f"use model=hf (which takes the architecture from the checkpoint) or model.arch={config.model_type}"
+        )
+    _refuse_unknown_fields(config, overrides, model_cfg)
+    _refuse_bad_numbers(config, overrides)
+    changed = copy.deepcopy(config)
+    for key, value in overrides.items():  # these change dropout, rope scaling, ...
+        setattr(changed, key, value)
+    conflicts = _shape_changing_keys(config, overrides) if overrides else []
+    if conflicts:
+        given = ", ".join(f"model.config.{key}={overrides[key]} (config.json: {getattr(config, key, None)})" for key in conflicts)
+        raise ConfigError(
+            f"{given}: would change the shapes of model.pretrained={model_cfg.pretrained}'s weights; drop "
+            f"{'it' if len(conflicts) == 1 else 'them'} (model=hf takes every size from the checkpoint)"
+        )
+    return changed
+
+
+def _parameter_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(param.shape) for name, param in build_meta_model(config).named_parameters()}
+
+
+def _shape_changing_keys(config: PretrainedConfig, overrides: dict) -> list[str]:
+    original = _parameter_shapes(config)
+    conflicts = []
+    for key, value in overrides.items():
+        if getattr(config, key, None) == value:
+            continue
+        changed = copy.deepcopy(config)
+        setattr(changed, key, value)
+        try:
+            if _parameter_shapes(changed) != original:
+                conflicts.append(key)
+        except Exception:  # a value the model cannot even be built with changes its shapes too
+            conflicts.append(key)
+    return conflicts
 
 
 def _refuse_bad_numbers(config: PretrainedConfig, overrides: dict) -> None:
@@ -86,12 +156,17 @@ def _last_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _refuse_unknown_fields(config: PretrainedConfig, overrides: dict) -> None:
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
+def _refuse_unknown_fields(config: PretrainedConfig, overrides: dict, model_cfg: ModelConfig) -> None:
+    extra = architecture(config).extra_config_fields
+    unknown = sorted(key for key in overrides if not hasattr(config, key) and key not in extra)
     if unknown:
+        hint = ""
+        if model_cfg.name and not model_cfg.tiny and model_cfg.init is InitMode.random:
+            hint = f"; if the preset model={model_cfg.name} is for another architecture, use model=tiny model.arch={config.model_type}"
         raise ConfigError(
             f"model.config.{unknown[0]}: not a field of {type(config).__name__}"
             + (f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else "")
+            + hint
         )
 
 
@@ -119,7 +194,12 @@ def build_meta_model(hf_config: PretrainedConfig, dtype: torch.dtype = torch.flo
     parameters' (transformers keeps buffers such as rotary frequencies in fp32).
     """
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="sdpa", dtype=dtype)
+        try:
+            return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="sdpa", dtype=dtype)
+        except ValueError as error:  # models without an SDPA path (Mamba, older encoders) run their eager one
+            if "attention implementation" not in str(error) and "scaled_dot_product_attention" not in str(error):
+                raise
+            return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="eager", dtype=dtype)
 
 
 def build_checked_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
@@ -131,17 +211,11 @@ def build_checked_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # reported below as the error
             model = build_meta_model(hf_config)
     except Exception as error:  # the model's own code fails on sizes its config accepted
-        raise ConfigError(f"model.config: {name}'s model cannot be built with these sizes ({type(error).__name__}: {_last_line(error)}); check the model.config values") from None
+        raise ConfigError(f"model.config: transformers cannot build {name}'s model (model.arch={hf_config.model_type}) from this config ({type(error).__name__}: {_last_line(error)[:200]}); check the model.config values") from None
     empty = next(((key, tuple(param.shape)) for key, param in model.named_parameters() if param.numel() == 0), None)
     if empty is not None:
         raise ConfigError(f"model.config: {empty[0]} has shape {empty[1]} with no elements; a size in model.config is 0, give it a value >= 1")
     return model
-
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (the classes transformers lists in `_no_split_modules`)."""
-    block_classes = set(getattr(model, "_no_split_modules", None) or ())
-    return [module for module in model.modules() if type(module).__name__ in block_classes]
 
 
 def tie_weights_if_configured(model: PreTrainedModel) -> None:
@@ -206,14 +280,32 @@ def initialize_random(model: nn.Module, hf_config: PretrainedConfig, seed: int, 
         if not destinations:
             continue
         ref_module.to_empty(device="cpu", recurse=False)
+        full = dict(ref_module.named_buffers(recurse=False)) | dict(ref_module.named_parameters(recurse=False))
+        for tensor in full.values():  # a sentinel: what _init_weights leaves untouched is still NaN after it
+            if tensor.is_floating_point():
+                tensor.detach().fill_(float("nan"))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_module_seed(seed, module_name))
             _init_owner(reference, module_name)._init_weights(ref_module)
-        full = dict(ref_module.named_buffers(recurse=False)) | dict(ref_module.named_parameters(recurse=False))
         for name, target in destinations.items():
+            if full[name].is_floating_point() and full[name].numel() and torch.isnan(full[name]).all():
+                continue  # not this module's to initialise (a tied weight another owner initialises)
             target.write(full[name])
             written.add(id(target.tensor))
         ref_module.to_empty(device="meta", recurse=False)
+    _zero_what_no_init_set(targets, written, buffers_only)
+
+
+@torch.no_grad()
+def _zero_what_no_init_set(targets: dict[str, "_Target"], written: set[int], buffers_only: bool) -> None:
+    """A parameter no module's `_init_weights` sets (Data2VecText's tied LM-head bias: transformers zeroes it in
+    the constructor, which a meta-device build skips) starts at zero, not at uninitialised memory."""
+    for name, target in targets.items():
+        if id(target.tensor) in written or (buffers_only and isinstance(target.tensor, nn.Parameter)):
+            continue
+        if target.tensor.is_floating_point():
+            target.write_local(torch.zeros_like(target.tensor.to_local() if isinstance(target.tensor, DTensor) else target.tensor))
+            written.add(id(target.tensor))
 
 
 def materialize(model: PreTrainedModel, model_cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, device: torch.device) -> None:
@@ -324,7 +416,8 @@ def load_pretrained_shards(model: PreTrainedModel, directory: Path) -> None:
             used.add(key)
     finally:
         reader.close()
-    unexpected = sorted(k for k in reader.key_to_file if k not in used and not _is_known_extra(k))
+    arch = architecture(model.config)
+    unexpected = sorted(k for k in reader.key_to_file if k not in used and not arch.is_recomputed_checkpoint_key(k))
     problems = []
     if missing:
         problems.append(f"model.pretrained={directory}: checkpoint lacks {len(missing)} weights: {', '.join(missing[:8])}")
@@ -333,7 +426,3 @@ def load_pretrained_shards(model: PreTrainedModel, directory: Path) -> None:
     if problems:
         raise ConfigError(problems)
 
-
-def _is_known_extra(key: str) -> bool:
-    """Buffers some checkpoints carry that the model recomputes (rotary frequencies, position ids)."""
-    return key.endswith(("rotary_emb.inv_freq", ".position_ids", ".masked_bias", ".attn.bias"))

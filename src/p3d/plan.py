@@ -4,8 +4,9 @@ It validates the config for the world size, maps ranks to (dp, cp, tp), estimate
 memory from the model's real parameter shapes and the TP plan, and lists the collectives of a
 step. The memory model follows what p3d allocates:
 
-- fp32 master weights, fp32 gradients (none kept with optim.in_backward) and AdamW's two fp32
-  moments, each sharded by TP (planned modules) and then by FSDP over dp*cp;
+- fp32 master weights, fp32 gradients (none kept with optim.in_backward) and the optimizer's fp32
+  state (AdamW's two moments; see optimizer_state_numel for the others), each sharded by TP
+  (planned modules) and then by FSDP over dp*cp (Adafactor's small row and column factors are whole);
 - step transients: FSDP's working set (the root unit unsharded throughout; untied embeddings
   and output head as units of their own, gathered only around their use; a block's unsharded
   weights, gradients and fp32 reduce-scatter buffer, the next block prefetched), or without
@@ -15,7 +16,10 @@ step. The memory model follows what p3d allocates:
   own: scores of the local queries over the whole sequence; p3d's ring: only the local queries'
   log-sum-exp; allgather: the gathered keys and values), and the logits;
 - a per-process baseline (torch, transformers, datasets imports), measured on this stack;
-- on CPU, memory the C allocator retains: half of what a step allocates and frees (measured).
+- on CPU, memory the C allocator retains: half of what a step allocates and frees (measured);
+- mixture-of-experts layers under expert parallelism: a block gathers only its `experts / ep`
+  experts (over the efsdp ranks that hold them), and each MoE layer sends its routed tokens to
+  the experts' ranks and back by all-to-all (the traffic assumes evenly spread routing).
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from dataclasses import dataclass, fields
 
 from torch import nn
 
-from p3d.config.schema import ACMode, CPImpl, DType, P3DConfig
+from p3d.config.schema import ACMode, CPImpl, DType, OptimConfig, P3DConfig
 from p3d.config.validate import ValidatedSetup
 from p3d.distributed.env import resolve_device_type
-from p3d.model import build_meta_model, decoder_blocks
+from p3d.model import build_meta_model
+from p3d.models import architecture, decoder_blocks, experts_modules
+from p3d.optim import muon_matrices, setting
 from p3d.parallel.context import uses_p3d_attention
 from p3d.parallel.fsdp import embedding_units
 from p3d.parallel.activation import checkpointed_block_indices
-from p3d.parallel.tensor import _SPLIT_DIM, match_plan
+from p3d.parallel.tensor import tp_sharded_parameters
 
 GB = 2**30
 FP32 = 4
@@ -75,26 +81,44 @@ class Collective:
     megabytes_per_step: float
 
 
-def _tp_divisor(name: str, matched: dict[str, str], tp: int) -> int:
-    """How many ways TP splits a parameter (1 for parameters outside the plan; biases of rowwise layers too)."""
-    module, _, leaf = name.rpartition(".")
-    style = matched.get(module)
-    if style is None or tp == 1:
-        return 1
-    if leaf == "bias" and _SPLIT_DIM[style] == 1:
-        return 1  # a rowwise layer's bias is added after the reduction, replicated
-    return tp
+def _tp_divisor(name: str, matched: set[str], tp: int) -> int:
+    """How many ways TP splits a parameter (1 for replicated ones: outside the plan, a rowwise layer's bias, ...)."""
+    return tp if name in matched else 1
+
+
+def _sharded(model: nn.Module, plan: dict[str, str], tp: int) -> set[str]:
+    return tp_sharded_parameters(model, plan) if tp > 1 else set()
 
 
 def local_parameter_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp: int) -> int:
-    matched = match_plan(plan, model) if tp > 1 else {}
+    matched = _sharded(model, plan, tp)
     total = 0
     for name, param in model.named_parameters():
         total += -(-param.numel() // (_tp_divisor(name, matched, tp) * dp_cp))
     return total
 
 
-def _unit_numel(module: nn.Module, matched: dict[str, str], tp: int, prefix: str, exclude: set[int]) -> int:
+def optimizer_state_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp: int, optim: OptimConfig) -> int:
+    """Elements of optimizer state one rank keeps (in the weights' dtype): AdamW's and Adam's two moments,
+    SGD's momentum (if any), Muon's momentum for its matrices and AdamW's moments for the rest, and
+    Adafactor's whole row and column factors of each matrix (every rank holds them) and a second
+    moment for each vector."""
+    name = optim.name.value
+    matched = _sharded(model, plan, tp)
+    matrices = {id(param) for param in muon_matrices(model)} if name == "muon" else set()
+    total = 0
+    for param_name, param in model.named_parameters():
+        local = -(-param.numel() // (_tp_divisor(param_name, matched, tp) * dp_cp))
+        if name == "adafactor":
+            total += param.numel() // param.shape[-1] + param.numel() // param.shape[-2] if param.ndim > 1 else local
+        elif name == "sgd":
+            total += local if setting(optim, "momentum") else 0
+        else:
+            total += local if id(param) in matrices else 2 * local
+    return total
+
+
+def _unit_numel(module: nn.Module, matched: set[str], tp: int, prefix: str, exclude: set[int]) -> int:
     total = 0
     for name, param in module.named_parameters():
         if id(param) not in exclude:
@@ -114,12 +138,24 @@ class FsdpUnit:
         return self.weights * compute_bytes + (self.weights + self.extra_gradients) * compute_bytes + self.weights * FP32
 
 
-def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUnit, list[FsdpUnit], list[FsdpUnit]]:
+def expert_numel(model: nn.Module) -> int:
+    """Elements of all experts' weights (mixture-of-experts layers)."""
+    return sum(p.numel() for _, module in experts_modules(model) for p in module.parameters(recurse=False))
+
+
+def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int, ep: int = 1) -> tuple[FsdpUnit, list[FsdpUnit], list[FsdpUnit]]:
     """The root unit, the untied embedding units (input, output head) and one unit per decoder block.
 
-    This mirrors p3d.parallel.fsdp.apply_fsdp: a tied embedding stays in the root unit.
+    This mirrors p3d.parallel.fsdp.apply_fsdp: a tied embedding stays in the root unit; under
+    expert parallelism a block's experts are gathered only for this rank's `experts / ep`.
     """
-    matched = match_plan(plan, model) if tp > 1 else {}
+    matched = _sharded(model, plan, tp)
+    if ep > 1:
+        off_rank = {id(p): p.numel() - p.numel() // ep for _, module in experts_modules(model) for p in module.parameters(recurse=False)}
+        blocks_with_experts = [
+            FsdpUnit(_unit_numel(block, matched, tp, "", set()) - sum(off_rank.get(id(p), 0) for p in block.parameters()), 0)
+            for block in decoder_blocks(model)
+        ]
     names = {module: name for name, module in model.named_modules()}
     blocks = decoder_blocks(model)
     own_unit = {id(p) for block in blocks for p in block.parameters()}
@@ -132,10 +168,12 @@ def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUni
         embeddings.append(FsdpUnit(_unit_numel(unit, matched, tp, names[unit] + ".", set()), 0))
         own_unit |= {id(p) for p in unit.parameters()}
     root = FsdpUnit(_unit_numel(model, matched, tp, "", own_unit), tied)
+    if ep > 1:
+        return root, embeddings, blocks_with_experts
     return root, embeddings, [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
 
 
-def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int) -> int:
+def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int, ep: int = 1) -> int:
     """Memory that exists only during a step, beyond the sharded state.
 
     With FSDP the root unit stays unsharded through forward and backward. On top of it, the
@@ -144,7 +182,7 @@ def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bo
     output buffer it is copied out of. Without FSDP: a tied output head's gradient is buffered
     beside the embedding's.
     """
-    root, embeddings, blocks = fsdp_units(model, plan, tp)
+    root, embeddings, blocks = fsdp_units(model, plan, tp, ep)
     if not sharded:
         return root.extra_gradients * compute_bytes
     largest_block = max(blocks, key=lambda unit: unit.weights, default=FsdpUnit(0, 0))
@@ -163,7 +201,7 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
     weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) * DTYPE_BYTES[config.train.master_dtype]
     gradients = 0 if config.optim.in_backward else weights
     sharded = dims.dp_cp > 1 or config.train.dtype is not DType.fp32  # FSDP2 is applied
-    transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes)
+    transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes, dims.ep)
     activations = _activation_bytes(config, setup, text, dims, len(decoder_blocks(model)), compute_bytes)
     local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
     logits = local_tokens * text.vocab_size * (compute_bytes + 2 * FP32)  # logits, fp32 copy for the loss, its gradient
@@ -172,7 +210,7 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
         baseline=PROCESS_BASELINE_GB,
         weights=weights / GB,
         gradients=gradients / GB,
-        optimizer=2 * weights / GB,
+        optimizer=optimizer_state_numel(model, setup.tp_plan, dims.tp, dims.dp_cp, config.optim) * DTYPE_BYTES[config.train.master_dtype] / GB,
         step_transients=transients / GB,
         activations=activations / GB,
         logits=logits / GB,
@@ -187,11 +225,8 @@ def _activation_bytes(config: P3DConfig, setup: ValidatedSetup, text, dims, bloc
     the row-parallel layers; split over tp with sequence parallelism), ~6 TP-sharded hidden-size
     tensors (q, k, v, attention output), 3 TP-sharded MLP tensors, plus what attention keeps.
     """
-    hidden = text.hidden_size
-    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = hidden // heads
+    sizes = architecture(setup.hf_config).sizes(setup.hf_config)
+    hidden, intermediate, heads, kv_heads, head_dim = sizes.hidden, sizes.intermediate, sizes.heads, sizes.kv_heads, sizes.head_dim
     batch, seq_len = config.train.micro_batch_size, config.data.seq_len
     local_tokens = batch * seq_len // dims.cp
     residual_split = dims.tp if config.parallel.sequence_parallel else 1
@@ -221,18 +256,29 @@ def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Mod
     hidden_mb = local_tokens * text.hidden_size * compute_bytes / 2**20
     collectives = []
     if dims.dp_cp > 1:
-        matched = match_plan(setup.tp_plan, model) if dims.tp > 1 else {}
+        matched = _sharded(model, setup.tp_plan, dims.tp)
         unsharded = sum(p.numel() // _tp_divisor(n, matched, dims.tp) for n, p in model.named_parameters())
+        experts = expert_numel(model) if dims.ep > 1 else 0  # gathered over efsdp instead, this rank's share only
         units = blocks + 1
-        collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * unsharded * compute_bytes / 2**20))
-        collectives.append(Collective("FSDP reduce-scatter of gradients", "dp_cp", micro * units, micro * unsharded * FP32 / 2**20))
+        collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * (unsharded - experts) * compute_bytes / 2**20))
+        collectives.append(Collective("FSDP reduce-scatter of gradients", "dp_cp", micro * units, micro * (unsharded - experts) * FP32 / 2**20))
+        if experts and dims.efsdp > 1:
+            moe_layers = len(experts_modules(model))
+            collectives.append(Collective("FSDP all-gather of this rank's experts (forward and backward)", "efsdp", micro * 2 * moe_layers, micro * 2 * experts / dims.ep * compute_bytes / 2**20))
+            collectives.append(Collective("FSDP reduce-scatter of this rank's expert gradients", "efsdp", micro * moe_layers, micro * experts / dims.ep * FP32 / 2**20))
+    if dims.ep > 1:
+        moe_layers = len(experts_modules(model))
+        share = architecture(setup.hf_config).active_expert_share(setup.hf_config)
+        per_token = max(1, round(share * _expert_count(model)))  # (token, expert) pairs per token
+        leaving_mb = local_tokens * per_token * text.hidden_size * compute_bytes * (dims.ep - 1) / dims.ep / 2**20
+        collectives.append(Collective("EP all-to-all of routed tokens and their outputs (forward, backward), and per-expert counts", "ep", micro * moe_layers * 5, micro * moe_layers * 4 * leaving_mb))
     if dims.tp > 1 and config.parallel.sequence_parallel:
         collectives.append(Collective("TP all-gather of norm outputs and reduce-scatter of row-parallel outputs (sequence parallel)", "tp", micro * 8 * blocks, micro * 4 * blocks * hidden_mb))
     elif dims.tp > 1:
         collectives.append(Collective("TP all-reduce of row-parallel outputs and column-parallel input gradients", "tp", micro * 4 * blocks, micro * 4 * blocks * hidden_mb))
     if dims.cp > 1:
-        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        kv_mb = config.train.micro_batch_size * config.data.seq_len * kv_heads / dims.tp * (text.hidden_size // text.num_attention_heads) * compute_bytes / 2**20
+        sizes = architecture(setup.hf_config).sizes(setup.hf_config)
+        kv_mb = config.train.micro_batch_size * config.data.seq_len * sizes.kv_heads / dims.tp * sizes.head_dim * compute_bytes / 2**20
         hops = dims.cp - 1
         if setup.cp_impl is CPImpl.ring:
             # forward: K/V pass cp-1 hops; backward: K/V again and dK/dV (cp hops, back to their owner)
@@ -245,6 +291,28 @@ def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Mod
     collectives.append(Collective("loss (all-reduce)", "dp_cp", 1, 0.0))
     collectives.append(Collective("gradient norm and peak memory (all-reduce)", "world", 2, 0.0))
     return collectives
+
+
+def _expert_count(model: nn.Module) -> int:
+    from p3d.parallel.expert import expert_count
+
+    found = experts_modules(model)
+    return expert_count(found[0][1]) if found else 0
+
+
+def experts_line(model: nn.Module, dims, master_bytes: int, compute_bytes: int) -> str | None:
+    """What a rank keeps of the experts: stored (sharded over efsdp x ep = dp x cp, or over tp) and gathered to compute."""
+    found = experts_modules(model)
+    if not found:
+        return None
+    count, elements = _expert_count(model), expert_numel(model)
+    split = dims.ep if dims.ep > 1 else dims.tp
+    stored = elements / (dims.dp_cp * (dims.tp if dims.ep == 1 else 1)) * master_bytes
+    held = elements / split * compute_bytes
+    return (
+        f"# experts: {len(found)} layers of {count}, {count // split} per rank; expert weights per rank: "
+        f"{stored / 2**20:,.1f} MB stored, {held / 2**20:,.1f} MB gathered to compute (of {elements * master_bytes / 2**20:,.1f} MB)"
+    )
 
 
 def machine_memory_gb() -> float | None:
@@ -271,6 +339,11 @@ def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_s
         f"# batch: {config.train.global_batch_size} sequences x {config.data.seq_len} tokens per step; "
         f"{config.train.micro_batch_size} per dp rank per forward, {accumulation} accumulation step(s); "
         f"{config.train.micro_batch_size * config.data.seq_len // dims.cp} tokens per rank per forward",
+    ]
+    experts = experts_line(model, dims, DTYPE_BYTES[config.train.master_dtype], DTYPE_BYTES[config.train.dtype])
+    if experts is not None:
+        lines.append(experts)
+    lines += [
         "",
         "# memory per rank (estimate, GB)",
     ]
@@ -280,6 +353,9 @@ def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_s
     lines.append(f"{'whole job':<18} {job:8.2f}   (all {dims.world_size} ranks on one machine)")
     if machine is not None and job > machine and os.environ.get("LOCAL_WORLD_SIZE") is None:
         lines.append(f"warning: {dims.world_size} ranks on this machine would need about {job:.1f} GB; it has {machine:.1f} GB")
+    if dims.tp > 1:
+        lines += ["", f"# tensor-parallel plan ({setup.plan_source})"]
+        lines += [f"{style:<32} {pattern}" for pattern, style in setup.tp_plan.items()]
     lines += ["", "# collectives per step (count, MB moved per rank)"]
     for collective in collectives_per_step(config, setup, model):
         lines.append(f"{collective.per_step:>6}  {collective.megabytes_per_step:10.1f} MB  [{collective.group}] {collective.name}")

@@ -11,9 +11,10 @@ workers, with the cheap checks only (markers, file sizes, config and data change
 - checkpoint.load_from names a checkpoint to start from; once run.dir has an intact checkpoint
   of its own at the same or a later step, that one wins, so restarts and reruns continue the
   run. A damaged or incomplete one named there is an error that names the intact one to use.
-- Changes to the layout, step count, batch split, optimizer, logging, checkpointing and the
+- Changes to the layout, step count, batch split, optimizer hyperparameters, logging, checkpointing and the
   like are listed and applied (a change of train.master_dtype converts the loaded weights and
-  optimizer state). Changes that alter the model's parameter shapes are refused,
+  optimizer state). Changes that alter the model's parameter shapes are refused, so is another
+  optimizer (optim.name: its state is not the saved one),
   and so are changes to the data (data.*, train.seed, or other files behind the same data.path
   unless checkpoint.allow_data_change): the data position counts samples of the checkpoint's
   data order, which another dataset, tokenizer, sequence length or seed would silently reinterpret.
@@ -37,11 +38,14 @@ from p3d.model import build_meta_model
 
 # Keys whose change would make the saved data position point at other samples.
 DATA_POSITION_KEYS = ("data", "train.seed")
-# Data keys that leave the training samples as they are: where the token cache lives, how many
-# processes build it, the held-out data that evaluation reads.
-DATA_KEYS_KEEPING_POSITION = ("data.cache_dir", "data.tokenize_workers", "data.eval_path")
+# Data keys that leave the training samples as they are: the held-out documents of the validation
+# pass, where the token cache lives and how many processes build it.
+NOT_DATA_POSITION_KEYS = ("data.eval_path", "data.cache_dir", "data.tokenize_workers")
 # Keys that may change what the model is; refused only when the parameter shapes change.
 MODEL_KEYS = ("model.arch", "model.config", "model.init", "model.pretrained")
+# Keys whose change would leave the saved optimizer state without a reader (another optimizer's
+# state names and shapes); checkpoints of a p3d without optim.name were AdamW's.
+OPTIMIZER_KEYS = {"optim.name": "adamw"}
 # Keys whose change the load itself carries out (DCP casts each stored tensor to the new dtype).
 CONVERTED_ON_LOAD = {"train.master_dtype": " (the weights and optimizer state are converted to it on load)"}
 
@@ -140,7 +144,7 @@ def intact_hint(checkpoint: Path, verify: Verify) -> str:
 
 def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fresh_hint: str) -> list[str]:
     """The config changes since the checkpoint, one line each; ConfigError for refused ones."""
-    stored = flatten(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=True))
+    stored = {**OPTIMIZER_KEYS, **flatten(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=True))}
     current = flatten(OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True))
     defaults = flatten(OmegaConf.to_container(OmegaConf.structured(P3DConfig), resolve=True, enum_to_str=True))
     stored = {**{key: value for key, value in defaults.items() if key not in stored and key in current}, **stored}  # keys added since: their defaults
@@ -149,7 +153,13 @@ def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fr
         f"{key}: {old} in checkpoint {path.name}, {new} now: the data position counts samples of the checkpoint's data "
         f"order; set {key}={old} to resume, or {fresh_hint}"
         for key, (old, new) in changed.items()
-        if _under(key, DATA_POSITION_KEYS) and not _under(key, DATA_KEYS_KEEPING_POSITION)
+        if _under(key, DATA_POSITION_KEYS) and not _under(key, NOT_DATA_POSITION_KEYS)
+    ]
+    problems += [
+        f"{key}: {old} in checkpoint {path.name}, {new} now: the checkpoint holds {old}'s optimizer state, which {new} cannot "
+        f"continue from; set {key}={old} to resume, or {fresh_hint}"
+        for key, (old, new) in changed.items()
+        if key in OPTIMIZER_KEYS
     ]
     data_change = None if problems else data_source_change(path, config)
     if data_change is not None and not config.checkpoint.allow_data_change:

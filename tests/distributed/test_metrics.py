@@ -50,6 +50,15 @@ def test_main_layout_prints_no_warning_and_ends_with_the_summary_line(p3d_runner
     assert json.loads((result.run_dir / "summary.json").read_text()) == summary  # the training run's summary stays
 
 
+def test_units_that_return_views_give_no_fsdp_warning(p3d_runner):
+    """OPT's decoder layer returns a view (`(residual + hidden_states).view(shape)`): FSDP2 warned per
+    layer and rank that an in-place op could drop its backward all-gather; its outputs are now
+    tensors of their own, with the same losses."""
+    result = p3d_runner(["model=tiny_opt", *SHORT, "parallel.dp=2", "parallel.tp=1", "parallel.cp=1"], nproc=2)
+    assert_ok(result)
+    assert "returned a view tensor" not in result.stderr, result.stderr[-2000:]
+
+
 def test_metrics_records_carry_throughput_mfu_memory_and_data_wait(p3d_runner):
     result = p3d_runner([*SHORT, "logging.peak_tflops=0.5"])
     assert_ok(result)

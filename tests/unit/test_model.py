@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -66,10 +68,20 @@ def test_pretrained_load_matches_transformers(tmp_path, preset):
         assert torch.allclose(ours(tokens).logits, theirs(tokens).logits, atol=1e-6)
 
 
-def test_pretrained_shape_mismatch_is_a_clear_error(tmp_path):
+def test_a_config_that_changes_a_checkpoints_shapes_is_refused_naming_the_key(tmp_path):
     path = save_sharded(tmp_path, "tiny_llama")
+    with pytest.raises(ConfigError) as error:
+        built(["model=tiny_llama", "model.init=pretrained", f"model.pretrained={path}", "model.config.intermediate_size=64", "model.config.rms_norm_eps=0.001"])
+    (problem,) = error.value.problems
+    assert problem.startswith("model.config.intermediate_size=64 (config.json: 128): would change the shapes of model.pretrained=")
+
+
+def test_weights_that_disagree_with_their_config_json_are_a_clear_error(tmp_path):
+    path = save_sharded(tmp_path, "tiny_llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
     with pytest.raises(ConfigError, match="has shape"):
-        built(["model=tiny_llama", "model.init=pretrained", f"model.pretrained={path}", "model.config.intermediate_size=64"])
+        built(["model=hf", f"model.pretrained={path}"])
 
 
 def test_pretrained_missing_weights_are_listed(tmp_path):
@@ -85,3 +97,15 @@ def test_pretrained_missing_weights_are_listed(tmp_path):
 def test_pretrained_missing_directory():
     with pytest.raises(ConfigError, match="model.pretrained=./nowhere: no such directory"):
         build_hf_config(to_object(compose(["model.init=pretrained", "model.pretrained=./nowhere"])).model)
+
+
+def test_flops_per_token_count_only_the_experts_a_token_is_routed_to():
+    from p3d.metrics import matmul_params
+    from p3d.model import build_hf_config, build_meta_model
+    from p3d.config.schema import ModelConfig
+
+    model = build_meta_model(build_hf_config(ModelConfig(arch="mixtral", tiny=True)))
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    embedding = model.get_input_embeddings().weight.numel()
+    dense = sum(p.numel() for p in model.parameters()) - experts - embedding
+    assert matmul_params(model) == dense + experts * 2 / 4  # 2 of 4 experts per token

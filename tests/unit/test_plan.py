@@ -71,3 +71,37 @@ def test_memory_options_lower_their_term(key, effect):
     before, after = estimate_memory(config, setup), estimate_memory(changed_config, changed_setup)
     assert getattr(after, effect) < getattr(before, effect) / 2
     assert after.total < before.total
+
+
+def test_plan_counts_expert_memory_per_rank_and_the_all_to_all():
+    """At dp4: ep1 gathers all 4 experts of a layer to compute, ep2 half of them (stored: a quarter either way)."""
+    from p3d.plan import collectives_per_step, experts_line
+
+    lines, collectives = {}, {}
+    for ep in (1, 2):
+        setup = validate(to_object(compose(["model=tiny", "model.arch=mixtral", f"parallel.ep={ep}", "train.micro_batch_size=1"])), 4)
+        model = build_meta_model(setup.hf_config)
+        lines[ep] = experts_line(model, setup.dims, 4, 4)
+        collectives[ep] = {c.group: c for c in collectives_per_step(to_object(compose(["train.micro_batch_size=1"])), setup, model)}
+    assert lines[1] == "# experts: 2 layers of 4, 4 per rank; expert weights per rank: 0.2 MB stored, 0.8 MB gathered to compute (of 0.8 MB)"
+    assert lines[2] == "# experts: 2 layers of 4, 2 per rank; expert weights per rank: 0.2 MB stored, 0.4 MB gathered to compute (of 0.8 MB)"
+    assert "ep" not in collectives[1]
+    assert collectives[2]["ep"].per_step == 2 * 2 * 5  # 2 micro-batches x 2 MoE layers x (2 forward, 2 backward, counts)
+    assert collectives[2]["efsdp"].per_step > 0
+
+
+def test_optimizer_state_follows_the_optimizer():
+    """AdamW and Adam: two moments per weight; Muon: one for its matrices; SGD: one with momentum, none
+    without; Adafactor: a row and a column factor per matrix (whole) and one moment per vector."""
+    base = ["model=opt1.3b", "parallel=tp2dp2cp2"]
+    states = {}
+    for optimizer in ("adamw", "adam", "muon", "sgd", "adafactor"):
+        config, setup = setup_for([*base, f"optim.name={optimizer}"], 8)
+        estimate = estimate_memory(config, setup)
+        states[optimizer] = estimate.optimizer / estimate.weights
+    config, setup = setup_for([*base, "optim.name=sgd", "optim.momentum=0.9"], 8)
+    estimate = estimate_memory(config, setup)
+    assert states["adamw"] == states["adam"] == pytest.approx(2.0, rel=1e-3)
+    assert estimate.optimizer / estimate.weights == pytest.approx(1.0, rel=1e-3) and states["sgd"] == 0
+    assert 1.0 < states["muon"] < 1.3  # OPT-1.3B's embeddings (about 1/13 of the weights) take AdamW's two
+    assert 0 < states["adafactor"] < 0.05

@@ -71,8 +71,28 @@ def test_tp_plan_pattern_must_match_a_module():
 
 
 def test_tp_plan_style_must_be_supported():
-    found = plan_problems({"model.decoder.layers.*.fc1": "packed_colwise"})
-    assert any("style 'packed_colwise'" in p and "model.tp_plan" in p for p in found)
+    found = plan_problems({"model.decoder.layers.*.fc1": "diagonal"})
+    assert any("style 'diagonal'" in p and "model.tp_plan" in p for p in found)
+    (problem,) = plan_problems({"model.decoder.layers.*.fc2": "moe_identity_expert"})
+    assert problem == "model.tp_plan: model.decoder.layers.*.fc2: moe_identity_expert (identity experts) is not supported under tensor parallelism; use parallel.tp=1"
+
+
+def test_experts_style_needs_fused_experts_that_tp_divides():
+    (problem,) = plan_problems({"model.decoder.layers.*.fc2": "moe_tp_experts"})
+    assert problem == (
+        "parallel.tp=2: 'model.decoder.layers.0.fc2' (Linear) is not a fused experts module (3-D weights, "
+        "forward(hidden, top_k_index, top_k_weights)); use parallel.tp=1"
+    )
+    (problem,) = problems(["model=tiny", "model.arch=mixtral", "parallel.tp=8", "model.config.num_attention_heads=8", "model.config.num_key_value_heads=8"], 8)
+    assert problem == "parallel.tp=8: 4 experts of 'model.layers.0.mlp.experts' cannot be split evenly over 8 ranks; choose a degree that divides 4"
+
+
+def test_transformers_plan_entries_for_other_variants_are_left_out():
+    """DeepSeek-V2's plan names q_proj (no query compression) and q_b_proj (with it): the tiny model has the latter."""
+    setup = validate(to_object(compose(["model=tiny", "model.arch=deepseek_v2", "parallel.tp=2"])), 2)
+    assert "model.layers.*.self_attn.q_b_proj" in setup.tp_plan and "model.layers.*.self_attn.q_proj" not in setup.tp_plan
+    assert setup.tp_plan["model.layers.*.mlp.experts"] == "moe_tp_experts"
+    assert "model.layers.*.mlp.experts.gate_up_proj" not in setup.tp_plan  # subsumed: experts stay whole
 
 
 def test_tp_plan_must_shard_tied_embeddings_alike():
@@ -80,20 +100,15 @@ def test_tp_plan_must_shard_tied_embeddings_alike():
     assert any("tied embeddings" in p for p in found)
 
 
-def test_plan_entries_merge_from_the_command_line():
-    config = to_object(compose(["model=tiny_opt", "model.tp_plan={model.decoder.layers.*.fc1: rowwise}"]))
-    plan = validate(config, 1).tp_plan
-    assert plan["model.decoder.layers.*.fc1"] == "rowwise" and plan["lm_head"] == "colwise_gather_output"
-
-
 def test_whole_plan_can_be_replaced_from_the_command_line():
     overrides = ["model=tiny_opt", "model.tp_plan=null", "model.tp_plan={model.decoder.layers.*.fc1: colwise, model.decoder.layers.*.fc2: rowwise}"]
     assert validate(to_object(compose(overrides)), 1).tp_plan == {"model.decoder.layers.*.fc1": "colwise", "model.decoder.layers.*.fc2": "rowwise"}
 
 
-def test_model_without_plan_needs_one_under_tp():
-    found = problems(["model=tiny_opt", "parallel=tp2dp1cp1", "model.tp_plan=auto"], 2)
-    assert any("OPTForCausalLM has no tensor-parallel plan" in p for p in found)
+def test_a_model_whose_structure_is_not_recognised_needs_a_plan_under_tp():
+    (problem,) = problems(["model=tiny", "model.arch=mamba", "parallel=tp2dp1cp1"], 2)
+    assert problem.startswith("model.tp_plan: MambaForCausalLM: block structure not recognised (no query/key/value projections")
+    assert problem.endswith("give one in the model YAML (module pattern: style)")
 
 
 def test_tokenizer_must_fit_the_vocabulary():
@@ -127,34 +142,42 @@ def test_pretrained_needs_a_source():
     assert any("model.pretrained" in p for p in found)
 
 
-def test_sliding_window_models_are_refused_under_cp():
-    found = problems(["model.arch=mistral", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2)
-    assert any("parallel.cp=2" in p and "sliding-window" in p for p in found), found
-
-
-def test_sliding_window_is_refused_under_cp_naming_the_key():
-    (problem,) = [p for p in problems(["model.arch=mistral", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2) if "sliding" in p]
-    assert problem.startswith("model.config.sliding_window=16:") and "parallel.cp=2" in problem and "\n" not in problem
-
-
-def test_a_window_longer_than_the_sequence_is_plain_causal_and_allowed():
-    setup = validate(to_object(compose(["model.arch=mistral", "model.config.sliding_window=256", "data.seq_len=128", "parallel=tp1dp1cp2"])), 2)
-    assert setup.dims.cp == 2
-
-
-def test_sliding_layers_are_refused_under_cp():
-    found = problems(["model.arch=qwen2", "model.config.layer_types=[full_attention,sliding_attention]", "model.config.sliding_window=16", "parallel=tp1dp1cp2"], 2)
-    assert any(p.startswith("model.config.layer_types:") and "sliding_attention" in p and "parallel.cp=2" in p for p in found), found
+@pytest.mark.parametrize("packing", ["stream", "documents"])
+def test_sliding_windows_softcapping_and_sinks_are_allowed_under_cp(packing):
+    for arch in ("mistral", "gemma2", "granite_swa"):
+        setup = validate(to_object(compose([f"model.arch={arch}", f"data.packing={packing}", "parallel=tp1dp1cp2"])), 2)
+        assert setup.dims.cp == 2
 
 
 def test_bidirectional_attention_is_refused_under_cp():
-    found = problems(["model.arch=bert", "~model.config.num_key_value_heads", "parallel=tp1dp1cp2"], 2)
-    assert any(p.startswith("model.config.is_decoder=false:") and "bidirectionally" in p and "parallel.cp=2" in p for p in found), found
+    (problem,) = problems(["model.arch=bert", "model.config.is_decoder=false", "parallel=tp1dp1cp2"], 2)
+    assert problem.startswith("model.arch=bert: BertConfig attends bidirectionally") and "parallel.cp=2" in problem
 
 
-def test_packed_documents_need_causal_attention_too():
-    found = problems(["model.arch=mistral", "model.config.sliding_window=16", "data.packing=documents"], 1)
-    assert any(p.startswith("model.config.sliding_window=16:") and "data.packing=documents" in p for p in found), found
+def test_attention_outside_the_interface_is_refused_under_cp():
+    (problem,) = problems(["model.arch=bloom", "parallel=tp1dp1cp2"], 2)
+    assert problem.startswith("model.arch=bloom: its attention does not go through transformers' attention interface")
+
+
+def test_attention_dropout_is_refused_naming_the_key():
+    (problem,) = problems(["model.arch=qwen2", "model.config.attention_dropout=0.1", "data.packing=documents"], 1)
+    assert problem.startswith("model.config.attention_dropout=0.1: p3d's attention (data.packing=documents) has no attention dropout")
+
+
+def test_positions_that_cannot_restart_per_row_are_refused_for_packed_documents():
+    (problem,) = problems(["model.arch=bart", "data.packing=documents"], 1)
+    assert problem.startswith("model.arch=bart: packed documents do not give each document's own results")
+    assert validate(to_object(compose(["model.arch=bart", "parallel=tp1dp1cp2"])), 2).dims.cp == 2  # its positions are p3d's under CP
+
+
+def test_models_without_attention_are_refused_under_cp():
+    (problem,) = problems(["model.arch=mamba", "parallel=tp1dp1cp2"], 2)
+    assert problem.startswith("model.arch=mamba:") and "parallel.cp=2" in problem and "use parallel.cp=1" in problem
+
+
+def test_torch_cp_impl_runs_plain_causal_attention_only():
+    found = problems(["model.arch=mistral", "parallel=tp1dp1cp2", "parallel.cp_impl=torch", "dist.device=cpu"], 2)
+    assert any("uses sliding windows" in p for p in found), found
 
 
 def test_torch_cp_impl_needs_cuda():
@@ -185,3 +208,17 @@ def test_sequence_parallel_needs_tokens_divisible_by_tp():
 def test_sequence_parallel_is_offered_only_for_verified_models():
     found = problems(["model.arch=qwen2", "parallel=tp2dp1cp1", "parallel.sequence_parallel=true"], 2)
     assert any("not verified for model type 'qwen2'" in p for p in found), found
+
+
+def test_expert_parallel_degree_is_checked_in_one_line_each():
+    moe = ["model=tiny", "model.arch=mixtral"]
+    found = problems([*moe, "parallel.ep=3"], 4)
+    assert found[0] == "parallel.ep=3 does not divide dp*cp = 4*1 = 4 (expert parallelism borrows the dp x cp ranks): choose an ep that divides 4"
+    (problem,) = problems([*moe, "parallel.ep=2", "parallel.tp=2"], 4)
+    assert problem.startswith("parallel.ep=2 with parallel.tp=2: experts are split over tp or over ep, not both")
+    (problem,) = problems([*moe, "parallel.ep=8", "train.micro_batch_size=1"], 8)
+    assert problem == "parallel.ep=8: 4 experts of 'model.layers.0.mlp.experts' cannot be split evenly over 8 ranks; choose a degree that divides 4"
+    (problem,) = problems(["model=tiny_llama", "parallel.ep=2"], 2)
+    assert problem == "parallel.ep=2: model.arch=llama has no mixture-of-experts layers p3d can split (fused experts modules); use parallel.ep=1"
+    (problem,) = problems([*moe, "model.config.output_router_logits=true"], 1)
+    assert problem.startswith("model.config.output_router_logits=true: p3d does not add the model's load-balancing")

@@ -108,6 +108,26 @@ class CPImpl(Enum):
     torch = "torch"
 
 
+class OptimizerName(Enum):
+    adamw = "adamw"
+    adam = "adam"
+    sgd = "sgd"
+    adafactor = "adafactor"
+    muon = "muon"
+
+
+class MuonLRAdjust(Enum):
+    match_rms_adamw = "match_rms_adamw"
+    original = "original"
+
+
+class Schedule(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    wsd = "wsd"
+
+
 class Packing(Enum):
     stream = "stream"
     documents = "documents"
@@ -120,12 +140,13 @@ class DataFormat(Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "model"  # preset name; names the default run directory
-    arch: str = "llama"  # Hugging Face `model_type` used to build the config for random init (llama, opt, ...)
+    name: Optional[str] = None  # preset name; names the run directory and the start-up line (null: model.arch, or model.pretrained's directory name)
+    arch: Optional[str] = "llama"  # Hugging Face `model_type` to build (llama, gpt2, qwen3, ...); with init=pretrained: null (the checkpoint's) or the same
+    tiny: bool = False  # shrink model.arch's default config to a tiny random model (hidden 64, 2 layers, 4 heads, vocab 264, ...); model.config still applies
     init: InitMode = InitMode.random  # random: build from the config alone (no download); pretrained: load `model.pretrained`
-    pretrained: Optional[str] = None  # local directory or hub id of a Hugging Face checkpoint (used by init=pretrained)
-    config: Dict[str, Any] = field(default_factory=dict)  # overrides of Hugging Face config fields, e.g. model.config.num_hidden_layers=3
-    tp_plan: Any = "auto"  # "auto" (the model's own Hugging Face tp plan) or a map {module pattern: style}
+    pretrained: Optional[str] = None  # local directory or hub id of a Hugging Face checkpoint (used by init=pretrained; its config.json gives every size)
+    config: Dict[str, Any] = field(default_factory=dict)  # overrides of Hugging Face config fields, e.g. model.config.num_hidden_layers=3 (never a pretrained checkpoint's shapes)
+    tp_plan: Any = "auto"  # "auto" (p3d's plan for the model type, else transformers', else one inferred from the modules) or a map {module pattern: style}
 
 
 @dataclass
@@ -133,6 +154,7 @@ class ParallelConfig:
     dp: int = bounded(-1, ge=1, also=(-1,))  # data-parallel degree (FSDP2 shards over dp*cp); -1 infers it as world_size / (cp*tp)
     cp: int = bounded(1, ge=1)  # context-parallel degree: the sequence is split over this many ranks
     tp: int = bounded(1, ge=1)  # tensor-parallel degree (innermost mesh dimension)
+    ep: int = bounded(1, ge=1)  # expert-parallel degree: each mixture-of-experts layer's experts split over this many of the dp*cp ranks (must divide dp*cp), tokens sent to them by all-to-all
     cp_layout: CPLayout = CPLayout.balanced  # sequence sharding under CP: balanced (rank i holds chunks i and 2cp-1-i) or contiguous
     cp_impl: CPImpl = CPImpl.auto  # CP attention: ring (p2p K/V rotation, any backend), allgather, torch (PyTorch's, CUDA only), auto (torch on CUDA, else ring)
     sequence_parallel: bool = False  # with tp > 1: norms and residuals between TP regions hold 1/tp of the sequence (llama and opt)
@@ -159,23 +181,30 @@ class DataConfig:
     seq_len: int = bounded(128, ge=1)  # tokens per training sequence
     tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
     packing: Packing = Packing.stream  # stream: windows cut from one token stream, attention crosses documents; documents: attention and positions stay inside each document
-    eval_path: Optional[str] = None  # held-out data for evaluation: a local file/dir or hub id read whole (its split is data.split)
-    eval_fraction: float = bounded(0.0, ge=0, lt=1)  # held-out share of each training source's documents (chosen by content hash), never trained on; 0: none
+    eval_path: Optional[str] = None  # held-out documents for the validation pass (eval.every): a local file/dir or hub dataset id, read whole, tokenized and packed like data.path (its split is data.split)
+    eval_fraction: float = bounded(0.0, ge=0, lt=1)  # held-out share of each training source's documents (chosen by content hash), never trained on, for the validation pass instead of data.eval_path; 0: none
     cache_dir: Optional[str] = None  # where tokenized sources are cached (shareable between runs and jobs); null: <run.root>/data-cache
     tokenize_workers: int = bounded(0, ge=0)  # processes that tokenize a source into a new cache; 0: one per available CPU core
 
 
 @dataclass
 class OptimConfig:
-    lr: float = bounded(1e-3, gt=0)  # peak learning rate of AdamW
-    weight_decay: float = bounded(0.1, ge=0)  # AdamW weight decay
-    beta1: float = bounded(0.9, ge=0, lt=1)  # AdamW beta1
-    beta2: float = bounded(0.95, ge=0, lt=1)  # AdamW beta2
-    eps: float = bounded(1e-8, gt=0)  # AdamW epsilon
+    name: OptimizerName = OptimizerName.adamw  # torch.optim's adamw, adam, sgd, adafactor or muon (Muon for the hidden layers' matrices, AdamW for embeddings, head, norms and biases); docs/training.md compares them
+    lr: float = bounded(1e-3, gt=0)  # peak learning rate (muon: of both its parts)
+    weight_decay: float = bounded(0.1, ge=0)  # weight decay of parameters with 2+ dims (norms and biases get none): decoupled for adamw, muon and adafactor, an L2 term for adam and sgd
+    beta1: Optional[float] = bounded(None, ge=0, lt=1)  # adamw, adam and muon's AdamW part: decay of the first moment (null: 0.9)
+    beta2: Optional[float] = bounded(None, ge=0, lt=1)  # adamw, adam and muon's AdamW part: decay of the second moment (null: 0.95)
+    eps: Optional[float] = bounded(None, gt=0)  # adamw, adam and muon's AdamW part: epsilon added to the denominator (null: 1e-8)
+    momentum: Optional[float] = bounded(None, ge=0, lt=1)  # sgd (null: 0) and muon (null: 0.95): momentum factor
+    nesterov: Optional[bool] = None  # sgd (null: false; true needs optim.momentum > 0) and muon (null: true): Nesterov momentum
+    beta2_decay: Optional[float] = bounded(None, le=0)  # adafactor: the second moment's decay at step t is 1 - t^beta2_decay (null: -0.8)
+    adjust_lr_fn: Optional[MuonLRAdjust] = None  # muon: the matrices' learning rate, match_rms_adamw (0.2 sqrt(max(rows, cols)) optim.lr: AdamW's update size, so optim.lr carries over) or original (sqrt(max(1, rows/cols)) optim.lr) (null: match_rms_adamw)
     grad_clip: float = bounded(1.0, ge=0)  # max global gradient norm; 0 disables clipping
     in_backward: bool = False  # step each weight as soon as its gradient is ready and free it (saves gradient memory; needs grad_clip=0, no accumulation)
-    warmup_steps: int = bounded(2, ge=0)  # linear warmup steps before the cosine decay
-    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # final learning rate as a fraction of optim.lr
+    schedule: Schedule = Schedule.cosine  # learning rate after the warmup: cosine or linear decay to the end, constant, or wsd (warmup-stable-decay: constant, then a linear decay over the last optim.decay_ratio of the steps)
+    warmup_steps: int = bounded(2, ge=0)  # linear warmup steps from optim.lr/warmup_steps up to optim.lr
+    min_lr_ratio: Optional[float] = bounded(None, ge=0, le=1)  # final learning rate as a fraction of optim.lr, reached at train.steps (cosine, linear, wsd; null: 0.1); refused with schedule=constant
+    decay_ratio: Optional[float] = bounded(None, gt=0, le=1)  # schedule=wsd: the final share of train.steps over which the learning rate decays (null: 0.2); refused with other schedules
 
 
 @dataclass
@@ -189,6 +218,12 @@ class TrainConfig:
     activation_checkpointing: ACMode = ACMode.none  # recompute block activations in backward: none, full (every block) or selective
     ac_every: int = bounded(2, ge=1)  # with activation_checkpointing=selective: checkpoint every n-th block (blocks 0, n, 2n, ...)
     compile: bool = False  # torch.compile each decoder block (after TP and activation checkpointing, before FSDP)
+
+
+@dataclass
+class EvalConfig:
+    every: int = bounded(0, ge=0)  # a validation pass over the held-out data (data.eval_path or data.eval_fraction) every this many steps and after the last step (val_loss, val_ppl); 0: none
+    steps: int = bounded(4, ge=1)  # batches of train.global_batch_size held-out sequences per pass (the same batches every pass)
 
 
 @dataclass
@@ -235,6 +270,7 @@ class P3DConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)

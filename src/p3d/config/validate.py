@@ -11,15 +11,17 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig, Packing, bounds_of, range_problem
-from p3d.data import build_tokenizer, check_data_source
-from p3d.distributed.env import backend_problems, resolve_device_type
+from p3d.data import build_tokenizer, check_data_source, check_eval_source
+from p3d.distributed.env import accelerate_problems, backend_problems, resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
 from p3d.metrics import wandb_credentials_problem
 from p3d.model import build_checked_meta_model, build_hf_config
+from p3d.models import architecture
+from p3d.optim import optimizer_problems, schedule_problems
 from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
 from p3d.parallel.sequence import sequence_parallel_problems
-from p3d.parallel.tensor import check_plan, resolve_plan
+from p3d.parallel.tensor import resolve_plan
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class ValidatedSetup:
     hf_config: PretrainedConfig
     tp_plan: dict[str, str]
     cp_impl: CPImpl  # resolved: never auto
+    plan_source: str = "model.tp_plan"  # where tp_plan comes from: model.tp_plan, p3d, transformers or inferred
 
 
 def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
@@ -37,36 +40,45 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems = _check_ranges(config)
     if problems:
         raise ConfigError(problems)  # every check below assumes its numbers are in range
-    dims = _collect(problems, lambda: ParallelDims.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size))
+    dims = _collect(problems, lambda: ParallelDims.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size, config.parallel.ep))
     problems += _check_options(config)
     dp = dims.dp if dims else max(config.parallel.dp, 1)
     problems += _check_batch(config, dp)
+    problems += optimizer_problems(config.optim, config.train.master_dtype)
+    problems += schedule_problems(config.optim, config.train.steps)
     problems += _check_sequence(config)
     problems += check_data_source(config.data)
+    problems += check_eval_source(config.data, config.eval.every)
     problems += _check_run_dir(config.run.dir)
     device_type = _collect(problems, lambda: resolve_device_type(config.dist.device))
     if device_type is not None:
         problems += backend_problems(config.dist.backend, device_type)
+    problems += accelerate_problems()
     cp_impl = resolve_cp_impl(config.parallel.cp_impl, device_type or "cpu", config.data.packing)
     problems += _check_cp_impl(config, cp_impl, device_type)
     hf_config = _collect(problems, lambda: build_hf_config(config.model))
     tp_plan: dict[str, str] = {}
+    plan_source = "model.tp_plan"
     meta_model = None
     if hf_config is not None:
-        problems += _check_heads(hf_config, config.parallel.tp)
-        problems += _check_positions(hf_config, config)
-        problems += _check_attention_for_cp(hf_config, config)
         problems += _check_vocab(config, hf_config)
         meta_model = _collect(problems, lambda: build_checked_meta_model(hf_config))
     if meta_model is not None:
-        tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, meta_model)) or {}
-        problems += check_plan(tp_plan, meta_model, config.parallel.tp)
+        arch = architecture(hf_config)
+        problems += arch.position_problems(hf_config, config.data.seq_len)
+        problems += _check_attention_for_cp(hf_config, config, cp_impl)
+        choice = arch.plan(meta_model)
+        plan_source = choice.source if config.model.tp_plan == "auto" else "model.tp_plan"
+        tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, choice.plan)) or {}
+        problems += arch.tensor_parallel_problems(meta_model, choice, tp_plan, config.parallel.tp)
+        problems += arch.expert_parallel_problems(meta_model, config.parallel.ep)
+        problems += _check_router_loss(hf_config)
         if config.parallel.sequence_parallel:
             local_seq_len = config.data.seq_len // config.parallel.cp
             problems += sequence_parallel_problems(hf_config, meta_model, tp_plan, config.parallel.tp, local_seq_len)
     if problems:
         raise ConfigError(problems)
-    return ValidatedSetup(dims=dims, hf_config=hf_config, tp_plan=tp_plan, cp_impl=cp_impl)
+    return ValidatedSetup(dims=dims, hf_config=hf_config, tp_plan=tp_plan, cp_impl=cp_impl, plan_source=plan_source)
 
 
 def _collect(problems: list[str], make):
@@ -163,25 +175,6 @@ def _check_sequence(config: P3DConfig) -> list[str]:
     return []
 
 
-def _check_heads(hf_config: PretrainedConfig, tp: int) -> list[str]:
-    text = hf_config.get_text_config()
-    heads = getattr(text, "num_attention_heads", None)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    problems = []
-    if heads and heads % tp:
-        problems.append(f"parallel.tp={tp} does not divide model.config.num_attention_heads={heads}: choose a tp that divides it")
-    if kv_heads and kv_heads != heads and kv_heads % tp:
-        problems.append(f"parallel.tp={tp} does not divide model.config.num_key_value_heads={kv_heads}: choose a tp that divides it")
-    return problems
-
-
-def _check_positions(hf_config: PretrainedConfig, config: P3DConfig) -> list[str]:
-    limit = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
-    if limit and config.data.seq_len > limit:
-        return [f"data.seq_len={config.data.seq_len} exceeds model.config.max_position_embeddings={limit}"]
-    return []
-
-
 def _check_cp_impl(config: P3DConfig, cp_impl: CPImpl, device_type: str | None) -> list[str]:
     """PyTorch's CP attention runs CUDA flash / efficient SDPA kernels, plain causal only."""
     if cp_impl is not CPImpl.torch or not uses_p3d_attention(config.parallel.cp, config.data.packing):
@@ -193,31 +186,24 @@ def _check_cp_impl(config: P3DConfig, cp_impl: CPImpl, device_type: str | None) 
     return []
 
 
-def _check_attention_for_cp(hf_config: PretrainedConfig, config: P3DConfig) -> list[str]:
-    """p3d's CP attention (also used for packed documents) is plain causal and dropout-free: refuse other attention."""
-    cp, packing, seq_len = config.parallel.cp, config.data.packing, config.data.seq_len
+def _check_attention_for_cp(hf_config: PretrainedConfig, config: P3DConfig, cp_impl: CPImpl) -> list[str]:
+    """p3d's attention (CP, packed documents) must give the model's own results: the models seam probes it."""
+    cp, packing = config.parallel.cp, config.data.packing
     if not uses_p3d_attention(cp, packing):
         return []
     why = f"parallel.cp={cp}" if cp > 1 else f"data.packing={packing.value}"
     fix = "use parallel.cp=1" if cp > 1 else "use data.packing=stream"
-    text = hf_config.get_text_config()
-    name = type(text).__name__
-    window = getattr(text, "sliding_window", None)
-    layer_types = getattr(text, "layer_types", None) or ()
-    local_layers = sorted(set(layer_types) - {"full_attention"})
-    if local_layers:
-        return [f"model.config.layer_types: {name} has {', '.join(local_layers)} layers, which p3d's attention under {why} does not support (plain causal only); {fix}"]
-    if window and getattr(text, "use_sliding_window", True) and window < seq_len:
-        return [
-            f"model.config.sliding_window={window}: sliding-window attention is not supported under {why} (plain causal only); "
-            f"{fix}, or data.seq_len<={window} / model.config.sliding_window=null"
-        ]
-    if getattr(text, "is_causal", True) is False or getattr(text, "is_decoder", True) is False:
-        key = "is_causal" if getattr(text, "is_causal", True) is False else "is_decoder"
-        return [f"model.config.{key}=false: {name} attends bidirectionally, which p3d's attention under {why} does not support (causal only); {fix}"]
-    dropout = getattr(text, "attention_dropout", 0.0) or 0.0
-    if dropout > 0:
-        return [f"model.config.attention_dropout={dropout}: p3d's context-parallel attention ({why}) has no attention dropout; set it to 0"]
+    arch = architecture(hf_config)
+    problems = arch.context_parallel_problems(hf_config, why, fix, packing is Packing.documents)
+    if not problems and cp_impl is CPImpl.torch and not arch.attention_is_plain_causal(hf_config):
+        problems.append(f"parallel.cp_impl=torch runs plain causal attention; model.arch={hf_config.model_type} uses sliding windows, softcapping or sinks: use parallel.cp_impl=ring")
+    return problems
+
+
+def _check_router_loss(hf_config: PretrainedConfig) -> list[str]:
+    """p3d computes the loss from the logits itself; the model's load-balancing loss is not added (yet)."""
+    if getattr(hf_config.get_text_config(), "output_router_logits", False):
+        return ["model.config.output_router_logits=true: p3d does not add the model's load-balancing (auxiliary) loss; set it to false"]
     return []
 
 

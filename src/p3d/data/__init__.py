@@ -27,6 +27,7 @@ from p3d.data.sources import (
     Source,
     builtin_documents,
     check_data_source,
+    check_eval_source,
     data_fingerprint,
     eval_source,
     fingerprint_change,
@@ -39,6 +40,6 @@ __all__ = [
     "FILE_FORMATS", "IGNORE_INDEX", "TOKENIZER_FILES", "ByteTokenizer", "CachedSource", "DataParallelSampler", "EvalSampler",
     "GlobalSampleOrder", "HFTokenizer", "Rows", "SequentialOrder", "ShuffledWindows", "Source", "TokenBatch", "TokenStream",
     "Tokenizer", "build_eval_sampler", "build_sampler", "build_tokenizer", "builtin_conversations", "builtin_documents",
-    "cache_root", "check_data_source", "data_fingerprint", "eval_source", "fingerprint_change", "make_batch", "open_cache",
+    "cache_root", "check_data_source", "check_eval_source", "data_fingerprint", "eval_source", "fingerprint_change", "make_batch", "open_cache",
     "render_builtin", "source_fingerprint", "training_sources",
 ]

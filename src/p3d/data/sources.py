@@ -265,6 +265,17 @@ def _parquet_column_problem(file: Path, name: str, source: Source) -> str | None
     return None
 
 
+def check_eval_source(data_cfg: DataConfig, every: int) -> list[str]:
+    """A validation pass (eval.every > 0) needs held-out data; data.eval_path's files are checked with
+    the training sources' (check_data_source)."""
+    if every > 0 and data_cfg.eval_path is None and data_cfg.eval_fraction == 0:
+        return [
+            f"eval.every={every} needs held-out data: set data.eval_path to a file or directory of documents the training "
+            f"does not see, or data.eval_fraction (e.g. 0.01) to hold out that share of the training documents"
+        ]
+    return []
+
+
 # --- fingerprints -----------------------------------------------------------------------------------
 
 

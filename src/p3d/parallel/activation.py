@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from p3d.config.schema import ACMode
-from p3d.model import decoder_blocks
+from p3d.models import decoder_blocks
 
 
 def _checkpointed(forward):

@@ -17,7 +17,14 @@ keys. Two schedules bring the keys to the queries:
   fewer messages, but per-rank K/V memory is that of the whole sequence.
 
 Both have their own exact backward (recomputing each tile's probabilities from the saved
-log-sum-exp, as flash attention does). Grouped-query attention is handled by viewing the
+log-sum-exp, as flash attention does).
+
+What a layer's attention asks for beyond plain causal comes with each call (`AttentionOptions`):
+a sliding window (a query sees the keys less than `window` tokens before it, as transformers'
+masks do: tiles wholly outside the window are skipped), softcapped scores (`cap * tanh(s / cap)`
+of the scaled scores, Gemma 2), and attention sinks (one learned logit per head that joins every
+row's softmax without a value, GPT-OSS style): merged into the log-sum-exp after the last tile, so
+the tiles' math does not change, and their gradient is `-p_sink * rowsum(dO * O)`. Grouped-query attention is handled by viewing the
 query heads as [kv heads, group], so K/V are never repeated. Math is fp32 whatever the input.
 On CPU each tile runs ATen's fused flash-attention kernel (forward returns the tile's
 log-sum-exp; backward takes the merged output and log-sum-exp); elsewhere the same math runs
@@ -56,6 +63,14 @@ def _split(runs: list[ChunkRange]) -> list[ChunkRange]:
 
 
 @dataclass(frozen=True)
+class AttentionOptions:
+    """What one attention call asks for beyond plain causal attention."""
+
+    window: int | None = None  # sliding window: a query sees keys at most window-1 tokens before it
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap)
+
+
+@dataclass(frozen=True)
 class Tile:
     """Local query rows x key rows of one source block that have something to attend to."""
 
@@ -73,29 +88,34 @@ class TilePlan:
     seq_len: int
     document_ids: torch.Tensor | None  # [batch, seq_len] over the whole sequence, or None
     device: torch.device
-    _cache: dict[int, list[Tile]] = field(default_factory=dict)
+    _cache: dict[tuple[int, int | None], list[Tile]] = field(default_factory=dict)
 
-    def tiles(self, source: int) -> list[Tile]:
-        """Tiles of this rank's queries against the keys held by cp rank `source`."""
-        if source not in self._cache:
-            self._cache[source] = [
+    def tiles(self, source: int, window: int | None = None) -> list[Tile]:
+        """Tiles of this rank's queries against the keys held by cp rank `source` (within `window`)."""
+        if (source, window) not in self._cache:
+            self._cache[source, window] = [
                 tile
                 for query_run in _split(self.sharding.chunk_ranges(self.rank, self.seq_len))
                 for key_run in _split(self.sharding.chunk_ranges(source, self.seq_len))
-                if (tile := self._tile(query_run, key_run)) is not None
+                if (tile := self._tile(query_run, key_run, window)) is not None
             ]
-        return self._cache[source]
+        return self._cache[source, window]
 
-    def _tile(self, queries: ChunkRange, keys: ChunkRange) -> Tile | None:
+    def _tile(self, queries: ChunkRange, keys: ChunkRange, window: int | None) -> Tile | None:
         q_first, q_last = queries.global_start, queries.global_start + queries.length - 1
         k_first, k_last = keys.global_start, keys.global_start + keys.length - 1
         if k_first > q_last:
             return None  # every key is in every query's future
+        if window is not None and q_first - k_last >= window:
+            return None  # every key is out of every query's window
         mask = None
-        if k_last > q_first:
-            q_index = torch.arange(q_first, q_last + 1, device=self.device)
-            k_index = torch.arange(k_first, k_last + 1, device=self.device)
-            mask = (q_index[:, None] >= k_index[None, :])[None]
+        if k_last > q_first or (window is not None and q_last - k_first >= window):
+            q_index = torch.arange(q_first, q_last + 1, device=self.device)[:, None]
+            k_index = torch.arange(k_first, k_last + 1, device=self.device)[None, :]
+            mask = q_index >= k_index
+            if window is not None:
+                mask = mask & (q_index - k_index < window)
+            mask = mask[None]
         if self.document_ids is not None and not self._one_document(min(q_first, k_first), max(q_last, k_last)):
             docs = self.document_ids
             same = docs[:, q_first : q_last + 1, None] == docs[:, None, k_first : k_last + 1]
@@ -220,32 +240,44 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
-def _tile_scores(q5: torch.Tensor, kv: torch.Tensor, tile: Tile, scale: float) -> torch.Tensor:
+def _tile_scores(q5: torch.Tensor, kv: torch.Tensor, tile: Tile, scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(masked scores, tanh of the capped scores or None)."""
     keys = kv[0][:, :, None, tile.keys]
     scores = torch.matmul(q5[..., tile.queries, :], keys.transpose(-1, -2)) * scale
+    capped = None
+    if softcap is not None:
+        capped = torch.tanh(scores / softcap)
+        scores = capped * softcap
     if tile.mask is not None:
         scores = scores.masked_fill(~tile.mask[:, None, None], NEG_INF)
-    return scores
+    return scores, capped
 
 
-def _tile_forward(q5, kv, tile: Tile, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if FUSED_ON_CPU and q5.device.type == "cpu":
+def _fused(q5: torch.Tensor, options: AttentionOptions) -> bool:
+    return FUSED_ON_CPU and q5.device.type == "cpu" and options.softcap is None
+
+
+def _tile_forward(q5, kv, tile: Tile, scale: float, options: AttentionOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    if _fused(q5, options):
         return _fused_tile_forward(q5, kv, tile, scale)
-    scores = _tile_scores(q5, kv, tile, scale)
+    scores, _ = _tile_scores(q5, kv, tile, scale, options.softcap)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - _finite(lse)[..., None])
     return torch.matmul(probs, kv[1][:, :, None, tile.keys]), lse
 
 
-def _tile_backward(q5, kv, dout5, out5, lse, delta, tile: Tile, scale: float, dq5, dkv) -> None:
+def _tile_backward(q5, kv, dout5, out5, lse, delta, tile: Tile, scale: float, options: AttentionOptions, dq5, dkv) -> None:
     """Add this tile's gradients to dq5 (queries) and dkv (the source block's keys and values)."""
-    if FUSED_ON_CPU and q5.device.type == "cpu":
+    if _fused(q5, options):
         return _fused_tile_backward(q5, kv, dout5, out5, lse, tile, scale, dq5, dkv)
-    probs = torch.exp(_tile_scores(q5, kv, tile, scale) - lse[..., tile.queries, None])
+    scores, capped = _tile_scores(q5, kv, tile, scale, options.softcap)
+    probs = torch.exp(scores - lse[..., tile.queries, None])
     dout = dout5[..., tile.queries, :]
     dkv[1][:, :, tile.keys] += torch.matmul(probs.transpose(-1, -2), dout).sum(2)
     dprobs = torch.matmul(dout, kv[1][:, :, None, tile.keys].transpose(-1, -2))
     dscores = probs * (dprobs - delta[..., tile.queries, None]) * scale
+    if capped is not None:
+        dscores = dscores * (1 - capped.square())
     dq5[..., tile.queries, :] += torch.matmul(dscores, kv[0][:, :, None, tile.keys])
     dkv[0][:, :, tile.keys] += torch.matmul(dscores.transpose(-1, -2), q5[..., tile.queries, :]).sum(2)
 
@@ -303,9 +335,23 @@ class _Merged:
         self.lse[..., rows] = new_lse
 
 
-def _add_tiles(merged: _Merged, q5, kv, tiles: list[Tile], scale: float) -> None:
+    def add_sinks(self, sinks: torch.Tensor) -> None:
+        """One more logit per head (`sinks`, [heads]) in every row's softmax, with no value."""
+        sink = sinks.float().reshape(1, *self.lse.shape[1:3], 1)
+        lse = torch.logaddexp(self.lse, sink)
+        self.out = self.out * torch.exp(self.lse - lse)[..., None]
+        self.lse = lse
+
+
+def _sink_gradient(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """d loss / d sink = -sum over rows of p_sink * rowsum(dO * O)."""
+    sink = sinks.float().reshape(1, *lse.shape[1:3], 1)
+    return -(torch.exp(sink - lse) * delta).sum(dim=(0, 3)).reshape(sinks.shape).to(sinks.dtype)
+
+
+def _add_tiles(merged: _Merged, q5, kv, tiles: list[Tile], scale: float, options: AttentionOptions) -> None:
     for tile in tiles:
-        merged.add(tile.queries, *_tile_forward(q5, kv, tile, scale))
+        merged.add(tile.queries, *_tile_forward(q5, kv, tile, scale, options))
 
 
 def _backward_inputs(query: torch.Tensor, kv_heads: int, grad_out: torch.Tensor, out5: torch.Tensor):
@@ -323,7 +369,7 @@ class RingAttention(torch.autograd.Function):
     """Ring schedule: K/V blocks rotate around the cp group, overlapped with the tiles' math."""
 
     @staticmethod
-    def forward(ctx, query, key, value, plan: TilePlan, comm: CPComm, scale: float, timer: AttentionTimer):
+    def forward(ctx, query, key, value, sinks, plan: TilePlan, comm: CPComm, scale: float, options: AttentionOptions, timer: AttentionTimer):
         with timer.total():
             q5 = _grouped(query, key.shape[1])
             kv = torch.stack([key, value]).float()
@@ -331,17 +377,19 @@ class RingAttention(torch.autograd.Function):
             for step in range(comm.size):
                 incoming = comm.pass_on(kv, _KV_TAG) if step < comm.size - 1 else None
                 with timer.compute():
-                    _add_tiles(merged, q5, kv, plan.tiles(comm.source(step)), scale)
+                    _add_tiles(merged, q5, kv, plan.tiles(comm.source(step), options.window), scale, options)
                 if incoming is not None:
                     kv = incoming.wait()
-            ctx.save_for_backward(query, key, value, merged.out, merged.lse)
-            ctx.plan, ctx.comm, ctx.scale, ctx.timer = plan, comm, scale, timer
+            if sinks is not None:
+                merged.add_sinks(sinks)
+            ctx.save_for_backward(query, key, value, sinks, merged.out, merged.lse)
+            ctx.plan, ctx.comm, ctx.scale, ctx.options, ctx.timer = plan, comm, scale, options, timer
             return _output(merged, query)
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out5, lse = ctx.saved_tensors
-        plan, comm, scale, timer = ctx.plan, ctx.comm, ctx.scale, ctx.timer
+        query, key, value, sinks, out5, lse = ctx.saved_tensors
+        plan, comm, scale, options, timer = ctx.plan, ctx.comm, ctx.scale, ctx.options, ctx.timer
         with timer.total():
             q5, dout5, delta, dq5 = _backward_inputs(query, key.shape[1], grad_out, out5)
             kv = torch.stack([key, value]).float()
@@ -350,45 +398,49 @@ class RingAttention(torch.autograd.Function):
                 kv_incoming = comm.pass_on(kv, _KV_TAG) if step < comm.size - 1 else None
                 dkv = torch.zeros_like(kv)
                 with timer.compute():
-                    for tile in plan.tiles(comm.source(step)):
-                        _tile_backward(q5, kv, dout5, out5, lse, delta, tile, scale, dq5, dkv)
+                    for tile in plan.tiles(comm.source(step), options.window):
+                        _tile_backward(q5, kv, dout5, out5, lse, delta, tile, scale, options, dq5, dkv)
                 if dkv_incoming is not None:
                     dkv += dkv_incoming.wait()  # the other ranks' gradients for the same block
                 dkv_incoming = comm.pass_on(dkv, _DKV_TAG)  # after the last step: home to the owner
                 if kv_incoming is not None:
                     kv = kv_incoming.wait()
             dkv = dkv_incoming.wait()
-        return dq5.reshape(query.shape).to(query.dtype), dkv[0].to(key.dtype), dkv[1].to(value.dtype), None, None, None, None
+        dsinks = _sink_gradient(sinks, lse, delta) if sinks is not None else None
+        return dq5.reshape(query.shape).to(query.dtype), dkv[0].to(key.dtype), dkv[1].to(value.dtype), dsinks, None, None, None, None, None
 
 
 class AllGatherAttention(torch.autograd.Function):
     """All-gather schedule: every rank gathers all K/V, computes its tiles, reduce-scatters dK/dV."""
 
     @staticmethod
-    def forward(ctx, query, key, value, plan: TilePlan, comm: CPComm, scale: float, timer: AttentionTimer):
+    def forward(ctx, query, key, value, sinks, plan: TilePlan, comm: CPComm, scale: float, options: AttentionOptions, timer: AttentionTimer):
         with timer.total():
             q5 = _grouped(query, key.shape[1])
             kv_all = comm.all_gather(torch.stack([key, value]).float())
             merged = _Merged(q5)
             with timer.compute():
                 for source in range(comm.size):
-                    _add_tiles(merged, q5, kv_all[source], plan.tiles(source), scale)
-            ctx.save_for_backward(query, kv_all, merged.out, merged.lse)
-            ctx.plan, ctx.comm, ctx.scale, ctx.timer = plan, comm, scale, timer
+                    _add_tiles(merged, q5, kv_all[source], plan.tiles(source, options.window), scale, options)
+            if sinks is not None:
+                merged.add_sinks(sinks)
+            ctx.save_for_backward(query, kv_all, sinks, merged.out, merged.lse)
+            ctx.plan, ctx.comm, ctx.scale, ctx.options, ctx.timer = plan, comm, scale, options, timer
             ctx.dtypes = (key.dtype, value.dtype)
             return _output(merged, query)
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, kv_all, out5, lse = ctx.saved_tensors
-        plan, comm, scale, timer = ctx.plan, ctx.comm, ctx.scale, ctx.timer
+        query, kv_all, sinks, out5, lse = ctx.saved_tensors
+        plan, comm, scale, options, timer = ctx.plan, ctx.comm, ctx.scale, ctx.options, ctx.timer
         with timer.total():
             q5, dout5, delta, dq5 = _backward_inputs(query, kv_all.shape[3], grad_out, out5)
             dkv_all = torch.zeros_like(kv_all)
             with timer.compute():
                 for source in range(comm.size):
-                    for tile in plan.tiles(source):
-                        _tile_backward(q5, kv_all[source], dout5, out5, lse, delta, tile, scale, dq5, dkv_all[source])
+                    for tile in plan.tiles(source, options.window):
+                        _tile_backward(q5, kv_all[source], dout5, out5, lse, delta, tile, scale, options, dq5, dkv_all[source])
             dkv = comm.reduce_scatter(dkv_all)
         key_dtype, value_dtype = ctx.dtypes
-        return dq5.reshape(query.shape).to(query.dtype), dkv[0].to(key_dtype), dkv[1].to(value_dtype), None, None, None, None
+        dsinks = _sink_gradient(sinks, lse, delta) if sinks is not None else None
+        return dq5.reshape(query.shape).to(query.dtype), dkv[0].to(key_dtype), dkv[1].to(value_dtype), dsinks, None, None, None, None, None

@@ -7,11 +7,15 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from p3d.model import decoder_blocks
+from p3d.models import decoder_blocks, experts_modules
+from p3d.parallel.tensor import own_tensor
 
 
-def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32) -> None:
+def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32, experts_mesh: DeviceMesh | None = None) -> None:
     """Shard parameters, gradients and optimizer state over `dp_cp_mesh`.
+
+    Under expert parallelism each experts module is a unit of its own over `experts_mesh` (efsdp: the
+    ranks holding the same experts); its block's unit leaves those weights to it.
 
     p3d divides the loss by the global token count itself, so gradients are summed across
     ranks, not averaged (FSDP2 averages by default). Plain SUM collectives also run on gloo,
@@ -21,9 +25,14 @@ def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dt
     fp32 and stored in the weights' dtype.
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if experts_mesh is not None:
+        for _, experts in experts_modules(model):
+            fully_shard(experts, mesh=experts_mesh, mp_policy=policy)
     for block in decoder_blocks(model):
+        _outputs_of_their_own(block)
         fully_shard(block, mesh=dp_cp_mesh, mp_policy=policy)
     for unit, reshard_after_forward in embedding_units(model):
+        _outputs_of_their_own(unit)
         fully_shard(unit, mesh=dp_cp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_cp_mesh, mp_policy=policy)
     for module in model.modules():
@@ -45,3 +54,23 @@ def embedding_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     if inputs is None or outputs is None or outputs.weight is inputs.weight:
         return []
     return [(inputs, True), (outputs, False)]
+
+
+def _outputs_of_their_own(unit: nn.Module) -> None:
+    """Hand FSDP2 the unit's outputs as tensors of their own, not views (no copy: see `own_tensor`).
+
+    FSDP2 registers its pre-backward hook (the unit's all-gather for backward) on the unit's output
+    tensors; an in-place op on a view would re-base it and drop the hook, so FSDP2 warns "returned a
+    view tensor ... wrong gradients" for every such unit. Some blocks do return views: OPT's decoder
+    layer ends with `(residual + hidden_states).view(shape)`. Registered before `fully_shard`, this
+    hook runs before FSDP2's own post-forward hook.
+    """
+    unit.register_forward_hook(_replace_views)
+
+
+def _replace_views(module: nn.Module, args, output):
+    if isinstance(output, torch.Tensor):
+        return own_tensor(output) if output._is_view() else output
+    if type(output) is tuple and any(isinstance(item, torch.Tensor) and item._is_view() for item in output):
+        return tuple(own_tensor(item) if isinstance(item, torch.Tensor) and item._is_view() else item for item in output)
+    return output

@@ -17,7 +17,7 @@ The token dim is taken as the second-to-last dim, so a block that flattens [batc
 to [batch*seq, hidden] before its MLP (OPT) stays exact: the gather and the reduce-scatter
 pair up on the same rows. Exactness rests on the block's shape (pre-norm, residual stream
 only touched by norms and the planned linears), so SP is offered only for model types whose
-parity has been tested.
+parity has been tested (the models seam says which, and finds the norms).
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 from transformers import PretrainedConfig
 
-from p3d.model import decoder_blocks
-from p3d.parallel.tensor import match_plan, own_tensor
+from p3d.models import architecture, decoder_blocks
+from p3d.parallel.tensor import linear_features, match_plan, own_tensor
 
 TOKEN_DIM = -2
-VERIFIED_MODEL_TYPES = ("llama", "opt")  # loss parity with SP is tested for these
 _BLOCK_STYLES = ("colwise", "rowwise")
 
 
@@ -47,24 +46,11 @@ class _SequenceShardedNorm(SequenceParallel):
         return outputs.redistribute(device_mesh, [Replicate()])
 
 
-def is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return name.endswith(("LayerNorm", "RMSNorm"))
-
-
 def sequence_parallel_problems(hf_config: PretrainedConfig, meta_model: nn.Module, plan: dict[str, str], tp: int, local_seq_len: int) -> list[str]:
     """Why SP cannot run exactly for this model / plan / layout (empty if it can)."""
     if tp == 1:
         return ["parallel.sequence_parallel=true needs parallel.tp > 1 (it shards activations over the tp ranks)"]
-    problems = []
-    model_type = hf_config.get_text_config().model_type
-    if model_type not in VERIFIED_MODEL_TYPES:
-        problems.append(
-            f"parallel.sequence_parallel=true: not verified for model type '{model_type}' "
-            f"(verified: {', '.join(VERIFIED_MODEL_TYPES)}); set parallel.sequence_parallel=false"
-        )
-    if getattr(hf_config.get_text_config(), "do_layer_norm_before", True) is False:
-        problems.append("parallel.sequence_parallel=true needs pre-norm blocks (model.config.do_layer_norm_before=false is post-norm); set it to false")
+    problems = architecture(hf_config).sequence_parallel_problems(hf_config)
     if local_seq_len % tp:
         problems.append(
             f"data.seq_len: the {local_seq_len} tokens per cp rank are not divisible by parallel.tp={tp} "
@@ -81,7 +67,7 @@ def _unplanned_block_linears(model: nn.Module, plan: dict[str, str]) -> list[str
         names[module]
         for block in decoder_blocks(model)
         for module in block.modules()
-        if isinstance(module, nn.Linear) and matched.get(names[module]) not in _BLOCK_STYLES
+        if linear_features(module) is not None and matched.get(names[module]) not in _BLOCK_STYLES
     ]
     if not missing:
         return []
@@ -118,8 +104,8 @@ def apply_sequence_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     (`apply_tensor_parallel(..., sequence_parallel=True)`).
     """
     blocks = decoder_blocks(model)
+    arch = architecture(model.config)
     blocks[0].register_forward_pre_hook(_shard_block_input(tp_mesh), with_kwargs=True)
     blocks[-1].register_forward_hook(_gather_block_output(tp_mesh))
     for block in blocks:
-        norms = [name for name, module in block.named_modules() if is_norm(module)]
-        parallelize_module(block, tp_mesh, {name: _SequenceShardedNorm() for name in norms})
+        parallelize_module(block, tp_mesh, {name: _SequenceShardedNorm() for name in arch.norms(block)})

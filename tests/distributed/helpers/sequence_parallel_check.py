@@ -19,9 +19,8 @@ from p3d.config.compose import compose, to_object
 from p3d.config.validate import validate
 from p3d.distributed.env import init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
-from p3d.model import decoder_blocks
+from p3d.models import decoder_blocks
 from p3d.parallel.parallelize import build_parallel_model
-from p3d.parallel.sequence import is_norm
 
 BATCH, SEQ = 2, 16
 
@@ -38,8 +37,9 @@ def run(overrides: list[str], sequence_parallel: bool) -> tuple[dict[str, int], 
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, torch.device("cpu"))
     tokens: dict[str, int] = {}
     block_modules = {id(module) for block in decoder_blocks(model) for module in block.modules()}
+    norms = {id(module) for module in model.modules() if type(module).__name__.endswith(("LayerNorm", "RMSNorm"))}
     for name, module in model.named_modules():
-        if is_norm(module):
+        if id(module) in norms:
             where = "block" if id(module) in block_modules else "outside"
             module.register_forward_pre_hook(lambda m, args, key=f"{where}:{name}": tokens.__setitem__(key, local(args[0]).shape[:-1].numel()))
     generator = torch.Generator().manual_seed(0)
