@@ -1,6 +1,6 @@
 """Data through real runs: chat data is exact under tp2cp2 (packed conversations, assistant-only
 labels) and its loss falls; a mixture reports its sources per step and resumes exactly on another
-layout."""
+layout; the validation pass reads data.eval_fraction's held-out documents."""
 
 from __future__ import annotations
 
@@ -61,3 +61,25 @@ def test_a_mixture_reports_its_sources_and_resumes_exactly_on_another_layout(tmp
     assert "resumed from" in resumed.stdout
     assert_same_losses(resumed.records, uninterrupted.records[4:])
     assert [r["samples_per_source"] for r in resumed.records] == counts[4:]
+
+
+@pytest.mark.slow
+def test_a_validation_pass_over_eval_fraction_scores_exactly_the_held_out_documents(tmp_path, p3d_runner):
+    """data.eval_fraction=0.25 on one corpus trains and validates as data.path = its training documents and
+    data.eval_path = its held-out ones, written as two files: the same losses and val_loss."""
+    from p3d.data.cache import held_out
+
+    texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 4) for i in range(300)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    held = [text for text in texts if held_out(text.encode(), 0.25)]
+    assert 0 < len(held) < len(texts)
+    for name, part in (("train.jsonl", [t for t in texts if t not in held]), ("held.jsonl", held)):
+        (tmp_path / name).write_text("".join(json.dumps({"text": text}) + "\n" for text in part))
+    validated = ["model=tiny_llama", *FAST, "eval.every=3", "eval.steps=2", "data.packing=documents"]
+    fraction = p3d_runner([*validated, f"data.path={tmp_path / 'corpus.jsonl'}", "data.eval_fraction=0.25"])
+    assert_ok(fraction)
+    files = p3d_runner([*validated, f"data.path={tmp_path / 'train.jsonl'}", f"data.eval_path={tmp_path / 'held.jsonl'}"])
+    assert_ok(files)
+    assert [r["step"] for r in fraction.records if "val_loss" in r] == [3, 6]
+    assert [r["loss"] for r in fraction.records] == [r["loss"] for r in files.records]
+    assert [r.get("val_loss") for r in fraction.records] == [r.get("val_loss") for r in files.records]
