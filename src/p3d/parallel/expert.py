@@ -50,21 +50,6 @@ def expert_count(module: nn.Module) -> int | None:
     return count if len(positional) >= 3 else None  # forward(hidden_states, top_k_index, top_k_weights)
 
 
-class _SumGradient(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the group (inputs shared by the group's ranks)."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 class _SumOutputs(torch.autograd.Function):
     """Forward sums the partial outputs over the group; backward passes the (replicated) gradient on."""
 
@@ -136,9 +121,11 @@ class ShardedExperts:
             module._parameters.update(originals)
 
     def _shared_tokens(self, hidden_states, top_k_index, top_k_weights):
+        from p3d.parallel.tensor import SumGradient  # tensor.py imports this module
+
         group = self.mesh.get_group()
-        hidden_states = _SumGradient.apply(hidden_states, group)
-        top_k_weights = _SumGradient.apply(top_k_weights, group)
+        hidden_states = SumGradient.apply(hidden_states, group)
+        top_k_weights = SumGradient.apply(top_k_weights, group)
         tokens, k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)
         first = self.mesh.get_local_rank() * self.local_experts

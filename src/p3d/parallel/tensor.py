@@ -377,8 +377,8 @@ def _unpack(x: torch.Tensor, mesh: DeviceMesh, parts: int) -> DTensor:
     return DTensor.from_local(ordered, mesh, [Replicate()], run_check=False)
 
 
-class _SumGradient(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the group."""
+class SumGradient(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (an input shared by the group's ranks)."""
 
     @staticmethod
     def forward(ctx, tensor, group):
@@ -418,7 +418,7 @@ class _SwapParameters(ParallelStyle):
 
 class _ReplicatedWithGradAllReduce(_SwapParameters):
     def swap(self, param, mesh):
-        return _SumGradient.apply(param, mesh.get_group())
+        return SumGradient.apply(param, mesh.get_group())
 
 
 class _LocalParams(_SwapParameters):
@@ -467,7 +467,7 @@ class _MlaKvAProj(ParallelStyle):
 
         def after(mod, args, output):
             passed, rope = output.split([output.shape[-1] - rope_dim, rope_dim], dim=-1)
-            return torch.cat([passed, _SumGradient.apply(rope, group)], dim=-1)
+            return torch.cat([passed, SumGradient.apply(rope, group)], dim=-1)
 
         module.register_forward_hook(after)
         return module
