@@ -240,6 +240,7 @@ def main() -> None:
 
 def measure(args, work: Path, large: int, small: int) -> dict:
     os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")  # the in-memory version reads files through datasets
     print(f"generating {large:,} + {small:,} tokens in {work}", flush=True)
     started = time.perf_counter()
     corpora = {"large": generate(work / "large", large, args.file_mb * 2**20), "small": generate(work / "small", small, args.file_mb * 2**20, seed=1)}
