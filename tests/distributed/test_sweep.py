@@ -77,6 +77,9 @@ printf '%s\n' "$@" > "$FAKE_SLURM/$SLURM_JOB_ID.srun"
 pids=()
 for ((task = 0; task < SLURM_JOB_NUM_NODES; task++)); do
   o=${out//%j/$SLURM_JOB_ID}; o=${o//%t/$task}; e=${err//%j/$SLURM_JOB_ID}; e=${e//%t/$task}
+  # A real job starts after sbatch has returned and submitit has made the job's folder; this
+  # stand-in starts at once, so it waits for that folder (under load submitit can be slower).
+  for ((i = 0; i < 1200; i++)); do [ -d "$(dirname "$o")" ] && break; sleep 0.1; done
   SLURM_PROCID=$task SLURM_NODEID=$task SLURM_LOCALID=0 SLURM_NTASKS=$SLURM_JOB_NUM_NODES "$@" >>"$o" 2>>"${e:-$o}" &
   pids+=($!)
 done
