@@ -235,7 +235,8 @@ class Trainer:
         started = time.perf_counter()
         batches = self.sampler.micro_batches(self.state.consumed_samples)
         data_wait = time.perf_counter() - started
-        global_tokens = self._global_valid_tokens(batches)
+        label_tokens = self._global_label_tokens(batches)
+        global_tokens = label_tokens.clamp(min=1.0)
         loss = torch.zeros((), device=self.device)
         for batch in batches:
             loss += self._forward_backward(batch, global_tokens)
@@ -250,6 +251,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sources = self.sampler.source_counts(self.state.consumed_samples) if len(self.sampler.labels) > 1 else None
         self.state.step += 1
         self.state.consumed_samples += self.config.train.global_batch_size
         elapsed = time.perf_counter() - started
@@ -259,12 +261,13 @@ class Trainer:
         mfu = None
         if self.peak_tflops is not None:
             mfu = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * devices)
-        return {
+        record = {
             "step": self.state.step,
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "tokens": tokens,
+            "label_tokens": int(label_tokens.item()),
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / devices,
             "mfu": mfu,
@@ -273,13 +276,16 @@ class Trainer:
             "peak_mem_gb": None,  # the highest of all ranks, filled in by fit() with the per-step agreement
             **self.expert_load.take(self.meshes.dp_cp.get_group()),
         }
+        if sources is not None:
+            record["samples_per_source"] = sources
+        return record
 
-    def _global_valid_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
-        """Valid label tokens of the whole step over all dp ranks (each dp group holds whole sequences)."""
+    def _global_label_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
+        """Tokens that are targets in the whole step, over all dp ranks (each dp group holds whole sequences)."""
         count = sum(batch.valid_label_count() for batch in batches)
         total = torch.tensor(float(count), device=self.device)
         dist.all_reduce(total, group=self.meshes.dp.get_group())
-        return total.clamp(min=1.0)
+        return total
 
     def _forward_backward(self, batch: TokenBatch, global_tokens: torch.Tensor) -> torch.Tensor:
         with self._attending(batch) as local:
