@@ -17,7 +17,7 @@ from torch import nn
 from p3d import rng
 from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState, read_marker, rng_file
 from p3d.config.schema import P3DConfig
-from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
+from p3d.data import IGNORE_INDEX, BatchPrefetcher, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
 from p3d.errors import RunError
 from p3d.metrics import ExpertLoad, MetricsLogger, peak_memory_gb
@@ -75,6 +75,7 @@ class Trainer:
         self.eval_s = 0.0  # seconds spent in validation passes this run (not counted in tokens/s)
         self.last_eval: dict = {}
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
+        self.batches = BatchPrefetcher(self.sampler)
 
     def checkpoint_state(self) -> dict:
         return {"app": ModelAndOptimizer(self.model, self.optimizer), "train": self.state}
@@ -143,6 +144,7 @@ class Trainer:
                     self.metrics.log(record)
                 self.checkpointer.wait()
         finally:
+            self.batches.close()
             self.metrics.close()
         if stopping:
             self.metrics.info(
@@ -233,7 +235,10 @@ class Trainer:
 
     def train_step(self) -> dict:
         started = time.perf_counter()
-        batches = self.sampler.micro_batches(self.state.consumed_samples)
+        data = self.batches.take(self.state.consumed_samples)
+        if self.state.step + 1 < self.config.train.steps:
+            self.batches.prefetch(self.state.consumed_samples + self.config.train.global_batch_size)
+        batches = data.micro_batches
         data_wait = time.perf_counter() - started
         label_tokens = self._global_label_tokens(batches)
         global_tokens = label_tokens.clamp(min=1.0)
@@ -251,7 +256,6 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sources = self.sampler.source_counts(self.state.consumed_samples) if len(self.sampler.labels) > 1 else None
         self.state.step += 1
         self.state.consumed_samples += self.config.train.global_batch_size
         elapsed = time.perf_counter() - started
@@ -276,8 +280,8 @@ class Trainer:
             "peak_mem_gb": None,  # the highest of all ranks, filled in by fit() with the per-step agreement
             **self.expert_load.take(self.meshes.dp_cp.get_group()),
         }
-        if sources is not None:
-            record["samples_per_source"] = sources
+        if data.samples_per_source is not None:
+            record["samples_per_source"] = data.samples_per_source
         return record
 
     def _global_label_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:

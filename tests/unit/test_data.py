@@ -16,6 +16,7 @@ from p3d.config.compose import compose, to_object
 from p3d.config.schema import Packing
 from p3d.data import (
     IGNORE_INDEX,
+    BatchPrefetcher,
     ByteTokenizer,
     DataParallelSampler,
     GlobalSampleOrder,
@@ -316,6 +317,21 @@ def test_a_step_covers_the_same_global_batch_on_every_layout(dp, micro):
         assert len(batches) == sampler.accumulation_steps == 8 // (dp * micro)
         rows += [torch.cat([inputs, labels[-1:]]) for batch in batches for inputs, labels in zip(batch.input_ids, batch.labels)]
     assert torch.equal(torch.stack(rows), expected)
+
+
+def test_prefetched_steps_are_the_steps_read_directly_and_a_jump_is_read_where_it_lands(tmp_path):
+    sampler = sampler_for(tmp_path, *two_sources(tmp_path), batch=8)
+    direct = sampler_for(tmp_path, *two_sources(tmp_path), batch=8)
+    prefetcher = BatchPrefetcher(sampler)
+    try:
+        for consumed in (0, 8, 16, 400, 408):  # 400: a resume elsewhere; the prefetched 24 is not handed out
+            step = prefetcher.take(consumed)
+            prefetcher.prefetch(consumed + 8)
+            expected = direct.micro_batches(consumed)
+            assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) for a, b in zip(step.micro_batches, expected))
+            assert step.samples_per_source == direct.source_counts(consumed)
+    finally:
+        prefetcher.close()
 
 
 def test_sampler_from_config_is_deterministic(tmp_path):

@@ -10,6 +10,8 @@
 from p3d.data.cache import CachedSource, Rows, TokenStream, open_cache
 from p3d.data.chat import builtin_conversations, render_builtin
 from p3d.data.sampling import (
+    BatchPrefetcher,
+    StepData,
     IGNORE_INDEX,
     DataParallelSampler,
     EvalSampler,
@@ -37,6 +39,8 @@ from p3d.data.sources import (
 from p3d.data.tokenizers import TOKENIZER_FILES, ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
+    "BatchPrefetcher",
+    "StepData",
     "FILE_FORMATS", "IGNORE_INDEX", "TOKENIZER_FILES", "ByteTokenizer", "CachedSource", "DataParallelSampler", "EvalSampler",
     "GlobalSampleOrder", "HFTokenizer", "Rows", "SequentialOrder", "ShuffledWindows", "Source", "TokenBatch", "TokenStream",
     "Tokenizer", "build_eval_sampler", "build_sampler", "build_tokenizer", "builtin_conversations", "builtin_documents",

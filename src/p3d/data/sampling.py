@@ -16,6 +16,8 @@ the memory-mapped cache on demand.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +287,52 @@ class DataParallelSampler:
         sources, _ = self.order.at(consumed_samples, self.global_batch_size)
         counts = np.bincount(sources, minlength=len(self.labels))
         return {label: int(count) for label, count in zip(self.labels, counts)}
+
+
+@dataclass(frozen=True)
+class StepData:
+    """One optimizer step's data on this rank: its micro-batches and, with several sources, how many
+    samples of the whole global batch each source gave."""
+
+    micro_batches: list[TokenBatch]
+    samples_per_source: dict[str, int] | None
+
+
+class BatchPrefetcher:
+    """Reads the next step's data on a background thread while this step trains, as a DataLoader
+    worker would: a step waits for its data only when the read takes longer than the step before it.
+
+    A step's data is a pure function of the samples consumed before it, so a step that was not
+    prefetched (the first, or another position) is read directly, after any read in flight has
+    finished: the sampler (which caches what it computed last) is used by one thread at a time."""
+
+    def __init__(self, sampler: DataParallelSampler):
+        self.sampler = sampler
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3d-data")
+        self._pending: tuple[int, Future] | None = None
+
+    def take(self, consumed_samples: int) -> StepData:
+        """The data of the step whose global batch starts at sample `consumed_samples`."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            prefetched = pending[1].result()
+            if pending[0] == consumed_samples:
+                return prefetched
+        return self._read(consumed_samples)
+
+    def prefetch(self, consumed_samples: int) -> None:
+        """Start reading the step whose global batch starts at sample `consumed_samples`."""
+        if self._pending is not None:
+            self._pending[1].result()
+        self._pending = (consumed_samples, self._pool.submit(self._read, consumed_samples))
+
+    def close(self) -> None:
+        self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, consumed_samples: int) -> StepData:
+        sources = self.sampler.source_counts(consumed_samples) if len(self.sampler.labels) > 1 else None
+        return StepData(self.sampler.micro_batches(consumed_samples), sources)
 
 
 class EvalSampler(DataParallelSampler):
