@@ -17,7 +17,7 @@ from torch import nn
 from p3d import rng
 from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState, read_marker, rng_file
 from p3d.config.schema import P3DConfig
-from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
+from p3d.data import IGNORE_INDEX, BatchPrefetcher, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
 from p3d.errors import RunError
 from p3d.metrics import ExpertLoad, MetricsLogger, peak_memory_gb
@@ -78,6 +78,7 @@ class Trainer:
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
         every_micro_batch = syncs_every_micro_batch(self.config.parallel.grad_sync, sharded=self.meshes.dims.shard_ranks > 1)
         self.gradient_sync = gradient_sync_switch(self.model, every_micro_batch)
+        self.batches = BatchPrefetcher(self.sampler)
 
     def checkpoint_state(self) -> dict:
         return {"app": ModelAndOptimizer(self.model, self.optimizer), "train": self.state}
@@ -146,6 +147,7 @@ class Trainer:
                     self.metrics.log(record)
                 self.checkpointer.wait()
         finally:
+            self.batches.close()
             self.metrics.close()
         if stopping:
             self.metrics.info(
@@ -236,9 +238,13 @@ class Trainer:
 
     def train_step(self) -> dict:
         started = time.perf_counter()
-        batches = self.sampler.micro_batches(self.state.consumed_samples)
+        data = self.batches.take(self.state.consumed_samples)
+        if self.state.step + 1 < self.config.train.steps:
+            self.batches.prefetch(self.state.consumed_samples + self.config.train.global_batch_size)
+        batches = data.micro_batches
         data_wait = time.perf_counter() - started
-        global_tokens = self._global_valid_tokens(batches)
+        label_tokens = self._global_label_tokens(batches)
+        global_tokens = label_tokens.clamp(min=1.0)
         loss = torch.zeros((), device=self.device)
         for index, batch in enumerate(batches):
             self.gradient_sync(index == len(batches) - 1)
@@ -263,12 +269,13 @@ class Trainer:
         mfu = None
         if self.peak_tflops is not None:
             mfu = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * devices)
-        return {
+        record = {
             "step": self.state.step,
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "tokens": tokens,
+            "label_tokens": int(label_tokens.item()),
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / devices,
             "mfu": mfu,
@@ -277,13 +284,16 @@ class Trainer:
             "peak_mem_gb": None,  # the highest of all ranks, filled in by fit() with the per-step agreement
             **self.expert_load.take(self.meshes.dp_cp.get_group()),
         }
+        if data.samples_per_source is not None:
+            record["samples_per_source"] = data.samples_per_source
+        return record
 
-    def _global_valid_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
-        """Valid label tokens of the whole step over all dp ranks (each dp group holds whole sequences)."""
+    def _global_label_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
+        """Tokens that are targets in the whole step, over all dp ranks (each dp group holds whole sequences)."""
         count = sum(batch.valid_label_count() for batch in batches)
         total = torch.tensor(float(count), device=self.device)
         dist.all_reduce(total, group=self.meshes.dp.get_group())
-        return total.clamp(min=1.0)
+        return total
 
     def _forward_backward(self, batch: TokenBatch, global_tokens: torch.Tensor) -> torch.Tensor:
         with self._attending(batch) as local:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,11 @@ class Packing(Enum):
     documents = "documents"
 
 
+class DataFormat(Enum):
+    text = "text"
+    chat = "chat"
+
+
 @dataclass
 class ModelConfig:
     name: Optional[str] = None  # preset name; names the run directory and the start-up line (null: model.arch, or model.pretrained's directory name)
@@ -166,15 +171,30 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: Optional[str] = None  # local file/dir or hub dataset id of this source; null: the built-in corpus (the built-in chat set with data.format=chat)
+    weight: float = bounded(1.0, ge=0)  # this source's share of the samples: its weight over the sum of all weights
+    name: Optional[str] = None  # hub dataset configuration name; null: data.name
+    split: Optional[str] = None  # dataset split to read; null: data.split
+    text_field: Optional[str] = None  # column holding the text; null: data.text_field
+
+
+@dataclass
 class DataConfig:
-    path: Optional[str] = None  # local file/dir (.txt, .json, .jsonl, .parquet) or hub dataset id; null: the built-in corpus
+    path: Optional[str] = None  # local file/dir (.txt, .json, .jsonl, .parquet, .csv) or hub dataset id; null: the built-in corpus (chat set with format=chat)
     name: Optional[str] = None  # hub dataset configuration name (with a hub id in data.path)
     split: str = "train"  # dataset split to read
     text_field: str = "text"  # column holding the text
+    sources: List[SourceConfig] = field(default_factory=list)  # a weighted mixture of sources, e.g. [{path: a.jsonl, weight: 0.8}, {path: b, weight: 0.2}] (instead of data.path)
+    format: DataFormat = DataFormat.text  # text: every token is a target; chat: rows hold a `messages` list (role, content), only assistant tokens are targets
+    messages_field: str = "messages"  # with format=chat: the column holding each conversation's list of {role, content}
     seq_len: int = bounded(128, ge=1)  # tokens per training sequence
     tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
     packing: Packing = Packing.stream  # stream: windows cut from one token stream, attention crosses documents; documents: attention and positions stay inside each document
-    eval_path: Optional[str] = None  # held-out documents for the validation pass (eval.every): a local file/dir or hub dataset id, read, tokenized and packed like data.path
+    eval_path: Optional[str] = None  # held-out documents for the validation pass (eval.every): a local file/dir or hub dataset id, read whole, tokenized and packed like data.path (its split is data.split)
+    eval_fraction: float = bounded(0.0, ge=0, lt=1)  # held-out share of each training source's documents (chosen by content hash), never trained on, for the validation pass instead of data.eval_path; 0: none
+    cache_dir: Optional[str] = None  # where tokenized sources are cached (shareable between runs and jobs); null: <run.root>/data-cache
+    tokenize_workers: int = bounded(0, ge=0)  # processes that tokenize a source into a new cache; 0: one per available CPU core
 
 
 @dataclass
@@ -212,7 +232,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = bounded(0, ge=0)  # a validation pass over data.eval_path every this many steps and after the last step (val_loss, val_ppl); 0: none
+    every: int = bounded(0, ge=0)  # a validation pass over the held-out data (data.eval_path or data.eval_fraction) every this many steps and after the last step (val_loss, val_ppl); 0: none
     steps: int = bounded(4, ge=1)  # batches of train.global_batch_size held-out sequences per pass (the same batches every pass)
 
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from p3d.config.schema import DType, P3DConfig
 from p3d.distributed.mesh import Meshes
-from p3d.model import build_meta_model, materialize, tie_weights_if_configured
+from p3d.model import build_meta_model, materialize, retie_weights
 from p3d.models import architecture, experts_modules
 from p3d.parallel.activation import apply_activation_checkpointing, compile_blocks
 from p3d.parallel.expert import shard_experts
@@ -39,7 +39,7 @@ def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], 
         apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel, localised)
         if sequence_parallel:
             apply_sequence_parallel(model, meshes.tp)
-        tie_weights_if_configured(model)
+        retie_weights(model)
     if dims.ep > 1:
         for _, experts in experts_modules(model):
             shard_experts(experts, meshes.ep, tokens_shared=False)
