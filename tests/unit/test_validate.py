@@ -33,6 +33,13 @@ def test_dp_is_dp_replicate_times_dp_shard(overrides, world, sizes):
     assert dims.dp == dims.dp_replicate * dims.dp_shard and dims.world_size == world
 
 
+def test_a_dp_given_by_replicas_and_shards_must_fit_the_world():
+    (problem,) = problems(["parallel.dp_replicate=2", "parallel.dp_shard=2"], 2)
+    assert problem.startswith("parallel.dp_replicate*parallel.dp_shard*parallel.cp*parallel.tp = 4*1*1 = 4 but the world size is 2: launch 4 processes")
+    (problem,) = problems(["parallel.dp_replicate=2"], 3)
+    assert problem == "parallel.dp_replicate=2 does not divide the data-parallel degree dp=3: choose a parallel.dp_replicate that divides 3"
+
+
 def test_expert_parallelism_is_not_combined_with_replicas():
     (problem,) = problems(["model=tiny", "model.arch=mixtral", "parallel.ep=2", "parallel.dp_replicate=2"], 4)
     assert problem == "parallel.ep=2 with parallel.dp_replicate=2: expert parallelism is not combined with replicated data parallelism yet; use parallel.dp_replicate=1 or parallel.ep=1"

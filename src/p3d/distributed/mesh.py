@@ -62,13 +62,13 @@ class ParallelDims:
             dp = world_size // (cp * tp)
         elif dp < 1:
             raise ConfigError(f"parallel.dp={dp}: must be >= 1, or -1 to infer it from the world size")
+        if dp % dp_replicate:
+            raise ConfigError(f"parallel.dp_replicate={dp_replicate} does not divide the data-parallel degree dp={dp}: choose a parallel.dp_replicate that divides {dp}")
         if dp * cp * tp != world_size:
             raise ConfigError(
                 f"{dp_keys}*parallel.cp*parallel.tp = {dp}*{cp}*{tp} = {dp * cp * tp} but the world size is {world_size}: "
                 f"launch {dp * cp * tp} processes (e.g. {launch_example(dp * cp * tp)}) or change {fix_keys}"
             )
-        if dp % dp_replicate:
-            raise ConfigError(f"parallel.dp_replicate={dp_replicate} does not divide the data-parallel degree dp={dp}: choose a parallel.dp_replicate that divides {dp}")
         if ep > 1 and dp_replicate > 1:
             raise ConfigError(f"parallel.ep={ep} with parallel.dp_replicate={dp_replicate}: expert parallelism is not combined with replicated data parallelism yet; use parallel.dp_replicate=1 or parallel.ep=1")
         if (dp * cp) % ep:
