@@ -447,6 +447,46 @@ def probe_compiled_calls(value: str | None) -> None:
     report_at_end()
 
 
+@hook("probe_gradient_reductions")
+def probe_gradient_reductions(value: str | None) -> None:
+    """Per training step: the element counts of the all-reduces and reduce-scatters (FSDP2's
+    gradient collectives) and of the all-gathers (FSDP2's weights) larger than `value` elements
+    (default 16: more than any scalar all-reduce of the loop)."""
+    import torch.distributed as dist
+
+    from p3d.trainer import Trainer
+
+    smallest = int(value or 16)
+    steps: list[dict] = []
+    REPORT["gradient_reductions"] = steps
+
+    def recording(kind: str, numel_of: Callable):
+        def make(collective):
+            def recorded(*args, **kwargs):
+                numel = numel_of(*args, **kwargs)
+                if steps and numel > smallest:
+                    steps[-1][kind].append(numel)
+                return collective(*args, **kwargs)
+
+            return recorded
+
+        return make
+
+    wrap(dist, "all_reduce", recording("all_reduce", lambda tensor, *args, **kwargs: tensor.numel()))
+    wrap(dist, "reduce_scatter_single", recording("reduce_scatter", lambda *args, **kwargs: kwargs.get("input", args[1] if len(args) > 1 else None).numel()))
+    wrap(dist, "all_gather_single", recording("all_gather", lambda output, *args, **kwargs: output.numel()))
+
+    def make(train_step):
+        def recorded(self) -> dict:
+            steps.append({"all_reduce": [], "reduce_scatter": [], "all_gather": []})
+            return train_step(self)
+
+        return recorded
+
+    wrap(Trainer, "train_step", make)
+    report_at_end()
+
+
 def read_reports(directory: Path, ranks: int) -> list[dict]:
     """Every rank's report, in rank order (there must be one per rank)."""
     files = sorted(directory.glob("rank_*.json"), key=lambda path: int(path.stem.split("_")[1]))

@@ -24,6 +24,17 @@ def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, .
     return mesh._unflatten(0, sizes, names)
 
 
+def replicate_modules(modules: list, mesh: DeviceMesh, mp_policy) -> None:
+    """FSDP2's data-parallel replication of `modules` as one unit over the 1-D `mesh`: parameters stay
+    whole (DTensors replicated over the mesh, TP placements kept) and the unit's gradients are
+    all-reduced together after its backward. The private `torch.distributed._composable.
+    replicate_with_fsdp.replicate` (torch 2.13; torchtitan's data parallelism without sharding); its
+    modules are FSDPModules (gradient divide factor, `set_requires_gradient_sync`)."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    replicate(modules if len(modules) > 1 else modules[0], mesh=mesh, mp_policy=mp_policy)
+
+
 def in_backward() -> bool:
     """Whether autograd's engine is running a backward on this thread, e.g. activation checkpointing
     recomputing a block's forward (private `torch._C._current_graph_task_id`, torch 2.13: -1 outside)."""

@@ -6,11 +6,15 @@ step. The memory model follows what p3d allocates:
 
 - fp32 master weights, fp32 gradients (none kept with optim.in_backward) and the optimizer's fp32
   state (AdamW's two moments; see optimizer_state_numel for the others), each sharded by TP
-  (planned modules) and then by FSDP over dp*cp (Adafactor's small row and column factors are whole);
+  (planned modules) and then by FSDP over the ranks ParallelDims.shard_ranks names (dp_shard x cp;
+  none when replicated: every rank holds all of it) (Adafactor's small row and column factors are whole);
 - step transients: FSDP's working set (the root unit unsharded throughout; untied embeddings
   and output head as units of their own, gathered only around their use; a block's unsharded
-  weights, gradients and fp32 reduce-scatter buffer, the next block prefetched), or without
-  FSDP a tied output head's second gradient;
+  weights, gradients and fp32 reduce-scatter buffer, the next block prefetched; with
+  parallel.reshard_after_forward=false every block's weights kept from forward to backward), when
+  replicated FSDP2's unsharded copy of every weight from forward to backward and a bucket's
+  gradients before their all-reduce, with gradients reduced once per step the unsharded gradients
+  held across the micro-batches, or without FSDP a tied output head's second gradient;
 - activations saved for backward per block (fewer with activation checkpointing; the norm and
   residual tensors split over tp with sequence parallelism), what attention keeps (the model's
   own: scores of the local queries over the whole sequence; p3d's ring: only the local queries'
@@ -36,7 +40,7 @@ from p3d.model import build_meta_model
 from p3d.models import architecture, decoder_blocks, experts_modules
 from p3d.optim import muon_matrices, setting
 from p3d.parallel.context import uses_p3d_attention
-from p3d.parallel.fsdp import embedding_units
+from p3d.parallel.fsdp import REDUCE_BYTES, embedding_units, replicate_buckets, syncs_every_micro_batch
 from p3d.parallel.activation import checkpointed_block_indices
 from p3d.parallel.tensor import tp_sharded_parameters
 
@@ -90,15 +94,15 @@ def _sharded(model: nn.Module, plan: dict[str, str], tp: int) -> set[str]:
     return tp_sharded_parameters(model, plan) if tp > 1 else set()
 
 
-def local_parameter_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp: int) -> int:
+def local_parameter_numel(model: nn.Module, plan: dict[str, str], tp: int, shard_ranks: int) -> int:
     matched = _sharded(model, plan, tp)
     total = 0
     for name, param in model.named_parameters():
-        total += -(-param.numel() // (_tp_divisor(name, matched, tp) * dp_cp))
+        total += -(-param.numel() // (_tp_divisor(name, matched, tp) * shard_ranks))
     return total
 
 
-def optimizer_state_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp: int, optim: OptimConfig) -> int:
+def optimizer_state_numel(model: nn.Module, plan: dict[str, str], tp: int, shard_ranks: int, optim: OptimConfig) -> int:
     """Elements of optimizer state one rank keeps (in the weights' dtype): AdamW's and Adam's two moments,
     SGD's momentum (if any), Muon's momentum for its matrices and AdamW's moments for the rest, and
     Adafactor's whole row and column factors of each matrix (every rank holds them) and a second
@@ -108,7 +112,7 @@ def optimizer_state_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp
     matrices = {id(param) for param in muon_matrices(model)} if name == "muon" else set()
     total = 0
     for param_name, param in model.named_parameters():
-        local = -(-param.numel() // (_tp_divisor(param_name, matched, tp) * dp_cp))
+        local = -(-param.numel() // (_tp_divisor(param_name, matched, tp) * shard_ranks))
         if name == "adafactor":
             total += param.numel() // param.shape[-1] + param.numel() // param.shape[-2] if param.ndim > 1 else local
         elif name == "sgd":
@@ -173,24 +177,74 @@ def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int, ep: int = 1) -> 
     return root, embeddings, [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
 
 
-def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int, ep: int = 1) -> int:
+@dataclass(frozen=True)
+class DataParallelStep:
+    """How a step's data parallelism runs, as p3d.parallel.fsdp decides it for the config."""
+
+    replicated: bool = False  # dp_shard=1 with dp_replicate > 1
+    reshard_after_forward: bool = True
+    micro_batches: int = 1
+    every_micro_batch: bool = True  # gradients reduced after every micro-batch (else after the last only)
+
+    @classmethod
+    def of(cls, config: P3DConfig, dims) -> "DataParallelStep":
+        micro_batches = config.train.global_batch_size // (config.train.micro_batch_size * dims.dp)
+        return cls(
+            replicated=dims.replicated,
+            reshard_after_forward=config.parallel.reshard_after_forward,
+            micro_batches=micro_batches,
+            every_micro_batch=syncs_every_micro_batch(config.parallel.grad_sync, sharded=dims.shard_ranks > 1),
+        )
+
+    @property
+    def syncs(self) -> int:
+        """Gradient reductions per step."""
+        return self.micro_batches if self.every_micro_batch else 1
+
+    @property
+    def holds_gradients(self) -> bool:
+        """Unsharded gradients accumulate across the micro-batches before they are reduced."""
+        return self.micro_batches > 1 and not self.every_micro_batch
+
+
+def replicated_units(blocks: list[FsdpUnit], total: int) -> list[int]:
+    """TP-local element counts of the replicated mode's units: its gradient buckets, then the root (the rest)."""
+    buckets = [sum(blocks[index].weights for index in bucket) for bucket in replicate_buckets([block.weights * REDUCE_BYTES for block in blocks])]
+    return [*buckets, total - sum(buckets)]
+
+
+def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int, ep: int = 1, step: DataParallelStep = DataParallelStep()) -> int:
     """Memory that exists only during a step, beyond the sharded state.
 
     With FSDP the root unit stays unsharded through forward and backward. On top of it, the
     largest of: an embedding unit's working set (the output head's as the backward starts, the
     input embedding's as it ends), or a block's with the next block prefetched and the all-gather
-    output buffer it is copied out of. Without FSDP: a tied output head's gradient is buffered
-    beside the embedding's.
+    output buffer it is copied out of. Without resharding after forward every block's (and the
+    input embedding's) weights stay gathered until its backward. Replicated, FSDP2 keeps an
+    unsharded copy of every weight from forward to backward, and a bucket's gradients exist in the
+    compute dtype before they are all-reduced into the stored ones. Sharded gradients reduced only
+    after a step's last micro-batch are held unsharded and in fp32, for the whole model, until then
+    (replicated ones take the place of the stored gradients, which every step frees; with
+    train.master_dtype=bf16 they are twice their size, which is not counted). Without FSDP: a
+    tied output head's gradient is buffered beside the embedding's.
     """
     root, embeddings, blocks = fsdp_units(model, plan, tp, ep)
     if not sharded:
         return root.extra_gradients * compute_bytes
+    total = root.weights + sum(unit.weights for unit in (*embeddings, *blocks))
+    if step.replicated:  # gradients held across micro-batches take the place of the stored ones (freed every step)
+        return total * compute_bytes + max(replicated_units(blocks, total)) * compute_bytes
+    held = total * FP32 if step.holds_gradients else 0  # FSDP2 accumulates them in the reduce dtype
     largest_block = max(blocks, key=lambda unit: unit.weights, default=FsdpUnit(0, 0))
+    if not step.reshard_after_forward:
+        kept = sum(unit.weights for unit in blocks) + (embeddings[0].weights if embeddings else 0)
+        working = max(unit.working_set_bytes(compute_bytes) - unit.weights * compute_bytes for unit in (largest_block, *embeddings))
+        return (root.weights + kept) * compute_bytes + root.extra_gradients * compute_bytes + working + held
     phases = [
         largest_block.working_set_bytes(compute_bytes) + 2 * largest_block.weights * compute_bytes,
         *(unit.working_set_bytes(compute_bytes) for unit in embeddings),
     ]
-    return max(root.working_set_bytes(compute_bytes), root.weights * compute_bytes + max(phases))
+    return max(root.working_set_bytes(compute_bytes), root.weights * compute_bytes + max(phases)) + held
 
 
 def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None, on_cpu: bool = True) -> MemoryEstimate:
@@ -198,10 +252,10 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
     dims = setup.dims
     text = setup.hf_config.get_text_config()
     compute_bytes = DTYPE_BYTES[config.train.dtype]
-    weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) * DTYPE_BYTES[config.train.master_dtype]
+    weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.shard_ranks) * DTYPE_BYTES[config.train.master_dtype]
     gradients = 0 if config.optim.in_backward else weights
-    sharded = dims.dp_cp > 1 or config.train.dtype is not DType.fp32  # FSDP2 is applied
-    transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes, dims.ep)
+    fsdp = dims.dp_cp > 1 or config.train.dtype is not DType.fp32  # FSDP2 is applied
+    transients = transient_bytes(model, setup.tp_plan, dims.tp, fsdp, compute_bytes, dims.ep, step=DataParallelStep.of(config, dims))
     activations = _activation_bytes(config, setup, text, dims, len(decoder_blocks(model)), compute_bytes)
     local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
     logits = local_tokens * text.vocab_size * (compute_bytes + 2 * FP32)  # logits, fp32 copy for the loss, its gradient
@@ -210,7 +264,7 @@ def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module |
         baseline=PROCESS_BASELINE_GB,
         weights=weights / GB,
         gradients=gradients / GB,
-        optimizer=optimizer_state_numel(model, setup.tp_plan, dims.tp, dims.dp_cp, config.optim) * DTYPE_BYTES[config.train.master_dtype] / GB,
+        optimizer=optimizer_state_numel(model, setup.tp_plan, dims.tp, dims.shard_ranks, config.optim) * DTYPE_BYTES[config.train.master_dtype] / GB,
         step_transients=transients / GB,
         activations=activations / GB,
         logits=logits / GB,
@@ -255,17 +309,26 @@ def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Mod
     local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
     hidden_mb = local_tokens * text.hidden_size * compute_bytes / 2**20
     collectives = []
-    if dims.dp_cp > 1:
-        matched = _sharded(model, setup.tp_plan, dims.tp)
-        unsharded = sum(p.numel() // _tp_divisor(n, matched, dims.tp) for n, p in model.named_parameters())
+    step = DataParallelStep.of(config, dims)
+    matched = _sharded(model, setup.tp_plan, dims.tp)
+    unsharded = sum(p.numel() // _tp_divisor(n, matched, dims.tp) for n, p in model.named_parameters())
+    if dims.replicated:
+        units = len(replicated_units(fsdp_units(model, setup.tp_plan, dims.tp)[2], unsharded))
+        # a ring all-reduce sends (and receives) about twice the buffer
+        collectives.append(Collective("gradient all-reduce (replicated, one per bucket of blocks and the root)", "dp_cp", step.syncs * units, step.syncs * 2 * unsharded * FP32 / 2**20))
+    elif dims.dp_cp > 1:
         experts = expert_numel(model) if dims.ep > 1 else 0  # gathered over efsdp instead, this rank's share only
         units = blocks + 1
-        collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * (unsharded - experts) * compute_bytes / 2**20))
-        collectives.append(Collective("FSDP reduce-scatter of gradients", "dp_cp", micro * units, micro * (unsharded - experts) * FP32 / 2**20))
+        shard_group = "dp_shard_cp" if dims.hybrid else "dp_cp"
+        gathers, gathered = (2 * blocks + 1, 2) if step.reshard_after_forward else (blocks + 1, 1)  # per micro-batch; the root once
+        collectives.append(Collective("FSDP all-gather of weights (forward and backward)", shard_group, micro * gathers, micro * gathered * (unsharded - experts) * compute_bytes / 2**20))
+        collectives.append(Collective("FSDP reduce-scatter of gradients", shard_group, step.syncs * units, step.syncs * (unsharded - experts) * FP32 / 2**20))
+        if dims.hybrid:
+            collectives.append(Collective("HSDP all-reduce of gradient shards over the replicas", "dp_replicate", step.syncs * units, step.syncs * 2 * unsharded / dims.shard_ranks * FP32 / 2**20))
         if experts and dims.efsdp > 1:
             moe_layers = len(experts_modules(model))
             collectives.append(Collective("FSDP all-gather of this rank's experts (forward and backward)", "efsdp", micro * 2 * moe_layers, micro * 2 * experts / dims.ep * compute_bytes / 2**20))
-            collectives.append(Collective("FSDP reduce-scatter of this rank's expert gradients", "efsdp", micro * moe_layers, micro * experts / dims.ep * FP32 / 2**20))
+            collectives.append(Collective("FSDP reduce-scatter of this rank's expert gradients", "efsdp", step.syncs * moe_layers, step.syncs * experts / dims.ep * FP32 / 2**20))
     if dims.ep > 1:
         moe_layers = len(experts_modules(model))
         share = architecture(setup.hf_config).active_expert_share(setup.hf_config)
@@ -307,7 +370,7 @@ def experts_line(model: nn.Module, dims, master_bytes: int, compute_bytes: int) 
         return None
     count, elements = _expert_count(model), expert_numel(model)
     split = dims.ep if dims.ep > 1 else dims.tp
-    stored = elements / (dims.dp_cp * (dims.tp if dims.ep == 1 else 1)) * master_bytes
+    stored = elements / (dims.shard_ranks * (dims.tp if dims.ep == 1 else 1)) * master_bytes
     held = elements / split * compute_bytes
     return (
         f"# experts: {len(found)} layers of {count}, {count // split} per rank; expert weights per rank: "
@@ -335,7 +398,7 @@ def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_s
     total_params = sum(p.numel() for p in model.parameters())
     lines += [
         "",
-        f"# model: {total_params / 1e6:,.1f}M parameters; this rank holds {local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) / 1e6:,.1f}M",
+        f"# model: {total_params / 1e6:,.1f}M parameters; this rank holds {local_parameter_numel(model, setup.tp_plan, dims.tp, dims.shard_ranks) / 1e6:,.1f}M",
         f"# batch: {config.train.global_batch_size} sequences x {config.data.seq_len} tokens per step; "
         f"{config.train.micro_batch_size} per dp rank per forward, {accumulation} accumulation step(s); "
         f"{config.train.micro_batch_size * config.data.seq_len // dims.cp} tokens per rank per forward",

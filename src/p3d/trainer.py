@@ -24,6 +24,7 @@ from p3d.metrics import ExpertLoad, MetricsLogger, peak_memory_gb
 from p3d.models import experts_modules
 from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
+from p3d.parallel.fsdp import gradient_sync_switch, syncs_every_micro_batch
 from p3d.resume import ResumePlan
 
 
@@ -75,6 +76,8 @@ class Trainer:
         self.eval_s = 0.0  # seconds spent in validation passes this run (not counted in tokens/s)
         self.last_eval: dict = {}
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
+        every_micro_batch = syncs_every_micro_batch(self.config.parallel.grad_sync, sharded=self.meshes.dims.shard_ranks > 1)
+        self.gradient_sync = gradient_sync_switch(self.model, every_micro_batch)
         self.batches = BatchPrefetcher(self.sampler)
 
     def checkpoint_state(self) -> dict:
@@ -243,7 +246,8 @@ class Trainer:
         label_tokens = self._global_label_tokens(batches)
         global_tokens = label_tokens.clamp(min=1.0)
         loss = torch.zeros((), device=self.device)
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            self.gradient_sync(index == len(batches) - 1)
             loss += self._forward_backward(batch, global_tokens)
         if self.in_backward is not None:
             grad_norm = self.in_backward.take_grad_norm()  # the weights are already updated

@@ -105,3 +105,47 @@ def test_optimizer_state_follows_the_optimizer():
     assert estimate.optimizer / estimate.weights == pytest.approx(1.0, rel=1e-3) and states["sgd"] == 0
     assert 1.0 < states["muon"] < 1.3  # OPT-1.3B's embeddings (about 1/13 of the weights) take AdamW's two
     assert 0 < states["adafactor"] < 0.05
+
+
+def test_replicated_ranks_hold_the_whole_model_state_and_all_reduce_it_in_buckets():
+    """dp_replicate=2: weights, gradients and optimizer state of one process on each rank (FSDP at dp2:
+    half); one gradient all-reduce per bucket of blocks and the root, once per step with accumulation."""
+    from p3d.plan import collectives_per_step
+
+    one = estimate_memory(*setup_for(["model=opt1.3b"], 1))
+    sharded = estimate_memory(*setup_for(["model=opt1.3b", "parallel.dp=2"], 2))
+    config, setup = setup_for(["model=opt1.3b", "parallel.dp_replicate=2"], 2)
+    replicated = estimate_memory(config, setup)
+    for term in ("weights", "gradients", "optimizer"):
+        assert getattr(replicated, term) == pytest.approx(getattr(one, term))
+        assert getattr(sharded, term) == pytest.approx(getattr(one, term) / 2, rel=1e-3)
+    assert replicated.step_transients > replicated.weights  # FSDP2's unsharded copy of every weight
+    collectives = collectives_per_step(config, setup)
+    (reduce,) = [c for c in collectives if "gradient all-reduce" in c.name]
+    assert (reduce.group, reduce.per_step) == ("dp_cp", 25)  # 24 buckets of one 201 MB block, and the root
+    assert not any("FSDP" in c.name for c in collectives)
+
+
+def test_hsdp_shards_over_dp_shard_and_all_reduces_over_the_replicas():
+    from p3d.plan import collectives_per_step
+
+    config, setup = setup_for(["model=opt1.3b", "parallel.dp_replicate=2", "parallel.dp_shard=2"], 4)
+    one = estimate_memory(*setup_for(["model=opt1.3b"], 1))
+    assert estimate_memory(config, setup).weights == pytest.approx(one.weights / 2, rel=1e-3)
+    groups = {c.group for c in collectives_per_step(config, setup)}
+    assert {"dp_shard_cp", "dp_replicate"} <= groups
+
+
+@pytest.mark.parametrize("key", ["parallel.reshard_after_forward=false", "parallel.grad_sync=step"])
+def test_fsdp_options_that_cost_memory_raise_the_transients(key):
+    base = ["model=opt1.3b", "parallel.dp=4", "train.micro_batch_size=1"]  # two micro-batches per step
+    before, after = estimate_memory(*setup_for(base, 4)), estimate_memory(*setup_for([*base, key], 4))
+    assert after.step_transients > before.step_transients + after.weights  # about the whole unsharded model more
+
+
+def test_replicate_buckets_group_blocks_in_backward_order():
+    from p3d.parallel.fsdp import replicate_buckets
+
+    assert replicate_buckets([10, 10], bucket_bytes=25) == []  # all in the root unit: one all-reduce
+    assert replicate_buckets([10] * 5, bucket_bytes=25) == [[2, 3, 4]]  # blocks 0, 1 stay with the root
+    assert replicate_buckets([30, 1, 30], bucket_bytes=25) == [[2], [0, 1]]

@@ -1,7 +1,8 @@
 """Parallelism applied from outside the (single-device) model, in one fixed order.
 
     meta build -> tensor (and sequence) parallel -> expert parallel -> context-parallel attention
-               -> activation checkpointing -> torch.compile -> FSDP2 -> materialise shards
+               -> activation checkpointing -> torch.compile -> FSDP2 (sharded, HSDP or replicated)
+               -> materialise shards
 
 TP comes first because FSDP2 shards the TP-local weights (2-D DTensors over dp_cp x tp);
 activation checkpointing and compile wrap each block's forward inside FSDP2's hooks; the
@@ -50,7 +51,14 @@ def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], 
         compile_blocks(model)
     # FSDP2 also carries the mixed-precision policy, so a one-process bf16 run uses it too.
     if dims.dp_cp > 1 or compute_dtype != torch.float32:
-        apply_fsdp(model, meshes.dp_cp, compute_dtype, meshes.efsdp if dims.ep > 1 else None)
+        apply_fsdp(
+            model,
+            meshes.data_parallel,
+            compute_dtype,
+            meshes.efsdp if dims.ep > 1 else None,
+            replicate=dims.replicated,
+            reshard_after_forward=config.parallel.reshard_after_forward,
+        )
     materialize(model, config.model, hf_config, config.train.seed, device)
     model.train()
     return model
