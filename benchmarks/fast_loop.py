@@ -58,6 +58,7 @@ class ReduceFromGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
+        ctx.mark_dirty(x)  # summed in place: the linear's fresh output, which its backward does not need
         dist.all_reduce(x, group=group)
         return x
 
