@@ -33,7 +33,11 @@ PROFILE_STEP = 4  # 1-based: three warm-up steps before it
 
 def category(name: str) -> str:
     lowered = name.lower()
-    if any(word in lowered for word in ("gloo", "nccl", "c10d", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "broadcast", "record_param_comms", "wait")):
+    # torch's collectives, FSDP2's labelled ones, and the autograd functions of p3d and the fast loop that run one
+    # (their self time is the collective: the matmuls around them are ops of their own)
+    words = ("gloo", "nccl", "c10d", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "broadcast", "record_param_comms",
+             "wait", "fsdp::", "sumgradient", "sumovergroup", "gatherlastdim", "copytogroup", "reducefromgroup", "gathersequence", "redistribute")
+    if any(word in lowered for word in words):
         return "collectives"
     if any(word in lowered for word in ("attention", "sdpa", "flash")):
         return "attention"

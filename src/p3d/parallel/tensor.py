@@ -37,6 +37,7 @@ which is then all-gathered and each rank keeps its slice of every part.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable
@@ -423,6 +424,28 @@ class _GatherLastDim(torch.autograd.Function):
         return grad.narrow(-1, ctx.rank * ctx.width, ctx.width), None
 
 
+class _SharedColumnInput:
+    """The input of a column-parallel layer, with its gradient summed over tp, shared by the layers that read
+    the same tensor (q, k and v; gate and up): their gradients add up first, then one all-reduce sums them
+    over tp, where a SumGradient per layer would all-reduce each one. Remembers the last input only: a view
+    of it, which the layers save for their backward anyway."""
+
+    def __init__(self):
+        self._input = lambda: None
+        self._entered: torch.Tensor | None = None
+        self._group = None
+
+    def entering(self, tensor: torch.Tensor, group) -> torch.Tensor:
+        if self._entered is not None and self._input() is tensor and self._group is group and torch.is_grad_enabled():
+            return self._entered
+        entered = SumGradient.apply(tensor, group)
+        self._input, self._entered, self._group = weakref.ref(tensor), entered, group
+        return entered
+
+
+_shared_input = _SharedColumnInput()
+
+
 class _LocalLinear(ParallelStyle):
     """colwise, colwise_gather_output and rowwise on plain tensors with explicit collectives (Megatron's scheme).
 
@@ -461,7 +484,7 @@ class _LocalLinear(ParallelStyle):
                 biases.append(None)
             if self.rowwise:
                 return args
-            return (SumGradient.apply(args[0], group), *args[1:])
+            return (_shared_input.entering(args[0], group), *args[1:])
 
         def after(mod, args, output):
             mod._parameters.update(originals.pop())
