@@ -455,8 +455,9 @@ class _LocalLinear(ParallelStyle):
     column-parallel: identity forward / gradient all-reduced over tp on the input, output this rank's
     features (all-gathered for colwise_gather_output); row-parallel: input this rank's features, output
     all-reduced, then the bias (replicated) added once. Gradients reach the parameters as DTensors with the
-    parameters' own placements (`to_local`'s backward). Not used under sequence parallelism, whose norms hand
-    the projections DTensors.
+    parameters' own placements (`to_local`'s backward). Only for layers running nn.Linear's own forward (other
+    layers, e.g. transformers' Conv1D, take the DTensor styles), and not under sequence parallelism, whose
+    norms hand the projections DTensors.
     """
 
     def __init__(self, rowwise: bool, gather_output: bool = False):
@@ -464,7 +465,10 @@ class _LocalLinear(ParallelStyle):
         self.gather_output = gather_output
 
     def _apply(self, module, device_mesh):
-        sharding = _Rowwise() if self.rowwise else _Colwise()
+        sharding = _Rowwise() if self.rowwise else _Colwise(gather_output=self.gather_output)
+        if type(module).forward is not nn.Linear.forward:
+            # A layer with code of its own (transformers' Conv1D shapes its output by its full width): DTensor's way.
+            return sharding._apply(module, device_mesh)
         sharding._partition(None, module, device_mesh)
         group = device_mesh.get_group()
         originals: list[dict[str, torch.Tensor]] = []
@@ -479,7 +483,7 @@ class _LocalLinear(ParallelStyle):
             bias = mod._parameters.get("bias")
             if self.rowwise and bias is not None:
                 biases.append(bias)  # added after the all-reduce, once
-                mod._parameters["bias"] = None if isinstance(mod, nn.Linear) else torch.zeros_like(bias)
+                mod._parameters["bias"] = None
             elif self.rowwise:
                 biases.append(None)
             if self.rowwise:
