@@ -32,7 +32,7 @@ from pathlib import Path
 LAYOUTS = {"1 process": (1, 1, 1), "dp2": (1, 2, 1), "tp2": (2, 1, 1), "cp2": (1, 1, 2), "tp2dp2": (2, 2, 1), "tp2dp2cp2": (2, 2, 2)}
 # p3d settings per layout beyond the layout itself: the fastest measured (docs/results/profile.md).
 # "all" applies to every layout. The hand-written loops gather K/V for context parallelism, so p3d does too.
-BEST_SETTINGS: dict[str, list[str]] = {"all": ["parallel.cp_impl=allgather"]}
+BEST_SETTINGS: dict[str, list[str]] = {"tp2dp2cp2": ["parallel.cp_impl=allgather"], "cp2": ["parallel.cp_impl=allgather"]}
 HERE = Path(__file__).resolve().parent
 
 
