@@ -176,7 +176,8 @@ def grad_divide_factor(value: str | None) -> None:
 
 @hook("skip_tp_allreduce")
 def skip_tp_allreduce(value: str | None) -> None:
-    """Row-parallel layers return their partial sums without the tensor-parallel all-reduce."""
+    """Row-parallel layers (the DTensor styles and the local-tensor ones) return their partial sums without
+    the tensor-parallel all-reduce."""
     import torch
 
     import p3d.parallel.tensor as tensor
@@ -189,6 +190,17 @@ def skip_tp_allreduce(value: str | None) -> None:
         return output.to_local()  # each rank's partial sum
 
     tensor._Rowwise._output = unreduced_output
+
+    class Unreduced(torch.autograd.Function):  # the local-tensor row-parallel layers' all-reduce, skipped
+        @staticmethod
+        def forward(ctx, partial, group):
+            return partial.view_as(partial)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    tensor._SumOverGroup = Unreduced
 
 
 @hook("fresh_optimizer_on_resume")
@@ -346,6 +358,35 @@ def probe_precision(value: str | None) -> None:
         seen["master_weights"].update(dtype_name(local(param)) for param in trainer.model.parameters())
         for state in trainer.optimizer.state.values():
             seen["optimizer_state"].update(dtype_name(value) for key, value in state.items() if key != "step")
+        for key in list(seen):
+            seen[key] = sorted(seen[key])
+
+    report_at_end(at_end)
+
+
+@hook("probe_tp_linear_operands")
+def probe_tp_linear_operands(value: str | None) -> None:
+    """The kinds of tensor (DTensor or plain) each tensor-parallel linear of the decoder blocks computes
+    with: its weight and its input, as its forward sees them (after p3d's own hooks)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    seen = defaultdict(set)
+    REPORT["tp_linear_operands"] = seen
+
+    def record(module, args) -> None:
+        seen["weight"].add("DTensor" if isinstance(module.weight, DTensor) else "Tensor")
+        seen["input"].add("DTensor" if isinstance(args[0], DTensor) else "Tensor")
+
+    def attach(model) -> None:
+        for block in decoder_blocks(model):
+            for module in block.modules():
+                if isinstance(module, torch.nn.Linear) and isinstance(module.weight, DTensor):
+                    module.register_forward_pre_hook(record)  # after p3d's hooks: sees what the layer computes with
+
+    on_model_built(attach)
+
+    def at_end(trainer) -> None:
         for key in list(seen):
             seen[key] = sorted(seen[key])
 

@@ -144,3 +144,14 @@ def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> 
     from torch.optim._muon import _adjust_lr
 
     return _adjust_lr(lr, adjust_lr_fn, shape)
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the squared L2 norms of plain tensors, in fp32, with one multi-tensor kernel (private
+    `torch._foreach_norm` with its dtype argument, torch 2.13: no full-size temporary)."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().sum()
+
+
+def scale_in_place(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply every tensor by a 0-d tensor in place, one multi-tensor kernel (private `torch._foreach_mul_`)."""
+    torch._foreach_mul_(tensors, factor)

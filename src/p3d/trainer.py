@@ -243,21 +243,24 @@ class Trainer:
             self.batches.prefetch(self.state.consumed_samples + self.config.train.global_batch_size)
         batches = data.micro_batches
         data_wait = time.perf_counter() - started
-        label_tokens = self._global_label_tokens(batches)
-        global_tokens = label_tokens.clamp(min=1.0)
+        global_tokens = self._global_valid_tokens(batches)
         loss = torch.zeros((), device=self.device)
         for index, batch in enumerate(batches):
             self.gradient_sync(index == len(batches) - 1)
             loss += self._forward_backward(batch, global_tokens)
+        summed = dist.all_reduce(loss, group=self.meshes.dp_cp.get_group(), async_op=True)  # overlaps the norm
         if self.in_backward is not None:
             grad_norm = self.in_backward.take_grad_norm()  # the weights are already updated
         else:
             grad_norm = clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        dist.all_reduce(loss, group=self.meshes.dp_cp.get_group())
-        self._check_finite(loss, grad_norm)
+        summed.wait()
         lr = self.optimizer.param_groups[0]["lr"]
         if self.in_backward is None:
             self.optimizer.step()
+        # One host sync per step, after the update is queued: a step whose loss or norm is not finite stops
+        # the run before anything of it is saved.
+        loss_value, norm_value, label_tokens = torch.stack([loss, grad_norm.to(loss.device), global_tokens.total()]).tolist()
+        self._check_finite(loss_value, norm_value)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -271,11 +274,11 @@ class Trainer:
             mfu = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * devices)
         record = {
             "step": self.state.step,
-            "loss": loss.item(),
-            "grad_norm": grad_norm.item(),
+            "loss": loss_value,
+            "grad_norm": norm_value,
             "lr": lr,
             "tokens": tokens,
-            "label_tokens": int(label_tokens.item()),
+            "label_tokens": int(label_tokens),
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / devices,
             "mfu": mfu,
@@ -288,16 +291,15 @@ class Trainer:
             record["samples_per_source"] = data.samples_per_source
         return record
 
-    def _global_label_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
-        """Tokens that are targets in the whole step, over all dp ranks (each dp group holds whole sequences)."""
+    def _global_valid_tokens(self, batches: list[TokenBatch]) -> "_GlobalCount":
+        """Valid label tokens of the whole step over all dp ranks (each dp group holds whole sequences),
+        summed while the first micro-batch runs its forward."""
         count = sum(batch.valid_label_count() for batch in batches)
-        total = torch.tensor(float(count), device=self.device)
-        dist.all_reduce(total, group=self.meshes.dp.get_group())
-        return total
+        return _GlobalCount(torch.tensor(float(count), device=self.device), self.meshes.dp.get_group())
 
-    def _forward_backward(self, batch: TokenBatch, global_tokens: torch.Tensor) -> torch.Tensor:
+    def _forward_backward(self, batch: TokenBatch, global_tokens: "_GlobalCount") -> torch.Tensor:
         with self._attending(batch) as local:
-            loss = self._summed_token_loss(local) / global_tokens
+            loss = self._summed_token_loss(local) / global_tokens.value()
             loss.backward()
         return loss.detach()
 
@@ -311,9 +313,28 @@ class Trainer:
         logits = self.model(input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False).logits
         return F.cross_entropy(logits.float().flatten(0, 1), local.labels.to(self.device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
-    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise RunError(
-                f"step {self.state.step + 1}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite; "
+                f"step {self.state.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
                 f"lower optim.lr or raise optim.warmup_steps (no checkpoint was written for this step)"
             )
+
+
+class _GlobalCount:
+    """A count summed over a process group by an all-reduce started now and waited for at first use."""
+
+    def __init__(self, local: torch.Tensor, group):
+        self._total = local
+        self._pending = dist.all_reduce(local, group=group, async_op=True)
+
+    def total(self) -> torch.Tensor:
+        """The sum over the group."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+        return self._total
+
+    def value(self) -> torch.Tensor:
+        """The sum as a divisor: at least 1 (a step whose every label is masked has a zero loss)."""
+        return self.total().clamp(min=1.0)

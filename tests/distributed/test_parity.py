@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import FAST, assert_ok, hooks_env, layout_overrides
+from tests.hooks import read_reports
 
 TOLERANCE = 1e-4  # |loss - reference| per step, fp32
 GRAD_NORM_TOLERANCE = 1e-4  # |norm / reference norm - 1| per step; measured: at most 1.9e-6 over the 24 parity and 8 CP-matrix runs
@@ -98,6 +99,17 @@ def test_contiguous_cp_layout_matches_one_process(p3d_runner):
     result = p3d_runner(["model=tiny_llama", *FAST, *layout_overrides(1, 1, 4), "train.micro_batch_size=4", "parallel.cp_layout=contiguous"], nproc=4)
     assert_ok(result)
     assert_matches(result.records, reference_records("tiny_llama", p3d_runner))
+
+
+def test_tensor_parallel_linears_compute_on_local_tensors(p3d_runner, tmp_path):
+    """Under TP (without sequence parallelism) every split linear of the blocks computes with its local
+    shard and plain activations (explicit collectives, no DTensor dispatch in the block), and the run
+    keeps one process's losses and gradient norms."""
+    report = tmp_path / "report"
+    result = run_layout(p3d_runner, "tiny_opt", "tp2", clipped=False, env=hooks_env("probe_tp_linear_operands", report=report))
+    for rank in read_reports(report, ranks=2):
+        assert rank["tp_linear_operands"] == {"input": ["Tensor"], "weight": ["Tensor"]}
+    assert_matches(result.records, reference_records("tiny_opt", p3d_runner, clipped=False))
 
 
 def test_parity_check_detects_a_different_run(p3d_runner):
