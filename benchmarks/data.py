@@ -22,7 +22,9 @@
    runs on the small one only.
 5. Paired steps: in one process, one model trained with both samplers of the small corpus, their
    steps alternated, each step timed (read, forward, backward, optimizer step): the comparison
-   that the load of other jobs disturbs least.
+   that the load of other jobs disturbs least. The cache is read as the trainer reads it: each
+   step's data prefetched on a background thread while the step before trains.
+   `--only-paired` runs just this part (on the small corpus; the rest of the report is left out).
 
 Timings on a loaded machine are marked so in the output; the memory figures (RSS) are not
 affected by load. Writes <out>/data.md and <out>/data.json.
@@ -111,7 +113,7 @@ import importlib.util, json, statistics, sys, time
 import torch
 from transformers import AutoModelForCausalLM
 from p3d.config.compose import compose, to_object
-from p3d.data import IGNORE_INDEX, build_sampler
+from p3d.data import IGNORE_INDEX, BatchPrefetcher, build_sampler
 from p3d.model import build_hf_config
 corpus, cache, baseline_data, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.manual_seed(0)
@@ -128,10 +130,18 @@ for stream in samplers["cached"].streams:  # in the page cache, as the in-memory
     stream._release()
 model = AutoModelForCausalLM.from_config(build_hf_config(config.model))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+prefetcher = BatchPrefetcher(samplers["cached"])  # as the trainer reads the cache: the next step while this one trains
 
-def step(sampler, consumed):
+def read(kind, consumed):
+    if kind == "in_memory":
+        return samplers[kind].micro_batches(consumed)
+    batches = prefetcher.take(consumed).micro_batches
+    prefetcher.prefetch(consumed + GLOBAL_BATCH)
+    return batches
+
+def step(kind, consumed):
     started = time.perf_counter()
-    batches = sampler.micro_batches(consumed)
+    batches = read(kind, consumed)
     waited = time.perf_counter() - started
     for batch in batches:
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
@@ -145,9 +155,10 @@ times = {kind: [] for kind in samplers}
 for index in range(steps + 5):
     order = ("in_memory", "cached") if index % 2 == 0 else ("cached", "in_memory")
     for kind in order:
-        seconds, waited = step(samplers[kind], index * GLOBAL_BATCH)
+        seconds, waited = step(kind, index * GLOBAL_BATCH)
         if index >= 5:
             times[kind].append((seconds, waited))
+prefetcher.close()
 results = {kind: {"step_ms": [round(s * 1000, 3) for s, _ in values], "wait_ms": [round(w * 1000, 4) for _, w in values]} for kind, values in times.items()}
 
 # the same reads from a cache whose pages are not in memory: dropped from the page cache first
@@ -195,7 +206,9 @@ def train(name: str, corpus: Path, cache: Path, workdir: Path, nproc: int, sourc
 
 
 def baseline_checkout(revision: str, directory: Path) -> Path:
-    """src/ and conf/ of `revision`, extracted from git (the working tree is not touched)."""
+    """src/ and conf/ of `revision`, extracted from git (the working tree is not touched), once."""
+    if directory.exists():
+        return directory / "src"
     directory.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "src", "conf", "recipes"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
@@ -219,7 +232,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/p3d-data-benchmark"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the corpora and caches")
+    parser.add_argument("--only-paired", action="store_true", help="re-measure only the paired steps in one process; the rest of <out>/data.json stays")
     args = parser.parse_args()
+    if args.only_paired:
+        return remeasure_paired(args)
     large, small = int(args.tokens), int(args.small_tokens)
     needed = large * 3.3 + small * 3.3 + 2e9  # text + jsonl quoting, a uint16 cache, margin
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +249,31 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "data.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "data.md").write_text(report(results))
+    print(report(results))
+
+
+def paired_steps(args, work: Path, cache: Path) -> dict:
+    print("training: paired steps in one process", flush=True)
+    baseline_src = baseline_checkout(args.baseline, work / "baseline")
+    paired = run_python(PAIRED, [str(work / "small"), str(cache), str(baseline_src / "p3d" / "data.py"), str(args.paired_steps)])
+    paired["load"] = machine_load()
+    return paired
+
+
+def remeasure_paired(args) -> None:
+    results = json.loads((args.out / "data.json").read_text())
+    work = Path(args.workdir) / f"run-{os.getpid()}"
+    os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")
+    try:
+        generate(work / "small", int(args.small_tokens), args.file_mb * 2**20, seed=1)
+        run_python(BUILD, [str(work / "small"), str(work / "cache")])
+        results["paired_steps"] = paired_steps(args, work, work / "cache")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     (args.out / "data.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "data.md").write_text(report(results))
     print(report(results))
@@ -260,8 +301,7 @@ def measure(args, work: Path, large: int, small: int) -> dict:
         for kind in ("in_memory", "cached") if repeat % 2 == 0 else ("cached", "in_memory"):
             source_root = baseline_src if kind == "in_memory" else None
             comparison[kind].append(train(f"{kind}-small-{repeat}", work / "small", cache, work, args.nproc, source_root=source_root))
-    print("training: paired steps in one process", flush=True)
-    paired = run_python(PAIRED, [str(work / "small"), str(cache), str(baseline_src / "p3d" / "data.py"), str(args.paired_steps)])
+    paired = paired_steps(args, work, cache)
     return {
         "machine": {"cpus": os.cpu_count(), "load": machine_load(), "note": "timings measured under load (other jobs on the machine); RSS is not affected"},
         "corpora": corpora,
@@ -373,7 +413,9 @@ def report(results: dict) -> str:
         "",
         "Runs seconds apart see different loads. So the same comparison once more in one process: one model "
         f"(tiny Llama, AdamW), the two samplers of the small corpus (one rank, {GLOBAL_BATCH} sequences of {SEQ_LEN} tokens per step), "
-        f"their steps alternated (ABBA), {len(paired['cached']['step_ms'])} steps of each; a step is reading its batch, forward, backward and the optimizer step.",
+        f"their steps alternated (ABBA), {len(paired['cached']['step_ms'])} steps of each; a step is reading its batch, forward, backward and the optimizer step. "
+        "The cache is read as the trainer reads it: the next step's batch on a background thread while a step trains"
+        + (f" (measured at {paired['load']})." if "load" in paired else "."),
         "",
         "| | in-memory array | token cache |",
         "| --- | --- | --- |",
