@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import _env
@@ -15,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_gpu_check_dry_run_measures_both_loops_and_writes_its_report(tmp_path):
     command = ["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run", "--models=tiny_llama", "--variants=eager+ac", f"--out={tmp_path}"]
-    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    done = subprocess.run(command, capture_output=True, text=True, env={**_env(), "PYTHON": sys.executable}, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_dry_run.json").read_text())
     assert [row["variant"] for row in result["rows"]] == ["eager+ac"]
