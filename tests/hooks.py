@@ -200,7 +200,7 @@ def skip_tp_allreduce(value: str | None) -> None:
         def backward(ctx, grad):
             return grad, None
 
-    tensor._SumOverGroup = Unreduced
+    tensor.SumOverGroup = Unreduced
 
 
 @hook("fresh_optimizer_on_resume")

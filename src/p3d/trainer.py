@@ -326,6 +326,7 @@ class _GlobalCount:
 
     def __init__(self, local: torch.Tensor, group):
         self._total = local
+        self._divisor: torch.Tensor | None = None
         self._pending = dist.all_reduce(local, group=group, async_op=True)
 
     def total(self) -> torch.Tensor:
@@ -333,8 +334,10 @@ class _GlobalCount:
         if self._pending is not None:
             self._pending.wait()
             self._pending = None
+            self._divisor = self._total.clamp(min=1.0)
         return self._total
 
     def value(self) -> torch.Tensor:
         """The sum as a divisor: at least 1 (a step whose every label is masked has a zero loss)."""
-        return self.total().clamp(min=1.0)
+        self.total()
+        return self._divisor

@@ -393,7 +393,7 @@ class SumGradient(torch.autograd.Function):
         return grad, None
 
 
-class _SumOverGroup(torch.autograd.Function):
+class SumOverGroup(torch.autograd.Function):
     """All-reduce forward (the partial sums of a row-parallel layer); identity backward."""
 
     @staticmethod
@@ -493,7 +493,7 @@ class _LocalLinear(ParallelStyle):
         def after(mod, args, output):
             mod._parameters.update(originals.pop())
             if self.rowwise:
-                output = _SumOverGroup.apply(output, group)
+                output = SumOverGroup.apply(output, group)
                 bias = biases.pop()
                 return output if bias is None else output + bias
             if self.gather_output:
