@@ -7,6 +7,7 @@ FSDP and context parallelism in the same run) and over ep ranks borrowed from dp
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -76,6 +77,26 @@ def test_experts_split_over_expert_parallel_ranks_match_one_process(case, p3d_ru
     if dp * cp == ep:  # no FSDP over replicas: each rank stores exactly its two experts
         stored, whole = (float(size) for size in re.findall(r"([0-9.]+) MiB", line))
         assert stored == pytest.approx(whole / 2, abs=0.01)
+
+
+# The acceptance matrix: every architecture at every layout (16 runs, ~10 minutes on 2 cores). CI runs the
+# subset above (each architecture and each layout at least once); P3D_MOE_MATRIX=1 runs all of it.
+MATRIX_LAYOUTS = {"tp2": ((2, 1, 1, 1), 4), "ep2": ((1, 2, 1, 2), 2), "dp4ep2": ((1, 4, 1, 2), 1), "ep2cp2": ((1, 1, 2, 2), 4)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("P3D_MOE_MATRIX") != "1", reason="the whole MoE matrix runs with P3D_MOE_MATRIX=1")
+@pytest.mark.parametrize("layout_name", list(MATRIX_LAYOUTS))
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_every_moe_architecture_at_every_layout_matches_one_process(arch, layout_name, p3d_runner):
+    layout, micro = MATRIX_LAYOUTS[layout_name]
+    tp, dp, cp, ep = layout
+    result = p3d_runner(ep_overrides(arch, layout, micro), nproc=tp * dp * cp)
+    assert_ok(result)
+    reference = reference_records(p3d_runner, arch)
+    assert_matches(result.records, reference)
+    load = ("expert_tokens_min", "expert_tokens_max", "expert_imbalance")
+    assert [[r[key] for key in load] for r in result.records] == [[r[key] for key in load] for r in reference]
 
 
 @pytest.mark.slow
