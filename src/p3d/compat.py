@@ -6,11 +6,13 @@ Each wrapper names what it relies on, so a PyTorch upgrade has a single file to 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Placement
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def flatten_mesh(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> DeviceMesh:
@@ -44,6 +46,63 @@ def local_box(tensor: torch.Tensor) -> tuple[slice, ...]:
 
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return tuple(slice(start, start + size) for start, size in zip(offset, shape))
+
+
+def shard_shape(global_shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[Placement]) -> tuple[int, ...]:
+    """The local shape of a DTensor with `placements` at `coordinate` of a mesh of `mesh_shape`, for any
+    rank, not only this one (DTensor's own rule, including uneven and strided shards: private
+    `torch.distributed.tensor._utils._compute_local_shape_and_global_offset`, torch 2.13)."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    shape, _ = _compute_local_shape_and_global_offset(tuple(global_shape), tuple(mesh_shape), list(coordinate), placements, skip_offset=True)
+    return tuple(shape)
+
+
+@contextmanager
+def fake_process_group(world_size: int) -> Iterator[None]:
+    """Within the block this process is rank 0 of a default process group of `world_size` ranks whose
+    collectives do nothing (torch's `fake` backend: private `torch.testing._internal.distributed.fake_pg`,
+    torch 2.13). Meshes, TP styles and FSDP2 can be applied to a model on the meta device as on a real
+    job, without other processes; nothing may run that needs the results of a collective."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("fake_process_group: this process already has a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """An identity of the storage behind a tensor, shared by its views, also on the meta device where
+    every data pointer is 0 (private `UntypedStorage._cdata`, torch 2.13)."""
+    return tensor.untyped_storage()._cdata
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """While active, `record(op, group_name, tensor)` sees every functional collective (what DTensor
+    redistributions issue): op is e.g. "all_reduce", tensor its input. Private
+    `torch.utils._python_dispatch.TorchDispatchMode` and the `_c10d_functional` op namespace, torch 2.13."""
+
+    def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "_c10d_functional" and isinstance(args[0], torch.Tensor):
+            names = [arg for arg in args if isinstance(arg, str)]
+            if names:
+                self.record(func.overloadpacket.__name__, names[-1], args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def fsdp_keeps_unsharded_after_forward(module: torch.nn.Module) -> bool:
+    """Whether an FSDP2 unit keeps its parameters gathered from its forward to its backward
+    (`reshard_after_forward=False`; private `_get_fsdp_state()._fsdp_param_group.post_forward_mesh_info`,
+    torch 2.13). FSDP2 also keeps the root unit gathered once training starts, whatever it was given."""
+    group = module._get_fsdp_state()._fsdp_param_group
+    return group is not None and group.post_forward_mesh_info is None
 
 
 @contextmanager

@@ -38,6 +38,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, seed: int = 0) -> torch.
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
 
 
+# Tensors of a parameter's shape and dtype that AdamW (torch's and BF16AdamW) keeps per parameter:
+# exp_avg and exp_avg_sq (its `step` is a scalar).
+MOMENTS_PER_PARAMETER = 2
+
 _CHUNK_ELEMENTS = 1 << 20  # the update works on at most this many elements at a time (bounded temporaries)
 
 

@@ -1,285 +1,701 @@
-"""`p3d plan`: what a config will do on N ranks, worked out without any process group or GPU.
+"""`p3d plan`: what a config does on N ranks, found by running p3d's own parallel code on no data.
 
-It validates the config for the world size, maps ranks to (dp, cp, tp), estimates each rank's
-memory from the model's real parameter shapes and the TP plan, and lists the collectives of a
-step. The memory model follows what p3d allocates:
+The plan makes this process rank 0 of a fake process group of the requested world size (torch's
+`fake` backend: collectives do nothing) and builds the model on the meta device (shapes, no
+memory). On it, the functions a training rank calls shard it as training does:
 
-- fp32 master weights, fp32 gradients (none kept with optim.in_backward) and AdamW's two fp32
-  moments, each sharded by TP (planned modules) and then by FSDP over dp*cp;
-- step transients: FSDP's working set (the root unit unsharded throughout; untied embeddings
-  and output head as units of their own, gathered only around their use; a block's unsharded
-  weights, gradients and fp32 reduce-scatter buffer, the next block prefetched), or without
-  FSDP a tied output head's second gradient;
-- activations saved for backward per block (fewer with activation checkpointing; the norm and
-  residual tensors split over tp with sequence parallelism), what attention keeps (the model's
-  own: scores of the local queries over the whole sequence; p3d's ring: only the local queries'
-  log-sum-exp; allgather: the gathered keys and values), and the logits;
-- a per-process baseline (torch, transformers, datasets imports), measured on this stack;
-- on CPU, memory the C allocator retains: half of what a step allocates and frees (measured).
+- `shard_for_compute` (TP, sequence parallelism, p3d's CP attention) on a model in the compute
+  dtype, whose forward and backward for one micro-batch then run on the meta device. Every tensor
+  autograd saves is recorded with the module that saved it, and so are the collectives TP and CP
+  issue. Activations, logits and the loss's buffers are thus the model's own, for any architecture.
+- `shard_for_compute` then `wrap_for_training` (activation checkpointing, FSDP2) on a model in the
+  master dtype: each parameter's shard on every rank comes from its DTensor placements at that
+  rank's mesh coordinates, and the FSDP2 units (which parameters each gathers, which stay gathered
+  after forward) from the wrapped modules.
+
+No sharding rule is restated here. From these facts a step is replayed as a timeline of
+allocations and frees (states, FSDP gathers, gradients and reduce-scatter buffers, activations,
+logits and loss) and its peak is each rank's memory. Two terms are measured, not derived: the
+memory a process holds before it builds anything (imports), and on CPU what glibc's allocator
+keeps of freed memory; `--device cuda` replaces them by the CUDA context and adds no CPU terms.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FSDPModule
+from torch.utils.hooks import RemovableHandle
 
-from p3d.config.schema import ACMode, CPImpl, DType, P3DConfig
+from p3d import compat
+from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig
 from p3d.config.validate import ValidatedSetup
-from p3d.distributed.env import resolve_device_type
+from p3d.data import TokenBatch
+from p3d.distributed.mesh import Meshes, ParallelDims
 from p3d.model import build_meta_model
 from p3d.models import architecture, decoder_blocks
-from p3d.parallel.context import uses_p3d_attention
-from p3d.parallel.fsdp import embedding_units
-from p3d.parallel.activation import checkpointed_block_indices
-from p3d.parallel.tensor import tp_sharded_parameters
+from p3d.optim import MOMENTS_PER_PARAMETER
+from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
+from p3d.parallel.cp_attention import AttentionTimer, CPComm
+from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
+from p3d.trainer import token_loss
 
-GB = 2**30
-FP32 = 4
-# Peak RSS of a process that has imported what a rank imports (torch 2.13 CPU, transformers 5.23,
-# datasets), measured by benchmarks/memory.py; on a GPU this is host memory, not device memory.
-PROCESS_BASELINE_GB = 0.41
-DTYPE_BYTES = {DType.fp32: 4, DType.bf16: 2}
-# On CPU, glibc keeps freed mid-size blocks (< 32 MiB: activations, per-parameter copies) in its
-# heap, so peak RSS exceeds the live tensors by a share of what a step allocates and frees.
-# Measured here (benchmarks/memory.py, OPT and Llama shapes, 1 to 8 ranks): about half of it.
+GB = 1e9  # the plan reports decimal gigabytes
+BYTES = {DType.fp32: 4, DType.bf16: 2}
+REDUCE_BYTES = 4  # FSDP2 reduces gradients in fp32 (parallel/fsdp.py)
+
+# Peak RSS of a rank before it builds its model: torch, transformers and p3d imported, the process
+# group and data set up. Measured by benchmarks/plan_accuracy.py on this stack (torch 2.13 CPU,
+# transformers 5.23); on a GPU this is host memory, not device memory.
+CPU_PROCESS_BASELINE_B = 0.42e9
+# On CPU, glibc keeps freed blocks below its mmap threshold (which rises up to 32 MiB as large
+# blocks are freed) in its heaps for reuse, so peak RSS exceeds the live tensors. Measured by
+# benchmarks/plan_accuracy.py: a share of what a step allocates below that size and frees.
+CPU_MMAP_THRESHOLD_B = 32 * 2**20
 CPU_HEAP_RETENTION = 0.5
+# On a GPU: the CUDA context and the kernels' workspaces, outside torch's allocator (nominal: not
+# measured by p3d; the caching allocator's reserve above the live tensors is not counted either).
+CUDA_CONTEXT_B = 0.5e9
+
+# Memory of one device by GPU name (GB as sold; a name of metrics.PEAK_TFLOPS_BY_DEVICE_NAME).
+DEVICE_MEMORY_GB = {
+    "H200": 141, "H100 PCIe": 80, "H100": 80, "GH200": 96, "B200": 180, "A100": 80, "L40S": 48, "L4": 24,
+    "A10G": 24, "A10": 24, "V100": 32, "MI300X": 192,
+}
+
+PARTS = ("weights", "gradients", "optimizer state", "gathered weights", "gathered gradients", "reduce buffers", "activations", "logits and loss")
+
+
+# ---- what the real code does, recorded on the meta device -----------------------------------------
+@dataclass
+class Unit:
+    """One FSDP2 unit (or, without FSDP, one decoder block or the rest of the model), TP-local sizes."""
+
+    name: str  # module name; "" is the root (the whole model)
+    parameters: list[str]  # names of the parameters it owns (not its sub-units')
+    gathered_numel: int  # elements of its parameters on this tp rank while gathered
+    keeps_gathered: bool  # stays gathered from its forward to its backward
+    checkpointed: bool = False  # activation checkpointing recomputes it in backward
+    activation_bytes: int = 0  # what its own modules save for backward in one micro-batch
+    input_bytes: int = 0  # its first input (what activation checkpointing keeps instead)
 
 
 @dataclass
-class MemoryEstimate:
-    """Per-rank peak memory estimate, in GB."""
-
-    baseline: float
-    weights: float
-    gradients: float
-    optimizer: float
-    step_transients: float
-    activations: float
-    logits: float
-    allocator_retention: float
-
-    @property
-    def total(self) -> float:
-        return sum(getattr(self, f.name) for f in fields(self))
-
-    def rows(self) -> list[tuple[str, float]]:
-        return [(f.name.replace("_", " "), getattr(self, f.name)) for f in fields(self)] + [("total", self.total)]
-
-
-@dataclass
-class Collective:
+class CollectiveCount:
     name: str
     group: str
-    per_step: int
-    megabytes_per_step: float
+    per_micro_batch: int = 0
+    bytes_per_micro_batch: int = 0
 
 
-def _tp_divisor(name: str, matched: set[str], tp: int) -> int:
-    """How many ways TP splits a parameter (1 for replicated ones: outside the plan, a rowwise layer's bias, ...)."""
-    return tp if name in matched else 1
+@dataclass
+class Trace:
+    """Facts about one layout, read from the sharded model and its meta-device step."""
+
+    dims: ParallelDims
+    fsdp: bool
+    units: list[Unit]  # in forward order; the root last
+    shard_numel: dict[int, dict[str, int]]  # rank -> unit name -> elements of its parameters' shards on that rank
+    tied_numel: int  # elements (tp-local) of weights used twice (a tied embedding and head): a second gradient
+    head_unit: str  # the unit holding the output head
+    logits_bytes: int
+    loss_bytes: int  # what the loss saves for backward (fp32 log-probabilities)
+    logits_fp32_bytes: int  # the fp32 copy of the logits (and each of their fp32 gradients)
+    collectives: list[CollectiveCount]
+    parameters: int  # of the whole model
+    micro_batches: int
+
+    @property
+    def root(self) -> Unit:
+        return self.units[-1]
 
 
-def _sharded(model: nn.Module, plan: dict[str, str], tp: int) -> set[str]:
-    return tp_sharded_parameters(model, plan) if tp > 1 else set()
+class _ShapeOnlyComm(CPComm):
+    """CP communication on the meta device: what arrives has the right shape; each transfer is counted."""
+
+    def __init__(self, group, counts: dict):
+        super().__init__(group)
+        self.counts = counts
+
+    def _count(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self.counts.setdefault(name, CollectiveCount(name, "cp"))
+        entry.per_micro_batch += 1
+        entry.bytes_per_micro_batch += tensor.numel() * tensor.element_size()
+
+    def pass_on(self, tensor, tag):
+        if self.size == 1:
+            return super().pass_on(tensor, tag)
+        self._count("CP ring send/recv of K/V blocks and their gradients", tensor)
+        return _Arrived(torch.empty_like(tensor))
+
+    def all_gather(self, tensor):
+        if self.size == 1:
+            return super().all_gather(tensor)
+        self._count("CP all-gather of keys and values", tensor)
+        return torch.empty((self.size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+
+    def reduce_scatter(self, stacked):
+        if self.size == 1:
+            return super().reduce_scatter(stacked)
+        self._count("CP reduce-scatter of key and value gradients", stacked)
+        return torch.empty(stacked.shape[1:], dtype=stacked.dtype, device=stacked.device)
 
 
-def local_parameter_numel(model: nn.Module, plan: dict[str, str], tp: int, dp_cp: int) -> int:
-    matched = _sharded(model, plan, tp)
-    total = 0
-    for name, param in model.named_parameters():
-        total += -(-param.numel() // (_tp_divisor(name, matched, tp) * dp_cp))
-    return total
+@dataclass
+class _Arrived:
+    tensor: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        return self.tensor
 
 
-def _unit_numel(module: nn.Module, matched: set[str], tp: int, prefix: str, exclude: set[int]) -> int:
-    total = 0
-    for name, param in module.named_parameters():
-        if id(param) not in exclude:
-            total += param.numel() // _tp_divisor(f"{prefix}{name}", matched, tp)
-    return total
+@dataclass
+class _Recorder:
+    """Saved tensors by module (deduplicated by storage, parameters left out) and module call order."""
+
+    parameter_storages: set
+    stack: list[str] = field(default_factory=list)
+    saved: dict[int, tuple[str, int]] = field(default_factory=dict)  # storage -> (module, bytes)
+    call_order: list[str] = field(default_factory=list)
+    inputs: dict[str, int] = field(default_factory=dict)  # module -> bytes of its first tensor input
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        local = _local(tensor)
+        key = compat.storage_key(local)
+        if key not in self.parameter_storages and key not in self.saved:
+            self.saved[key] = (self.stack[-1] if self.stack else "", local.untyped_storage().nbytes())
+        return tensor
+
+    def hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        handles = []
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(self._enter(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._leave(name), always_call=True))
+        return handles
+
+    def _enter(self, name: str):
+        def hook(module, args, kwargs):
+            self.stack.append(name)
+            if name not in self.inputs:
+                self.call_order.append(name)
+                first = next((x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)), None)
+                self.inputs[name] = 0 if first is None else _local(first).untyped_storage().nbytes()
+
+        return hook
+
+    def _leave(self, name: str):
+        def hook(module, args, output):
+            self.stack.pop()
+
+        return hook
 
 
-@dataclass(frozen=True)
-class FsdpUnit:
-    """TP-local element counts of one FSDP unit while it is unsharded."""
-
-    weights: int
-    extra_gradients: int  # a tied output head's gradient coexists with the embedding's
-
-    def working_set_bytes(self, compute_bytes: int) -> int:
-        """Unsharded weights and gradients in the compute dtype, plus the fp32 reduce-scatter buffer."""
-        return self.weights * compute_bytes + (self.weights + self.extra_gradients) * compute_bytes + self.weights * FP32
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    if isinstance(tensor, DTensor):
+        with torch.no_grad():
+            return tensor.to_local()
+    return tensor
 
 
-def fsdp_units(model: nn.Module, plan: dict[str, str], tp: int) -> tuple[FsdpUnit, list[FsdpUnit], list[FsdpUnit]]:
-    """The root unit, the untied embedding units (input, output head) and one unit per decoder block.
+class _CollectiveCounter(compat.CollectiveRecorder):
+    """TP's collectives (DTensor redistributions) by the mesh dimension they run over."""
 
-    This mirrors p3d.parallel.fsdp.apply_fsdp: a tied embedding stays in the root unit.
-    """
-    matched = _sharded(model, plan, tp)
-    names = {module: name for name, module in model.named_modules()}
-    blocks = decoder_blocks(model)
-    own_unit = {id(p) for block in blocks for p in block.parameters()}
-    tied = 0
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is model.get_input_embeddings().weight:
-        tied = output.weight.numel() // _tp_divisor(names[output] + ".weight", matched, tp)
-    embeddings = []
-    for unit, _ in embedding_units(model):
-        embeddings.append(FsdpUnit(_unit_numel(unit, matched, tp, names[unit] + ".", set()), 0))
-        own_unit |= {id(p) for p in unit.parameters()}
-    root = FsdpUnit(_unit_numel(model, matched, tp, "", own_unit), tied)
-    return root, embeddings, [FsdpUnit(_unit_numel(block, matched, tp, names[block] + ".", set()), 0) for block in blocks]
+    def __init__(self, group_names: dict[str, str], counts: dict):
+        super().__init__()
+        self.group_names = group_names
+        self.counts = counts
+
+    def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
+        group = self.group_names.get(group_name, "other")
+        name = {"all_reduce": "all-reduce", "all_gather_into_tensor": "all-gather", "reduce_scatter_tensor": "reduce-scatter"}.get(op, op)
+        entry = self.counts.setdefault(f"{group}:{name}", CollectiveCount(f"{group.upper()} {name} (activations and their gradients)", group))
+        entry.per_micro_batch += 1
+        entry.bytes_per_micro_batch += tensor.numel() * tensor.element_size()
 
 
-def transient_bytes(model: nn.Module, plan: dict[str, str], tp: int, sharded: bool, compute_bytes: int) -> int:
-    """Memory that exists only during a step, beyond the sharded state.
-
-    With FSDP the root unit stays unsharded through forward and backward. On top of it, the
-    largest of: an embedding unit's working set (the output head's as the backward starts, the
-    input embedding's as it ends), or a block's with the next block prefetched and the all-gather
-    output buffer it is copied out of. Without FSDP: a tied output head's gradient is buffered
-    beside the embedding's.
-    """
-    root, embeddings, blocks = fsdp_units(model, plan, tp)
-    if not sharded:
-        return root.extra_gradients * compute_bytes
-    largest_block = max(blocks, key=lambda unit: unit.weights, default=FsdpUnit(0, 0))
-    phases = [
-        largest_block.working_set_bytes(compute_bytes) + 2 * largest_block.weights * compute_bytes,
-        *(unit.working_set_bytes(compute_bytes) for unit in embeddings),
-    ]
-    return max(root.working_set_bytes(compute_bytes), root.weights * compute_bytes + max(phases))
-
-
-def estimate_memory(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None, on_cpu: bool = True) -> MemoryEstimate:
-    model = model or build_meta_model(setup.hf_config)
+def _trace_step(config: P3DConfig, setup: ValidatedSetup, meshes: Meshes, counts: dict) -> tuple[_Recorder, dict]:
+    """One micro-batch's forward, loss and backward on the meta device, on the model as TP, SP and CP shard it."""
+    model = build_meta_model(setup.hf_config, TORCH_DTYPES[config.train.dtype])  # FSDP2 computes in train.dtype
+    shard_for_compute(model, config, setup.hf_config, setup.tp_plan, meshes)
     dims = setup.dims
-    text = setup.hf_config.get_text_config()
-    compute_bytes = DTYPE_BYTES[config.train.dtype]
-    weights = local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) * DTYPE_BYTES[config.train.master_dtype]
-    gradients = 0 if config.optim.in_backward else weights
-    sharded = dims.dp_cp > 1 or config.train.dtype is not DType.fp32  # FSDP2 is applied
-    transients = transient_bytes(model, setup.tp_plan, dims.tp, sharded, compute_bytes)
-    activations = _activation_bytes(config, setup, text, dims, len(decoder_blocks(model)), compute_bytes)
-    local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
-    logits = local_tokens * text.vocab_size * (compute_bytes + 2 * FP32)  # logits, fp32 copy for the loss, its gradient
-    churn = transients + activations + logits
-    return MemoryEstimate(
-        baseline=PROCESS_BASELINE_GB,
-        weights=weights / GB,
-        gradients=gradients / GB,
-        optimizer=2 * weights / GB,
-        step_transients=transients / GB,
-        activations=activations / GB,
-        logits=logits / GB,
-        allocator_retention=(CPU_HEAP_RETENTION * churn if on_cpu else 0.0) / GB,
+    if not uses_p3d_attention(dims.cp, config.data.packing):
+        # The model's own attention builds its mask with data-dependent checks, which the meta device
+        # cannot run; p3d's saves the same tensors (queries, keys, values, output, log-sum-exp).
+        enable_p3d_attention(model, setup.hf_config)
+    impl = CPImpl.ring if setup.cp_impl is CPImpl.torch else setup.cp_impl  # PyTorch's runs on CUDA kernels only
+    context = ContextParallel(meshes.cp, SequenceSharding(dims.cp, config.parallel.cp_layout), impl, AttentionTimer(False, torch.device("meta")))
+    context.comm = _ShapeOnlyComm(meshes.cp.get_group(), counts)
+    recorder = _Recorder({compat.storage_key(_local(p)) for p in model.parameters()})
+    batch_size, seq_len = config.train.micro_batch_size, config.data.seq_len
+    tokens = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    batch = TokenBatch(input_ids=tokens, labels=tokens, position_ids=torch.arange(seq_len).expand(batch_size, seq_len), document_ids=None)
+    group_names = {meshes.world[name].get_group().group_name: name for name in ("dp", "cp", "tp")}
+    handles = recorder.hooks(model)
+    sizes: dict[str, int] = {}
+    try:
+        with _CollectiveCounter(group_names, counts), torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda tensor: tensor):
+            with context.attending(batch, torch.device("meta")) as local:
+                input_ids = local.input_ids.to("meta")
+                logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=local.position_ids.to("meta"), use_cache=False).logits
+                recorder.stack = ["loss"]
+                loss = token_loss(logits, local.labels.to("meta"), torch.ones((), device="meta"))
+                recorder.stack = []
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    local_logits = _local(logits)
+    sizes["logits"] = local_logits.numel() * local_logits.element_size()
+    sizes["logits_fp32"] = local_logits.numel() * 4
+    return recorder, sizes
+
+
+def _shard_numel(param: torch.Tensor, coordinates: dict[str, int]) -> int:
+    if not isinstance(param, DTensor):
+        return param.numel()
+    mesh = param.device_mesh
+    coordinate = [coordinates[name] for name in mesh.mesh_dim_names]
+    return _numel(_cached_shard_shape(tuple(param.shape), tuple(mesh.shape), tuple(coordinate), tuple(param.placements)))
+
+
+@lru_cache(maxsize=None)
+def _cached_shard_shape(shape, mesh_shape, coordinate, placements) -> tuple[int, ...]:
+    return compat.shard_shape(shape, mesh_shape, coordinate, placements)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def _mesh_coordinates(dims: ParallelDims, rank: int) -> dict[str, int]:
+    coords = dims.coords(rank)
+    return {**coords, "dp_cp": coords["dp"] * dims.cp + coords["cp"]}
+
+
+def _owner(name: str, unit_names: list[str]) -> str:
+    """The unit a module or parameter belongs to: the longest unit name it lies inside."""
+    best = ""
+    for unit in unit_names:
+        if unit and (name == unit or name.startswith(unit + ".")) and len(unit) > len(best):
+            best = unit
+    return best
+
+
+def _units_of(model: nn.Module, fsdp: bool) -> list[tuple[str, nn.Module, bool]]:
+    """(name, module, keeps gathered after forward): the FSDP2 units, or without FSDP the decoder blocks and the rest."""
+    names = {module: name for name, module in model.named_modules()}
+    if fsdp:
+        units = [(names[m], m, compat.fsdp_keeps_unsharded_after_forward(m)) for m in model.modules() if isinstance(m, FSDPModule)]
+    else:
+        units = [(names[block], block, True) for block in decoder_blocks(model)]
+    return [unit for unit in units if unit[0] != ""] + [("", model, True)]  # FSDP2 keeps the root gathered
+
+
+def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
+    """Apply p3d's parallel code for `setup.dims` over a fake process group and record what it did."""
+    dims = setup.dims
+    counts: dict[str, CollectiveCount] = {}
+    with _planning_group(dims.world_size):
+        meshes = Meshes(dims, "cpu")
+        recorder, sizes = _trace_step(config, setup, meshes, counts)
+        model = build_meta_model(setup.hf_config, TORCH_DTYPES[config.train.master_dtype])
+        shard_for_compute(model, config, setup.hf_config, setup.tp_plan, meshes)
+        tp_local = {name: _local(param).numel() for name, param in model.named_parameters()}
+        tied_numel = sum(tp_local[name] for name in _tied_parameters(model))
+        checkpointed_blocks = wrap_for_training(model, config, meshes)
+        fsdp = any(isinstance(module, FSDPModule) for module in model.modules())
+        blocks = decoder_blocks(model)
+        checkpointed = {id(blocks[index]) for index in checkpointed_blocks}
+        unit_list = _units_of(model, fsdp)
+        unit_names = [name for name, _, _ in unit_list]
+        owned: dict[str, list[str]] = defaultdict(list)
+        parameters = dict(model.named_parameters())
+        for name in parameters:
+            owned[_owner(name, unit_names)].append(name)
+        order = {name: index for index, name in enumerate(recorder.call_order)}
+        units = [
+            Unit(name, owned[name], sum(tp_local[p] for p in owned[name]), keeps, id(module) in checkpointed, input_bytes=recorder.inputs.get(name, 0))
+            for name, module, keeps in unit_list
+        ]
+        units = sorted(units[:-1], key=lambda unit: order.get(unit.name, len(order))) + [units[-1]]
+        by_name = {unit.name: unit for unit in units}
+        loss_bytes = 0
+        for module_name, nbytes in recorder.saved.values():
+            if module_name == "loss":
+                loss_bytes += nbytes
+            else:
+                by_name[_owner(module_name, unit_names)].activation_bytes += nbytes
+        shard_numel = {}
+        for rank in range(dims.world_size):
+            coordinates = _mesh_coordinates(dims, rank)
+            shard_numel[rank] = {unit.name: sum(_shard_numel(parameters[p], coordinates) for p in unit.parameters) for unit in units}
+        head = model.get_output_embeddings()
+        head_name = next((name for name, module in model.named_modules() if module is head), "") if head is not None else ""
+    accumulation = config.train.global_batch_size // (config.train.micro_batch_size * dims.dp)
+    return Trace(
+        dims=dims,
+        fsdp=fsdp,
+        units=units,
+        shard_numel=shard_numel,
+        tied_numel=tied_numel,
+        head_unit=_owner(head_name, unit_names),
+        logits_bytes=sizes["logits"],
+        loss_bytes=loss_bytes,
+        logits_fp32_bytes=sizes["logits_fp32"],
+        collectives=list(counts.values()),
+        parameters=sum(p.numel() for p in parameters.values()),
+        micro_batches=accumulation,
     )
 
 
-def _activation_bytes(config: P3DConfig, setup: ValidatedSetup, text, dims, blocks: int, compute_bytes: int) -> float:
-    """Tensors a block keeps for backward, after Korthikanti et al. (2022), for p3d's layout.
+def _tied_parameters(model: nn.Module) -> list[str]:
+    """Parameters that more than one module uses (a tied input embedding and output head)."""
+    uses = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
+    return [name for name, param in model.named_parameters() if uses[id(param)] > 1]
 
-    Per block and local token: ~8 hidden-size tensors (norm inputs/outputs, residuals, outputs of
-    the row-parallel layers; split over tp with sequence parallelism), ~6 TP-sharded hidden-size
-    tensors (q, k, v, attention output), 3 TP-sharded MLP tensors, plus what attention keeps.
-    """
-    sizes = architecture(setup.hf_config).sizes(setup.hf_config)
-    hidden, intermediate, heads, kv_heads, head_dim = sizes.hidden, sizes.intermediate, sizes.heads, sizes.kv_heads, sizes.head_dim
-    batch, seq_len = config.train.micro_batch_size, config.data.seq_len
-    local_tokens = batch * seq_len // dims.cp
-    residual_split = dims.tp if config.parallel.sequence_parallel else 1
-    per_token = 8 * hidden / residual_split + 6 * hidden / dims.tp + 3 * intermediate / dims.tp
-    if not uses_p3d_attention(dims.cp, config.data.packing) or setup.cp_impl is CPImpl.torch:
-        attention = batch * (heads / dims.tp) * (seq_len / dims.cp) * seq_len  # scores of the local queries
-    elif setup.cp_impl is CPImpl.allgather:
-        attention = 2 * batch * seq_len * (kv_heads / dims.tp) * head_dim * FP32 / compute_bytes  # gathered fp32 K/V
+
+@contextmanager
+def _planning_group(world_size: int):
+    compat.import_dynamo()
+    with compat.fake_process_group(world_size):
+        yield
+    _cached_shard_shape.cache_clear()
+
+
+# ---- one step replayed: allocations and frees in the order a rank makes them ------------------------
+class Timeline:
+    """Live bytes by part; the peak and what made it up."""
+
+    def __init__(self):
+        self.live: Counter = Counter()
+        self.peak = 0
+        self.peak_parts: dict[str, int] = {}
+        self.peak_phase = ""
+        self.phase = ""
+        self.freed_small = 0  # bytes freed in blocks below the mmap threshold (CPU heap retention)
+
+    def add(self, part: str, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        self.live[part] += nbytes
+        total = sum(self.live.values())
+        if total > self.peak:
+            self.peak, self.peak_parts, self.peak_phase = total, dict(self.live), self.phase
+
+    def free(self, part: str, nbytes: int, block_bytes: int | None = None) -> None:
+        if nbytes <= 0:
+            return
+        self.live[part] -= nbytes
+        if (block_bytes if block_bytes is not None else nbytes) < CPU_MMAP_THRESHOLD_B:
+            self.freed_small += nbytes
+
+
+@dataclass(frozen=True)
+class Sizes:
+    compute: int  # bytes per element of the compute dtype
+    master: int  # of the stored weights, gradients and optimizer state
+
+
+def replay_step(trace: Trace, rank: int, sizes: Sizes, in_backward: bool) -> Timeline:
+    """The last micro-batch of a step, then the optimizer step: where a rank's memory peaks."""
+    timeline = Timeline()
+    shards = trace.shard_numel[rank]
+    units = trace.units
+    root = trace.root
+    state = sum(shards.values()) * sizes.master
+    timeline.phase = "between steps"
+    timeline.add("weights", state)
+    timeline.add("optimizer state", MOMENTS_PER_PARAMETER * state)
+    accumulating = trace.micro_batches > 1 and not in_backward
+    if accumulating:  # earlier micro-batches left every sharded gradient in place
+        timeline.add("gradients", state)
+    gathered: set[str] = set()
+
+    def gather(unit: Unit) -> None:
+        if trace.fsdp and unit.name not in gathered:
+            gathered.add(unit.name)
+            timeline.add("gathered weights", unit.gathered_numel * sizes.compute)
+
+    def release(unit: Unit) -> None:
+        if trace.fsdp and unit.name in gathered:
+            gathered.discard(unit.name)
+            timeline.free("gathered weights", unit.gathered_numel * sizes.compute)
+
+    # forward
+    timeline.phase = "forward"
+    gather(root)
+    timeline.add("activations", root.activation_bytes)
+    for unit in units[:-1]:
+        timeline.phase = f"forward {unit.name}"
+        gather(unit)
+        timeline.add("activations", unit.input_bytes if unit.checkpointed else unit.activation_bytes)
+        if not unit.keeps_gathered:
+            release(unit)
+    timeline.phase = "loss"
+    timeline.add("logits and loss", trace.logits_bytes)
+    if sizes.compute != 4:
+        timeline.add("logits and loss", trace.logits_fp32_bytes)  # the fp32 copy the loss reads
+    timeline.add("logits and loss", trace.loss_bytes)
+    if sizes.compute != 4:
+        timeline.free("logits and loss", trace.logits_fp32_bytes)
+    # backward of the loss: the gradient of the log-probabilities, then of the logits
+    timeline.phase = "backward loss"
+    timeline.add("logits and loss", trace.logits_fp32_bytes)
+    timeline.add("logits and loss", trace.logits_fp32_bytes)
+    timeline.free("logits and loss", trace.logits_fp32_bytes)
+    timeline.free("logits and loss", trace.loss_bytes)
+    logits_gradient = trace.logits_fp32_bytes
+    if sizes.compute != 4:
+        timeline.add("logits and loss", trace.logits_bytes)
+        timeline.free("logits and loss", trace.logits_fp32_bytes)
+        logits_gradient = trace.logits_bytes
+    # backward, unit by unit in reverse
+    if trace.fsdp:  # the root's gradients come first (a tied head's) and are reduced last
+        timeline.add("gathered gradients", root.gathered_numel * sizes.compute)
+    backward_order = list(reversed(units[:-1]))
+    for index, unit in enumerate(backward_order):
+        timeline.phase = f"backward {unit.name}"
+        gather(unit)
+        if index + 1 < len(backward_order):
+            gather(backward_order[index + 1])  # FSDP2 prefetches the next unit's weights
+        if unit.checkpointed:
+            timeline.add("activations", unit.activation_bytes)  # recomputed
+        _unit_gradients(timeline, trace, unit, shards[unit.name], sizes, accumulating, in_backward)
+        timeline.free("activations", unit.activation_bytes)
+        if unit.checkpointed:
+            timeline.free("activations", unit.input_bytes)
+        if unit.name == trace.head_unit and logits_gradient:
+            timeline.free("logits and loss", logits_gradient)
+            logits_gradient = 0
+        release(unit)
+    timeline.phase = "backward (root)"
+    if logits_gradient:
+        timeline.free("logits and loss", logits_gradient)
+    if trace.fsdp:
+        timeline.add("gathered gradients", trace.tied_numel * sizes.compute)  # a tied weight's second gradient
+        timeline.free("gathered gradients", trace.tied_numel * sizes.compute)
+        timeline.free("gathered gradients", root.gathered_numel * sizes.compute)
+        _reduce(timeline, root.gathered_numel, shards[""], sizes, accumulating, in_backward)
     else:
-        attention = local_tokens * (heads / dims.tp) * FP32 / compute_bytes  # ring: the fp32 log-sum-exp
-    per_block = (local_tokens * per_token + attention) * compute_bytes
-    checkpointed = len(checkpointed_block_indices(blocks, config.train.activation_checkpointing, config.train.ac_every))
-    if config.train.activation_checkpointing is ACMode.none:
-        return blocks * per_block
-    kept_input = local_tokens * hidden * compute_bytes  # a checkpointed block keeps only its input
-    return (blocks - checkpointed) * per_block + checkpointed * kept_input + per_block  # + one block recomputed
+        _unit_gradients(timeline, trace, root, shards[""], sizes, accumulating, in_backward)
+        timeline.add("gradients", trace.tied_numel * sizes.master)
+        timeline.free("gradients", trace.tied_numel * sizes.master)
+    timeline.free("activations", root.activation_bytes)
+    release(root)
+    timeline.free("logits and loss", trace.logits_bytes)
+    return timeline
 
 
-def collectives_per_step(config: P3DConfig, setup: ValidatedSetup, model: nn.Module | None = None) -> list[Collective]:
-    model = model or build_meta_model(setup.hf_config)
-    dims = setup.dims
-    text = setup.hf_config.get_text_config()
-    blocks = len(decoder_blocks(model))
-    micro = config.train.global_batch_size // (config.train.micro_batch_size * dims.dp)
-    compute_bytes = DTYPE_BYTES[config.train.dtype]
-    local_tokens = config.train.micro_batch_size * config.data.seq_len // dims.cp
-    hidden_mb = local_tokens * text.hidden_size * compute_bytes / 2**20
-    collectives = []
-    if dims.dp_cp > 1:
-        matched = _sharded(model, setup.tp_plan, dims.tp)
-        unsharded = sum(p.numel() // _tp_divisor(n, matched, dims.tp) for n, p in model.named_parameters())
-        units = blocks + 1
-        collectives.append(Collective("FSDP all-gather of weights (forward and backward)", "dp_cp", micro * (2 * blocks + 1), micro * 2 * unsharded * compute_bytes / 2**20))
-        collectives.append(Collective("FSDP reduce-scatter of gradients", "dp_cp", micro * units, micro * unsharded * FP32 / 2**20))
-    if dims.tp > 1 and config.parallel.sequence_parallel:
-        collectives.append(Collective("TP all-gather of norm outputs and reduce-scatter of row-parallel outputs (sequence parallel)", "tp", micro * 8 * blocks, micro * 4 * blocks * hidden_mb))
-    elif dims.tp > 1:
-        collectives.append(Collective("TP all-reduce of row-parallel outputs and column-parallel input gradients", "tp", micro * 4 * blocks, micro * 4 * blocks * hidden_mb))
-    if dims.cp > 1:
-        sizes = architecture(setup.hf_config).sizes(setup.hf_config)
-        kv_mb = config.train.micro_batch_size * config.data.seq_len * sizes.kv_heads / dims.tp * sizes.head_dim * compute_bytes / 2**20
-        hops = dims.cp - 1
-        if setup.cp_impl is CPImpl.ring:
-            # forward: K/V pass cp-1 hops; backward: K/V again and dK/dV (cp hops, back to their owner)
-            collectives.append(Collective("CP ring send/recv of K/V blocks (forward, backward) and dK/dV blocks", "cp", micro * blocks * (3 * hops + 1), micro * blocks * kv_mb / dims.cp * (3 * hops + 1)))
-        elif setup.cp_impl is CPImpl.allgather:
-            collectives.append(Collective("CP all-gather of keys and values; reduce-scatter of their gradients", "cp", micro * 2 * blocks, micro * 2 * blocks * kv_mb))
+def _unit_gradients(timeline: Timeline, trace: Trace, unit: Unit, shard: int, sizes: Sizes, accumulating: bool, in_backward: bool) -> None:
+    """A unit's gradients: unsharded in the compute dtype and reduce-scattered (FSDP2), or the local ones."""
+    if not trace.fsdp:
+        if not accumulating and not in_backward:
+            timeline.add("gradients", shard * sizes.master)
+        return
+    timeline.add("gathered gradients", unit.gathered_numel * sizes.compute)
+    timeline.free("gathered gradients", unit.gathered_numel * sizes.compute)
+    _reduce(timeline, unit.gathered_numel, shard, sizes, accumulating, in_backward, held=unit.gathered_numel * sizes.compute)
+
+
+def _reduce(timeline: Timeline, gathered: int, shard: int, sizes: Sizes, accumulating: bool, in_backward: bool, held: int = 0) -> None:
+    """FSDP2's reduce-scatter: the unsharded gradients copied into an fp32 buffer, this rank's part kept."""
+    timeline.add("gathered gradients", held)
+    timeline.add("reduce buffers", gathered * REDUCE_BYTES)
+    timeline.free("gathered gradients", held)
+    if not accumulating and not in_backward:
+        timeline.add("gradients", shard * sizes.master)
+    timeline.free("reduce buffers", gathered * REDUCE_BYTES)
+
+
+# ---- the plan --------------------------------------------------------------------------------------
+@dataclass
+class RankMemory:
+    rank: int
+    parts: dict[str, float]  # bytes at the peak
+    peak_phase: str
+    baseline: float
+    allocator: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values()) + self.baseline + self.allocator
+
+
+@dataclass
+class Plan:
+    config: P3DConfig
+    setup: ValidatedSetup
+    trace: Trace
+    device: str
+    device_memory_gb: float | None
+    ranks: list[RankMemory]  # every rank
+
+    @property
+    def largest(self) -> RankMemory:
+        return max(self.ranks, key=lambda memory: memory.total)
+
+    @property
+    def job_bytes(self) -> float:
+        return sum(memory.total for memory in self.ranks)
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the job fits: per device on a GPU; on CPU all ranks share one machine's memory."""
+        if self.device_memory_gb is None:
+            return None
+        needed = self.largest.total if self.device == "cuda" else self.job_bytes
+        return needed <= self.device_memory_gb * GB
+
+    def breakdown(self, memory: RankMemory | None = None) -> dict[str, float]:
+        memory = memory or self.largest
+        rows = {"process baseline" if self.device == "cpu" else "CUDA context": memory.baseline}
+        rows.update({part: memory.parts.get(part, 0) for part in PARTS})
+        if self.device == "cpu":
+            rows["allocator retention"] = memory.allocator
+        return rows
+
+    def as_json(self) -> dict:
+        largest = self.largest
+        dims = self.setup.dims
+        return {
+            "world_size": dims.world_size,
+            "layout": {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp},
+            "device": self.device,
+            "device_memory_gb": self.device_memory_gb,
+            "per_rank_gb": round(largest.total / GB, 4),
+            "largest_rank": largest.rank,
+            "peak_phase": largest.peak_phase,
+            "job_gb": round(self.job_bytes / GB, 4),
+            "fits": self.fits,
+            "breakdown": {part: round(value / GB, 4) for part, value in self.breakdown(largest).items()},
+            "per_rank": _compact_per_rank(self.ranks),
+            "parameters": self.trace.parameters,
+            "fsdp_units": len(self.trace.units) if self.trace.fsdp else 0,
+            "micro_batches_per_step": self.trace.micro_batches,
+            "collectives_per_step": [
+                {"name": c.name, "group": c.group, "count": c.per_micro_batch * self.trace.micro_batches, "mb": round(c.bytes_per_micro_batch * self.trace.micro_batches / 1e6, 3)}
+                for c in collectives(self.trace, self.config)
+            ],
+        }
+
+
+def _compact_per_rank(ranks: list[RankMemory]) -> list[dict]:
+    """Ranks with the same total, as runs: [{"ranks": "0-3", "gb": 1.23}, ...]."""
+    runs: list[dict] = []
+    for memory in ranks:
+        gb = round(memory.total / GB, 4)
+        if runs and runs[-1]["gb"] == gb and runs[-1]["last"] == memory.rank - 1:
+            runs[-1]["last"] = memory.rank
         else:
-            collectives.append(Collective("CP ring attention of PyTorch (K/V rotation, forward and backward)", "cp", micro * blocks * 3 * hops, micro * blocks * kv_mb / dims.cp * 3 * hops))
-    collectives.append(Collective("valid-token count (all-reduce)", "dp", 1, 0.0))
-    collectives.append(Collective("loss (all-reduce)", "dp_cp", 1, 0.0))
-    collectives.append(Collective("gradient norm and peak memory (all-reduce)", "world", 2, 0.0))
-    return collectives
+            runs.append({"first": memory.rank, "last": memory.rank, "gb": gb})
+    return [{"ranks": f"{r['first']}" if r["first"] == r["last"] else f"{r['first']}-{r['last']}", "gb": r["gb"]} for r in runs]
 
 
-def machine_memory_gb() -> float | None:
+def make_plan(config: P3DConfig, setup: ValidatedSetup, device: str | None = None, device_memory_gb: float | None = None) -> Plan:
+    from p3d.distributed.env import resolve_device_type
+
+    device = device or resolve_device_type(config.dist.device)
+    trace = trace_layout(config, setup)
+    sizes = Sizes(BYTES[config.train.dtype], BYTES[config.train.master_dtype])
+    replayed: dict[tuple, Timeline] = {}
+    ranks = []
+    for rank in range(setup.dims.world_size):
+        signature = tuple(sorted(trace.shard_numel[rank].items()))
+        if signature not in replayed:
+            replayed[signature] = replay_step(trace, rank, sizes, config.optim.in_backward)
+        timeline = replayed[signature]
+        if device == "cpu":
+            baseline, allocator = CPU_PROCESS_BASELINE_B, CPU_HEAP_RETENTION * timeline.freed_small
+        else:
+            baseline, allocator = CUDA_CONTEXT_B, 0.0
+        ranks.append(RankMemory(rank, timeline.peak_parts, timeline.peak_phase, baseline, allocator))
+    if device_memory_gb is None:
+        device_memory_gb = this_machines_device_memory_gb(device)
+    return Plan(config, setup, trace, device, device_memory_gb, ranks)
+
+
+def this_machines_device_memory_gb(device: str) -> float | None:
+    if device == "cuda":
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / GB
+        return None
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     except (ValueError, OSError):
         return None
 
 
-def render(config: P3DConfig, setup: ValidatedSetup, resolved_yaml: str, world_size: int) -> str:
-    model = build_meta_model(setup.hf_config)
+def collectives(trace: Trace, config: P3DConfig) -> list[CollectiveCount]:
+    """Per micro-batch: FSDP2's per unit (from the units), TP's and CP's (counted in the meta-device step)."""
+    found = []
+    if trace.fsdp and trace.dims.dp_cp > 1:
+        compute = BYTES[config.train.dtype]
+        gathers = [u for u in trace.units] + [u for u in trace.units[:-1] if not u.keeps_gathered]
+        found.append(CollectiveCount("FSDP all-gather of weights (forward, and backward for units resharded after forward)", "dp_cp",
+                                     len(gathers), sum(u.gathered_numel for u in gathers) * compute))
+        found.append(CollectiveCount("FSDP reduce-scatter of gradients (fp32)", "dp_cp", len(trace.units), sum(u.gathered_numel for u in trace.units) * REDUCE_BYTES))
+    return found + sorted(trace.collectives, key=lambda c: (c.group, c.name))
+
+
+# ---- text ------------------------------------------------------------------------------------------
+def render(plan: Plan, resolved_yaml: str | None = None, show_ranks: bool = False) -> str:
+    config, setup, trace = plan.config, plan.setup, plan.trace
     dims = setup.dims
-    estimate = estimate_memory(config, setup, model, on_cpu=resolve_device_type(config.dist.device) == "cpu")
-    lines = ["# resolved config", resolved_yaml.rstrip(), "", f"# validation: OK for world size {world_size} ({dims.describe()})", ""]
-    lines += ["# ranks", "rank  dp  cp  tp"]
-    for rank in range(dims.world_size):
-        coords = dims.coords(rank)
-        lines.append(f"{rank:>4}  {coords['dp']:>2}  {coords['cp']:>2}  {coords['tp']:>2}")
-    accumulation = config.train.global_batch_size // (config.train.micro_batch_size * dims.dp)
-    total_params = sum(p.numel() for p in model.parameters())
+    lines = []
+    if resolved_yaml is not None:
+        lines += ["# resolved config", resolved_yaml.rstrip(), ""]
+    lines += [f"# validation: OK for world size {dims.world_size} ({dims.describe()})", ""]
+    lines += ["# mesh", f"dims (dp, cp, tp) = ({dims.dp}, {dims.cp}, {dims.tp}); rank = dp*{dims.cp * dims.tp} + cp*{dims.tp} + tp (tp fastest); "
+              f"FSDP shards over dp*cp = {dims.dp_cp}" + ("" if show_ranks else "; every rank's coordinates with --ranks")]
+    if show_ranks:
+        lines.append("rank  dp  cp  tp")
+        for rank in range(dims.world_size):
+            coords = dims.coords(rank)
+            lines.append(f"{rank:>4}  {coords['dp']:>2}  {coords['cp']:>2}  {coords['tp']:>2}")
+    text = setup.hf_config.get_text_config()
+    local = sum(trace.shard_numel[plan.largest.rank].values())
     lines += [
         "",
-        f"# model: {total_params / 1e6:,.1f}M parameters; this rank holds {local_parameter_numel(model, setup.tp_plan, dims.tp, dims.dp_cp) / 1e6:,.1f}M",
+        f"# model: {setup.hf_config.model_type}, {trace.parameters / 1e6:,.1f}M parameters ({text.num_hidden_layers} layers, hidden {text.hidden_size}, vocab {text.vocab_size}); "
+        f"the largest rank holds {local / 1e6:,.1f}M; {len(trace.units) if trace.fsdp else 0} FSDP units",
         f"# batch: {config.train.global_batch_size} sequences x {config.data.seq_len} tokens per step; "
-        f"{config.train.micro_batch_size} per dp rank per forward, {accumulation} accumulation step(s); "
+        f"{config.train.micro_batch_size} per dp rank per forward, {trace.micro_batches} accumulation step(s); "
         f"{config.train.micro_batch_size * config.data.seq_len // dims.cp} tokens per rank per forward",
         "",
-        "# memory per rank (estimate, GB)",
+        f"# memory per rank on {plan.device} (GB = 1e9 bytes), the largest rank ({plan.largest.rank}) at its peak ({plan.largest.peak_phase})",
     ]
-    lines += [f"{name:<18} {value:8.2f}" for name, value in estimate.rows()]
-    job = estimate.total * dims.world_size
-    machine = machine_memory_gb()
-    lines.append(f"{'whole job':<18} {job:8.2f}   (all {dims.world_size} ranks on one machine)")
-    if machine is not None and job > machine and os.environ.get("LOCAL_WORLD_SIZE") is None:
-        lines.append(f"warning: {dims.world_size} ranks on this machine would need about {job:.1f} GB; it has {machine:.1f} GB")
+    lines += [f"{name:<22} {value / GB:8.3f}" for name, value in plan.breakdown().items()]
+    lines.append(f"{'total':<22} {plan.largest.total / GB:8.3f}")
+    distinct = sorted({round(memory.total / GB, 3) for memory in plan.ranks})
+    if len(distinct) > 1:
+        lines.append(f"(ranks range from {distinct[0]:.3f} to {distinct[-1]:.3f} GB: uneven shards)")
+    lines.append(f"{'whole job':<22} {plan.job_bytes / GB:8.3f}   (all {dims.world_size} ranks)")
+    lines.append(verdict(plan))
     if dims.tp > 1:
         lines += ["", f"# tensor-parallel plan ({setup.plan_source})"]
         lines += [f"{style:<32} {pattern}" for pattern, style in setup.tp_plan.items()]
-    lines += ["", "# collectives per step (count, MB moved per rank)"]
-    for collective in collectives_per_step(config, setup, model):
-        lines.append(f"{collective.per_step:>6}  {collective.megabytes_per_step:10.1f} MB  [{collective.group}] {collective.name}")
+    lines += ["", "# collectives per step (count, MB: size of the tensors)"]
+    for collective in collectives(trace, config):
+        count = collective.per_micro_batch * trace.micro_batches
+        lines.append(f"{count:>6}  {collective.bytes_per_micro_batch * trace.micro_batches / 1e6:10.1f} MB  [{collective.group}] {collective.name}")
     return "\n".join(lines)
+
+
+def verdict(plan: Plan) -> str:
+    if plan.fits is None:
+        return "fits: unknown (no device memory given: --device-memory-gb GB or a GPU name)"
+    if plan.device == "cuda":
+        need, what = plan.largest.total, f"each device has {plan.device_memory_gb:.1f} GB"
+    else:
+        need, what = plan.job_bytes, f"the machine has {plan.device_memory_gb:.1f} GB for all {plan.setup.dims.world_size} ranks"
+    return f"fits: {'yes' if plan.fits else 'NO'} (needs {need / GB:.1f} GB; {what})"

@@ -50,6 +50,12 @@ class StopOnSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the step's mean token loss: summed over its tokens (fp32), divided by the
+    step's valid-token count over all ranks."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / global_tokens
+
+
 @dataclass
 class Trainer:
     config: P3DConfig
@@ -248,9 +254,7 @@ class Trainer:
             logits = self.model(
                 input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False
             ).logits
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), local.labels.to(self.device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            ) / global_tokens
+            loss = token_loss(logits, local.labels.to(self.device), global_tokens)
             loss.backward()
         return loss.detach()
 
