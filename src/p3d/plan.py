@@ -55,11 +55,9 @@ REDUCE_BYTES = 4  # FSDP2 reduces gradients in fp32 (parallel/fsdp.py)
 # group and data set up. Measured by benchmarks/plan_accuracy.py on this stack (torch 2.13 CPU,
 # transformers 5.23); on a GPU this is host memory, not device memory.
 CPU_PROCESS_BASELINE_B = 0.42e9
-# On CPU, glibc keeps freed blocks below its mmap threshold (which rises up to 32 MiB as large
-# blocks are freed) in its heaps for reuse, so peak RSS exceeds the live tensors. Measured by
-# benchmarks/plan_accuracy.py: a share of what a step allocates below that size and frees.
+# On CPU, glibc keeps freed blocks below its mmap threshold in its heaps for reuse (see Timeline);
+# the threshold rises, as large blocks are freed, up to this (64-bit glibc's DEFAULT_MMAP_THRESHOLD_MAX).
 CPU_MMAP_THRESHOLD_B = 32 * 2**20
-CPU_HEAP_RETENTION = 0.5
 # On a GPU: the CUDA context and the kernels' workspaces, outside torch's allocator (nominal: not
 # measured by p3d; the caching allocator's reserve above the live tensors is not counted either).
 CUDA_CONTEXT_B = 0.5e9
@@ -83,7 +81,9 @@ class Unit:
     gathered_numel: int  # elements of its parameters on this tp rank while gathered
     keeps_gathered: bool  # stays gathered from its forward to its backward
     checkpointed: bool = False  # activation checkpointing recomputes it in backward
+    parameter_numels: list[int] = field(default_factory=list)  # each of its parameters' elements, gathered
     activation_bytes: int = 0  # what its own modules save for backward in one micro-batch
+    activation_small: int = 0  # ... of it in blocks below the CPU allocator's mmap threshold
     input_bytes: int = 0  # its first input (what activation checkpointing keeps instead)
 
 
@@ -277,11 +277,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return total
 
 
-def _mesh_coordinates(dims: ParallelDims, rank: int) -> dict[str, int]:
-    coords = dims.coords(rank)
-    return {**coords, "dp_cp": coords["dp"] * dims.cp + coords["cp"]}
-
-
 def _owner(name: str, unit_names: list[str]) -> str:
     """The unit a module or parameter belongs to: the longest unit name it lies inside."""
     best = ""
@@ -324,7 +319,8 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
             owned[_owner(name, unit_names)].append(name)
         order = {name: index for index, name in enumerate(recorder.call_order)}
         units = [
-            Unit(name, owned[name], sum(tp_local[p] for p in owned[name]), keeps, id(module) in checkpointed, input_bytes=recorder.inputs.get(name, 0))
+            Unit(name, owned[name], sum(tp_local[p] for p in owned[name]), keeps, id(module) in checkpointed,
+                 parameter_numels=[tp_local[p] for p in owned[name]], input_bytes=recorder.inputs.get(name, 0))
             for name, module, keeps in unit_list
         ]
         units = sorted(units[:-1], key=lambda unit: order.get(unit.name, len(order))) + [units[-1]]
@@ -334,10 +330,12 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
             if module_name == "loss":
                 loss_bytes += nbytes
             else:
-                by_name[_owner(module_name, unit_names)].activation_bytes += nbytes
+                unit = by_name[_owner(module_name, unit_names)]
+                unit.activation_bytes += nbytes
+                unit.activation_small += _small(nbytes)
         shard_numel = {}
         for rank in range(dims.world_size):
-            coordinates = _mesh_coordinates(dims, rank)
+            coordinates = dims.mesh_coordinates(rank)
             shard_numel[rank] = {unit.name: sum(_shard_numel(parameters[p], coordinates) for p in unit.parameters) for unit in units}
         head = model.get_output_embeddings()
         head_name = next((name for name, module in model.named_modules() if module is head), "") if head is not None else ""
@@ -374,7 +372,12 @@ def _planning_group(world_size: int):
 
 # ---- one step replayed: allocations and frees in the order a rank makes them ------------------------
 class Timeline:
-    """Live bytes by part; the peak and what made it up."""
+    """Live bytes by part, the peak of their sum and what made it up, and the CPU allocator's view.
+
+    glibc serves blocks below its mmap threshold from heaps that it does not give back when they are
+    freed (only reuses), and maps larger ones separately, returning them on free. Over repeated steps
+    a process's resident memory is then the most ever live in small blocks plus the large blocks live
+    now: `rss_peak` below."""
 
     def __init__(self):
         self.live: Counter = Counter()
@@ -382,22 +385,40 @@ class Timeline:
         self.peak_parts: dict[str, int] = {}
         self.peak_phase = ""
         self.phase = ""
-        self.freed_small = 0  # bytes freed in blocks below the mmap threshold (CPU heap retention)
+        self.small = self.large = self.most_small = self.most_large = 0
 
-    def add(self, part: str, nbytes: int) -> None:
+    def add(self, part: str, nbytes: int, small: int | None = None) -> None:
+        """`nbytes` more of `part`, of which `small` in blocks below the mmap threshold (default: one block)."""
         if nbytes <= 0:
             return
+        small = _small(nbytes) if small is None else small
         self.live[part] += nbytes
-        total = sum(self.live.values())
+        self.small += small
+        self.large += nbytes - small
+        self.most_small, self.most_large = max(self.most_small, self.small), max(self.most_large, self.large)
+        total = self.small + self.large
         if total > self.peak:
             self.peak, self.peak_parts, self.peak_phase = total, dict(self.live), self.phase
 
-    def free(self, part: str, nbytes: int, block_bytes: int | None = None) -> None:
+    def free(self, part: str, nbytes: int, small: int | None = None) -> None:
         if nbytes <= 0:
             return
+        small = _small(nbytes) if small is None else small
         self.live[part] -= nbytes
-        if (block_bytes if block_bytes is not None else nbytes) < CPU_MMAP_THRESHOLD_B:
-            self.freed_small += nbytes
+        self.small -= small
+        self.large -= nbytes - small
+
+    @property
+    def rss_peak(self) -> int:
+        return self.most_small + self.most_large
+
+
+def _small(nbytes: int) -> int:
+    return nbytes if nbytes < CPU_MMAP_THRESHOLD_B else 0
+
+
+def _small_blocks(sizes: list[int]) -> int:
+    return sum(size for size in sizes if size < CPU_MMAP_THRESHOLD_B)
 
 
 @dataclass(frozen=True)
@@ -406,115 +427,142 @@ class Sizes:
     master: int  # of the stored weights, gradients and optimizer state
 
 
-def replay_step(trace: Trace, rank: int, sizes: Sizes, in_backward: bool) -> Timeline:
-    """The last micro-batch of a step, then the optimizer step: where a rank's memory peaks."""
-    timeline = Timeline()
-    shards = trace.shard_numel[rank]
-    units = trace.units
-    root = trace.root
-    state = sum(shards.values()) * sizes.master
-    timeline.phase = "between steps"
-    timeline.add("weights", state)
-    timeline.add("optimizer state", MOMENTS_PER_PARAMETER * state)
-    accumulating = trace.micro_batches > 1 and not in_backward
-    if accumulating:  # earlier micro-batches left every sharded gradient in place
-        timeline.add("gradients", state)
-    gathered: set[str] = set()
+class _Replay:
+    """The last micro-batch of a step on one rank: forward, loss, backward unit by unit, gradients reduced."""
 
-    def gather(unit: Unit) -> None:
-        if trace.fsdp and unit.name not in gathered:
-            gathered.add(unit.name)
-            timeline.add("gathered weights", unit.gathered_numel * sizes.compute)
+    def __init__(self, trace: Trace, rank: int, sizes: Sizes, in_backward: bool):
+        self.trace, self.sizes = trace, sizes
+        self.shards = trace.shard_numel[rank]
+        self.timeline = Timeline()
+        self.gathered: set[str] = set()
+        # earlier micro-batches left every sharded gradient in place; optim.in_backward frees each at once
+        self.accumulating = trace.micro_batches > 1 and not in_backward
+        self.keeps_gradients = not in_backward
 
-    def release(unit: Unit) -> None:
-        if trace.fsdp and unit.name in gathered:
-            gathered.discard(unit.name)
-            timeline.free("gathered weights", unit.gathered_numel * sizes.compute)
-
-    # forward
-    timeline.phase = "forward"
-    gather(root)
-    timeline.add("activations", root.activation_bytes)
-    for unit in units[:-1]:
-        timeline.phase = f"forward {unit.name}"
-        gather(unit)
-        timeline.add("activations", unit.input_bytes if unit.checkpointed else unit.activation_bytes)
-        if not unit.keeps_gathered:
-            release(unit)
-    timeline.phase = "loss"
-    timeline.add("logits and loss", trace.logits_bytes)
-    if sizes.compute != 4:
-        timeline.add("logits and loss", trace.logits_fp32_bytes)  # the fp32 copy the loss reads
-    timeline.add("logits and loss", trace.loss_bytes)
-    if sizes.compute != 4:
-        timeline.free("logits and loss", trace.logits_fp32_bytes)
-    # backward of the loss: the gradient of the log-probabilities, then of the logits
-    timeline.phase = "backward loss"
-    timeline.add("logits and loss", trace.logits_fp32_bytes)
-    timeline.add("logits and loss", trace.logits_fp32_bytes)
-    timeline.free("logits and loss", trace.logits_fp32_bytes)
-    timeline.free("logits and loss", trace.loss_bytes)
-    logits_gradient = trace.logits_fp32_bytes
-    if sizes.compute != 4:
-        timeline.add("logits and loss", trace.logits_bytes)
-        timeline.free("logits and loss", trace.logits_fp32_bytes)
-        logits_gradient = trace.logits_bytes
-    # backward, unit by unit in reverse
-    if trace.fsdp:  # the root's gradients come first (a tied head's) and are reduced last
-        timeline.add("gathered gradients", root.gathered_numel * sizes.compute)
-    backward_order = list(reversed(units[:-1]))
-    for index, unit in enumerate(backward_order):
-        timeline.phase = f"backward {unit.name}"
-        gather(unit)
-        if index + 1 < len(backward_order):
-            gather(backward_order[index + 1])  # FSDP2 prefetches the next unit's weights
-        if unit.checkpointed:
-            timeline.add("activations", unit.activation_bytes)  # recomputed
-        _unit_gradients(timeline, trace, unit, shards[unit.name], sizes, accumulating, in_backward)
-        timeline.free("activations", unit.activation_bytes)
-        if unit.checkpointed:
-            timeline.free("activations", unit.input_bytes)
-        if unit.name == trace.head_unit and logits_gradient:
+    def run(self) -> Timeline:
+        trace, timeline = self.trace, self.timeline
+        units, root = trace.units[:-1], trace.root
+        timeline.phase = "between steps"
+        for unit in trace.units:
+            state = self._shard_bytes(unit)
+            timeline.add("weights", *state)
+            timeline.add("optimizer state", MOMENTS_PER_PARAMETER * state[0], MOMENTS_PER_PARAMETER * state[1])
+            if self.accumulating:
+                timeline.add("gradients", *state)
+        timeline.phase = "forward"
+        self.gather(root)
+        timeline.add("activations", root.activation_bytes, root.activation_small)
+        for unit in units:
+            timeline.phase = f"forward {unit.name}"
+            self.gather(unit)
+            if unit.checkpointed:
+                timeline.add("activations", unit.input_bytes)
+            else:
+                timeline.add("activations", unit.activation_bytes, unit.activation_small)
+            if not unit.keeps_gathered:
+                self.release(unit)
+        logits_gradient = self.loss()
+        if trace.head_unit == "":  # a head in the root runs its backward first: the logits' gradient is consumed
             timeline.free("logits and loss", logits_gradient)
             logits_gradient = 0
-        release(unit)
-    timeline.phase = "backward (root)"
-    if logits_gradient:
+        if trace.fsdp:  # the root's unsharded gradients (a tied head's among them) live until the end
+            timeline.add("gathered gradients", *self._gradient_blocks(root))
+        backward_order = list(reversed(units))
+        for index, unit in enumerate(backward_order):
+            timeline.phase = f"backward {unit.name}"
+            self.gather(unit)
+            if index + 1 < len(backward_order):
+                self.gather(backward_order[index + 1])  # FSDP2 prefetches the next unit's weights
+            if unit.checkpointed:
+                timeline.add("activations", unit.activation_bytes, unit.activation_small)  # recomputed
+            self.gradients(unit)
+            timeline.free("activations", unit.activation_bytes, unit.activation_small)
+            if unit.checkpointed:
+                timeline.free("activations", unit.input_bytes)
+            if unit.name == trace.head_unit:
+                timeline.free("logits and loss", logits_gradient)
+                logits_gradient = 0
+            self.release(unit)
+        timeline.phase = "backward (root)"
         timeline.free("logits and loss", logits_gradient)
-    if trace.fsdp:
-        timeline.add("gathered gradients", trace.tied_numel * sizes.compute)  # a tied weight's second gradient
-        timeline.free("gathered gradients", trace.tied_numel * sizes.compute)
-        timeline.free("gathered gradients", root.gathered_numel * sizes.compute)
-        _reduce(timeline, root.gathered_numel, shards[""], sizes, accumulating, in_backward)
-    else:
-        _unit_gradients(timeline, trace, root, shards[""], sizes, accumulating, in_backward)
-        timeline.add("gradients", trace.tied_numel * sizes.master)
-        timeline.free("gradients", trace.tied_numel * sizes.master)
-    timeline.free("activations", root.activation_bytes)
-    release(root)
-    timeline.free("logits and loss", trace.logits_bytes)
-    return timeline
+        tied = trace.tied_numel * (sizes_of := self.sizes).compute
+        timeline.add("gathered gradients" if trace.fsdp else "gradients", tied)  # a tied weight's second gradient, summed into the first
+        timeline.free("gathered gradients" if trace.fsdp else "gradients", tied)
+        if trace.fsdp:
+            timeline.free("gathered gradients", *self._gradient_blocks(root))
+            self.reduce(root, held=False)
+        else:
+            self.gradients(root)
+        timeline.free("activations", root.activation_bytes, root.activation_small)
+        self.release(root)
+        timeline.free("logits and loss", trace.logits_bytes)
+        del sizes_of
+        return timeline
+
+    def loss(self) -> int:
+        """Logits, the loss's fp32 log-probabilities, then their gradients; returns the logits' gradient left."""
+        trace, timeline, mixed = self.trace, self.timeline, self.sizes.compute != 4
+        timeline.phase = "loss"
+        timeline.add("logits and loss", trace.logits_bytes)
+        if mixed:
+            timeline.add("logits and loss", trace.logits_fp32_bytes)  # the fp32 copy the loss reads
+        timeline.add("logits and loss", trace.loss_bytes)
+        if mixed:
+            timeline.free("logits and loss", trace.logits_fp32_bytes)
+        timeline.phase = "backward loss"
+        timeline.add("logits and loss", trace.logits_fp32_bytes)  # d loss / d log-probabilities
+        timeline.add("logits and loss", trace.logits_fp32_bytes)  # d loss / d fp32 logits
+        timeline.free("logits and loss", trace.logits_fp32_bytes)
+        timeline.free("logits and loss", trace.loss_bytes)
+        if not mixed:
+            return trace.logits_fp32_bytes
+        timeline.add("logits and loss", trace.logits_bytes)  # cast back to the compute dtype
+        timeline.free("logits and loss", trace.logits_fp32_bytes)
+        return trace.logits_bytes
+
+    def gather(self, unit: Unit) -> None:
+        if self.trace.fsdp and unit.name not in self.gathered:
+            self.gathered.add(unit.name)
+            self.timeline.add("gathered weights", unit.gathered_numel * self.sizes.compute)  # one flat all-gather buffer
+
+    def release(self, unit: Unit) -> None:
+        if self.trace.fsdp and unit.name in self.gathered:
+            self.gathered.discard(unit.name)
+            self.timeline.free("gathered weights", unit.gathered_numel * self.sizes.compute)
+
+    def gradients(self, unit: Unit) -> None:
+        """A unit's gradients: unsharded in the compute dtype, then reduce-scattered (FSDP2), or kept as they are."""
+        if not self.trace.fsdp:
+            if self.keeps_gradients and not self.accumulating:
+                self.timeline.add("gradients", *self._shard_bytes(unit))
+            return
+        self.timeline.add("gathered gradients", *self._gradient_blocks(unit))
+        self.reduce(unit, held=True)
+
+    def reduce(self, unit: Unit, held: bool) -> None:
+        """FSDP2's reduce-scatter: the unsharded gradients copied into one fp32 buffer, this rank's part kept."""
+        timeline = self.timeline
+        timeline.add("reduce buffers", unit.gathered_numel * REDUCE_BYTES)
+        if held:
+            timeline.free("gathered gradients", *self._gradient_blocks(unit))
+        if self.keeps_gradients and not self.accumulating:
+            timeline.add("gradients", *self._shard_bytes(unit))
+        timeline.free("reduce buffers", unit.gathered_numel * REDUCE_BYTES)
+
+    def _gradient_blocks(self, unit: Unit) -> tuple[int, int]:
+        blocks = [numel * self.sizes.compute for numel in unit.parameter_numels]
+        return sum(blocks), _small_blocks(blocks)
+
+    def _shard_bytes(self, unit: Unit) -> tuple[int, int]:
+        """(bytes, bytes in small blocks) of this rank's shards of the unit's parameters, in the master dtype."""
+        share = self.shards[unit.name] / unit.gathered_numel if unit.gathered_numel else 0.0
+        blocks = [numel * share * self.sizes.master for numel in unit.parameter_numels]
+        return int(sum(blocks)), int(_small_blocks(blocks))
 
 
-def _unit_gradients(timeline: Timeline, trace: Trace, unit: Unit, shard: int, sizes: Sizes, accumulating: bool, in_backward: bool) -> None:
-    """A unit's gradients: unsharded in the compute dtype and reduce-scattered (FSDP2), or the local ones."""
-    if not trace.fsdp:
-        if not accumulating and not in_backward:
-            timeline.add("gradients", shard * sizes.master)
-        return
-    timeline.add("gathered gradients", unit.gathered_numel * sizes.compute)
-    timeline.free("gathered gradients", unit.gathered_numel * sizes.compute)
-    _reduce(timeline, unit.gathered_numel, shard, sizes, accumulating, in_backward, held=unit.gathered_numel * sizes.compute)
-
-
-def _reduce(timeline: Timeline, gathered: int, shard: int, sizes: Sizes, accumulating: bool, in_backward: bool, held: int = 0) -> None:
-    """FSDP2's reduce-scatter: the unsharded gradients copied into an fp32 buffer, this rank's part kept."""
-    timeline.add("gathered gradients", held)
-    timeline.add("reduce buffers", gathered * REDUCE_BYTES)
-    timeline.free("gathered gradients", held)
-    if not accumulating and not in_backward:
-        timeline.add("gradients", shard * sizes.master)
-    timeline.free("reduce buffers", gathered * REDUCE_BYTES)
+def replay_step(trace: Trace, rank: int, sizes: Sizes, in_backward: bool) -> Timeline:
+    """Where a rank's memory peaks in a step: its last micro-batch replayed (see _Replay)."""
+    return _Replay(trace, rank, sizes, in_backward).run()
 
 
 # ---- the plan --------------------------------------------------------------------------------------
@@ -615,7 +663,7 @@ def make_plan(config: P3DConfig, setup: ValidatedSetup, device: str | None = Non
             replayed[signature] = replay_step(trace, rank, sizes, config.optim.in_backward)
         timeline = replayed[signature]
         if device == "cpu":
-            baseline, allocator = CPU_PROCESS_BASELINE_B, CPU_HEAP_RETENTION * timeline.freed_small
+            baseline, allocator = CPU_PROCESS_BASELINE_B, timeline.rss_peak - timeline.peak
         else:
             baseline, allocator = CUDA_CONTEXT_B, 0.0
         ranks.append(RankMemory(rank, timeline.peak_parts, timeline.peak_phase, baseline, allocator))

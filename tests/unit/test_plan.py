@@ -1,17 +1,26 @@
-"""`p3d plan`: validation, rank map and a memory estimate, without a process group."""
+"""`p3d plan`: p3d's own sharding applied over a fake process group on the meta device, one step replayed."""
 
 from __future__ import annotations
 
+import json
+import re
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from p3d import cli
+from p3d import plan as plan_module
 from p3d.config.compose import compose, to_object
 from p3d.config.validate import validate
-from p3d.model import build_meta_model
-from p3d.plan import estimate_memory, local_parameter_numel
+from p3d.plan import GB, make_plan
+
+PLAN_SOURCE = Path(plan_module.__file__)
+TINY = ["model=tiny_llama", "train.global_batch_size=8"]
+OPT_4_LAYERS = ["model=opt1.3b", "model.config.num_hidden_layers=4"]  # the real widths, fewer blocks
 
 
 def children_cpu_s() -> float:
@@ -23,51 +32,153 @@ def plan(*args):
     return subprocess.run([sys.executable, "-m", "p3d.cli", "plan", *args], capture_output=True, text=True)
 
 
-def test_plan_runs_in_seconds_and_prints_every_section():
+def plan_here(capsys, *args) -> tuple[int, str, str]:
+    """`p3d plan` in this process: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        cli.main(["plan", *args])
+    except SystemExit as error:
+        code = error.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def planned(overrides, world, **options):
+    config = to_object(compose(overrides))
+    return make_plan(config, validate(config, world), **options)
+
+
+@pytest.mark.parametrize("world, layout", [(8, ["parallel=tp2dp2cp2"]), (64, ["parallel.tp=8", "parallel.cp=2", "parallel.dp=4", "train.global_batch_size=16"])])
+def test_opt_1_3b_plans_in_seconds_at_8_and_64_ranks(world, layout):
     started = children_cpu_s()
-    done = plan("parallel=tp2dp2cp2", "model=opt1.3b", "--world-size", "8")
+    done = plan("model=opt1.3b", *layout, "--world-size", str(world), "--json")
     assert done.returncode == 0, done.stderr
     assert children_cpu_s() - started < 30  # CPU time: wall time also counts whatever else runs on the machine
-    for section in ("# resolved config", "# validation: OK", "# ranks", "# memory per rank", "# collectives per step"):
-        assert section in done.stdout
-    assert "   7   1   1   1" in done.stdout  # rank 7 is dp=1 cp=1 tp=1
+    result = json.loads(done.stdout)
+    assert result["world_size"] == world and len(result["per_rank"]) >= 1
+    assert {"per_rank_gb", "job_gb", "fits", "breakdown"} <= set(result)
+    assert abs(sum(result["breakdown"].values()) - result["per_rank_gb"]) < 1e-3
+    assert result["job_gb"] >= result["per_rank_gb"] * world * 0.99
+    assert not dist.is_initialized()
 
 
-def test_invalid_plan_exits_2_with_the_validation_message():
-    done = plan("parallel=tp2dp2cp2", "model=opt1.3b", "--world-size", "6")
-    assert done.returncode == 2
-    assert done.stderr.strip().startswith("p3d: error: parallel.dp*parallel.cp*parallel.tp")
-    assert "Traceback" not in done.stderr
+def test_text_plan_has_a_compact_mesh_and_the_config_and_rank_map_only_on_request(capsys):
+    code, out, err = plan_here(capsys, *TINY, "parallel=tp2dp2cp2", "--world-size", "8")
+    assert code == 0, err
+    assert "# resolved config" not in out and "rank  dp  cp  tp" not in out
+    for section in ("# validation: OK", "# mesh", "# memory per rank", "whole job", "fits:", "# collectives per step"):
+        assert section in out
+    code, out, err = plan_here(capsys, *TINY, "parallel=tp2dp2cp2", "--world-size", "8", "--ranks", "--cfg")
+    assert code == 0, err
+    assert "# resolved config" in out
+    assert "   7   1   1   1" in out  # rank 7 is dp=1 cp=1 tp=1
 
 
-def test_world_size_is_required():
-    done = plan("parallel=tp2dp2cp2")
-    assert done.returncode == 2 and "--world-size" in done.stderr
+def test_invalid_plan_exits_2_with_the_validation_message(capsys):
+    code, _, err = plan_here(capsys, "parallel=tp2dp2cp2", "model=opt1.3b", "--world-size", "6")
+    assert code == 2
+    assert err.strip().startswith("p3d: error: parallel.dp*parallel.cp*parallel.tp")
 
 
-def setup_for(overrides, world):
-    config = to_object(compose(overrides))
-    return config, validate(config, world)
+@pytest.mark.parametrize("args, message", [
+    (["parallel=tp2dp2cp2"], "--world-size"),
+    (["--world-size", "2", "--device", "tpu"], "--device tpu: use cpu or cuda"),
+    (["--world-size", "2", "--device-memory-gb", "Z80"], "--device-memory-gb Z80: give a number of GB or a GPU name"),
+    (["--world-size", "2", "--verbose"], "--verbose: not an option of p3d plan"),
+])
+def test_bad_plan_options_exit_2_in_one_line(capsys, args, message):
+    code, _, err = plan_here(capsys, *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_local_parameters_divide_by_tp_and_fsdp():
-    config, setup = setup_for(["model=opt1.3b"], 1)
-    model = build_meta_model(setup.hf_config)
-    whole = local_parameter_numel(model, setup.tp_plan, 1, 1)
-    assert whole == sum(p.numel() for p in model.parameters())
-    _, sharded = setup_for(["model=opt1.3b", "parallel=tp2dp2cp2"], 8)
-    local = local_parameter_numel(model, sharded.tp_plan, 2, 4)
-    assert whole / 8 < local < whole / 7  # non-TP weights (norms, positions) are split only 4 ways
+def test_shards_come_from_the_real_sharding():
+    """Each rank's parameters: 1/8 of the TP-split weights, 1/4 of the others (norms, positions)."""
+    whole = planned(OPT_4_LAYERS, 1)
+    sharded = planned([*OPT_4_LAYERS, "parallel=tp2dp2cp2"], 8)
+    total = whole.trace.parameters
+    for rank in range(8):
+        local = sum(sharded.trace.shard_numel[rank].values())
+        assert total / 8 < local < total / 7, (rank, local)
+    assert sum(sum(sharded.trace.shard_numel[rank].values()) for rank in range(8)) > total  # replicated over tp
 
 
-@pytest.mark.parametrize("key, effect", [
+def test_the_plan_follows_the_fsdp_units(monkeypatch):
+    """With the embedding and head kept in the root unit (a change to parallel/fsdp.py alone), the plan's
+    units and memory follow: nothing in plan.py knows which units FSDP makes."""
+    before = planned([*TINY, "parallel.dp=2"], 2)
+    monkeypatch.setattr("p3d.parallel.fsdp.embedding_units", lambda model: [])
+    after = planned([*TINY, "parallel.dp=2"], 2)
+    assert len(after.trace.units) == len(before.trace.units) - 2
+    embedding_and_head = sum(unit.gathered_numel for unit in before.trace.units if unit.name in ("model.embed_tokens", "lm_head"))
+    assert embedding_and_head > 0
+    assert after.trace.root.gathered_numel == before.trace.root.gathered_numel + embedding_and_head
+
+
+def test_the_plan_follows_a_tensor_parallel_style(monkeypatch):
+    """With the output head left whole (a change to parallel/tensor.py alone), every rank holds it whole."""
+    from p3d.parallel import tensor
+
+    overrides = [*TINY, "parallel.tp=2", "parallel.dp=1"]
+    before = planned(overrides, 2)
+    assert before.setup.tp_plan["lm_head"] == "colwise_gather_output"
+    original = tensor.make_style
+    monkeypatch.setattr(tensor, "make_style", lambda value, sequence_parallel=False: tensor._Replicate() if value == "colwise_gather_output" else original(value, sequence_parallel))
+    after = planned(overrides, 2)
+    # tiny_llama's head is 264 x 64; under tp=2 each rank held half of it
+    assert sum(after.trace.shard_numel[0].values()) - sum(before.trace.shard_numel[0].values()) == 264 * 64 // 2
+
+
+def test_activations_follow_the_model_and_its_options():
+    base = [*TINY, "parallel.dp=2", "data.seq_len=512", "train.micro_batch_size=4"]
+    plain = planned(base, 2).trace
+    checkpointed = planned([*base, "train.activation_checkpointing=full"], 2).trace
+    longer = planned([*base, "data.seq_len=1024"], 2).trace
+    blocks = [unit for unit in plain.units if ".layers." in unit.name]
+    assert len(blocks) == 2 and all(unit.activation_bytes > 0 for unit in blocks)
+    assert all(unit.checkpointed for unit in checkpointed.units if ".layers." in unit.name)
+    assert 1.9 < sum(u.activation_bytes for u in longer.units) / sum(u.activation_bytes for u in plain.units) < 2.1
+    assert plain.logits_bytes == 4 * 512 * 264 * 4  # fp32 logits of the micro-batch
+
+
+@pytest.mark.parametrize("key, part", [
     ("optim.in_backward=true", "gradients"),
     ("train.activation_checkpointing=full", "activations"),
 ])
-def test_memory_options_lower_their_term(key, effect):
-    base = ["model=opt1.3b", "parallel=tp2dp2cp2", "train.global_batch_size=4", "optim.grad_clip=0"]
-    config, setup = setup_for(base, 8)
-    changed_config, changed_setup = setup_for([*base, key], 8)
-    before, after = estimate_memory(config, setup), estimate_memory(changed_config, changed_setup)
-    assert getattr(after, effect) < getattr(before, effect) / 2
-    assert after.total < before.total
+def test_memory_options_lower_their_term(key, part):
+    base = [*OPT_4_LAYERS, "parallel=tp2dp2cp2", "train.global_batch_size=4", "optim.grad_clip=0", "data.seq_len=2048"]
+    before, after = planned(base, 8), planned([*base, key], 8)
+    assert after.breakdown()[part] < before.breakdown()[part] * 0.8
+    assert after.largest.total < before.largest.total
+
+
+def test_device_decides_the_per_process_terms_and_the_verdict():
+    overrides = [*TINY, "parallel=tp2dp2cp2"]
+    cpu = planned(overrides, 8, device="cpu", device_memory_gb=3)
+    gpu = planned(overrides, 8, device="cuda", device_memory_gb=3)
+    assert cpu.breakdown()["allocator retention"] > 0 and "allocator retention" not in gpu.breakdown()
+    assert "CUDA context" in gpu.breakdown() and "process baseline" not in gpu.breakdown()
+    assert cpu.fits is False and gpu.fits is True  # on CPU the 8 ranks share the 3 GB, on GPUs each has its own
+    assert planned(overrides, 8, device="cuda", device_memory_gb=0.4).fits is False
+
+
+def test_a_gpu_name_gives_the_device_memory(capsys):
+    code, out, err = plan_here(capsys, *TINY, "--world-size", "1", "--device", "cuda", "--device-memory-gb", "h100", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["device_memory_gb"] == 80 and result["fits"] is True
+
+
+def test_plan_py_holds_no_sharding_rule():
+    """plan.py asks the parallel code and reads its results; it names no style, placement or unit rule."""
+    source = PLAN_SOURCE.read_text()
+    for rule in ("tp_sharded_parameters", "embedding_units", "checkpointed_block_indices", "match_plan", "Style", "Shard(", "Replicate(", "tp_plan[", "get_input_embeddings"):
+        assert rule not in source, rule
+    assert not re.search(r"\b(dp_cp|dims\.tp)\s*[*/]", source), "no division of sizes by layout degrees"
+
+
+def test_per_rank_gb_is_the_largest_rank_in_decimal_gigabytes():
+    result = planned([*TINY, "parallel=tp2dp2cp2"], 8)
+    as_json = result.as_json()
+    assert as_json["per_rank_gb"] == round(max(memory.total for memory in result.ranks) / GB, 4)
+    assert GB == 1e9

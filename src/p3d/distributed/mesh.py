@@ -55,6 +55,11 @@ class ParallelDims:
         """Rank -> its (dp, cp, tp) coordinates, tp varying fastest."""
         return {"dp": rank // (self.cp * self.tp), "cp": (rank // self.tp) % self.cp, "tp": rank % self.tp}
 
+    def mesh_coordinates(self, rank: int) -> dict[str, int]:
+        """Rank -> its coordinate on every named mesh dimension, the flattened `dp_cp` (Meshes.dp_cp) included."""
+        coords = self.coords(rank)
+        return {**coords, "dp_cp": coords["dp"] * self.cp + coords["cp"]}
+
     def describe(self) -> str:
         return f"dp={self.dp} cp={self.cp} tp={self.tp} (world {self.world_size})"
 

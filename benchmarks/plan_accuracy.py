@@ -1,0 +1,159 @@
+"""`p3d plan --json` against the measured peak memory of the same runs (CPU, peak RSS per rank).
+
+    python benchmarks/plan_accuracy.py                     # every case, one at a time
+    python benchmarks/plan_accuracy.py --cases gpt2_tp2cp2 --out /tmp/acc
+
+For each case (architecture, layout, dtype) it asks `p3d plan --json --device cpu` for the largest
+rank's memory, then trains the same config for a few steps with `torchrun -m p3d.train` (gloo, CPU,
+the allocator as `p3d train` leaves it) and reads every rank's peak RSS from the run's summary.json.
+Before each run it checks that the machine has the plan's whole-job memory free (plus a margin) and
+otherwise waits, then skips the case, saying so. Writes <out>/plan_accuracy.md and .json.
+GB are 1e9 bytes (the plan's unit); summary.json reports GiB and is converted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 2**30
+GB = 1e9
+
+LLAMA_150M = [  # a Llama shape of 150M parameters: hidden 768, 16 layers, grouped-query attention, untied head
+    "model=tiny_llama", "model.config.hidden_size=768", "model.config.intermediate_size=2048", "model.config.num_hidden_layers=16",
+    "model.config.num_attention_heads=12", "model.config.num_key_value_heads=4", "model.config.vocab_size=32000", "data.seq_len=512",
+]
+CASES = {  # name: (description, ranks, overrides)
+    "llama150m_dp2": ("Llama 150M, fp32, dp2", 2, [*LLAMA_150M, "parallel.dp=2", "train.micro_batch_size=2"]),
+    "llama150m_dp8": ("Llama 150M, fp32, dp8", 8, [*LLAMA_150M, "parallel.dp=8", "train.micro_batch_size=1"]),
+    "llama150m_tp2dp2cp2": ("Llama 150M, fp32, tp2dp2cp2", 8, [*LLAMA_150M, "parallel=tp2dp2cp2", "train.micro_batch_size=2"]),
+    "smollm2_135m_bf16_1proc": ("SmolLM2-135M (Llama, tied), bf16 compute, fp32 state, 1 process", 1, ["model=smollm2-135m", "data.seq_len=512", "parallel.dp=1", "train.dtype=bf16", "train.micro_batch_size=4"]),
+    "qwen3_0.6b_bf16_tp2dp2": ("Qwen3-0.6B, pure bf16, tp2dp2", 4, ["model=qwen3-0.6b", "data.seq_len=512", "parallel.tp=2", "parallel.dp=2", "train.dtype=bf16", "train.master_dtype=bf16", "train.micro_batch_size=2"]),
+    "gpt2_tp2cp2": ("GPT-2 (124M, vocabulary padded to 50304), fp32, tp2cp2", 4, ["model=gpt2", "model.config.vocab_size=50304", "data.seq_len=1024", "parallel.tp=2", "parallel.cp=2", "parallel.dp=1", "train.micro_batch_size=4"]),
+    "llama334m_dp4_ac": ("Llama 334M (hidden 1024, 16 layers), fp32, dp4, full activation checkpointing", 4, [
+        "model=tiny_llama", "model.config.hidden_size=1024", "model.config.intermediate_size=4096", "model.config.num_hidden_layers=16",
+        "model.config.num_attention_heads=16", "model.config.num_key_value_heads=16", "model.config.vocab_size=32000",
+        "data.seq_len=1024", "parallel.dp=4", "train.micro_batch_size=2", "train.activation_checkpointing=full"]),
+    "opt1.3b_8layers_bf16_tp2dp2cp2": ("OPT-1.3B cut to 8 of its 24 layers, pure bf16, tp2dp2cp2", 8, [
+        "model=opt1.3b", "model.config.num_hidden_layers=8", "data.seq_len=512", "parallel=tp2dp2cp2", "train.dtype=bf16", "train.master_dtype=bf16",
+        "train.micro_batch_size=2"]),
+    "opt1.3b_bf16_tp2dp2cp2": ("OPT-1.3B, pure bf16, tp2dp2cp2", 8, [
+        "model=opt1.3b", "data.seq_len=512", "parallel=tp2dp2cp2", "train.dtype=bf16", "train.master_dtype=bf16", "train.micro_batch_size=2"]),
+}
+COMMON = ["train.global_batch_size=8", "train.steps=3", "checkpoint=none", "optim.warmup_steps=1"]
+
+
+def available_gb() -> float:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(info["MemAvailable"].split()[0]) * 1024 / GB
+
+
+def plan(overrides: list[str], ranks: int) -> dict:
+    command = [sys.executable, "-m", "p3d.cli", "plan", *overrides, "--world-size", str(ranks), "--device", "cpu", "--json"]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"p3d plan failed for {overrides}:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
+    result["plan_seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def measure(overrides: list[str], ranks: int, run_dir: Path) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "p3d.train", *overrides, f"run.dir={run_dir}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"failed": done.stderr[-2000:]}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    per_rank = [round(value * GIB / GB, 4) for value in summary["peak_mem_gb_per_rank"]]
+    return {"per_rank_gb": per_rank, "max_gb": max(per_rank), "loss": summary["loss"], "seconds": round(time.monotonic() - started, 1)}
+
+
+def wait_for_memory(needed_gb: float, patience_s: float) -> bool:
+    deadline = time.monotonic() + patience_s
+    while available_gb() < needed_gb:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(20)
+    return True
+
+
+def run_case(name: str, workdir: Path, patience_s: float) -> dict:
+    description, ranks, overrides = CASES[name]
+    overrides = [*overrides, *COMMON]
+    planned = plan(overrides, ranks)
+    row = {"case": name, "description": description, "ranks": ranks, "overrides": overrides, "plan": planned}
+    needed = planned["job_gb"] * 1.15 + 1.0
+    if not wait_for_memory(needed, patience_s):
+        row["skipped"] = f"the machine had {available_gb():.1f} GB available, the plan needs {planned['job_gb']:.1f} GB for the job"
+        return row
+    row["available_gb_before"] = round(available_gb(), 1)
+    row["measured"] = measure(overrides, ranks, workdir / name)
+    if "max_gb" in row["measured"]:
+        row["error"] = round(planned["per_rank_gb"] / row["measured"]["max_gb"] - 1, 4)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| case | ranks | planned per rank (GB) | measured max per rank (GB) | error | measured per rank (GB) | planned peak phase |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        planned = row["plan"]
+        if "skipped" in row or "failed" in row.get("measured", {}):
+            why = row.get("skipped") or "run failed"
+            lines.append(f"| {row['description']} | {row['ranks']} | {planned['per_rank_gb']:.3f} | {why} | | | {planned['peak_phase']} |")
+            continue
+        measured = row["measured"]
+        spread = f"{min(measured['per_rank_gb']):.3f}-{max(measured['per_rank_gb']):.3f}"
+        lines.append(
+            f"| {row['description']} | {row['ranks']} | {planned['per_rank_gb']:.3f} | {measured['max_gb']:.3f} | {row['error'] * 100:+.1f}% | {spread} | {planned['peak_phase']} |"
+        )
+    lines += ["", "Planned breakdown of the largest rank (GB):", ""]
+    parts = list(rows[0]["plan"]["breakdown"])
+    lines += ["| case | " + " | ".join(parts) + " |", "| --- |" + " --- |" * len(parts)]
+    for row in rows:
+        lines.append(f"| {row['case']} | " + " | ".join(f"{row['plan']['breakdown'][part]:.3f}" for part in parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names from: " + ", ".join(CASES))
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--patience-s", type=float, default=600, help="how long to wait for enough free memory before skipping a case")
+    parser.add_argument("--from-json", help="re-render plan_accuracy.md from a plan_accuracy.json this script wrote")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())["cases"]
+    else:
+        rows = []
+        with tempfile.TemporaryDirectory() as workdir:
+            for name in args.cases.split(","):
+                rows.append(run_case(name, Path(workdir), args.patience_s))
+                row = rows[-1]
+                print(f"{name}: planned {row['plan']['per_rank_gb']:.3f} GB, measured {row.get('measured', {}).get('max_gb')} GB, "
+                      f"error {row.get('error')}, {row.get('skipped', '')}", flush=True)
+                (out / "plan_accuracy.json").write_text(json.dumps({"cases": rows}, indent=1))
+    text = markdown(rows)
+    print(text)
+    (out / "plan_accuracy.md").write_text(
+        "# `p3d plan` against measured memory\n\nGenerated by `python benchmarks/plan_accuracy.py` (CPU, gloo; measured under load: "
+        "the machine was shared with other jobs, which changes timings, not a rank's own peak RSS).\n\n" + text
+    )
+    (out / "plan_accuracy.json").write_text(json.dumps({"cases": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
