@@ -65,9 +65,14 @@ def plan(overrides: list[str], ranks: int) -> dict:
     return result
 
 
-def measure(overrides: list[str], ranks: int, run_dir: Path) -> dict:
+# Every allocation over 64 KiB its own mapping, given back when freed: peak RSS then counts the live
+# tensors alone, which checks the plan's replay of a step apart from its allocator term.
+LIVE_ONLY = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure(overrides: list[str], ranks: int, run_dir: Path, env_extra: dict | None = None) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "p3d.train", *overrides, f"run.dir={run_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -86,7 +91,7 @@ def wait_for_memory(needed_gb: float, patience_s: float) -> bool:
     return True
 
 
-def run_case(name: str, workdir: Path, patience_s: float) -> dict:
+def run_case(name: str, workdir: Path, patience_s: float, live_only: bool) -> dict:
     description, ranks, overrides = CASES[name]
     overrides = [*overrides, *COMMON]
     planned = plan(overrides, ranks)
@@ -99,24 +104,31 @@ def run_case(name: str, workdir: Path, patience_s: float) -> dict:
     row["measured"] = measure(overrides, ranks, workdir / name)
     if "max_gb" in row["measured"]:
         row["error"] = round(planned["per_rank_gb"] / row["measured"]["max_gb"] - 1, 4)
+    if live_only and "max_gb" in row["measured"]:
+        row["measured_live_only"] = measure(overrides, ranks, workdir / f"{name}_live", LIVE_ONLY)
     return row
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| case | ranks | planned per rank (GB) | measured max per rank (GB) | error | measured per rank (GB) | planned peak phase |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| case | ranks | planned per rank (GB) | measured max per rank (GB) | error | measured, all ranks (GB) "
+        "| planned live tensors (GB) | measured with freed blocks returned (GB) | error | planned peak phase |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         planned = row["plan"]
+        live = planned["per_rank_gb"] - planned["breakdown"].get("allocator retention", 0.0)
         if "skipped" in row or "failed" in row.get("measured", {}):
             why = row.get("skipped") or "run failed"
-            lines.append(f"| {row['description']} | {row['ranks']} | {planned['per_rank_gb']:.3f} | {why} | | | {planned['peak_phase']} |")
+            lines.append(f"| {row['description']} | {row['ranks']} | {planned['per_rank_gb']:.3f} | {why} | | | {live:.3f} | | | {planned['peak_phase']} |")
             continue
         measured = row["measured"]
         spread = f"{min(measured['per_rank_gb']):.3f}-{max(measured['per_rank_gb']):.3f}"
+        live_measured = row.get("measured_live_only", {}).get("max_gb")
+        live_cells = f"{live_measured:.3f} | {(live / live_measured - 1) * 100:+.1f}%" if live_measured else "not run | "
         lines.append(
-            f"| {row['description']} | {row['ranks']} | {planned['per_rank_gb']:.3f} | {measured['max_gb']:.3f} | {row['error'] * 100:+.1f}% | {spread} | {planned['peak_phase']} |"
+            f"| {row['description']} | {row['ranks']} | {planned['per_rank_gb']:.3f} | {measured['max_gb']:.3f} | {row['error'] * 100:+.1f}% | {spread} "
+            f"| {live:.3f} | {live_cells} | {planned['peak_phase']} |"
         )
     lines += ["", "Planned breakdown of the largest rank (GB):", ""]
     parts = list(rows[0]["plan"]["breakdown"])
@@ -131,17 +143,30 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names from: " + ", ".join(CASES))
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--patience-s", type=float, default=600, help="how long to wait for enough free memory before skipping a case")
-    parser.add_argument("--from-json", help="re-render plan_accuracy.md from a plan_accuracy.json this script wrote")
+    parser.add_argument("--live-only", action="store_true", help="also run each case with glibc returning freed blocks over 64 KiB (peak RSS = live tensors)")
+    parser.add_argument("--from-json", help="re-render from plan_accuracy.json files this script wrote (comma-separated), without measuring")
+    parser.add_argument("--replan", action="store_true", help="with --from-json: ask p3d plan again for every case")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
-        rows = json.loads(Path(args.from_json).read_text())["cases"]
+        # earlier measurements (several files: the cases in the order given by --cases); with --replan the
+        # plan is asked again, so a change to the plan is checked against the same measured runs
+        found: dict[str, dict] = {}
+        for path in args.from_json.split(","):
+            for row in json.loads(Path(path).read_text())["cases"]:
+                found.setdefault(row["case"], {}).update(row)
+        rows = [found[name] for name in args.cases.split(",") if name in found]
+        for row in rows:
+            if args.replan:
+                row["plan"] = plan(row["overrides"], row["ranks"])
+            if "max_gb" in row.get("measured", {}):
+                row["error"] = round(row["plan"]["per_rank_gb"] / row["measured"]["max_gb"] - 1, 4)
     else:
         rows = []
         with tempfile.TemporaryDirectory() as workdir:
             for name in args.cases.split(","):
-                rows.append(run_case(name, Path(workdir), args.patience_s))
+                rows.append(run_case(name, Path(workdir), args.patience_s, args.live_only))
                 row = rows[-1]
                 print(f"{name}: planned {row['plan']['per_rank_gb']:.3f} GB, measured {row.get('measured', {}).get('max_gb')} GB, "
                       f"error {row.get('error')}, {row.get('skipped', '')}", flush=True)

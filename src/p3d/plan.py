@@ -55,9 +55,13 @@ REDUCE_BYTES = 4  # FSDP2 reduces gradients in fp32 (parallel/fsdp.py)
 # group and data set up. Measured by benchmarks/plan_accuracy.py on this stack (torch 2.13 CPU,
 # transformers 5.23); on a GPU this is host memory, not device memory.
 CPU_PROCESS_BASELINE_B = 0.42e9
-# On CPU, glibc keeps freed blocks below its mmap threshold in its heaps for reuse (see Timeline);
-# the threshold rises, as large blocks are freed, up to this (64-bit glibc's DEFAULT_MMAP_THRESHOLD_MAX).
+# On CPU, glibc keeps freed blocks below its mmap threshold in its heaps for reuse (the threshold
+# rises, as large blocks are freed, up to 64-bit glibc's DEFAULT_MMAP_THRESHOLD_MAX), so a rank's
+# peak RSS exceeds its live tensors. Fragmentation makes that excess no simple function of the
+# step; measured by benchmarks/plan_accuracy.py (default allocator against one returning every
+# freed block), it is about this share of the bytes a step frees in such blocks.
 CPU_MMAP_THRESHOLD_B = 32 * 2**20
+CPU_HEAP_RETENTION = 0.55
 # On a GPU: the CUDA context and the kernels' workspaces, outside torch's allocator (nominal: not
 # measured by p3d; the caching allocator's reserve above the live tensors is not counted either).
 CUDA_CONTEXT_B = 0.5e9
@@ -372,45 +376,33 @@ def _planning_group(world_size: int):
 
 # ---- one step replayed: allocations and frees in the order a rank makes them ------------------------
 class Timeline:
-    """Live bytes by part, the peak of their sum and what made it up, and the CPU allocator's view.
-
-    glibc serves blocks below its mmap threshold from heaps that it does not give back when they are
-    freed (only reuses), and maps larger ones separately, returning them on free. Over repeated steps
-    a process's resident memory is then the most ever live in small blocks plus the large blocks live
-    now: `rss_peak` below."""
+    """Live bytes by part, the peak of their sum and what made it up, and what was freed in small blocks."""
 
     def __init__(self):
         self.live: Counter = Counter()
+        self.total = 0
         self.peak = 0
         self.peak_parts: dict[str, int] = {}
         self.peak_phase = ""
         self.phase = ""
-        self.small = self.large = self.most_small = self.most_large = 0
+        self.freed_small = 0  # bytes freed in blocks below the mmap threshold: they stay in glibc's heaps
 
     def add(self, part: str, nbytes: int, small: int | None = None) -> None:
-        """`nbytes` more of `part`, of which `small` in blocks below the mmap threshold (default: one block)."""
+        """`nbytes` more of `part` (`small`: how much of it is in blocks below the mmap threshold; unused here)."""
         if nbytes <= 0:
             return
-        small = _small(nbytes) if small is None else small
         self.live[part] += nbytes
-        self.small += small
-        self.large += nbytes - small
-        self.most_small, self.most_large = max(self.most_small, self.small), max(self.most_large, self.large)
-        total = self.small + self.large
-        if total > self.peak:
-            self.peak, self.peak_parts, self.peak_phase = total, dict(self.live), self.phase
+        self.total += nbytes
+        if self.total > self.peak:
+            self.peak, self.peak_parts, self.peak_phase = self.total, dict(self.live), self.phase
 
     def free(self, part: str, nbytes: int, small: int | None = None) -> None:
+        """`nbytes` of `part` freed, of which `small` in blocks below the mmap threshold (default: one block)."""
         if nbytes <= 0:
             return
-        small = _small(nbytes) if small is None else small
         self.live[part] -= nbytes
-        self.small -= small
-        self.large -= nbytes - small
-
-    @property
-    def rss_peak(self) -> int:
-        return self.most_small + self.most_large
+        self.total -= nbytes
+        self.freed_small += _small(nbytes) if small is None else small
 
 
 def _small(nbytes: int) -> int:
@@ -663,7 +655,7 @@ def make_plan(config: P3DConfig, setup: ValidatedSetup, device: str | None = Non
             replayed[signature] = replay_step(trace, rank, sizes, config.optim.in_backward)
         timeline = replayed[signature]
         if device == "cpu":
-            baseline, allocator = CPU_PROCESS_BASELINE_B, timeline.rss_peak - timeline.peak
+            baseline, allocator = CPU_PROCESS_BASELINE_B, CPU_HEAP_RETENTION * timeline.freed_small
         else:
             baseline, allocator = CUDA_CONTEXT_B, 0.0
         ranks.append(RankMemory(rank, timeline.peak_parts, timeline.peak_phase, baseline, allocator))
