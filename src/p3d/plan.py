@@ -380,6 +380,7 @@ class Timeline:
 
     def __init__(self):
         self.live: Counter = Counter()
+        self.most: Counter = Counter()  # the most of each part live at any time
         self.total = 0
         self.peak = 0
         self.peak_parts: dict[str, int] = {}
@@ -392,6 +393,7 @@ class Timeline:
         if nbytes <= 0:
             return
         self.live[part] += nbytes
+        self.most[part] = max(self.most[part], self.live[part])
         self.total += nbytes
         if self.total > self.peak:
             self.peak, self.peak_parts, self.peak_phase = self.total, dict(self.live), self.phase
