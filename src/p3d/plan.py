@@ -35,12 +35,12 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.hooks import RemovableHandle
 
 from p3d import compat
-from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig
+from p3d.config.schema import CPImpl, DType, P3DConfig
 from p3d.config.validate import ValidatedSetup
 from p3d.data import TokenBatch
 from p3d.distributed.mesh import Meshes, ParallelDims
 from p3d.model import build_meta_model
-from p3d.models import architecture, decoder_blocks
+from p3d.models import decoder_blocks
 from p3d.optim import MOMENTS_PER_PARAMETER
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
@@ -51,10 +51,11 @@ GB = 1e9  # the plan reports decimal gigabytes
 BYTES = {DType.fp32: 4, DType.bf16: 2}
 REDUCE_BYTES = 4  # FSDP2 reduces gradients in fp32 (parallel/fsdp.py)
 
-# Peak RSS of a rank before it builds its model: torch, transformers and p3d imported, the process
-# group and data set up. Measured by benchmarks/plan_accuracy.py on this stack (torch 2.13 CPU,
-# transformers 5.23); on a GPU this is host memory, not device memory.
-CPU_PROCESS_BASELINE_B = 0.42e9
+# RSS of a rank before it builds its model: torch, transformers and p3d imported (0.37 GB), the
+# process group and data set up. Measured on this stack (torch 2.13 CPU, transformers 5.23) with
+# benchmarks/memory_phases.py, and as the whole peak of tiny_llama at dp8 (0.40 GB); on a GPU this
+# is host memory, not device memory.
+CPU_PROCESS_BASELINE_B = 0.40e9
 # On CPU, glibc keeps freed blocks below its mmap threshold in its heaps for reuse (the threshold
 # rises, as large blocks are freed, up to 64-bit glibc's DEFAULT_MMAP_THRESHOLD_MAX), so a rank's
 # peak RSS exceeds its live tensors. Fragmentation makes that excess no simple function of the
@@ -479,7 +480,7 @@ class _Replay:
             self.release(unit)
         timeline.phase = "backward (root)"
         timeline.free("logits and loss", logits_gradient)
-        tied = trace.tied_numel * (sizes_of := self.sizes).compute
+        tied = trace.tied_numel * self.sizes.compute
         timeline.add("gathered gradients" if trace.fsdp else "gradients", tied)  # a tied weight's second gradient, summed into the first
         timeline.free("gathered gradients" if trace.fsdp else "gradients", tied)
         if trace.fsdp:
@@ -490,7 +491,6 @@ class _Replay:
         timeline.free("activations", root.activation_bytes, root.activation_small)
         self.release(root)
         timeline.free("logits and loss", trace.logits_bytes)
-        del sizes_of
         return timeline
 
     def loss(self) -> int:
