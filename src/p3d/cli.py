@@ -154,11 +154,15 @@ def with_run_dir(overrides: list[str], run_dir: str) -> list[str]:
 def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:
     """On CPU, compare `p3d plan`'s memory for the ranks of this machine with its memory."""
     from p3d.distributed.env import resolve_device_type
+    from p3d.errors import RunError
     from p3d.plan import GB, make_plan
 
     if resolve_device_type(config.dist.device) != "cpu":
         return
-    plan = make_plan(config, setup, "cpu")
+    try:
+        plan = make_plan(config, setup, "cpu")
+    except RunError:  # a model the plan cannot run on the meta device: no estimate, no warning
+        return
     needed = sorted((memory.total for memory in plan.ranks), reverse=True)[:ranks_here]
     if plan.device_memory_gb is not None and sum(needed) > plan.device_memory_gb * GB:
         print(

@@ -39,6 +39,7 @@ from p3d.config.schema import CPImpl, DType, P3DConfig
 from p3d.config.validate import ValidatedSetup
 from p3d.data import TokenBatch
 from p3d.distributed.mesh import Meshes, ParallelDims
+from p3d.errors import RunError
 from p3d.model import build_meta_model
 from p3d.models import decoder_blocks
 from p3d.optim import MOMENTS_PER_PARAMETER
@@ -182,7 +183,7 @@ class _Recorder:
         handles = []
         for name, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(self._enter(name), with_kwargs=True))
-            handles.append(module.register_forward_hook(self._leave(name), always_call=True))
+            handles.append(module.register_forward_hook(self._leave(name)))
         return handles
 
     def _enter(self, name: str):
@@ -253,6 +254,12 @@ def _trace_step(config: P3DConfig, setup: ValidatedSetup, meshes: Meshes, counts
                 loss = token_loss(logits, local.labels.to("meta"), torch.ones((), device="meta"))
                 recorder.stack = []
                 loss.backward()
+    except Exception as error:  # the model's own code, run on shapes only
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise RunError(
+            f"model.arch={setup.hf_config.model_type}: p3d plan cannot run this model's step on the meta device "
+            f"({type(error).__name__}: {reason}), so it cannot plan its memory; P3D_DEBUG=1 shows where"
+        ) from error
     finally:
         for handle in handles:
             handle.remove()

@@ -198,3 +198,10 @@ def test_private_torch_apis_stay_in_compat():
         if path.name != "compat.py":
             source = path.read_text()
             assert not [name for name in private if name in source], path
+
+
+def test_a_model_the_meta_device_cannot_run_is_one_line_exit_3(capsys):
+    """BART's decoder checks its mask's values, which the meta device does not have: said, not guessed."""
+    code, _, err = plan_here(capsys, "model=tiny", "model.arch=bart", "--world-size", "1")
+    assert code == 3
+    assert err.startswith("p3d: error: model.arch=bart: p3d plan cannot run this model's step on the meta device") and len(err.strip().splitlines()) == 1
