@@ -174,7 +174,10 @@ def main() -> None:
         found: dict[str, dict] = {}
         for path in args.from_json.split(","):
             for row in json.loads(Path(path).read_text())["cases"]:
-                found.setdefault(row["case"], {}).update(row)
+                entry = found.setdefault(row["case"], {})
+                if "measured" in row:
+                    entry.pop("skipped", None)
+                entry.update(row)
         rows = [found[name] for name in args.cases.split(",") if name in found]
         for row in rows:
             if args.replan:
