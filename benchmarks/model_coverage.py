@@ -50,7 +50,7 @@ def causal_lm_types() -> list[str]:
 
 
 def is_mixture_of_experts(arch: str) -> bool:
-    """Whether the architecture routes tokens to experts (a later issue covers expert parallelism)."""
+    """Whether the architecture routes tokens to experts (marked MoE in the results; parallel.ep splits their experts)."""
     from transformers import AutoConfig
 
     try:

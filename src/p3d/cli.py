@@ -1,7 +1,10 @@
 """The `p3d` command line.
 
     p3d train [torchrun options] [key=value ...]   validate, then launch (torchrun in-process)
+    p3d plan [key=value ...] --world-size N        validate and explain a config for N ranks
+    p3d tune [key=value ...] --world-size N        rank the layouts that fit by measured tokens/s (p3d/tune.py)
     p3d export <checkpoint> <out_dir>              a checkpoint as a Hugging Face model directory
+    p3d generate <run dir or checkpoint> --prompt  what a checkpoint writes (one process)
     p3d ls                                         presets of every config group, and the recipes
 """
 
@@ -22,19 +25,28 @@ USAGE = """usage: p3d <command> [...]
 
 commands:
   train [torchrun options] [key=value ...]   validate the config, then launch training
-                                             (--nproc-per-node defaults to dp*cp*tp)
+                                             (--nproc-per-node defaults to dp*cp*tp; with
+                                             parallel.dp=-1 the node's GPUs, or tp*cp on CPU)
   plan [key=value ...] --world-size N        validate a config for N ranks and run p3d's sharding on the
                                              meta device (no GPU, no processes): memory per rank, fits,
                                              collectives (--json, --device, --device-memory-gb; see plan -h)
+  tune [key=value ...] --world-size N        run each layout that validates and fits N ranks for a few
+       [--steps K] [--rounds R]              steps here, rank them by tokens/s, print the command for
+                                             the fastest
   export <checkpoint or run dir> <out_dir>   write a checkpoint as a Hugging Face model directory
                                              (safetensors, config, tokenizer); a run dir means its newest
+  generate <run dir or checkpoint> --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P] [--chat]
+                                             continue TEXT with a checkpoint (a run dir: its newest
+                                             complete one) on one process; greedy by default
   ls                                         list the presets of every config group and the recipes
 
 examples:
   p3d train parallel=tp2dp2cp2 model=tiny_llama train.steps=20
   p3d train --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:29500 parallel=tp2dp4cp2
   p3d plan parallel=tp2dp2cp2 model=opt1.3b --world-size 8
+  p3d tune model=tiny_llama --world-size 8 --steps 10
   p3d export runs/tiny_llama-1a2b3c4d/checkpoints/step_00000020 exported/tiny_llama
+  p3d generate runs/tiny_llama-1a2b3c4d --prompt "The " --max-new-tokens 40
   p3d ls"""
 
 
@@ -51,10 +63,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         plan_command(rest)
     elif command == "export":
         export_command(rest)
+    elif command == "tune":
+        tune_command(rest)
+    elif command == "generate":
+        generate_command(rest)
     elif command == "ls":
-        list_command()
+        list_command(rest)
     else:
-        print(f"p3d: error: unknown command '{command}' (use train, plan, export or ls)", file=sys.stderr)
+        print(f"p3d: error: unknown command '{command}' (use train, plan, tune, export, generate or ls)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -100,30 +116,37 @@ def _option_value(launcher: list[str], *names: str) -> str | None:
 
 @exits_cleanly
 def train_command(args: Sequence[str]) -> None:
+    from p3d.config.flags import show, split_hydra_flags
+
+    flags, rest = split_hydra_flags(args)
+    launcher, overrides = split_launcher_args(rest)
+    if flags.prints_and_exits:
+        show(flags, overrides, USAGE)
+    elif flags.multirun:
+        from p3d.sweep import run_sweep
+
+        sys.exit(run_sweep(launcher, overrides, flags.config_dirs))
+    else:
+        train_one(launcher, overrides, flags.config_dirs)
+
+
+def train_one(launcher: list[str], overrides: list[str], config_dirs: Sequence[str] = ()) -> None:
+    """Validate, check run.dir and the checkpoints, then train in this process (one rank) or under torchrun."""
     from p3d.checkpoint import checkpoint_problem
-    from p3d.config.compose import compose, to_object
+    from p3d.config.compose import checked_config_dirs, compose, to_object
     from p3d.config.validate import validate
     from p3d.resume import plan_resume
     from p3d.rundir import RunLock
 
-    if any(arg in ("-h", "--help") for arg in args):
-        print(USAGE)
-        return
-    launcher, overrides = split_launcher_args(args)
-    config = to_object(compose(overrides))
+    config = to_object(compose(overrides, config_dirs))
     overrides = with_run_dir(overrides, config.run.dir)  # the workers use the directory checked here
-    nproc = _option_value(launcher, "--nproc-per-node", "--nproc_per_node")
+    worker_args = [arg for directory in checked_config_dirs(config_dirs) for arg in ("--config-dir", str(directory))] + overrides
     nnodes = _option_value(launcher, "--nnodes") or "1"
+    nproc = _option_value(launcher, "--nproc-per-node", "--nproc_per_node")
     if nproc is None:
-        dp = config.parallel.dp
-        if dp == -1 and nnodes == "1":
-            nproc = "1"
-        elif dp == -1:
-            raise ConfigError("parallel.dp=-1 with several nodes: pass --nproc-per-node or set parallel.dp")
-        else:
-            world = dp * config.parallel.cp * config.parallel.tp
-            nodes = int(nnodes) if nnodes.isdigit() else 1
-            nproc = str(max(world // nodes, 1))
+        nproc, reason = processes_per_node(config, nnodes)
+        print(f"p3d: starting {nproc} process{'es' if nproc != 1 else ''} per node: {reason}", flush=True)
+        nproc = str(nproc)
         launcher += ["--nproc-per-node", nproc]
     if nnodes.isdigit() and nproc.isdigit():
         setup = validate(config, int(nnodes) * int(nproc))
@@ -136,9 +159,41 @@ def train_command(args: Sequence[str]) -> None:
     if launcher == ["--nproc-per-node", "1"]:
         from p3d.train import main as train_main
 
-        train_main(overrides)
+        train_main(worker_args)
         return
-    _launch(launcher, overrides, int(nproc) if nproc.isdigit() else 1)
+    _launch(launcher, worker_args, int(nproc) if nproc.isdigit() else 1)
+
+
+def processes_per_node(config, nnodes: str) -> tuple[int, str]:
+    """How many processes `p3d train` starts per node, and why, from the parallel.* sizes: dp*cp*tp
+    over the nodes; with parallel.dp=-1, the node's accelerators (GPUs), or tp*cp on CPU."""
+    from p3d.distributed.env import resolve_device_type
+
+    parallel = config.parallel
+    nodes = int(nnodes) if nnodes.isdigit() else 1
+    layout = f"tp{parallel.tp} x cp{parallel.cp}"
+    if parallel.dp != -1:
+        world = parallel.dp * parallel.cp * parallel.tp
+        if world % nodes:
+            raise ConfigError(f"parallel.dp*parallel.cp*parallel.tp={world} ranks do not split evenly over --nnodes {nnodes}; pass --nproc-per-node or change the layout")
+        per_node = world // nodes
+        where = f" over {nodes} nodes" if nodes > 1 else ""
+        return per_node, f"parallel tp{parallel.tp} x dp{parallel.dp} x cp{parallel.cp} = {world} ranks{where} (--nproc-per-node N to choose)"
+    device = resolve_device_type(config.dist.device)
+    if device == "cpu":
+        return parallel.tp * parallel.cp, (
+            f"parallel.dp=-1 on CPU takes {layout} = {parallel.tp * parallel.cp} per node, dp {nodes} "
+            "(--nproc-per-node N for more data-parallel ranks)"
+        )
+    import torch
+
+    count = torch.accelerator.device_count()
+    if count % (parallel.tp * parallel.cp):
+        raise ConfigError(
+            f"parallel.dp=-1: this node's {count} {device} devices are not a multiple of parallel.tp*parallel.cp={parallel.tp * parallel.cp}; "
+            "set parallel.dp or pass --nproc-per-node"
+        )
+    return count, f"parallel.dp=-1 fills this node's {count} {device} devices ({layout}, dp {count * nodes // (parallel.tp * parallel.cp)}; --nproc-per-node N to choose)"
 
 
 def with_run_dir(overrides: list[str], run_dir: str) -> list[str]:
@@ -212,7 +267,7 @@ def nnodes_is_single(launcher: list[str]) -> bool:
     return (_option_value(launcher, "--nnodes") or "1") in ("1", "1:1")
 
 
-PLAN_USAGE = """usage: p3d plan [key=value ...] --world-size N [--device cpu|cuda] [--device-memory-gb GB|GPU] [--json] [--ranks] [--cfg]
+PLAN_USAGE = """usage: p3d plan [--config-dir DIR] [key=value ...] --world-size N [--device cpu|cuda] [--device-memory-gb GB|GPU] [--json] [--ranks]
 
 Validates the config for N ranks, then applies p3d's own TP, SP, CP, activation checkpointing and
 FSDP2 code to the model on the meta device over a fake process group of N ranks, and replays one
@@ -225,7 +280,7 @@ step: memory per rank (GB = 1e9 bytes), whether the job fits, the collectives of
                             (H100, A100, ...); default: this machine's
   --json                    one JSON object: per_rank_gb (the largest rank), job_gb, fits, breakdown, ...
   --ranks                   every rank's (dp, cp, tp) coordinates
-  --cfg                     the resolved config"""
+  --cfg job [--resolve]     print the composed config and exit (Hydra's flag, as for p3d train)"""
 
 
 @exits_cleanly
@@ -233,31 +288,33 @@ def plan_command(args: Sequence[str]) -> None:
     """Print the plan; an invalid config exits 2 with the validation messages, like `p3d train`."""
     import json
 
-    from omegaconf import OmegaConf
-
     from p3d.config.compose import compose, to_object
+    from p3d.config.flags import show, split_hydra_flags
     from p3d.config.validate import validate
     from p3d.plan import make_plan, render
 
-    if any(arg in ("-h", "--help") for arg in args):
-        print(PLAN_USAGE)
+    flags, rest = split_hydra_flags(args)
+    if flags.multirun:
+        raise ConfigError("-m/--multirun: p3d plan explains one config; `p3d tune` compares layouts")
+    options, overrides = _plan_options(rest, required=not flags.prints_and_exits)
+    if flags.prints_and_exits:
+        show(flags, overrides, PLAN_USAGE)
         return
-    options, overrides = _plan_options(args)
-    cfg = compose(overrides)
+    cfg = compose(overrides, flags.config_dirs)
     config = to_object(cfg)
     setup = validate(config, options["world_size"])
     plan = make_plan(config, setup, options["device"], options["device_memory_gb"])
     if options["json"]:
         print(json.dumps(plan.as_json()))
     else:
-        print(render(plan, OmegaConf.to_yaml(cfg) if options["cfg"] else None, options["ranks"]))
+        print(render(plan, options["ranks"]))
 
 
-def _plan_options(args: Sequence[str]) -> tuple[dict, list[str]]:
+def _plan_options(args: Sequence[str], required: bool = True) -> tuple[dict, list[str]]:
     """p3d plan's own options (--name value or --name=value); everything else is a Hydra override."""
     from p3d.plan import DEVICE_MEMORY_GB
 
-    options = {"world_size": None, "device": None, "device_memory_gb": None, "json": False, "ranks": False, "cfg": False}
+    options = {"world_size": None, "device": None, "device_memory_gb": None, "json": False, "ranks": False}
     overrides = []
     iterator = iter(args)
     for arg in iterator:
@@ -266,11 +323,11 @@ def _plan_options(args: Sequence[str]) -> tuple[dict, list[str]]:
             continue
         name, has_value, value = arg.partition("=")
         key = name[2:].replace("-", "_")
-        if key in ("json", "ranks", "cfg") and not has_value:
+        if key in ("json", "ranks") and not has_value:
             options[key] = True
             continue
         if key not in ("world_size", "device", "device_memory_gb"):
-            raise ConfigError(f"{name}: not an option of p3d plan (--world-size, --device, --device-memory-gb, --json, --ranks, --cfg; overrides are key=value)")
+            raise ConfigError(f"{name}: not an option of p3d plan (--world-size, --device, --device-memory-gb, --json, --ranks, Hydra's --config-dir/--cfg/--help; overrides are key=value)")
         if not has_value:
             value = next(iterator, "")
         if key == "world_size":
@@ -283,7 +340,7 @@ def _plan_options(args: Sequence[str]) -> tuple[dict, list[str]]:
             options[key] = value
         else:
             options[key] = _device_memory_gb(value, DEVICE_MEMORY_GB)
-    if options["world_size"] is None:
+    if options["world_size"] is None and required:
         raise ConfigError("p3d plan needs --world-size N (the number of ranks to plan for)")
     return options, overrides
 
@@ -301,6 +358,59 @@ def _device_memory_gb(value: str, table: dict[str, float]) -> float:
     return gb
 
 
+TUNE_USAGE = "usage: p3d tune [--config-dir DIR] [key=value ...] --world-size N [--steps K] [--rounds R]"
+
+
+@exits_cleanly
+def tune_command(args: Sequence[str]) -> None:
+    """Rank the layouts that validate and fit by measured tokens/s (p3d/tune.py)."""
+    from p3d.config.flags import show, split_hydra_flags
+    from p3d.tune import tune
+
+    flags, rest = split_hydra_flags(args)
+    if flags.multirun:
+        raise ConfigError("-m/--multirun: p3d tune runs its own sweep over the layouts")
+    steps, rest = _int_option(rest, "--steps", default=10, at_least=2)
+    rounds, rest = _int_option(rest, "--rounds", default=2, at_least=1)
+    if flags.prints_and_exits:
+        show(flags, _world_size_arg(rest, required=False)[1], TUNE_USAGE)
+        return
+    world_size, overrides = _world_size_arg(rest, command="p3d tune", what="the number of ranks to tune for")
+    sys.exit(tune(overrides, world_size, steps, rounds, flags.config_dirs))
+
+
+def _int_option(args: Sequence[str], name: str, default: int, at_least: int) -> tuple[int, list[str]]:
+    """`--name N` or `--name=N` taken out of args."""
+    value, rest = str(default), []
+    iterator = iter(args)
+    for arg in iterator:
+        if arg == name or arg.startswith(name + "="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(iterator, "")
+        else:
+            rest.append(arg)
+    if not value.isdigit() or int(value) < at_least:
+        raise ConfigError(f"{name} {value}: needs a whole number >= {at_least}")
+    return int(value), rest
+
+
+def _world_size_arg(
+    args: Sequence[str], required: bool = True, command: str = "p3d plan", what: str = "the number of ranks to plan for"
+) -> tuple[int | None, list[str]]:
+    overrides, world_size = [], None
+    iterator = iter(args)
+    for arg in iterator:
+        if arg.startswith("--world-size") or arg.startswith("--world_size"):
+            value = arg.split("=", 1)[1] if "=" in arg else next(iterator, "")
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--world-size needs a positive number, got '{value}'")
+            world_size = int(value)
+        else:
+            overrides.append(arg)
+    if world_size is None and required:
+        raise ConfigError(f"{command} needs --world-size N ({what})")
+    return world_size, overrides
+
+
 @exits_cleanly
 def export_command(args: Sequence[str]) -> None:
     from p3d.export import export_checkpoint
@@ -314,17 +424,29 @@ def export_command(args: Sequence[str]) -> None:
     print(f"p3d: exported to {out_dir}")
 
 
-def list_command() -> None:
-    from p3d.config.compose import conf_dir, recipes_dir
+@exits_cleanly
+def generate_command(args: Sequence[str]) -> None:
+    from p3d.generate import main as generate_main
 
-    root = conf_dir()
-    for group in sorted(p for p in root.iterdir() if p.is_dir()):
-        print(f"{group.name}:")
-        for preset in sorted(group.glob("*.yaml")):
-            print(f"  {preset.stem:<22} {_summary(preset)}")
-    print("recipe (select with +recipe=NAME):")
-    for recipe in sorted(recipes_dir().glob("*.yaml")):
-        print(f"  {recipe.stem:<22} {_summary(recipe)}")
+    generate_main(args)
+
+
+@exits_cleanly
+def list_command(args: Sequence[str] = ()) -> None:
+    """Every group's presets (the user's --config-dir ones first), the layout names, and the recipes."""
+    from p3d.config import layouts
+    from p3d.config.compose import config_groups, group_presets
+    from p3d.config.flags import split_hydra_flags
+
+    flags, rest = split_hydra_flags(args)
+    if rest:
+        raise ConfigError(f"{rest[0]}: p3d ls takes only --config-dir DIR")
+    for group in config_groups(flags.config_dirs):
+        print("recipe (select with +recipe=NAME):" if group == "recipe" else f"{group}:")
+        for name, path in group_presets(group, flags.config_dirs).items():
+            print(f"  {name:<22} {_summary(path)}")
+        if group == layouts.GROUP:
+            print(f"  {layouts.GRAMMAR:<22} any layout by name, e.g. {layouts.EXAMPLES} (a part left out: tp and cp 1, dp filling the world)")
 
 
 def _summary(path: Path) -> str:

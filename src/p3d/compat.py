@@ -20,6 +20,18 @@ def flatten_mesh(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> DeviceMe
     return mesh[dims]._flatten(name)
 
 
+def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+    """A 1-D mesh viewed as several named dims, the last varying fastest (private `DeviceMesh._unflatten`).
+    The result shares the root mesh, so DTensors on its dims and FSDP2 over them combine."""
+    return mesh._unflatten(0, sizes, names)
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread, e.g. activation checkpointing
+    recomputing a block's forward (private `torch._C._current_graph_task_id`, torch 2.13: -1 outside)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def import_dynamo() -> None:
     """Import `torch._dynamo` before any process group exists. DTensor and FSDP2 import it lazily, on
     first use; imported once a default process group exists, it keeps that group alive until the
@@ -82,9 +94,11 @@ def storage_key(tensor: torch.Tensor) -> int:
 
 
 class CollectiveRecorder(TorchDispatchMode):
-    """While active, `record(op, group_name, tensor)` sees every functional collective (what DTensor
-    redistributions issue): op is e.g. "all_reduce", tensor its input. Private
-    `torch.utils._python_dispatch.TorchDispatchMode` and the `_c10d_functional` op namespace, torch 2.13."""
+    """While active, `record(op, group_name, tensor)` sees every collective: the functional ones (what
+    DTensor redistributions issue) and the c10d ones (`dist.all_reduce`, `dist.all_to_all_single`, ...);
+    op is e.g. "all_reduce" or "alltoall_base_", tensor its (first) input. Private
+    `torch.utils._python_dispatch.TorchDispatchMode`, the `_c10d_functional` and `c10d` op namespaces and
+    `ProcessGroup.unbox`, torch 2.13."""
 
     def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
         raise NotImplementedError
@@ -94,6 +108,11 @@ class CollectiveRecorder(TorchDispatchMode):
             names = [arg for arg in args if isinstance(arg, str)]
             if names:
                 self.record(func.overloadpacket.__name__, names[-1], args[0])
+        elif func.namespace == "c10d":
+            group = next((arg for arg in args if isinstance(arg, torch.ScriptObject)), None)
+            tensor = args[0][0] if isinstance(args[0], (list, tuple)) and args[0] else args[0]
+            if group is not None and isinstance(tensor, torch.Tensor):
+                self.record(func.overloadpacket.__name__, dist.ProcessGroup.unbox(group).group_name, tensor)
         return func(*args, **(kwargs or {}))
 
 
@@ -103,6 +122,22 @@ def fsdp_keeps_unsharded_after_forward(module: torch.nn.Module) -> bool:
     torch 2.13). FSDP2 also keeps the root unit gathered once training starts, whatever it was given."""
     group = module._get_fsdp_state()._fsdp_param_group
     return group is not None and group.post_forward_mesh_info is None
+
+
+@contextmanager
+def experts_run_on_meta() -> Iterator[None]:
+    """Within the block, transformers' grouped-matmul experts forward runs on the meta device in any dtype:
+    it takes its own fallback op (whose shape function transformers registers) instead of
+    `grouped_mm`, whose meta function accepts bf16 only (private
+    `transformers.integrations.moe._can_use_grouped_mm`, transformers 5.23)."""
+    from transformers.integrations import moe
+
+    original = moe._can_use_grouped_mm
+    moe._can_use_grouped_mm = lambda input, weight, offs: False if weight.is_meta else original(input, weight, offs)
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = original
 
 
 @contextmanager
@@ -143,3 +178,40 @@ def cpu_flash_attention_backward(grad_out, query, key, value, out, lse, bias, sc
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, query, key, value, out, lse, 0.0, False, attn_mask=bias, scale=scale
     )
+
+
+# --- Hydra -----------------------------------------------------------------------------------
+
+
+def hydra_show_info(info: str, overrides: list[str]) -> None:
+    """Hydra's own `--info` report (search path, defaults list and tree, config) for p3d's root config,
+    through the private `Hydra.show_info` of the initialised GlobalHydra (hydra-core 1.3). It configures
+    Hydra's logging (a stdout handler on the root logger, level DEBUG), which is undone afterwards, so
+    later compositions in the same process stay quiet."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        GlobalHydra.instance().hydra.show_info(info, config_name="config", overrides=overrides)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def newton_schulz_orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization of a whole 2-D update (quintic Newton-Schulz in bf16):
+    the private `torch.optim._muon._zeropower_via_newtonschulz` (torch 2.13)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return _zeropower_via_newtonschulz(matrix, coefficients, steps, eps)
+
+
+def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning rate for a matrix of `shape` (`original`: sqrt(max(1, rows/cols));
+    `match_rms_adamw`: 0.2 sqrt(max(rows, cols))): the private `torch.optim._muon._adjust_lr` (torch 2.13)."""
+    from torch.optim._muon import _adjust_lr
+
+    return _adjust_lr(lr, adjust_lr_fn, shape)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
@@ -399,3 +399,51 @@ def build_sampler(data_cfg: DataConfig, model_cfg: ModelConfig, seed: int, globa
     windows = tokenize_and_pack(load_documents(data_cfg), tokenizer, data_cfg.text_field, data_cfg.seq_len, source)
     order = GlobalSampleOrder(len(windows), seed)
     return DataParallelSampler(windows, order, global_batch, micro_batch, dp, dp_rank, data_cfg.packing, tokenizer.eos_token_id)
+
+
+# --- held-out data for the validation pass -------------------------------------------------------
+# The one seam between the validation pass (trainer.Trainer.evaluate) and held-out data: the
+# problems of its source (validation) and this dp rank's batches. Today the held-out documents come
+# from data.eval_path alone.
+
+
+class SequentialOrder:
+    """Sample position -> window index in file order, wrapping around: every pass sees the same windows."""
+
+    def __init__(self, num_windows: int):
+        self.num_windows = num_windows
+
+    def windows(self, start: int, count: int) -> torch.Tensor:
+        return torch.arange(start, start + count) % self.num_windows
+
+
+def _as_eval_key(error: ConfigError) -> ConfigError:
+    """The data.path checks and loaders, run on data.eval_path, name data.eval_path (and the built-in
+    corpus is no fallback for it)."""
+    return ConfigError(
+        [problem.replace("data.path=", "data.eval_path=").replace(" (unset data.path for the built-in corpus)", "") for problem in error.problems]
+    )
+
+
+def _eval_source(data_cfg: DataConfig) -> DataConfig:
+    return replace(data_cfg, path=data_cfg.eval_path)
+
+
+def check_eval_source(data_cfg: DataConfig, every: int) -> list[str]:
+    """A validation pass needs held-out data, and data.eval_path must be readable as data.path is."""
+    if every > 0 and data_cfg.eval_path is None:
+        return [f"eval.every={every} needs held-out data: set data.eval_path to a file or directory of documents the training does not see"]
+    if data_cfg.eval_path is None:
+        return []
+    return _as_eval_key(ConfigError(check_data_source(_eval_source(data_cfg)))).problems
+
+
+def build_eval_sampler(data_cfg: DataConfig, model_cfg: ModelConfig, global_batch: int, micro_batch: int, dp: int, dp_rank: int) -> DataParallelSampler:
+    """This dp rank's held-out micro-batches, tokenized and packed as the training data is (same
+    tokenizer, data.seq_len and data.packing); batch i of a pass starts at sample i*global_batch."""
+    tokenizer = build_tokenizer(data_cfg, model_cfg)
+    try:
+        windows = tokenize_and_pack(load_documents(_eval_source(data_cfg)), tokenizer, data_cfg.text_field, data_cfg.seq_len, data_cfg.eval_path)
+    except ConfigError as error:
+        raise _as_eval_key(error) from None
+    return DataParallelSampler(windows, SequentialOrder(len(windows)), global_batch, micro_batch, dp, dp_rank, data_cfg.packing, tokenizer.eos_token_id)

@@ -9,6 +9,7 @@ group (DCP gathers every shard into full tensors), and written with `save_pretra
   a byte-level BPE without merges whose ids are the UTF-8 bytes (0-255) and whose
   end-of-document token <|endoftext|> is id 256, exactly p3d's ids. (Only a document that
   contains that literal text would tokenize differently.)
+The generation config names the tokenizer's end-of-text id (see `align_special_tokens`).
 The output appears whole or not at all: it is written next to out_dir and renamed into place.
 """
 
@@ -33,29 +34,30 @@ from p3d.resume import load_hf_config
 BYTE_EOS_TOKEN = "<|endoftext|>"
 
 
-def resolve_checkpoint(source: Path) -> Path:
+def resolve_checkpoint(source: Path, verb: str = "export") -> Path:
     """A checkpoint directory, or the newest complete checkpoint of a run directory; verified intact
-    (every file's size and checksum as its marker recorded) before anything is read from it."""
+    (every file's size and checksum as its marker recorded) before anything is read from it. `verb`
+    names what the errors say it is for (export, generate from)."""
     if (source / "checkpoints").is_dir():
         found = complete_checkpoints(source / "checkpoints")
         if not found:
-            raise ConfigError(f"{source}: this run directory has no complete checkpoint to export")
+            raise ConfigError(f"{source}: this run directory has no complete checkpoint to {verb}")
         checkpoint = found[-1][1]
         problem = verify_checkpoint(checkpoint)
         if problem:
-            raise ConfigError(f"{source}: its newest checkpoint {checkpoint.name} cannot be exported ({problem}); {_export_hint(checkpoint)}")
+            raise ConfigError(f"{source}: its newest checkpoint {checkpoint.name} cannot be used ({problem}); {_intact_hint(checkpoint, verb)}")
         return checkpoint
     problem = verify_checkpoint(source)
     if problem:
-        raise ConfigError(f"{source}: {problem}; {_export_hint(source)}")
+        raise ConfigError(f"{source}: {problem}; {_intact_hint(source, verb)}")
     return source
 
 
-def _export_hint(checkpoint: Path) -> str:
+def _intact_hint(checkpoint: Path, verb: str) -> str:
     intact = newest_intact(checkpoint.parent, other_than=checkpoint)
     if intact is None:
         return "name an intact checkpoint directory or a run directory (there is none beside it)"
-    return f"the newest intact checkpoint there is {intact}: export that one by name"
+    return f"the newest intact checkpoint there is {intact}: {verb} that one by name"
 
 
 def export_checkpoint(source: Path, out_dir: Path) -> Path:
@@ -64,6 +66,7 @@ def export_checkpoint(source: Path, out_dir: Path) -> Path:
         raise ConfigError(f"{out_dir}: already exists and is not empty; choose a new output directory")
     model = load_model(checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint)
+    align_special_tokens(model, tokenizer)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -90,6 +93,24 @@ def load_model(checkpoint: Path) -> PreTrainedModel:
         dcp.load({"app": {"model": state}}, checkpoint_id=str(checkpoint))
     model.eval()
     return model
+
+
+def align_special_tokens(model: PreTrainedModel, tokenizer) -> None:
+    """Make generation stop at the tokenizer's own end-of-text id. A model built from an architecture's
+    defaults carries that architecture's ids (Llama's eos 2), which mean another token in another
+    vocabulary (p3d's byte tokenizer ends a document with 256, and 2 is the byte 0x02). Ids the model
+    already lists (a pretrained model's own, possibly several) are kept; padding takes the end id if
+    nothing else is set."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return
+    generation = model.generation_config
+    listed = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    if eos not in listed:
+        generation.eos_token_id = eos
+        model.config.eos_token_id = eos
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
 
 def checkpoint_tokenizer(checkpoint: Path):

@@ -1,6 +1,7 @@
 """Per-step metrics and where they go: console, metrics.jsonl, TensorBoard, Weights & Biases.
 
-Rank 0 alone writes. Every step appends one JSON object to <run.dir>/metrics.jsonl; the console
+Rank 0 alone writes. Every step appends one JSON object to <run.dir>/metrics.jsonl (with val_loss,
+val_ppl and eval_s on the steps that ran a validation pass, which the console also prints); the console
 shows a progress bar with ETA on a terminal and a plain line every `logging.every` steps
 otherwise (CI logs, files); TensorBoard and W&B are opt-in.
 """
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from p3d.compat import in_backward
 from p3d.config.schema import LoggingConfig, WandbMode
 
 # Dense bf16 peak TFLOP/s of one device (datasheet figures, without sparsity). MFU is reported
@@ -38,7 +40,19 @@ PEAK_TFLOPS_BY_DEVICE_NAME = {
     "MI300X": 1307.0,
 }
 
-SCALARS = ("loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s")
+SCALARS = (
+    "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s",
+    "expert_tokens_min", "expert_tokens_max", "expert_imbalance",
+)
+# A validation pass's fields of a step's record, and their names in TensorBoard and W&B.
+VALIDATION_SCALARS = {"val_loss": "val/loss", "val_ppl": "val/ppl"}
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The record's values for TensorBoard and W&B: train/<key>, and val/loss, val/ppl on evaluated steps."""
+    values = {f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}
+    values.update({name: record[key] for key, name in VALIDATION_SCALARS.items() if record.get(key) is not None})
+    return values
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -61,14 +75,21 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
     return None
 
 
-def matmul_params(model: nn.Module) -> int:
-    """Parameters that take part in matmuls: all but embedding lookups (a tied output head counts)."""
+def matmul_params(model: nn.Module) -> float:
+    """Parameters that take part in a token's matmuls: all but embedding lookups (a tied output head counts);
+    of a mixture-of-experts layer's experts only the share a token is routed to (k of E)."""
     unique = {id(p): p for p in model.parameters()}
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None:
         lookups.discard(id(output.weight))
-    return sum(p.numel() for key, p in unique.items() if key not in lookups)
+    active = {}
+    if hasattr(model, "config"):
+        from p3d.models import architecture
+
+        share = architecture(model.config).active_expert_share(model.config)
+        active = {id(p): share for _, module in architecture(model.config).experts_modules(model) for p in module.parameters(recurse=False)}
+    return sum(p.numel() * active.get(key, 1.0) for key, p in unique.items() if key not in lookups)
 
 
 def flops_per_token(model: nn.Module, hf_config, seq_len: int) -> float:
@@ -98,6 +119,8 @@ class ConsoleSink:
             self.bar.update(1)
         elif record["step"] % self.every == 0 or record["step"] == self.total_steps:
             print(format_line(record, self.total_steps), flush=True)
+        if record.get("val_loss") is not None:
+            self.message(format_validation_line(record, self.total_steps))
 
     def message(self, text: str) -> None:
         (self.bar.write if self.bar is not None else print)(text)
@@ -115,6 +138,10 @@ def format_line(record: dict, total_steps: int) -> str:
     )
 
 
+def format_validation_line(record: dict, total_steps: int) -> str:
+    return f"eval {record['step']:>5}/{total_steps} | val_loss {record['val_loss']:.4f} | val_ppl {record['val_ppl']:.2f} | {record['eval_s']:.2f} s"
+
+
 def format_summary(record: dict, run_dir: Path) -> str:
     """One line: steps, final loss, mean tokens/s of this run, the lowest and highest peak memory of
     any rank (and their sum), the run directory and the newest complete checkpoint."""
@@ -125,6 +152,8 @@ def format_summary(record: dict, run_dir: Path) -> str:
         memory += f" ({sum(peaks):.2f} GB summed over {len(peaks)} ranks)"
     stopped = " (stopped by SIGTERM)" if record.get("stopped_by_sigterm") else ""
     loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+    if record.get("val_loss") is not None:
+        loss += f" | val_loss {record['val_loss']:.4f}"
     throughput = "n/a" if record["tokens_per_s"] is None else f"{record['tokens_per_s']:,.0f}"
     return (
         f"done: step {record['step']}{stopped}, {record['steps_run']} steps this run | final loss {loss} | "
@@ -139,9 +168,8 @@ class TensorBoardSink:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        for key in SCALARS:
-            if record.get(key) is not None:
-                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        for name, value in scalars(record).items():
+            self.writer.add_scalar(name, value, record["step"])
 
     def close(self) -> None:
         self.writer.close()
@@ -193,10 +221,56 @@ class WandbSink:
         )
 
     def write(self, record: dict) -> None:
-        self.run.log({f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}, step=record["step"])
+        self.run.log(scalars(record), step=record["step"])
 
     def close(self) -> None:
         self.run.finish()
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of each mixture-of-experts layer, summed over a step and all ranks.
+
+    Each experts module is called with the router's choice (`top_k_index`, global expert ids) on this
+    rank's tokens; ranks of one tp group see the same tokens, so the counts are summed over dp x cp only.
+    Per step: the fewest and most (token, expert) pairs any expert of any layer got, and the imbalance:
+    the highest ratio of a layer's busiest expert to its mean (1.0: perfectly even).
+    """
+
+    def __init__(self, experts: list[nn.Module]):
+        self.counts = torch.zeros((len(experts), max((_global_expert_count(m) for m in experts), default=0)), dtype=torch.float64)
+        self.experts = [_global_expert_count(module) for module in experts]
+        for layer, module in enumerate(experts):
+            module.register_forward_pre_hook(self._counter(layer))
+
+    def _counter(self, layer: int):
+        def count(module, args):
+            if in_backward():
+                return  # a block recomputed for backward (activation checkpointing) routes the same tokens again
+            chosen = args[1].detach().reshape(-1).to("cpu")  # top_k_index: global expert ids
+            self.counts[layer, : self.experts[layer]] += torch.bincount(chosen, minlength=self.experts[layer]).to(torch.float64)
+
+        return count
+
+    def take(self, group) -> dict:
+        """The step's record fields (none for a dense model); resets the counts. Collective over `group`."""
+        if not self.experts:
+            return {}
+        counts = self.counts.clone()
+        self.counts.zero_()
+        torch.distributed.all_reduce(counts, group=group)
+        per_layer = [counts[layer, :experts] for layer, experts in enumerate(self.experts)]
+        imbalance = max(row.max().item() / max(row.mean().item(), 1e-9) for row in per_layer)
+        return {
+            "expert_tokens_min": int(min(row.min().item() for row in per_layer)),
+            "expert_tokens_max": int(max(row.max().item() for row in per_layer)),
+            "expert_imbalance": round(imbalance, 4),
+        }
+
+
+def _global_expert_count(module: nn.Module) -> int:
+    from p3d.parallel.expert import expert_count
+
+    return expert_count(module)
 
 
 class MetricsLogger:

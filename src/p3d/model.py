@@ -157,7 +157,8 @@ def _last_line(error: Exception) -> str:
 
 
 def _refuse_unknown_fields(config: PretrainedConfig, overrides: dict, model_cfg: ModelConfig) -> None:
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    extra = architecture(config).extra_config_fields
+    unknown = sorted(key for key in overrides if not hasattr(config, key) and key not in extra)
     if unknown:
         hint = ""
         if model_cfg.name and not model_cfg.tiny and model_cfg.init is InitMode.random:

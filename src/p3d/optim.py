@@ -1,10 +1,14 @@
-"""AdamW (fp32 or bf16 state), warmup + cosine learning rate, and gradient-norm clipping that understands DTensors."""
+"""The optimizer (optim.name: torch's AdamW, Adam or SGD, p3d's sharded Muon or Adafactor, and AdamW with
+bf16 state), its hyperparameters, learning-rate schedules (warmup, then cosine, linear, constant or WSD),
+and gradient-norm clipping that understands DTensors."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections import defaultdict
+from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.distributed as dist
@@ -12,35 +16,148 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from p3d.compat import local_box
-from p3d.config.schema import OptimConfig
+from p3d.config.schema import DType, OptimConfig, Schedule
+from p3d.sharded_optimizers import ShardedAdafactor, ShardedMuon, replica_count
+
+
+# Keys that apply to some optimizers only (null: the default below); any other optimizer refuses them.
+APPLIES_TO = {
+    "beta1": ("adamw", "adam", "muon"),
+    "beta2": ("adamw", "adam", "muon"),
+    "eps": ("adamw", "adam", "muon"),
+    "momentum": ("sgd", "muon"),
+    "nesterov": ("sgd", "muon"),
+    "beta2_decay": ("adafactor",),
+    "adjust_lr_fn": ("muon",),
+}
+DEFAULTS = {
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "eps": 1e-8,
+    "momentum": {"sgd": 0.0, "muon": 0.95},
+    "nesterov": {"sgd": False, "muon": True},
+    "beta2_decay": -0.8,
+    "adjust_lr_fn": "match_rms_adamw",
+}
+
+
+def setting(cfg: OptimConfig, key: str):
+    """An optimizer-specific key's value for optim.name (its default when null)."""
+    value = getattr(cfg, key)
+    if value is None:
+        value = DEFAULTS[key]
+        value = value[cfg.name.value] if isinstance(value, dict) else value
+    return value.value if isinstance(value, Enum) else value
+
+
+def group_settings(cfg: OptimConfig, muon_matrices: bool = False) -> dict:
+    """Hyperparameters of one parameter group under torch's names (lr and weight decay aside). Muon's
+    groups of non-matrix parameters are AdamW's."""
+    name = cfg.name.value
+    if name in ("adamw", "adam") or (name == "muon" and not muon_matrices):
+        return {"betas": (setting(cfg, "beta1"), setting(cfg, "beta2")), "eps": setting(cfg, "eps")}
+    if name == "sgd":
+        return {"momentum": setting(cfg, "momentum"), "nesterov": setting(cfg, "nesterov")}
+    if name == "adafactor":
+        return {"beta2_decay": setting(cfg, "beta2_decay")}
+    return {"momentum": setting(cfg, "momentum"), "nesterov": setting(cfg, "nesterov"), "adjust_lr_fn": setting(cfg, "adjust_lr_fn")}
+
+
+def optimizer_problems(cfg: OptimConfig, master_dtype: DType) -> list[str]:
+    """Keys set for an optimizer that does not take them, and combinations p3d does not support."""
+    name = cfg.name.value
+    problems = []
+    for key, optimizers in APPLIES_TO.items():
+        value = getattr(cfg, key)
+        if value is not None and name not in optimizers:
+            shown = value.value if isinstance(value, Enum) else value
+            takes = [other for other, users in APPLIES_TO.items() if name in users]
+            takes_text = f"it takes {', '.join(f'optim.{other}' for other in takes)}" if takes else "it takes none of the optimizer-specific keys"
+            problems.append(f"optim.{key}={shown} does not apply to optim.name={name} ({takes_text}); remove optim.{key}, or use optim.name={' or '.join(optimizers)}")
+    if name == "sgd" and setting(cfg, "nesterov") and not setting(cfg, "momentum"):
+        problems.append("optim.nesterov=true needs momentum: set optim.momentum (e.g. 0.9) with optim.name=sgd, or optim.nesterov=false")
+    if master_dtype is DType.bf16 and name != "adamw":
+        problems.append(f"train.master_dtype=bf16 steps bf16 weights with p3d's own AdamW (BF16AdamW); optim.name={name} has no bf16 version: use optim.name=adamw or train.master_dtype=fp32")
+    if cfg.in_backward and name in ("muon", "adafactor"):
+        problems.append(f"optim.in_backward=true steps each weight alone during backward, and optim.name={name} works across whole matrices at once: use optim.name=adamw, adam or sgd, or optim.in_backward=false")
+    return problems
+
+
+def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The weights Muon steps: 2-D parameters of the hidden layers, not embeddings or the output head."""
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        embeddings.add(id(head.weight))
+    return [param for param in model.parameters() if param.requires_grad and param.ndim == 2 and id(param) not in embeddings]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, seed: int = 0) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D) get no weight decay.
+    """optim.name's optimizer; parameters with fewer than 2 dims (biases, norms) get no weight decay.
 
-    fp32 weights: torch's fused AdamW (no full-size temporaries). A fused step handles one kind of
-    tensor per group, so parameters are also grouped by their DTensor mesh (under TP without FSDP,
-    norms stay plain tensors beside TP-sharded DTensors). bf16 weights: `BF16AdamW`, whose
-    stochastic rounding draws its random bits from `seed` and the parameter names.
+    adamw with fp32 weights, adam and sgd: torch's fused implementations (no full-size temporaries).
+    A fused step handles one kind of tensor per group, so parameters are also grouped by their
+    DTensor mesh (under TP without FSDP, norms stay plain tensors beside TP-sharded DTensors).
+    adamw with bf16 weights: `BF16AdamW`, whose stochastic rounding draws its random bits from
+    `seed` and the parameter names. adafactor and muon: p3d's versions of torch's that are exact on
+    sharded parameters (p3d.sharded_optimizers).
     """
+    name = cfg.name.value
+    matrices = {id(param) for param in muon_matrices(model)} if name == "muon" else set()
     groups: dict[tuple, list[nn.Parameter]] = defaultdict(list)
     for param in model.parameters():
         if param.requires_grad:
             mesh = param.device_mesh if isinstance(param, DTensor) else None
-            groups[(param.ndim >= 2, mesh)].append(param)
+            groups[(id(param) in matrices, param.ndim >= 2, mesh)].append(param)
     param_groups = [
-        {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0} for (decays, _), params in groups.items()
+        {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, **group_settings(cfg, muon_part)}
+        for (muon_part, decays, _), params in groups.items()
     ]
-    betas = (cfg.beta1, cfg.beta2)
+    if name == "muon":
+        matrix_groups = [group for group in param_groups if id(group["params"][0]) in matrices]
+        other_groups = [group for group in param_groups if id(group["params"][0]) not in matrices]
+        settings = group_settings(cfg, muon_matrices=True)
+        return ShardedMuon(matrix_groups, other_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **settings)
+    if name == "adafactor":
+        return ShardedAdafactor(param_groups, lr=cfg.lr, **group_settings(cfg))
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, **group_settings(cfg), fused=True)
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=cfg.lr, **group_settings(cfg), fused=True)
     if any(param.dtype == torch.bfloat16 for group in param_groups for param in group["params"]):
         names = {param: name for name, param in model.named_parameters()}
-        return BF16AdamW(param_groups, names, seed, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
+        return BF16AdamW(param_groups, names, seed, lr=cfg.lr, **group_settings(cfg))
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, **group_settings(cfg), fused=True)
 
 
-# Tensors of a parameter's shape and dtype that AdamW (torch's and BF16AdamW) keeps per parameter:
-# exp_avg and exp_avg_sq (its `step` is a scalar).
-MOMENTS_PER_PARAMETER = 2
+@dataclass(frozen=True)
+class StateSize:
+    """What the optimizer keeps for one parameter, in the weights' dtype: `per_shard` tensors the shape of
+    this rank's shard (moments), and `whole` elements every rank holds in full (Adafactor's factors)."""
+
+    per_shard: int
+    whole: int = 0
+
+
+def optimizer_state_sizes(model: nn.Module, cfg: OptimConfig) -> dict[str, StateSize]:
+    """The state `build_optimizer`'s optimizer keeps per parameter (by name; its scalar step counts aside):
+    AdamW (torch's or BF16AdamW) and Adam two moments; SGD its momentum, if any; Muon a momentum for its
+    matrices and AdamW's two moments for the rest; Adafactor a row and a column factor of each matrix,
+    replicated (ShardedAdafactor), and a second moment for each vector."""
+    name = cfg.name.value
+    matrices = {id(param) for param in muon_matrices(model)} if name == "muon" else set()
+    sizes = {}
+    for param_name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name == "adafactor":
+            sizes[param_name] = StateSize(0, param.numel() // param.shape[-1] + param.numel() // param.shape[-2]) if param.ndim > 1 else StateSize(1)
+        elif name == "sgd":
+            sizes[param_name] = StateSize(1 if setting(cfg, "momentum") else 0)
+        else:
+            sizes[param_name] = StateSize(1 if id(param) in matrices else 2)
+    return sizes
+
 
 _CHUNK_ELEMENTS = 1 << 20  # the update works on at most this many elements at a time (bounded temporaries)
 
@@ -162,20 +279,68 @@ class BF16AdamW(torch.optim.AdamW):
                 weight.copy_(weight32)
 
 
-class WarmupCosine:
-    """LR multiplier: linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
+DEFAULT_MIN_LR_RATIO = 0.1  # optim.min_lr_ratio=null
+DEFAULT_DECAY_RATIO = 0.2  # optim.decay_ratio=null with schedule=wsd
 
-    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_lr_ratio = min_lr_ratio
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning-rate multiplier of each step, a pure function of the step (0-based: `schedule(s)`
+    scales the (s+1)-th optimizer step).
+
+    A linear warmup (1/W, 2/W, ..., 1 over W = warmup_steps), then by `kind`:
+    cosine and linear decay from 1 to min_lr_ratio, reached at total_steps; constant stays at 1;
+    wsd (warmup-stable-decay) stays at 1 until the last `decay_steps` steps and decays linearly
+    from there to min_lr_ratio at total_steps.
+    """
+
+    kind: Schedule
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float = DEFAULT_MIN_LR_RATIO
+    decay_steps: int = 0  # wsd only
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.kind is Schedule.constant:
+            return 1.0
+        decay_start = self.total_steps - self.decay_steps if self.kind is Schedule.wsd else self.warmup_steps
+        if step < decay_start:
+            return 1.0
+        progress = min((step - decay_start) / max(self.total_steps - decay_start, 1), 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.kind is Schedule.cosine else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> LRSchedule:
+    """The schedule the config describes (nulls replaced by their defaults)."""
+    min_lr_ratio = DEFAULT_MIN_LR_RATIO if cfg.min_lr_ratio is None else cfg.min_lr_ratio
+    return LRSchedule(cfg.schedule, cfg.warmup_steps, total_steps, min_lr_ratio, wsd_decay_steps(cfg, total_steps))
+
+
+def wsd_decay_steps(cfg: OptimConfig, total_steps: int) -> int:
+    if cfg.schedule is not Schedule.wsd:
+        return 0
+    ratio = DEFAULT_DECAY_RATIO if cfg.decay_ratio is None else cfg.decay_ratio
+    return max(1, round(ratio * total_steps))
+
+
+def schedule_problems(cfg: OptimConfig, total_steps: int) -> list[str]:
+    """Schedule keys that do not apply to optim.schedule, and a WSD decay that would overlap the warmup."""
+    kind = cfg.schedule.value
+    problems = []
+    if cfg.min_lr_ratio is not None and cfg.schedule is Schedule.constant:
+        problems.append(f"optim.min_lr_ratio={cfg.min_lr_ratio}: optim.schedule=constant does not decay; remove optim.min_lr_ratio or choose cosine, linear or wsd")
+    if cfg.decay_ratio is not None and cfg.schedule is not Schedule.wsd:
+        problems.append(f"optim.decay_ratio={cfg.decay_ratio} applies to optim.schedule=wsd only, not {kind}; remove optim.decay_ratio or set optim.schedule=wsd")
+    decay_steps = wsd_decay_steps(cfg, total_steps)
+    if cfg.schedule is Schedule.wsd and cfg.warmup_steps + decay_steps > total_steps:
+        problems.append(
+            f"optim.warmup_steps={cfg.warmup_steps}: with optim.schedule=wsd the warmup and the decay ({decay_steps} of "
+            f"train.steps={total_steps}) overlap; lower optim.warmup_steps or optim.decay_ratio, or raise train.steps"
+        )
+    return problems
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
@@ -186,19 +351,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     """
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio), last_epoch=start_step - 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, total_steps), last_epoch=start_step - 1)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
-    """Set the config's AdamW hyperparameters on every group (a checkpoint's loaded ones are replaced),
+    """Set the config's hyperparameters on every group (a checkpoint's loaded ones are replaced),
     and the optimizer's own implementation flags (a checkpoint of a bf16-state run says fused=False)."""
     for group in optimizer.param_groups:
         for flag in ("fused", "foreach"):
             if flag in optimizer.defaults:
                 group[flag] = optimizer.defaults[flag]
         decays = all(param.ndim >= 2 for param in group["params"])
-        group["betas"] = (cfg.beta1, cfg.beta2)
-        group["eps"] = cfg.eps
+        group.update(group_settings(cfg, muon_matrices=group.get("muon", False)))
         group["weight_decay"] = cfg.weight_decay if decays else 0.0
 
 
@@ -209,16 +373,8 @@ def squared_norm_share(grad: torch.Tensor) -> torch.Tensor:
     the DTensor is replicated, and the ranks outside its mesh (e.g. the tp ranks for a weight
     sharded over dp_cp only). A plain tensor (no FSDP) is the same on every rank.
     """
-    world = dist.get_world_size()
-    if isinstance(grad, DTensor):
-        copies = world // grad.device_mesh.size()
-        for dim, placement in enumerate(grad.placements):
-            if placement.is_replicate():
-                copies *= grad.device_mesh.size(dim)
-        local = grad.to_local()
-    else:
-        copies, local = world, grad
-    return torch.linalg.vector_norm(local, dtype=torch.float32) ** 2 / copies  # no full-size temporary
+    local = grad.to_local() if isinstance(grad, DTensor) else grad
+    return torch.linalg.vector_norm(local, dtype=torch.float32) ** 2 / replica_count(grad)  # no full-size temporary
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -42,11 +42,11 @@ from p3d.distributed.mesh import Meshes, ParallelDims
 from p3d.errors import RunError
 from p3d.model import build_meta_model
 from p3d.models import decoder_blocks
-from p3d.optim import MOMENTS_PER_PARAMETER
+from p3d.optim import optimizer_state_sizes
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
 from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
-from p3d.trainer import token_loss
+from p3d.trainer import summed_token_loss
 
 GB = 1e9  # the plan reports decimal gigabytes
 BYTES = {DType.fp32: 4, DType.bf16: 2}
@@ -88,6 +88,9 @@ class Unit:
     keeps_gathered: bool  # stays gathered from its forward to its backward
     checkpointed: bool = False  # activation checkpointing recomputes it in backward
     parameter_numels: list[int] = field(default_factory=list)  # each of its parameters' elements, gathered
+    state_per_shard: list[int] = field(default_factory=list)  # per parameter: optimizer tensors shaped like its shard
+    state_whole_numel: int = 0  # optimizer state elements every rank holds whole (Adafactor's factors)
+    group: str = "dp_cp"  # the mesh dimension FSDP shards it over (efsdp for experts under expert parallelism)
     activation_bytes: int = 0  # what its own modules save for backward in one micro-batch
     activation_small: int = 0  # ... of it in blocks below the CPU allocator's mmap threshold
     input_bytes: int = 0  # its first input (what activation checkpointing keeps instead)
@@ -220,7 +223,7 @@ class _CollectiveCounter(compat.CollectiveRecorder):
 
     def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
         group = self.group_names.get(group_name, "other")
-        name = {"all_reduce": "all-reduce", "all_gather_into_tensor": "all-gather", "reduce_scatter_tensor": "reduce-scatter"}.get(op, op)
+        name = {"all_reduce": "all-reduce", "allreduce_": "all-reduce", "all_gather_into_tensor": "all-gather", "reduce_scatter_tensor": "reduce-scatter", "alltoall_base_": "all-to-all"}.get(op, op)
         entry = self.counts.setdefault(f"{group}:{name}", CollectiveCount(f"{group.upper()} {name} (activations and their gradients)", group))
         entry.per_micro_batch += 1
         entry.bytes_per_micro_batch += tensor.numel() * tensor.element_size()
@@ -243,15 +246,17 @@ def _trace_step(config: P3DConfig, setup: ValidatedSetup, meshes: Meshes, counts
     tokens = torch.zeros(batch_size, seq_len, dtype=torch.long)
     batch = TokenBatch(input_ids=tokens, labels=tokens, position_ids=torch.arange(seq_len).expand(batch_size, seq_len), document_ids=None)
     group_names = {meshes.world[name].get_group().group_name: name for name in ("dp", "cp", "tp")}
+    if dims.ep > 1:
+        group_names[meshes.ep.get_group().group_name] = "ep"
     handles = recorder.hooks(model)
     sizes: dict[str, int] = {}
     try:
-        with _CollectiveCounter(group_names, counts), torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda tensor: tensor):
+        with _CollectiveCounter(group_names, counts), compat.experts_run_on_meta(), torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda tensor: tensor):
             with context.attending(batch, torch.device("meta")) as local:
                 input_ids = local.input_ids.to("meta")
                 logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=local.position_ids.to("meta"), use_cache=False).logits
                 recorder.stack = ["loss"]
-                loss = token_loss(logits, local.labels.to("meta"), torch.ones((), device="meta"))
+                loss = summed_token_loss(logits, local.labels.to("meta"))
                 recorder.stack = []
                 loss.backward()
     except Exception as error:  # the model's own code, run on shapes only
@@ -320,6 +325,7 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         tp_local = {name: _local(param).numel() for name, param in model.named_parameters()}
         tied_numel = sum(tp_local[name] for name in _tied_parameters(model))
         checkpointed_blocks = wrap_for_training(model, config, meshes)
+        state = optimizer_state_sizes(model, config.optim)  # the optimizer p3d builds for this model
         fsdp = any(isinstance(module, FSDPModule) for module in model.modules())
         blocks = decoder_blocks(model)
         checkpointed = {id(blocks[index]) for index in checkpointed_blocks}
@@ -331,8 +337,10 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
             owned[_owner(name, unit_names)].append(name)
         order = {name: index for index, name in enumerate(recorder.call_order)}
         units = [
-            Unit(name, owned[name], sum(tp_local[p] for p in owned[name]), keeps, id(module) in checkpointed,
-                 parameter_numels=[tp_local[p] for p in owned[name]], input_bytes=recorder.inputs.get(name, 0))
+            Unit(name, owned[name], sum(tp_local[p] for p in owned[name]), keeps, id(module) in checkpointed, group=_fsdp_dim(parameters, owned[name]),
+                 parameter_numels=[tp_local[p] for p in owned[name]], input_bytes=recorder.inputs.get(name, 0),
+                 state_per_shard=[state[p].per_shard if p in state else 0 for p in owned[name]],
+                 state_whole_numel=sum(state[p].whole for p in owned[name] if p in state))
             for name, module, keeps in unit_list
         ]
         units = sorted(units[:-1], key=lambda unit: order.get(unit.name, len(order))) + [units[-1]]
@@ -366,6 +374,14 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         parameters=sum(p.numel() for p in parameters.values()),
         micro_batches=accumulation,
     )
+
+
+def _fsdp_dim(parameters: dict[str, torch.Tensor], names: list[str]) -> str:
+    """The mesh dimension a unit's parameters are sharded over by FSDP2 (the first of their mesh)."""
+    for name in names:
+        if isinstance(parameters[name], DTensor):
+            return parameters[name].device_mesh.mesh_dim_names[0]
+    return "dp_cp"
 
 
 def _tied_parameters(model: nn.Module) -> list[str]:
@@ -448,7 +464,7 @@ class _Replay:
         for unit in trace.units:
             state = self._shard_bytes(unit)
             timeline.add("weights", *state)
-            timeline.add("optimizer state", MOMENTS_PER_PARAMETER * state[0], MOMENTS_PER_PARAMETER * state[1])
+            timeline.add("optimizer state", *self._optimizer_state_bytes(unit))
             if self.accumulating:
                 timeline.add("gradients", *state)
         timeline.phase = "forward"
@@ -559,6 +575,13 @@ class _Replay:
         share = self.shards[unit.name] / unit.gathered_numel if unit.gathered_numel else 0.0
         blocks = [numel * share * self.sizes.master for numel in unit.parameter_numels]
         return int(sum(blocks)), int(_small_blocks(blocks))
+
+    def _optimizer_state_bytes(self, unit: Unit) -> tuple[int, int]:
+        """(bytes, bytes in small blocks) of the optimizer state this rank keeps for the unit's parameters."""
+        share = self.shards[unit.name] / unit.gathered_numel if unit.gathered_numel else 0.0
+        blocks = [numel * share * self.sizes.master for numel, tensors in zip(unit.parameter_numels, unit.state_per_shard) for _ in range(tensors)]
+        whole = unit.state_whole_numel * self.sizes.master
+        return int(sum(blocks) + whole), int(_small_blocks(blocks) + _small(whole))
 
 
 def replay_step(trace: Trace, rank: int, sizes: Sizes, in_backward: bool) -> Timeline:
@@ -687,23 +710,23 @@ def this_machines_device_memory_gb(device: str) -> float | None:
 def collectives(trace: Trace, config: P3DConfig) -> list[CollectiveCount]:
     """Per micro-batch: FSDP2's per unit (from the units), TP's and CP's (counted in the meta-device step)."""
     found = []
-    if trace.fsdp and trace.dims.dp_cp > 1:
-        compute = BYTES[config.train.dtype]
-        gathers = [u for u in trace.units] + [u for u in trace.units[:-1] if not u.keeps_gathered]
-        found.append(CollectiveCount("FSDP all-gather of weights (forward, and backward for units resharded after forward)", "dp_cp",
+    compute = BYTES[config.train.dtype]
+    for group in dict.fromkeys(unit.group for unit in trace.units) if trace.fsdp else ():
+        if getattr(trace.dims, group) == 1:
+            continue
+        units = [unit for unit in trace.units if unit.group == group]
+        gathers = units + [unit for unit in units if unit.name and not unit.keeps_gathered]
+        found.append(CollectiveCount("FSDP all-gather of weights (forward, and backward for units resharded after forward)", group,
                                      len(gathers), sum(u.gathered_numel for u in gathers) * compute))
-        found.append(CollectiveCount("FSDP reduce-scatter of gradients (fp32)", "dp_cp", len(trace.units), sum(u.gathered_numel for u in trace.units) * REDUCE_BYTES))
+        found.append(CollectiveCount("FSDP reduce-scatter of gradients (fp32)", group, len(units), sum(u.gathered_numel for u in units) * REDUCE_BYTES))
     return found + sorted(trace.collectives, key=lambda c: (c.group, c.name))
 
 
 # ---- text ------------------------------------------------------------------------------------------
-def render(plan: Plan, resolved_yaml: str | None = None, show_ranks: bool = False) -> str:
+def render(plan: Plan, show_ranks: bool = False) -> str:
     config, setup, trace = plan.config, plan.setup, plan.trace
     dims = setup.dims
-    lines = []
-    if resolved_yaml is not None:
-        lines += ["# resolved config", resolved_yaml.rstrip(), ""]
-    lines += [f"# validation: OK for world size {dims.world_size} ({dims.describe()})", ""]
+    lines = [f"# validation: OK for world size {dims.world_size} ({dims.describe()})", ""]
     lines += ["# mesh", f"dims (dp, cp, tp) = ({dims.dp}, {dims.cp}, {dims.tp}); rank = dp*{dims.cp * dims.tp} + cp*{dims.tp} + tp (tp fastest); "
               f"FSDP shards over dp*cp = {dims.dp_cp}" + ("" if show_ranks else "; every rank's coordinates with --ranks")]
     if show_ranks:

@@ -11,9 +11,10 @@ workers, with the cheap checks only (markers, file sizes, config and data change
 - checkpoint.load_from names a checkpoint to start from; once run.dir has an intact checkpoint
   of its own at the same or a later step, that one wins, so restarts and reruns continue the
   run. A damaged or incomplete one named there is an error that names the intact one to use.
-- Changes to the layout, step count, batch split, optimizer, logging, checkpointing and the
+- Changes to the layout, step count, batch split, optimizer hyperparameters, logging, checkpointing and the
   like are listed and applied (a change of train.master_dtype converts the loaded weights and
-  optimizer state). Changes that alter the model's parameter shapes are refused,
+  optimizer state). Changes that alter the model's parameter shapes are refused, so is another
+  optimizer (optim.name: its state is not the saved one),
   and so are changes to the data (data.*, train.seed, or other files behind the same data.path
   unless checkpoint.allow_data_change): the data position counts samples of the checkpoint's
   data order, which another dataset, tokenizer, sequence length or seed would silently reinterpret.
@@ -35,10 +36,15 @@ from p3d.data import data_fingerprint, fingerprint_change
 from p3d.errors import ConfigError
 from p3d.model import build_meta_model
 
-# Keys whose change would make the saved data position point at other samples.
+# Keys whose change would make the saved data position point at other samples (data.eval_path, the
+# held-out documents, does not).
 DATA_POSITION_KEYS = ("data", "train.seed")
+NOT_DATA_POSITION_KEYS = ("data.eval_path",)
 # Keys that may change what the model is; refused only when the parameter shapes change.
 MODEL_KEYS = ("model.arch", "model.config", "model.init", "model.pretrained")
+# Keys whose change would leave the saved optimizer state without a reader (another optimizer's
+# state names and shapes); checkpoints of a p3d without optim.name were AdamW's.
+OPTIMIZER_KEYS = {"optim.name": "adamw"}
 # Keys whose change the load itself carries out (DCP casts each stored tensor to the new dtype).
 CONVERTED_ON_LOAD = {"train.master_dtype": " (the weights and optimizer state are converted to it on load)"}
 
@@ -137,14 +143,20 @@ def intact_hint(checkpoint: Path, verify: Verify) -> str:
 
 def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fresh_hint: str) -> list[str]:
     """The config changes since the checkpoint, one line each; ConfigError for refused ones."""
-    stored = flatten(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=True))
+    stored = {**OPTIMIZER_KEYS, **flatten(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=True))}
     current = flatten(OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True))
     changed = {key: (stored.get(key, "<unset>"), current.get(key, "<unset>")) for key in sorted(stored.keys() | current.keys()) if stored.get(key) != current.get(key)}
     problems = [
         f"{key}: {old} in checkpoint {path.name}, {new} now: the data position counts samples of the checkpoint's data "
         f"order; set {key}={old} to resume, or {fresh_hint}"
         for key, (old, new) in changed.items()
-        if _under(key, DATA_POSITION_KEYS)
+        if _under(key, DATA_POSITION_KEYS) and not _under(key, NOT_DATA_POSITION_KEYS)
+    ]
+    problems += [
+        f"{key}: {old} in checkpoint {path.name}, {new} now: the checkpoint holds {old}'s optimizer state, which {new} cannot "
+        f"continue from; set {key}={old} to resume, or {fresh_hint}"
+        for key, (old, new) in changed.items()
+        if key in OPTIMIZER_KEYS
     ]
     data_change = None if problems else data_source_change(path, config)
     if data_change is not None and not config.checkpoint.allow_data_change:

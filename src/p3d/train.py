@@ -16,17 +16,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from p3d.checkpoint import Checkpointer, verify_checkpoint
 from p3d.config.compose import compose, to_object
+from p3d.config.flags import show, split_hydra_flags
 from p3d.config.schema import CPLayout, P3DConfig
 from p3d.config.validate import ValidatedSetup, validate
-from p3d.data import build_sampler, data_fingerprint
+from p3d.data import build_eval_sampler, build_sampler, data_fingerprint
 from p3d.distributed.agree import on_every_rank
 from p3d.distributed.env import DistEnv, abandon, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
-from p3d.errors import RunError, exits_cleanly
+from p3d.errors import ConfigError, RunError, exits_cleanly
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
+from p3d.models import experts_modules
 from p3d.optim import build_optimizer, build_scheduler
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer
+from p3d.parallel.expert import describe_experts
 from p3d.parallel.parallelize import build_parallel_model
 from p3d.resume import ResumePlan, hf_config_json, plan_resume, visible_checkpoints
 from p3d.rundir import RunLock, agree_on_run_dir, make_run_dir
@@ -39,9 +42,10 @@ PLAN_SOURCE_WORDS = {
     "inferred": "inferred from the modules",
 }
 
-USAGE = """usage: python -m p3d.train [key=value ...]
-       torchrun --nproc_per_node=N -m p3d.train [key=value ...]
-       p3d train [--nproc-per-node N] [key=value ...]
+USAGE = """usage: python -m p3d.train [--config-dir DIR] [key=value ...]
+       torchrun --nproc_per_node=N -m p3d.train [--config-dir DIR] [key=value ...]
+       p3d train [--nproc-per-node N] [--config-dir DIR] [-m] [key=value ...]
+       (--cfg job|all|hydra [--resolve] [--package KEY], --info, --help: print and exit)
 
 Pick presets with group=name (model=tiny_opt parallel=tp2dp2cp2 +recipe=tiny_llama_3d) and
 override any key with group.key=value (train.steps=100 model.config.num_hidden_layers=4).
@@ -50,11 +54,13 @@ override any key with group.key=value (train.steps=100 model.config.num_hidden_l
 
 @exits_cleanly
 def main(argv: Sequence[str] | None = None) -> None:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in overrides):
-        print(USAGE)
+    flags, overrides = split_hydra_flags(list(sys.argv[1:] if argv is None else argv))
+    if flags.multirun:
+        raise ConfigError("-m/--multirun: python -m p3d.train runs one job (under torchrun too); sweep with `p3d train -m ...`")
+    if flags.prints_and_exits:
+        show(flags, overrides, USAGE)
         return
-    cfg = compose(overrides)
+    cfg = compose(overrides, flags.config_dirs)
     config = to_object(cfg)
     setup = validate(config, world_size_from_env())
     env = init_distributed(config.dist)
@@ -125,11 +131,19 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
     if setup.dims.tp > 1:
         metrics.info(f"tensor-parallel plan ({PLAN_SOURCE_WORDS[setup.plan_source]}): " + ", ".join(f"{pattern} {style}" for pattern, style in setup.tp_plan.items()))
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)
+    experts = [module for _, module in experts_modules(model)]
+    if experts:
+        metrics.info(describe_experts(experts, setup.dims.ep, setup.dims.tp))
     fingerprint = data_fingerprint(config.data)  # of the files as they are when loaded just below
     sampler = build_sampler(
         config.data, config.model, config.train.seed, config.train.global_batch_size, config.train.micro_batch_size,
         setup.dims.dp, meshes.dp.get_local_rank(),
     )
+    eval_sampler = None
+    if config.eval.every > 0:
+        eval_sampler = build_eval_sampler(
+            config.data, config.model, config.train.global_batch_size, config.train.micro_batch_size, setup.dims.dp, meshes.dp.get_local_rank()
+        )
     optimizer = build_optimizer(model, config.optim, config.train.seed)
     trainer = Trainer(
         config=config,
@@ -153,6 +167,7 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
         ),
         flops_per_token=flops_per_token(model, setup.hf_config, config.data.seq_len),
         peak_tflops=peak_tflops(env.device, config.logging.peak_tflops),
+        eval_sampler=eval_sampler,
     )
     trainer.resume(resume_plan)
     trainer.fit()

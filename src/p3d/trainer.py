@@ -20,7 +20,8 @@ from p3d.config.schema import P3DConfig
 from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
 from p3d.errors import RunError
-from p3d.metrics import MetricsLogger, peak_memory_gb
+from p3d.metrics import ExpertLoad, MetricsLogger, peak_memory_gb
+from p3d.models import experts_modules
 from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
 from p3d.resume import ResumePlan
@@ -50,10 +51,10 @@ class StopOnSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the step's mean token loss: summed over its tokens (fp32), divided by the
-    step's valid-token count over all ranks."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / global_tokens
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The token cross-entropy summed over this rank's tokens, in fp32 (the step divides it by the
+    step's valid-token count over all ranks; `p3d plan` runs it on the meta device)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @dataclass
@@ -71,10 +72,14 @@ class Trainer:
 
     flops_per_token: float = 0.0
     peak_tflops: float | None = None
+    eval_sampler: DataParallelSampler | None = None  # the held-out batches, with eval.every > 0
 
     def __post_init__(self):
         self.state = TrainState()
+        self.expert_load = ExpertLoad([module for _, module in experts_modules(self.model)])
         self.load_s: float | None = None  # seconds the checkpoint load took, when resumed
+        self.eval_s = 0.0  # seconds spent in validation passes this run (not counted in tokens/s)
+        self.last_eval: dict = {}
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
 
     def checkpoint_state(self) -> dict:
@@ -134,6 +139,8 @@ class Trainer:
                 while self.state.step < steps and not stopping:
                     record = self.train_step()
                     stopping, save_status, record["peak_mem_gb"] = self._agree(stop.requested)
+                    if not stopping and self._should_evaluate():
+                        record.update(self.evaluate())
                     blocked = self.checkpointer.poll(save_status)
                     if stopping or self._should_save():
                         blocked += self.checkpointer.save(self.state.step, self.checkpoint_state(), sync=stopping)
@@ -159,18 +166,21 @@ class Trainer:
         return bool(flags[0].item()), int(flags[1].item()), flags[2].item()
 
     def _write_summary(self, last: dict, steps_run: int, seconds: float, stopped: bool) -> None:
-        """<run.dir>/summary.json and the console's last line: the last step, throughput, every rank's
-        peak memory, the newest complete checkpoint."""
+        """<run.dir>/summary.json and the console's last line: the last step, the last validation, throughput
+        (over the time outside validation passes), every rank's peak memory, the newest complete checkpoint."""
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, round(peak_memory_gb(self.device), 4))
         latest = self.checkpointer.latest()
+        training_s = seconds - self.eval_s
         self.metrics.summary(
             {
                 "step": last["step"],
                 "loss": last["loss"],
+                **self.last_eval,
                 "steps_run": steps_run,
                 "seconds": round(seconds, 3),
-                "tokens_per_s": round(steps_run * last["tokens"] / seconds, 1) if steps_run else None,
+                "eval_s": round(self.eval_s, 3),
+                "tokens_per_s": round(steps_run * last["tokens"] / training_s, 1) if steps_run else None,
                 "peak_mem_gb_per_rank": peaks,
                 "checkpoint": None if latest is None else str(latest),
                 "layout": self.meshes.dims.describe(),
@@ -192,6 +202,36 @@ class Trainer:
             "attention_compute_s_per_rank": [compute for compute, _ in times],
             "attention_total_s_per_rank": [total for _, total in times],
         }
+
+    def _should_evaluate(self) -> bool:
+        every, step = self.config.eval.every, self.state.step
+        return self.eval_sampler is not None and every > 0 and (step % every == 0 or step == self.config.train.steps)
+
+    def evaluate(self) -> dict:
+        """One validation pass: the mean token cross-entropy over the held-out batches (val_loss, over every
+        valid label token of the pass, as the training loss is over a step's) and its exponential (val_ppl).
+        No gradients, and the model in eval mode (no dropout), so every pass is a function of the weights."""
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for index in range(self.config.eval.steps):
+                    for batch in self.eval_sampler.micro_batches(index * self.config.train.global_batch_size):
+                        tokens += batch.valid_label_count()
+                        with self._attending(batch) as local:
+                            loss_sum += self._summed_token_loss(local)
+        finally:
+            self.model.train()
+        dist.all_reduce(loss_sum, group=self.meshes.dp_cp.get_group())
+        count = torch.tensor(float(tokens), device=self.device)
+        dist.all_reduce(count, group=self.meshes.dp.get_group())
+        val_loss = (loss_sum / count.clamp(min=1.0)).item()
+        seconds = time.perf_counter() - started
+        self.eval_s += seconds
+        self.last_eval = {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf")}
+        return {**self.last_eval, "eval_s": seconds}
 
     def _should_save(self) -> bool:
         every, step = self.config.checkpoint.every, self.state.step
@@ -237,6 +277,7 @@ class Trainer:
             "step_time_s": elapsed,
             "data_wait_frac": data_wait / elapsed,
             "peak_mem_gb": None,  # the highest of all ranks, filled in by fit() with the per-step agreement
+            **self.expert_load.take(self.meshes.dp_cp.get_group()),
         }
 
     def _global_valid_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
@@ -247,16 +288,20 @@ class Trainer:
         return total.clamp(min=1.0)
 
     def _forward_backward(self, batch: TokenBatch, global_tokens: torch.Tensor) -> torch.Tensor:
-        attending = contextlib.nullcontext(batch)
-        if self.context_parallel is not None:
-            attending = self.context_parallel.attending(batch, self.device)
-        with attending as local:
-            logits = self.model(
-                input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False
-            ).logits
-            loss = token_loss(logits, local.labels.to(self.device), global_tokens)
+        with self._attending(batch) as local:
+            loss = self._summed_token_loss(local) / global_tokens
             loss.backward()
         return loss.detach()
+
+    def _attending(self, batch: TokenBatch):
+        """This rank's part of the batch (its CP chunks, attention across the cp ranks set up), or the batch."""
+        if self.context_parallel is None:
+            return contextlib.nullcontext(batch)
+        return self.context_parallel.attending(batch, self.device)
+
+    def _summed_token_loss(self, local: TokenBatch) -> torch.Tensor:
+        logits = self.model(input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False).logits
+        return summed_token_loss(logits, local.labels.to(self.device))
 
     def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):

@@ -148,7 +148,7 @@ def test_a_killed_save_or_a_damaged_checkpoint_is_never_loaded(dp2_reference, tm
     damage_in_place(checkpoints / "step_00000010" / "__1_0.distcp")
     exported = run_command([sys.executable, "-m", "p3d.cli", "export", str(run_dir), str(tmp_path / "exported")], cwd=tmp_path)
     assert one_error_line(exported) == (
-        f"p3d: error: {run_dir}: its newest checkpoint step_00000010 cannot be exported (corrupt checkpoint: __1_0.distcp does not "
+        f"p3d: error: {run_dir}: its newest checkpoint step_00000010 cannot be used (corrupt checkpoint: __1_0.distcp does not "
         f"match the checksum recorded when it was saved (damaged since)); the newest intact checkpoint there is "
         f"{checkpoints / 'step_00000005'}: export that one by name"
     )

@@ -101,7 +101,10 @@ def test_validation_reports_where_the_plan_comes_from():
 
 
 def test_real_shape_presets_have_their_published_sizes():
-    millions = {"qwen3-0.6b": 596.0, "gpt2": 124.4, "smollm2-135m": 134.5, "llama3.2-1b": 1235.8}
+    millions = {
+        "qwen3-0.6b": 596.0, "gpt2": 124.4, "smollm2-135m": 134.5, "llama3.2-1b": 1235.8,
+        "mixtral-8x7b": 46702.8, "qwen3-30b-a3b": 30532.1, "olmoe-1b-7b": 6919.2,  # mixtures of experts (all experts counted)
+    }
     for preset, expected in millions.items():
         model = build_meta_model(hf_config([f"model={preset}"]))
         assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == expected, preset

@@ -130,6 +130,16 @@ def test_allowed_changes_are_listed(tmp_path):
     )
 
 
+def test_held_out_data_and_validation_can_change_on_resume(tmp_path):
+    """data.eval_path is not part of the training data's position (the rest of data.* is)."""
+    root = tmp_path / "run" / "checkpoints"
+    make_checkpoint(root / "step_00000010", tmp_path=tmp_path)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("held-out text\n")
+    _, config, hf_config = configured(tmp_path, f"data.eval_path={held_out}", "eval.every=5")
+    assert plan_resume(config, hf_config).changes == (f"data.eval_path: None -> {held_out}", "eval.every: 0 -> 5")
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -138,6 +148,7 @@ def test_allowed_changes_are_listed(tmp_path):
         ("data.seq_len=64", "data.seq_len: 32 in checkpoint step_00000010, 64 now: the data position"),
         ("train.seed=1", "train.seed: 0 in checkpoint step_00000010, 1 now: the data position"),
         ("data.tokenizer=gpt2", "data.tokenizer: auto in checkpoint step_00000010, gpt2 now"),
+        ("optim.name=muon", "optim.name: adamw in checkpoint step_00000010, muon now: the checkpoint holds adamw's optimizer state"),
     ],
 )
 def test_shape_and_data_changes_are_refused_naming_the_key(override, key, tmp_path):
@@ -219,7 +230,7 @@ def test_a_damaged_load_from_is_one_line_naming_the_intact_checkpoint_to_use(tmp
         f"checkpoint.load_from={damaged}: corrupt checkpoint: __0_0.distcp does not match the checksum recorded when it was saved "
         f"(damaged since); the newest intact one there is step_00000005: set checkpoint.load_from={intact}"
     ]
-    with pytest.raises(ConfigError, match=f"cannot be exported .*; the newest intact checkpoint there is {intact}: export that one by name"):
+    with pytest.raises(ConfigError, match=f"cannot be used .*; the newest intact checkpoint there is {intact}: export that one by name"):
         resolve_checkpoint(tmp_path / "other")
     assert resolve_checkpoint(intact) == intact
 

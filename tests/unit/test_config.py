@@ -19,17 +19,32 @@ def test_defaults_compose_to_a_typed_config():
     assert config.data.path is None
 
 
-@pytest.mark.parametrize("preset", ["tp1dp1cp1", "tp2dp2cp2", "tp2dp1cp4", "tp1dp2cp4"])
-def test_parallel_presets_set_their_sizes(preset):
-    config = to_object(compose([f"parallel={preset}"]))
-    digits = [int(c) for c in preset if c.isdigit()]
-    assert (config.parallel.tp, config.parallel.dp, config.parallel.cp) == tuple(digits)
+@pytest.mark.parametrize(
+    "name, sizes",
+    [("tp1dp1cp1", (1, 1, 1)), ("tp2dp4cp2", (2, 4, 2)), ("tp3dp5cp7", (3, 5, 7)), ("tp16dp12cp1", (16, 12, 1)),
+     ("dp8", (1, 8, 1)), ("tp2cp2", (2, -1, 2)), ("tp4", (4, -1, 1)), ("cp8", (1, -1, 8)), ("default", (1, -1, 1))],
+)
+def test_any_layout_by_name(name, sizes):
+    """No file per layout: a name gives tp, dp, cp (left out: tp and cp 1, dp -1, filling the world)."""
+    config = to_object(compose([f"parallel={name}"]))
+    assert (config.parallel.tp, config.parallel.dp, config.parallel.cp) == sizes
+    assert not (conf_dir() / "parallel" / f"{name}.yaml").exists() or name == "default"
 
 
-def test_every_parallel_preset_matches_its_name():
-    for path in (conf_dir() / "parallel").glob("tp*dp*cp*.yaml"):
-        config = to_object(compose([f"parallel={path.stem}"]))
-        assert path.stem == f"tp{config.parallel.tp}dp{config.parallel.dp}cp{config.parallel.cp}"
+def test_layout_names_work_in_a_recipe_and_lose_to_a_later_override():
+    config = to_object(compose(["+recipe=tiny_llama_3d", "parallel=tp4dp2"]))
+    assert (config.parallel.tp, config.parallel.dp, config.parallel.cp) == (4, 2, 1)
+    config = to_object(compose(["parallel=tp4dp2", "parallel.cp=2"]))
+    assert (config.parallel.tp, config.parallel.dp, config.parallel.cp) == (4, 2, 2)
+
+
+@pytest.mark.parametrize("name", ["tp2dp4cp", "tp0dp2", "cp2tp2", "tp2dp02", "tpdp", "dp-1", "tp2x"])
+def test_a_malformed_layout_name_is_one_line_with_the_grammar(name):
+    with pytest.raises(ConfigError) as error:
+        compose([f"parallel={name}"])
+    (line,) = error.value.problems
+    assert line.startswith(f"parallel={name}: no such preset or layout name; layouts are named tp{{T}}dp{{D}}cp{{C}}")
+    assert "or a preset: default" in line
 
 
 def test_model_config_override_changes_the_model():
@@ -115,3 +130,41 @@ def test_explicit_run_dir_is_kept():
 def test_hydra_flags_are_refused():
     with pytest.raises(ConfigError, match="--multirun"):
         compose(["--multirun"])
+
+
+def user_config_dir(root):
+    """A user's directory: a new model preset, one replacing a shipped preset, a new group option, a recipe."""
+    (root / "model").mkdir(parents=True)
+    (root / "parallel").mkdir()
+    (root / "recipe").mkdir()
+    (root / "model" / "user_llama.yaml").write_text("# mine\nname: user_llama\narch: llama\nconfig:\n  num_hidden_layers: 3\n  hidden_size: 32\n  num_attention_heads: 4\n  num_key_value_heads: 2\n  intermediate_size: 64\n  vocab_size: 264\n")
+    (root / "model" / "tiny_opt.yaml").write_text("name: my_tiny_opt\narch: llama\nconfig:\n  num_hidden_layers: 1\n")
+    (root / "parallel" / "wide.yaml").write_text("# all data-parallel, 4 ranks\ndp: 4\n")
+    (root / "recipe" / "user_run.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: user_llama\n  - override /parallel: tp2\ntrain:\n  steps: 7\n"
+    )
+    return root
+
+
+def test_config_dir_adds_presets_and_recipes_in_front_of_p3ds(tmp_path):
+    mine = user_config_dir(tmp_path / "mine")
+    config = to_object(compose(["+recipe=user_run"], [mine]))
+    assert (config.model.name, config.model.config["num_hidden_layers"], config.parallel.tp, config.train.steps) == ("user_llama", 3, 2, 7)
+    assert to_object(compose(["model=tiny_opt"], [mine])).model.name == "my_tiny_opt"  # the user's file wins
+    assert to_object(compose(["model=tiny_opt"])).model.name == "tiny_opt"  # and only where given
+    assert to_object(compose(["parallel=wide"], [mine])).parallel.dp == 4
+    assert to_object(compose(["parallel=tp2dp2"], [mine])).parallel.tp == 2  # layout names still work
+    assert to_object(compose(["+recipe=tiny_llama_3d"], [mine])).train.steps == 40  # shipped recipes too
+
+
+def test_a_missing_config_dir_or_preset_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--config-dir .*nope: no such directory"):
+        compose([], [tmp_path / "nope"])
+    mine = user_config_dir(tmp_path / "mine")
+    with pytest.raises(ConfigError) as error:
+        compose(["model=gpt5"], [mine])
+    (line,) = error.value.problems
+    available = line.split("(available: ")[1].split(")")[0].split(", ")
+    assert {"opt1.3b", "tiny_llama", "tiny_opt", "user_llama"} <= set(available) and available == sorted(available)  # the user's preset among p3d's
+    assert line.startswith("model=gpt5: no such preset in group 'model' (available: ")
+    assert line.endswith("); or write DIR/model/gpt5.yaml and pass --config-dir DIR")

@@ -97,3 +97,15 @@ def test_pretrained_missing_weights_are_listed(tmp_path):
 def test_pretrained_missing_directory():
     with pytest.raises(ConfigError, match="model.pretrained=./nowhere: no such directory"):
         build_hf_config(to_object(compose(["model.init=pretrained", "model.pretrained=./nowhere"])).model)
+
+
+def test_flops_per_token_count_only_the_experts_a_token_is_routed_to():
+    from p3d.metrics import matmul_params
+    from p3d.model import build_hf_config, build_meta_model
+    from p3d.config.schema import ModelConfig
+
+    model = build_meta_model(build_hf_config(ModelConfig(arch="mixtral", tiny=True)))
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    embedding = model.get_input_embeddings().weight.numel()
+    dense = sum(p.numel() for p in model.parameters()) - experts - embedding
+    assert matmul_params(model) == dense + experts * 2 / 4  # 2 of 4 experts per token

@@ -68,10 +68,12 @@ def test_text_plan_has_a_compact_mesh_and_the_config_and_rank_map_only_on_reques
     assert "# resolved config" not in out and "rank  dp  cp  tp" not in out
     for section in ("# validation: OK", "# mesh", "# memory per rank", "whole job", "fits:", "# collectives per step"):
         assert section in out
-    code, out, err = plan_here(capsys, *TINY, "parallel=tp2dp2cp2", "--world-size", "8", "--ranks", "--cfg")
+    code, out, err = plan_here(capsys, *TINY, "parallel=tp2dp2cp2", "--world-size", "8", "--ranks")
     assert code == 0, err
-    assert "# resolved config" in out
     assert "   7   1   1   1" in out  # rank 7 is dp=1 cp=1 tp=1
+    code, out, err = plan_here(capsys, *TINY, "parallel=tp2dp2cp2", "--world-size", "8", "--cfg", "job")  # Hydra's flag: the config, then exit
+    assert code == 0, err
+    assert "parallel:" in out and "# memory per rank" not in out
 
 
 def test_invalid_plan_exits_2_with_the_validation_message(capsys):
@@ -123,7 +125,7 @@ def test_the_plan_follows_a_tensor_parallel_style(monkeypatch):
     before = planned(overrides, 2)
     assert before.setup.tp_plan["lm_head"] == "colwise_gather_output"
     original = tensor.make_style
-    monkeypatch.setattr(tensor, "make_style", lambda value, sequence_parallel=False: tensor._Replicate() if value == "colwise_gather_output" else original(value, sequence_parallel))
+    monkeypatch.setattr(tensor, "make_style", lambda value, sequence_parallel=False, rope_dim=None: tensor._Replicate() if value == "colwise_gather_output" else original(value, sequence_parallel, rope_dim))
     after = planned(overrides, 2)
     # tiny_llama's head is 264 x 64; under tp=2 each rank held half of it
     assert sum(after.trace.shard_numel[0].values()) - sum(before.trace.shard_numel[0].values()) == 264 * 64 // 2
@@ -205,3 +207,71 @@ def test_a_model_the_meta_device_cannot_run_is_one_line_exit_3(capsys):
     code, _, err = plan_here(capsys, "model=tiny", "model.arch=bart", "--world-size", "1")
     assert code == 3
     assert err.startswith("p3d: error: model.arch=bart: p3d plan cannot run this model's step on the meta device") and len(err.strip().splitlines()) == 1
+
+
+def test_optimizer_state_follows_the_optimizer():
+    """AdamW and Adam: two moments per weight; Muon: one for its matrices, two for the rest; SGD: one with
+    momentum, none without; Adafactor: a row and a column factor per matrix (whole) and one moment per vector."""
+    base = [*OPT_4_LAYERS, "parallel=tp2dp2cp2", "train.global_batch_size=4"]
+    ratios = {}
+    for name, extra in (("adamw", []), ("adam", []), ("muon", []), ("sgd", []), ("sgd_momentum", ["optim.momentum=0.9"]), ("adafactor", [])):
+        memory = planned([*base, f"optim.name={name.split('_')[0]}", *extra], 8).breakdown()
+        ratios[name] = memory["optimizer state"] / memory["weights"]
+    assert ratios["adamw"] == ratios["adam"] == pytest.approx(2.0, rel=1e-3)
+    assert ratios["sgd"] == 0 and ratios["sgd_momentum"] == pytest.approx(1.0, rel=1e-3)
+    assert 1.0 < ratios["muon"] < 2.0  # OPT's embeddings and head take AdamW's two moments
+    assert 0 < ratios["adafactor"] < 0.1
+
+
+@pytest.mark.parametrize("name, extra", [("adamw", []), ("adam", []), ("muon", []), ("sgd", ["optim.momentum=0.9"]), ("adafactor", [])])
+def test_optimizer_state_sizes_are_what_the_optimizer_keeps(name, extra):
+    """optim.optimizer_state_sizes (what the plan counts) against the state of the optimizer p3d builds,
+    after a step on a one-process model: a change to an optimizer without the sizes following fails here."""
+    import torch
+
+    from p3d import compat
+    from p3d.model import build_meta_model
+    from p3d.optim import build_optimizer, optimizer_state_sizes
+
+    config = to_object(compose([*TINY, f"optim.name={name}", *extra]))
+    setup = validate(config, 1)
+    model = build_meta_model(setup.hf_config, torch.float32).to_empty(device="cpu")
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.02)
+        param.grad = torch.randn_like(param)
+    optimizer = build_optimizer(model, config.optim)
+    with compat.fake_process_group(1):  # Muon and Adafactor all-reduce over the (here one-rank) world
+        optimizer.step()
+    expected = optimizer_state_sizes(model, config.optim)
+    for param_name, param in model.named_parameters():
+        state = [value for value in optimizer.state[param].values() if isinstance(value, torch.Tensor) and value.numel() > 1]
+        shaped = sum(1 for value in state if value.shape == param.shape)
+        whole = sum(value.numel() for value in state if value.shape != param.shape)
+        assert (shaped, whole) == (expected[param_name].per_shard, expected[param_name].whole), param_name
+
+
+def test_the_plan_follows_the_expert_parallel_code():
+    """Tiny Mixtral at dp4: with ep2 each rank gathers half of the experts (over efsdp) and exchanges tokens
+    by all-to-all; the experts' stored share is a quarter either way. All of it read from expert.py's sharding."""
+    results = {}
+    for ep in (1, 2):
+        result = planned(["model=tiny", "model.arch=mixtral", "parallel.dp=4", f"parallel.ep={ep}", "train.micro_batch_size=1", "train.global_batch_size=8"], 4)
+        experts = [unit for unit in result.trace.units if unit.name.endswith(".experts")]
+        results[ep] = result, experts
+    dense, _ = results[1]
+    expert_parallel, experts = results[2]
+    assert len(experts) == 2 and {unit.group for unit in experts} == {"efsdp"}
+    all_experts = sum(p.numel() for name, p in _meta_mixtral().named_parameters() if ".experts." in name)
+    assert sum(unit.gathered_numel for unit in experts) == all_experts // 2  # this rank's half of the experts
+    assert sum(expert_parallel.trace.shard_numel[0][unit.name] for unit in experts) == all_experts // 4
+    assert sum(dense.trace.shard_numel[0].values()) == sum(expert_parallel.trace.shard_numel[0].values())
+    collectives = {(c.group, c.name.split(" (")[0]): c for c in expert_parallel.trace.collectives}
+    assert collectives[("ep", "EP all-to-all")].per_micro_batch == 2 * 5  # 2 MoE layers x (counts, 2 forward, 2 backward)
+    assert not any(c.group == "ep" for c in dense.trace.collectives)
+
+
+def _meta_mixtral():
+    from p3d.model import build_meta_model
+
+    config = to_object(compose(["model=tiny", "model.arch=mixtral"]))
+    return build_meta_model(validate(config, 1).hf_config)

@@ -73,8 +73,26 @@ def test_tp_plan_pattern_must_match_a_module():
 def test_tp_plan_style_must_be_supported():
     found = plan_problems({"model.decoder.layers.*.fc1": "diagonal"})
     assert any("style 'diagonal'" in p and "model.tp_plan" in p for p in found)
+    (problem,) = plan_problems({"model.decoder.layers.*.fc2": "moe_identity_expert"})
+    assert problem == "model.tp_plan: model.decoder.layers.*.fc2: moe_identity_expert (identity experts) is not supported under tensor parallelism; use parallel.tp=1"
+
+
+def test_experts_style_needs_fused_experts_that_tp_divides():
     (problem,) = plan_problems({"model.decoder.layers.*.fc2": "moe_tp_experts"})
-    assert problem == "model.tp_plan: mixture-of-experts layers (model.decoder.layers.*.fc2: moe_tp_experts) are not tensor-parallel yet; use parallel.tp=1"
+    assert problem == (
+        "parallel.tp=2: 'model.decoder.layers.0.fc2' (Linear) is not a fused experts module (3-D weights, "
+        "forward(hidden, top_k_index, top_k_weights)); use parallel.tp=1"
+    )
+    (problem,) = problems(["model=tiny", "model.arch=mixtral", "parallel.tp=8", "model.config.num_attention_heads=8", "model.config.num_key_value_heads=8"], 8)
+    assert problem == "parallel.tp=8: 4 experts of 'model.layers.0.mlp.experts' cannot be split evenly over 8 ranks; choose a degree that divides 4"
+
+
+def test_transformers_plan_entries_for_other_variants_are_left_out():
+    """DeepSeek-V2's plan names q_proj (no query compression) and q_b_proj (with it): the tiny model has the latter."""
+    setup = validate(to_object(compose(["model=tiny", "model.arch=deepseek_v2", "parallel.tp=2"])), 2)
+    assert "model.layers.*.self_attn.q_b_proj" in setup.tp_plan and "model.layers.*.self_attn.q_proj" not in setup.tp_plan
+    assert setup.tp_plan["model.layers.*.mlp.experts"] == "moe_tp_experts"
+    assert "model.layers.*.mlp.experts.gate_up_proj" not in setup.tp_plan  # subsumed: experts stay whole
 
 
 def test_tp_plan_must_shard_tied_embeddings_alike():
@@ -190,3 +208,17 @@ def test_sequence_parallel_needs_tokens_divisible_by_tp():
 def test_sequence_parallel_is_offered_only_for_verified_models():
     found = problems(["model.arch=qwen2", "parallel=tp2dp1cp1", "parallel.sequence_parallel=true"], 2)
     assert any("not verified for model type 'qwen2'" in p for p in found), found
+
+
+def test_expert_parallel_degree_is_checked_in_one_line_each():
+    moe = ["model=tiny", "model.arch=mixtral"]
+    found = problems([*moe, "parallel.ep=3"], 4)
+    assert found[0] == "parallel.ep=3 does not divide dp*cp = 4*1 = 4 (expert parallelism borrows the dp x cp ranks): choose an ep that divides 4"
+    (problem,) = problems([*moe, "parallel.ep=2", "parallel.tp=2"], 4)
+    assert problem.startswith("parallel.ep=2 with parallel.tp=2: experts are split over tp or over ep, not both")
+    (problem,) = problems([*moe, "parallel.ep=8", "train.micro_batch_size=1"], 8)
+    assert problem == "parallel.ep=8: 4 experts of 'model.layers.0.mlp.experts' cannot be split evenly over 8 ranks; choose a degree that divides 4"
+    (problem,) = problems(["model=tiny_llama", "parallel.ep=2"], 2)
+    assert problem == "parallel.ep=2: model.arch=llama has no mixture-of-experts layers p3d can split (fused experts modules); use parallel.ep=1"
+    (problem,) = problems([*moe, "model.config.output_router_logits=true"], 1)
+    assert problem.startswith("model.config.output_router_logits=true: p3d does not add the model's load-balancing")

@@ -18,6 +18,7 @@ SECTIONS = {
     "data": "DataConfig",
     "optim": "OptimConfig",
     "train": "TrainConfig",
+    "eval": "EvalConfig",
     "checkpoint": "CheckpointConfig",
     "logging": "LoggingConfig",
     "run": "RunConfig",

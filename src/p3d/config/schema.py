@@ -108,6 +108,26 @@ class CPImpl(Enum):
     torch = "torch"
 
 
+class OptimizerName(Enum):
+    adamw = "adamw"
+    adam = "adam"
+    sgd = "sgd"
+    adafactor = "adafactor"
+    muon = "muon"
+
+
+class MuonLRAdjust(Enum):
+    match_rms_adamw = "match_rms_adamw"
+    original = "original"
+
+
+class Schedule(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    wsd = "wsd"
+
+
 class Packing(Enum):
     stream = "stream"
     documents = "documents"
@@ -129,6 +149,7 @@ class ParallelConfig:
     dp: int = bounded(-1, ge=1, also=(-1,))  # data-parallel degree (FSDP2 shards over dp*cp); -1 infers it as world_size / (cp*tp)
     cp: int = bounded(1, ge=1)  # context-parallel degree: the sequence is split over this many ranks
     tp: int = bounded(1, ge=1)  # tensor-parallel degree (innermost mesh dimension)
+    ep: int = bounded(1, ge=1)  # expert-parallel degree: each mixture-of-experts layer's experts split over this many of the dp*cp ranks (must divide dp*cp), tokens sent to them by all-to-all
     cp_layout: CPLayout = CPLayout.balanced  # sequence sharding under CP: balanced (rank i holds chunks i and 2cp-1-i) or contiguous
     cp_impl: CPImpl = CPImpl.auto  # CP attention: ring (p2p K/V rotation, any backend), allgather, torch (PyTorch's, CUDA only), auto (torch on CUDA, else ring)
     sequence_parallel: bool = False  # with tp > 1: norms and residuals between TP regions hold 1/tp of the sequence (llama and opt)
@@ -143,19 +164,27 @@ class DataConfig:
     seq_len: int = bounded(128, ge=1)  # tokens per training sequence
     tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
     packing: Packing = Packing.stream  # stream: windows cut from one token stream, attention crosses documents; documents: attention and positions stay inside each document
+    eval_path: Optional[str] = None  # held-out documents for the validation pass (eval.every): a local file/dir or hub dataset id, read, tokenized and packed like data.path
 
 
 @dataclass
 class OptimConfig:
-    lr: float = bounded(1e-3, gt=0)  # peak learning rate of AdamW
-    weight_decay: float = bounded(0.1, ge=0)  # AdamW weight decay
-    beta1: float = bounded(0.9, ge=0, lt=1)  # AdamW beta1
-    beta2: float = bounded(0.95, ge=0, lt=1)  # AdamW beta2
-    eps: float = bounded(1e-8, gt=0)  # AdamW epsilon
+    name: OptimizerName = OptimizerName.adamw  # torch.optim's adamw, adam, sgd, adafactor or muon (Muon for the hidden layers' matrices, AdamW for embeddings, head, norms and biases); docs/training.md compares them
+    lr: float = bounded(1e-3, gt=0)  # peak learning rate (muon: of both its parts)
+    weight_decay: float = bounded(0.1, ge=0)  # weight decay of parameters with 2+ dims (norms and biases get none): decoupled for adamw, muon and adafactor, an L2 term for adam and sgd
+    beta1: Optional[float] = bounded(None, ge=0, lt=1)  # adamw, adam and muon's AdamW part: decay of the first moment (null: 0.9)
+    beta2: Optional[float] = bounded(None, ge=0, lt=1)  # adamw, adam and muon's AdamW part: decay of the second moment (null: 0.95)
+    eps: Optional[float] = bounded(None, gt=0)  # adamw, adam and muon's AdamW part: epsilon added to the denominator (null: 1e-8)
+    momentum: Optional[float] = bounded(None, ge=0, lt=1)  # sgd (null: 0) and muon (null: 0.95): momentum factor
+    nesterov: Optional[bool] = None  # sgd (null: false; true needs optim.momentum > 0) and muon (null: true): Nesterov momentum
+    beta2_decay: Optional[float] = bounded(None, le=0)  # adafactor: the second moment's decay at step t is 1 - t^beta2_decay (null: -0.8)
+    adjust_lr_fn: Optional[MuonLRAdjust] = None  # muon: the matrices' learning rate, match_rms_adamw (0.2 sqrt(max(rows, cols)) optim.lr: AdamW's update size, so optim.lr carries over) or original (sqrt(max(1, rows/cols)) optim.lr) (null: match_rms_adamw)
     grad_clip: float = bounded(1.0, ge=0)  # max global gradient norm; 0 disables clipping
     in_backward: bool = False  # step each weight as soon as its gradient is ready and free it (saves gradient memory; needs grad_clip=0, no accumulation)
-    warmup_steps: int = bounded(2, ge=0)  # linear warmup steps before the cosine decay
-    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # final learning rate as a fraction of optim.lr
+    schedule: Schedule = Schedule.cosine  # learning rate after the warmup: cosine or linear decay to the end, constant, or wsd (warmup-stable-decay: constant, then a linear decay over the last optim.decay_ratio of the steps)
+    warmup_steps: int = bounded(2, ge=0)  # linear warmup steps from optim.lr/warmup_steps up to optim.lr
+    min_lr_ratio: Optional[float] = bounded(None, ge=0, le=1)  # final learning rate as a fraction of optim.lr, reached at train.steps (cosine, linear, wsd; null: 0.1); refused with schedule=constant
+    decay_ratio: Optional[float] = bounded(None, gt=0, le=1)  # schedule=wsd: the final share of train.steps over which the learning rate decays (null: 0.2); refused with other schedules
 
 
 @dataclass
@@ -169,6 +198,12 @@ class TrainConfig:
     activation_checkpointing: ACMode = ACMode.none  # recompute block activations in backward: none, full (every block) or selective
     ac_every: int = bounded(2, ge=1)  # with activation_checkpointing=selective: checkpoint every n-th block (blocks 0, n, 2n, ...)
     compile: bool = False  # torch.compile each decoder block (after TP and activation checkpointing, before FSDP)
+
+
+@dataclass
+class EvalConfig:
+    every: int = bounded(0, ge=0)  # a validation pass over data.eval_path every this many steps and after the last step (val_loss, val_ppl); 0: none
+    steps: int = bounded(4, ge=1)  # batches of train.global_batch_size held-out sequences per pass (the same batches every pass)
 
 
 @dataclass
@@ -215,6 +250,7 @@ class P3DConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -11,13 +11,14 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig, Packing, bounds_of, range_problem
-from p3d.data import build_tokenizer, check_data_source
-from p3d.distributed.env import backend_problems, resolve_device_type
+from p3d.data import build_tokenizer, check_data_source, check_eval_source
+from p3d.distributed.env import accelerate_problems, backend_problems, resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
 from p3d.metrics import wandb_credentials_problem
 from p3d.model import build_checked_meta_model, build_hf_config
 from p3d.models import architecture
+from p3d.optim import optimizer_problems, schedule_problems
 from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
 from p3d.parallel.sequence import sequence_parallel_problems
 from p3d.parallel.tensor import resolve_plan
@@ -39,16 +40,20 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems = _check_ranges(config)
     if problems:
         raise ConfigError(problems)  # every check below assumes its numbers are in range
-    dims = _collect(problems, lambda: ParallelDims.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size))
+    dims = _collect(problems, lambda: ParallelDims.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size, config.parallel.ep))
     problems += _check_options(config)
     dp = dims.dp if dims else max(config.parallel.dp, 1)
     problems += _check_batch(config, dp)
+    problems += optimizer_problems(config.optim, config.train.master_dtype)
+    problems += schedule_problems(config.optim, config.train.steps)
     problems += _check_sequence(config)
     problems += check_data_source(config.data)
+    problems += check_eval_source(config.data, config.eval.every)
     problems += _check_run_dir(config.run.dir)
     device_type = _collect(problems, lambda: resolve_device_type(config.dist.device))
     if device_type is not None:
         problems += backend_problems(config.dist.backend, device_type)
+    problems += accelerate_problems()
     cp_impl = resolve_cp_impl(config.parallel.cp_impl, device_type or "cpu", config.data.packing)
     problems += _check_cp_impl(config, cp_impl, device_type)
     hf_config = _collect(problems, lambda: build_hf_config(config.model))
@@ -66,6 +71,8 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
         plan_source = choice.source if config.model.tp_plan == "auto" else "model.tp_plan"
         tp_plan = _collect(problems, lambda: resolve_plan(config.model.tp_plan, choice.plan)) or {}
         problems += arch.tensor_parallel_problems(meta_model, choice, tp_plan, config.parallel.tp)
+        problems += arch.expert_parallel_problems(meta_model, config.parallel.ep)
+        problems += _check_router_loss(hf_config)
         if config.parallel.sequence_parallel:
             local_seq_len = config.data.seq_len // config.parallel.cp
             problems += sequence_parallel_problems(hf_config, meta_model, tp_plan, config.parallel.tp, local_seq_len)
@@ -191,6 +198,13 @@ def _check_attention_for_cp(hf_config: PretrainedConfig, config: P3DConfig, cp_i
     if not problems and cp_impl is CPImpl.torch and not arch.attention_is_plain_causal(hf_config):
         problems.append(f"parallel.cp_impl=torch runs plain causal attention; model.arch={hf_config.model_type} uses sliding windows, softcapping or sinks: use parallel.cp_impl=ring")
     return problems
+
+
+def _check_router_loss(hf_config: PretrainedConfig) -> list[str]:
+    """p3d computes the loss from the logits itself; the model's load-balancing loss is not added (yet)."""
+    if getattr(hf_config.get_text_config(), "output_router_logits", False):
+        return ["model.config.output_router_logits=true: p3d does not add the model's load-balancing (auxiliary) loss; set it to false"]
+    return []
 
 
 def _check_vocab(config: P3DConfig, hf_config: PretrainedConfig) -> list[str]:

@@ -39,6 +39,35 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_example(processes: int) -> str:
+    """How to start `processes` ranks, in the words of the launcher that started this one."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by every `accelerate launch`
+        # Without --multi_gpu, accelerate starts one plain process whatever --num_processes says.
+        return f"accelerate launch --multi_gpu --num_processes={processes} ... (--multi_gpu on CPU too)"
+    return f"torchrun --nproc_per_node={processes}"
+
+
+# What `accelerate launch` asks of the script it starts (environment variable, value meaning "off",
+# its flag, p3d's own key for it): p3d does not read accelerate's settings, so none may be set.
+ACCELERATE_SETTINGS = (
+    ("ACCELERATE_MIXED_PRECISION", "no", "--mixed_precision", "train.dtype=bf16"),
+    ("ACCELERATE_DYNAMO_BACKEND", "NO", "--dynamo_backend", "train.compile=true"),
+    ("ACCELERATE_USE_FSDP", "false", "--use_fsdp", "parallel.dp (p3d shards with FSDP2 itself)"),
+    ("ACCELERATE_USE_DEEPSPEED", "false", "--use_deepspeed", "parallel.dp (p3d shards with FSDP2 itself)"),
+)
+
+
+def accelerate_problems() -> list[str]:
+    """`accelerate launch` settings that p3d would otherwise silently ignore (from flags or `accelerate config`)."""
+    problems = []
+    for variable, off, flag, own_key in ACCELERATE_SETTINGS:
+        value = os.environ.get(variable, off)
+        if value.lower() != off.lower():
+            shown = "" if value.lower() == "true" else f" {value}"
+            problems.append(f"accelerate launch {flag}{shown}: p3d does not use accelerate's settings; drop it (or set it off in `accelerate config`) and use {own_key}")
+    return problems
+
+
 def resolve_device_type(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

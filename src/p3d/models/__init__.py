@@ -7,7 +7,7 @@ parallelism by running its tiny version once. A model type that needs more has a
 (`gpt2.py`: Conv1D weights and a fused q|k|v projection; `opt.py`: post-norm blocks).
 """
 
-from p3d.models import gpt2, llama, opt  # noqa: F401  (each registers its model types)
+from p3d.models import gpt2, llama, opt, qwen3_moe  # noqa: F401  (each registers its model types)
 from p3d.models.architecture import PLAN_SOURCES, Architecture, PlanChoice, architecture
 
 
@@ -16,4 +16,9 @@ def decoder_blocks(model) -> list:
     return architecture(model.config).decoder_blocks(model)
 
 
-__all__ = ["PLAN_SOURCES", "Architecture", "PlanChoice", "architecture", "decoder_blocks"]
+def experts_modules(model) -> list:
+    """The model's fused experts modules as (name, module) (expert parallelism, FSDP units, expert load)."""
+    return architecture(model.config).experts_modules(model)
+
+
+__all__ = ["PLAN_SOURCES", "Architecture", "PlanChoice", "architecture", "decoder_blocks", "experts_modules"]

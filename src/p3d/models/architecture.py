@@ -18,7 +18,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from p3d.models import infer
-from p3d.parallel.tensor import check_plan
+from p3d.models.tiny import EXPERT_COUNT_FIELDS, EXPERTS_PER_TOKEN_FIELDS
+from p3d.parallel.expert import expert_count, experts_problems
+from p3d.parallel.tensor import check_plan, match_plan
 
 # Attention modules that keep their head counts as attributes and reshape with them (OPT's
 # `view(bsz, -1, self.num_heads, head_dim)`) must see the tp-local counts, or the reshape silently
@@ -47,6 +49,7 @@ class Architecture:
     tp_plan: ClassVar[Mapping[str, str] | None] = None  # a plan p3d ships (module patterns of the causal-LM model)
     localised_attributes: ClassVar[tuple[str, ...]] = HEAD_COUNT_ATTRIBUTES
     sequence_parallel_verified: ClassVar[bool] = False  # loss parity with parallel.sequence_parallel=true is tested
+    extra_config_fields: ClassVar[tuple[str, ...]] = ()  # fields the modeling code reads that its config class lacks
 
     def __init__(self, model_type: str):
         self.model_type = model_type
@@ -65,6 +68,28 @@ class Architecture:
         uniform = [list(module) for module in model.modules() if isinstance(module, nn.ModuleList) and len({type(child) for child in module}) == 1]
         return max(uniform, key=len, default=[])
 
+    def experts_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The mixture-of-experts layers' fused experts modules (3-D weights, one slice per expert; called as
+        experts(hidden_states, top_k_index, top_k_weights) after the model's own router), by name."""
+        return [(name, module) for name, module in model.named_modules() if expert_count(module) is not None]
+
+    def active_expert_share(self, config: PretrainedConfig) -> float:
+        """The share of a layer's experts each token runs through (experts per token / experts)."""
+        text = config.get_text_config()
+        experts = next((value for name in EXPERT_COUNT_FIELDS if isinstance(value := getattr(text, name, None), int)), None)
+        per_token = next((value for name in EXPERTS_PER_TOKEN_FIELDS if isinstance(value := getattr(text, name, None), int)), None)
+        return per_token / experts if experts and per_token else 1.0
+
+    def expert_parallel_problems(self, model: nn.Module, ep: int) -> list[str]:
+        """Why the experts cannot be split over `ep` ranks (empty if they can)."""
+        if ep == 1:
+            return []
+        found = self.experts_modules(model)
+        if not found:
+            return [f"parallel.ep={ep}: model.arch={self.model_type} has no mixture-of-experts layers p3d can split (fused experts modules); use parallel.ep=1"]
+        name, module = found[0]
+        return experts_problems(name, module, ep, f"parallel.ep={ep}")
+
     def norms(self, block: nn.Module) -> list[str]:
         """Names (inside the block) of its normalisation layers, which sequence parallelism runs per token."""
         return [name for name, module in block.named_modules() if type(module).__name__.endswith(("LayerNorm", "RMSNorm"))]
@@ -76,7 +101,7 @@ class Architecture:
             return PlanChoice(dict(self.tp_plan), "p3d")
         own = dict(getattr(model, "_tp_plan", None) or {})
         if own:
-            return PlanChoice(own, "transformers")
+            return PlanChoice(_entries_for_this_variant(own, model), "transformers")
         inferred = infer.infer_plan(model, self.decoder_blocks(model))
         return PlanChoice(inferred.plan, "inferred", inferred.problem)
 
@@ -141,6 +166,12 @@ class Architecture:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_type!r})"
+
+
+def _entries_for_this_variant(plan: dict[str, str], model: nn.Module) -> dict[str, str]:
+    """transformers' plan covers every variant of the architecture (DeepSeek-V2's q_proj without a query
+    compression, q_b_proj with one): keep the entries that name a module or parameter of this model."""
+    return {pattern: style for pattern, style in plan.items() if match_plan({pattern: style}, model) or match_plan({pattern: style}, model, parameters=True)}
 
 
 REGISTRY: dict[str, Architecture] = {}

@@ -3,7 +3,7 @@
 `model=tiny model.arch=<model_type>` starts from that architecture's own default config (nothing of
 another preset leaks in) and shrinks the sizes it has: hidden 64, MLP 128, 2 layers, 4 heads of 16
 (2 kv heads where the default groups them), a 264-token vocabulary (the byte tokenizer's 257 ids fit),
-experts 4 (2 per token), sliding windows 16 tokens (so a 32-token test sequence exercises them),
+experts 4 (2 per token; DeepSeek-style: 2 groups, one dense layer first, latent ranks 32), sliding windows 16 tokens (so a 32-token test sequence exercises them),
 dropout 0. Layer-type patterns keep one layer of each type. Fields that depend on the hidden size,
 the MLP width or the head size by default (OPT's word_embed_proj_dim, Gemma's query_pre_attn_scalar)
 follow them. Special-token ids the smaller vocabulary no longer holds are dropped.
@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 64, 128, 2, 4, 2, 16, 264
 EXPERTS, EXPERTS_PER_TOKEN, EXPERT_INTERMEDIATE, WINDOW, MAX_POSITIONS = 4, 2, 32, 16, 2048
+LATENT_RANK, ROPE_HEAD_DIM = 32, 8  # multi-head latent attention (DeepSeek): kv/q compression rank, rotary share of a head
 
 # What a few architectures need beyond the generic shrinking, to build at all or to shard over tp=2.
 TINY_TWEAKS: dict[str, dict[str, Any]] = {
@@ -43,7 +44,20 @@ _EXACT = {
     "moe_intermediate_size": EXPERT_INTERMEDIATE,
     "shared_expert_intermediate_size": EXPERT_INTERMEDIATE,
     "expert_intermediate_size": EXPERT_INTERMEDIATE,
+    # DeepSeek-style routing: experts in 2 groups of 2 (its router takes the top 2 of each group), the best
+    # group chosen; one dense layer first, so that the second one is a mixture of experts.
+    "n_group": 2,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    # Multi-head latent attention: compressed q and kv, each head's rotary and non-rotary parts.
+    "kv_lora_rank": LATENT_RANK,
+    "q_lora_rank": LATENT_RANK,
+    "qk_rope_head_dim": ROPE_HEAD_DIM,
+    "qk_nope_head_dim": HEAD_DIM - ROPE_HEAD_DIM,
+    "v_head_dim": HEAD_DIM,
 }
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+EXPERTS_PER_TOKEN_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k")
 _HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads", "encoder_attention_heads")
 _KV_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num")
 _LAYER_FIELDS = ("decoder_layers", "encoder_layers", "num_decoder_layers", "num_encoder_layers")
@@ -92,12 +106,15 @@ def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int 
     heads = next((values[name] for name in _HEAD_FIELDS if _int(values.get(name))), None)
     head_dim = values.get("head_dim") if _int(values.get("head_dim")) else (hidden // heads if _int(hidden) and heads else None)
     intermediate = next((values[name] for name in _INTERMEDIATE_FIELDS if _int(values.get(name))), None)
+    has_experts = any(_int(values.get(name)) for name in EXPERT_COUNT_FIELDS)
     tiny: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, PretrainedConfig):
             tiny[name] = {**value.to_dict(), **shrink(value, keep_features)}
         elif name in _EXACT and _int(value):
             tiny[name] = _EXACT[name]
+        elif name in EXPERTS_PER_TOKEN_FIELDS and value is None and has_experts:
+            tiny[name] = EXPERTS_PER_TOKEN  # a default of None (DeepSeek-V2) makes its router's top-k fail
         elif name in _LAYER_FIELDS and _int(value):
             tiny[name] = min(value, LAYERS)
         elif name in _TOKEN_FIELDS and _int(value) and value >= VOCAB:

@@ -7,12 +7,15 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from p3d.models import decoder_blocks
+from p3d.models import decoder_blocks, experts_modules
 from p3d.parallel.tensor import own_tensor
 
 
-def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32) -> None:
+def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32, experts_mesh: DeviceMesh | None = None) -> None:
     """Shard parameters, gradients and optimizer state over `dp_cp_mesh`.
+
+    Under expert parallelism each experts module is a unit of its own over `experts_mesh` (efsdp: the
+    ranks holding the same experts); its block's unit leaves those weights to it.
 
     p3d divides the loss by the global token count itself, so gradients are summed across
     ranks, not averaged (FSDP2 averages by default). Plain SUM collectives also run on gloo,
@@ -22,6 +25,9 @@ def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dt
     fp32 and stored in the weights' dtype.
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if experts_mesh is not None:
+        for _, experts in experts_modules(model):
+            fully_shard(experts, mesh=experts_mesh, mp_policy=policy)
     for block in decoder_blocks(model):
         _outputs_of_their_own(block)
         fully_shard(block, mesh=dp_cp_mesh, mp_policy=policy)

@@ -1,7 +1,7 @@
 """Parallelism applied from outside the (single-device) model, in one fixed order.
 
-    meta build -> tensor (and sequence) parallel -> context-parallel attention -> activation checkpointing
-               -> torch.compile -> FSDP2 -> materialise shards
+    meta build -> tensor (and sequence) parallel -> expert parallel -> context-parallel attention
+               -> activation checkpointing -> torch.compile -> FSDP2 -> materialise shards
 
 TP comes first because FSDP2 shards the TP-local weights (2-D DTensors over dp_cp x tp);
 activation checkpointing and compile wrap each block's forward inside FSDP2's hooks; the
@@ -16,8 +16,9 @@ from transformers import PreTrainedModel
 from p3d.config.schema import DType, P3DConfig
 from p3d.distributed.mesh import Meshes
 from p3d.model import build_meta_model, materialize, tie_weights_if_configured
-from p3d.models import architecture
+from p3d.models import architecture, experts_modules
 from p3d.parallel.activation import apply_activation_checkpointing, compile_blocks
+from p3d.parallel.expert import shard_experts
 from p3d.parallel.context import enable_context_parallel, uses_p3d_attention
 from p3d.parallel.fsdp import apply_fsdp
 from p3d.parallel.sequence import apply_sequence_parallel
@@ -48,6 +49,9 @@ def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_p
         if sequence_parallel:
             apply_sequence_parallel(model, meshes.tp)
         tie_weights_if_configured(model)
+    if dims.ep > 1:
+        for _, experts in experts_modules(model):
+            shard_experts(experts, meshes.ep, tokens_shared=False)
     if uses_p3d_attention(dims.cp, config.data.packing):
         enable_p3d_attention(model, hf_config)
 
@@ -65,5 +69,5 @@ def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes)
     # FSDP2 also carries the mixed-precision policy, so a one-process bf16 run uses it too.
     compute_dtype = TORCH_DTYPES[config.train.dtype]
     if meshes.dims.dp_cp > 1 or compute_dtype != torch.float32:
-        apply_fsdp(model, meshes.dp_cp, compute_dtype)
+        apply_fsdp(model, meshes.dp_cp, compute_dtype, meshes.efsdp if meshes.dims.ep > 1 else None)
     return checkpointed

@@ -21,6 +21,10 @@ point builds a mesh of its own, see NOTES.md). Each keeps the model's single-dev
                                     tensors (attention sinks: one per head)
     replicate                       nothing sharded
     all_reduce                      the module's output is a partial sum: all-reduced over tp
+    moe_tp_experts                  a fused experts module split by whole experts over tp (expert.py);
+                                    the plan's entries for its own weights are subsumed
+    mla_kv_a_proj                   DeepSeek's replicated kv_a_proj_with_mqa: its rotary part feeds every
+                                    (split) head directly, so that part's gradient is summed over tp
 
 A plan key that names a parameter (`...self_attn.sinks: colwise`) shards that parameter alone.
 Linear weights are [out, in]; transformers' Conv1D (GPT-2) keeps [in, out]; both are handled.
@@ -46,15 +50,17 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from transformers.pytorch_utils import Conv1D
 
 from p3d.errors import ConfigError
+from p3d.parallel.expert import experts_problems, shard_experts
 
 LINEAR_STYLES = ("colwise", "colwise_gather_output", "rowwise", "rowwise_split_input", "packed_colwise", "packed_rowwise")
 EMBEDDING_STYLES = ("embedding_rowwise", "embedding_colwise")
 MODULE_STYLES = ("replicated_with_grad_allreduce", "local_params", "replicate", "all_reduce")
+EXPERTS_STYLE = "moe_tp_experts"
 PARAMETER_STYLES = ("colwise", "rowwise", "replicate")
-STYLES = LINEAR_STYLES + EMBEDDING_STYLES + MODULE_STYLES
+STYLES = LINEAR_STYLES + EMBEDDING_STYLES + MODULE_STYLES + (EXPERTS_STYLE, "mla_kv_a_proj")
 ALIASES = {"colwise_rep": "colwise_gather_output", "rowwise_rep": "rowwise_split_input"}  # transformers' other names
-# Styles of transformers' plans for mixture-of-experts layers: not supported here (yet).
-EXPERT_STYLES = ("moe_tp_experts", "moe_identity_expert", "mla_kv_a_proj")
+# Styles of transformers' plans not supported here: LongCat-Flash's identity ("zero") experts.
+UNSUPPORTED_STYLES = ("moe_identity_expert",)
 
 
 @dataclass(frozen=True)
@@ -101,10 +107,17 @@ def _weight_dims(module: nn.Module) -> tuple[int, int]:
 def resolve_plan(tp_plan, model_plan: dict[str, str]) -> dict[str, str]:
     """The plan to apply: the model's (`auto`, from the models seam) or the one in the model YAML."""
     if tp_plan == "auto":
-        return dict(model_plan)
+        return _subsume_expert_weights(dict(model_plan))
     if isinstance(tp_plan, dict) or hasattr(tp_plan, "items"):
-        return {str(pattern): str(style) for pattern, style in tp_plan.items()}
+        return _subsume_expert_weights({str(pattern): str(style) for pattern, style in tp_plan.items()})
     raise ConfigError(f"model.tp_plan={tp_plan}: use auto or a map of module pattern to style ({', '.join(STYLES)})")
+
+
+def _subsume_expert_weights(plan: dict[str, str]) -> dict[str, str]:
+    """Drop entries for the weights of an experts module the plan splits by whole experts (transformers'
+    plans split each expert's `gate_up_proj` / `down_proj` instead; p3d keeps every expert whole)."""
+    experts = [pattern for pattern, value in plan.items() if Style.parse(value).name == EXPERTS_STYLE]
+    return {pattern: value for pattern, value in plan.items() if not any(pattern.startswith(prefix + ".") for prefix in experts)}
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -127,9 +140,9 @@ def check_plan(plan: dict[str, str], model: nn.Module, tp: int) -> list[str]:
     """Problems with applying `plan` at degree `tp` to `model`, one line each (empty if fine)."""
     if tp == 1:
         return []
-    experts = [f"{pattern}: {value}" for pattern, value in plan.items() if Style.parse(value).name in EXPERT_STYLES]
-    if experts:
-        return [f"model.tp_plan: mixture-of-experts layers ({experts[0]}) are not tensor-parallel yet; use parallel.tp=1"]
+    unsupported = [f"{pattern}: {value}" for pattern, value in plan.items() if Style.parse(value).name in UNSUPPORTED_STYLES]
+    if unsupported:
+        return [f"model.tp_plan: {unsupported[0]} (identity experts) is not supported under tensor parallelism; use parallel.tp=1"]
     problems = []
     modules = dict(model.named_modules())
     parameters = dict(model.named_parameters())
@@ -153,6 +166,8 @@ def check_plan(plan: dict[str, str], model: nn.Module, tp: int) -> list[str]:
             if problem:
                 problems.append(problem)
                 break
+    if any(Style.parse(value).name == "mla_kv_a_proj" for value in plan.values()) and not isinstance(_text_config_rope_dim(model), int):
+        problems.append("model.tp_plan: mla_kv_a_proj needs model.config.qk_rope_head_dim (the rotary part of its output); use parallel.tp=1")
     problems.extend(_tied_embedding_problems(plan, model))
     problems.extend(_unplanned_weights_between_split_layers(plan, model))
     return problems
@@ -186,6 +201,9 @@ def _unplanned_weights_between_split_layers(plan: dict[str, str], model: nn.Modu
 def _module_problem(name: str, module: nn.Module, style: Style, tp: int) -> str | None:
     if style.name in MODULE_STYLES:
         return None
+    if style.name == EXPERTS_STYLE:
+        problems = experts_problems(name, module, tp, f"parallel.tp={tp}")
+        return problems[0] if problems else None
     if style.name in EMBEDDING_STYLES:
         if not isinstance(module, nn.Embedding):
             return f"model.tp_plan: '{name}' is a {type(module).__name__}; {style.name} applies to Embedding modules"
@@ -194,6 +212,8 @@ def _module_problem(name: str, module: nn.Module, style: Style, tp: int) -> str 
         features = linear_features(module)
         if features is None:
             return f"model.tp_plan: '{name}' is a {type(module).__name__}; {style.name} applies to Linear (and Conv1D) modules"
+        if style.name == "mla_kv_a_proj":
+            return None  # replicated; its rotary width is checked in check_plan
         features_in, features_out = features
         size = features_out if "colwise" in style.name else features_in
         if size % style.parts:
@@ -340,8 +360,8 @@ def _unpack(x: torch.Tensor, mesh: DeviceMesh, parts: int) -> DTensor:
     return DTensor.from_local(ordered, mesh, [Replicate()], run_check=False)
 
 
-class _SumGradient(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the group."""
+class SumGradient(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (an input shared by the group's ranks)."""
 
     @staticmethod
     def forward(ctx, tensor, group):
@@ -381,7 +401,7 @@ class _SwapParameters(ParallelStyle):
 
 class _ReplicatedWithGradAllReduce(_SwapParameters):
     def swap(self, param, mesh):
-        return _SumGradient.apply(param, mesh.get_group())
+        return SumGradient.apply(param, mesh.get_group())
 
 
 class _LocalParams(_SwapParameters):
@@ -405,7 +425,38 @@ class _Replicate(ParallelStyle):
         return module
 
 
-def make_style(value: str, sequence_parallel: bool = False) -> ParallelStyle:
+class _ExpertsOverTP(ParallelStyle):
+    def _apply(self, module, device_mesh):
+        shard_experts(module, device_mesh, tokens_shared=True)
+        return module
+
+
+def _text_config_rope_dim(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config.get_text_config(), "qk_rope_head_dim", None) if config is not None else None
+
+
+class _MlaKvAProj(ParallelStyle):
+    """Replicated weight; the last `qk_rope_head_dim` output features (the rotary key every head shares)
+    go straight into the split attention, so their gradient is summed over tp. The rest passes through
+    kv_b_proj, whose split input already sums its gradient."""
+
+    def __init__(self, rope_dim: int):
+        self.rope_dim = rope_dim
+
+    def _apply(self, module, device_mesh):
+        rope_dim = self.rope_dim
+        group = device_mesh.get_group()
+
+        def after(mod, args, output):
+            passed, rope = output.split([output.shape[-1] - rope_dim, rope_dim], dim=-1)
+            return torch.cat([passed, SumGradient.apply(rope, group)], dim=-1)
+
+        module.register_forward_hook(after)
+        return module
+
+
+def make_style(value: str, sequence_parallel: bool = False, rope_dim: int | None = None) -> ParallelStyle:
     """The ParallelStyle for a plan value. Under sequence parallelism a rowwise layer reduce-scatters its
     output onto the tokens (the second-to-last dim) instead of all-reducing it (see sequence.py)."""
     style = Style.parse(value)
@@ -430,6 +481,10 @@ def make_style(value: str, sequence_parallel: bool = False) -> ParallelStyle:
         return _AllReduceOutput()
     if name == "replicate":
         return _Replicate()
+    if name == EXPERTS_STYLE:
+        return _ExpertsOverTP()
+    if name == "mla_kv_a_proj":
+        return _MlaKvAProj(rope_dim)
     raise ValueError(f"unknown tensor-parallel style {value!r}")
 
 
@@ -453,7 +508,8 @@ def apply_tensor_parallel(
             owner, _, leaf = name.rpartition(".")
             _replace_parameter(model.get_submodule(owner), leaf, tp_mesh, Shard(dim))
     matched = match_plan(plan, model)
-    parallelize_module(model, tp_mesh, {name: make_style(value, sequence_parallel) for name, value in matched.items()})
+    rope_dim = _text_config_rope_dim(model)
+    parallelize_module(model, tp_mesh, {name: make_style(value, sequence_parallel, rope_dim) for name, value in matched.items()})
     _localise_attributes(model, matched, tp_mesh.size(), tuple(localised_attributes))
 
 

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 tests/distributed/helpers/tp_styles_check.py
 For each case a small module (Linear or GPT-2's Conv1D layers, embeddings, per-head norms, sinks) is
 built twice from the same seed; one copy is sharded with the case's plan. Outputs, input gradients and
-every parameter's full gradient must agree (float64, 1e-10). Prints "ok <cases>" on rank 0 or raises.
+every parameter's full gradient must agree (float64, 1e-10). Also latent attention (mla_kv_a_proj) and
+transformers' Mixtral MoE block with its experts split over tp (moe_tp_experts). Prints "ok <cases>" on rank 0 or raises.
 """
 
 from __future__ import annotations
@@ -117,6 +118,58 @@ class PackedUser(nn.Module):
 
 CASES["packed-colwise-rowwise"] = (lambda: PackedUser(), {"first": "packed_colwise:3", "second": "packed_rowwise:3"})
 
+ROPE = 2  # rotary features of the latent key that every head shares
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention in miniature: kv_a gives [latent | rotary key]; kv_b expands the
+    latent per head; the rotary key is shared by all heads (the reason for mla_kv_a_proj)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = HEADS
+        self.q = nn.Linear(HIDDEN, HEADS * (HEAD_DIM + ROPE))
+        self.kv_a = nn.Linear(HIDDEN, 4 + ROPE)
+        self.kv_b = nn.Linear(4, HEADS * 2 * HEAD_DIM)
+        self.out = nn.Linear(HEADS * HEAD_DIM, HIDDEN)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        q = self.q(x).view(batch, length, self.num_heads, HEAD_DIM + ROPE)
+        latent, rope = self.kv_a(x).split([4, ROPE], dim=-1)
+        k, v = self.kv_b(torch.tanh(latent)).view(batch, length, self.num_heads, 2 * HEAD_DIM).chunk(2, dim=-1)
+        k = torch.cat([k, rope.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
+        probs = torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(-1)
+        return self.out(torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, -1))
+
+
+def mixture_of_experts() -> nn.Module:
+    """transformers' own Mixtral MoE block (router, fused 3-D experts), 4 experts, top 2."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=6, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+    return block
+
+
+CASES["latent-attention"] = (
+    lambda: LatentAttention(),
+    {"q": "colwise", "kv_a": "mla_kv_a_proj", "kv_b": "colwise", "out": "rowwise"},
+)
+CASES["experts-over-tp"] = (mixture_of_experts, {"experts": "moe_tp_experts"})
+
+
+class _TextConfig:
+    qk_rope_head_dim = ROPE
+
+    def get_text_config(self):
+        return self
+
 
 def full(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -128,6 +181,7 @@ def run(name: str, mesh) -> None:
     reference = nn.Sequential(make()).double()
     sharded = nn.Sequential(make()).double()
     sharded.load_state_dict(reference.state_dict())
+    sharded.config = _TextConfig()  # what mla_kv_a_proj reads from a model's config
     apply_tensor_parallel(sharded, {f"0.{key}" if key else "0": style for key, style in plan.items()}, mesh, localised_attributes=("num_heads",))
     generator = torch.Generator().manual_seed(1)
     if isinstance(reference[0], Embeddings):
