@@ -41,8 +41,9 @@ from p3d.data import TokenBatch
 from p3d.distributed.mesh import Meshes, ParallelDims
 from p3d.errors import RunError
 from p3d.model import build_meta_model
-from p3d.models import decoder_blocks
+from p3d.models import decoder_blocks, experts_modules
 from p3d.optim import optimizer_state_sizes
+from p3d.parallel.expert import expert_count
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
 from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
@@ -120,6 +121,7 @@ class Trace:
     collectives: list[CollectiveCount]
     parameters: int  # of the whole model
     micro_batches: int
+    experts: tuple[int, int, int] | None = None  # mixture of experts: (layers, experts per layer, experts per rank)
 
     @property
     def root(self) -> Unit:
@@ -323,6 +325,8 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         model = build_meta_model(setup.hf_config, TORCH_DTYPES[config.train.master_dtype])
         shard_for_compute(model, config, setup.hf_config, setup.tp_plan, meshes)
         tp_local = {name: _local(param).numel() for name, param in model.named_parameters()}
+        moe = experts_modules(model)
+        experts = (len(moe), expert_count(moe[0][1]), moe[0][1].num_experts) if moe else None  # num_experts: the local count once split
         tied_numel = sum(tp_local[name] for name in _tied_parameters(model))
         checkpointed_blocks = wrap_for_training(model, config, meshes)
         state = optimizer_state_sizes(model, config.optim)  # the optimizer p3d builds for this model
@@ -373,6 +377,7 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         collectives=list(counts.values()),
         parameters=sum(p.numel() for p in parameters.values()),
         micro_batches=accumulation,
+        experts=experts,
     )
 
 
@@ -641,7 +646,7 @@ class Plan:
         dims = self.setup.dims
         return {
             "world_size": dims.world_size,
-            "layout": {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp},
+            "layout": {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp, "ep": dims.ep},
             "device": self.device,
             "device_memory_gb": self.device_memory_gb,
             "per_rank_gb": round(largest.total / GB, 4),
@@ -729,6 +734,8 @@ def render(plan: Plan, show_ranks: bool = False) -> str:
     lines = [f"# validation: OK for world size {dims.world_size} ({dims.describe()})", ""]
     lines += ["# mesh", f"dims (dp, cp, tp) = ({dims.dp}, {dims.cp}, {dims.tp}); rank = dp*{dims.cp * dims.tp} + cp*{dims.tp} + tp (tp fastest); "
               f"FSDP shards over dp*cp = {dims.dp_cp}" + ("" if show_ranks else "; every rank's coordinates with --ranks")]
+    if dims.ep > 1:
+        lines.append(f"experts: the dp*cp ranks as (efsdp, ep) = ({dims.efsdp}, {dims.ep}), ep innermost; FSDP shards the experts over efsdp")
     if show_ranks:
         lines.append("rank  dp  cp  tp")
         for rank in range(dims.world_size):
@@ -743,6 +750,11 @@ def render(plan: Plan, show_ranks: bool = False) -> str:
         f"# batch: {config.train.global_batch_size} sequences x {config.data.seq_len} tokens per step; "
         f"{config.train.micro_batch_size} per dp rank per forward, {trace.micro_batches} accumulation step(s); "
         f"{config.train.micro_batch_size * config.data.seq_len // dims.cp} tokens per rank per forward",
+    ]
+    if trace.experts is not None:
+        layers, count, local = trace.experts
+        lines.append(f"# experts: {layers} mixture-of-experts layers of {count} experts, {local} per rank to compute (routing taken as even)")
+    lines += [
         "",
         f"# memory per rank on {plan.device} (GB = 1e9 bytes), the largest rank ({plan.largest.rank}) at its peak ({plan.largest.peak_phase})",
     ]
