@@ -706,6 +706,11 @@ def this_machines_device_memory_gb(device: str) -> float | None:
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory / GB
         return None
+    return machine_memory_gb()
+
+
+def machine_memory_gb() -> float | None:
+    """This machine's memory (GB), which all its ranks share on CPU."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     except (ValueError, OSError):
