@@ -180,9 +180,10 @@ def test_a_gpu_name_gives_the_device_memory(capsys):
 def test_plan_py_holds_no_sharding_rule():
     """plan.py asks the parallel code and reads its results; it names no style, placement or unit rule."""
     source = PLAN_SOURCE.read_text()
-    for rule in ("tp_sharded_parameters", "embedding_units", "checkpointed_block_indices", "match_plan", "Style", "Shard(", "Replicate(", "tp_plan[", "get_input_embeddings"):
+    for rule in ("tp_sharded_parameters", "embedding_units", "checkpointed_block_indices", "match_plan", "Style", "Shard(", "Replicate(", "tp_plan[",
+                 "get_input_embeddings", "expert_numel", "muon_matrices", "MOMENTS", "active_expert_share"):
         assert rule not in source, rule
-    assert not re.search(r"\b(dp_cp|dims\.tp)\s*[*/]", source), "no division of sizes by layout degrees"
+    assert not re.search(r"\b(dp_cp|dims\.tp|dims\.ep|dims\.efsdp)\s*[*/]", source), "no division of sizes by layout degrees"
 
 
 def test_per_rank_gb_is_the_largest_rank_in_decimal_gigabytes():
