@@ -92,7 +92,7 @@ def wait_for_memory(needed_gb: float, patience_s: float) -> bool:
     return True
 
 
-def run_case(name: str, workdir: Path, patience_s: float, live_only: bool) -> dict:
+def run_case(name: str, workdir: Path, patience_s: float, live_only: bool, needed_gb: float | None = None) -> dict:
     description, ranks, overrides = CASES[name]
     overrides = [*overrides, *COMMON]
     planned = plan(overrides, ranks)
@@ -100,7 +100,7 @@ def run_case(name: str, workdir: Path, patience_s: float, live_only: bool) -> di
     # The plan's job total counts each rank's process baseline whole, but most of it is libtorch's code,
     # whose pages the ranks share (each RSS counts them): wait for the rest, with a margin.
     baseline = planned["breakdown"].get("process baseline", 0.0)
-    needed = (planned["per_rank_gb"] - baseline / 2) * ranks * 1.05 + 0.5
+    needed = needed_gb or (planned["per_rank_gb"] - baseline / 2) * ranks * 1.05 + 0.5
     if not wait_for_memory(needed, patience_s):
         row["skipped"] = f"the machine had {available_gb():.1f} GB available, the plan needs {planned['job_gb']:.1f} GB for the job"
         return row
@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--patience-s", type=float, default=600, help="how long to wait for enough free memory before skipping a case")
     parser.add_argument("--live-only", action="store_true", help="also run each case with glibc returning freed blocks over 64 KiB (peak RSS = live tensors)")
+    parser.add_argument("--needed-gb", type=float, help="free memory to wait for before each run (default: from the plan, with a margin)")
     parser.add_argument("--add-live-only", action="store_true", help="for the cases given, only run with freed blocks returned and add that to their stored rows in --out")
     parser.add_argument("--from-json", help="re-render from plan_accuracy.json files this script wrote (comma-separated), without measuring")
     parser.add_argument("--replan", action="store_true", help="with --from-json: ask p3d plan again for every case")
@@ -219,7 +220,7 @@ def main() -> None:
         rows = json.loads(stored.read_text())["cases"] if stored.exists() else []
         with tempfile.TemporaryDirectory() as workdir:
             for name in args.cases.split(","):
-                row = run_case(name, Path(workdir), args.patience_s, args.live_only)
+                row = run_case(name, Path(workdir), args.patience_s, args.live_only, args.needed_gb)
                 rows = _replace_row(rows, row)
                 print(f"{name}: planned {row['plan']['per_rank_gb']:.3f} GB, measured {row.get('measured', {}).get('max_gb')} GB, "
                       f"error {row.get('error')}, {row.get('skipped', '')}", flush=True)
