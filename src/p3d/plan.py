@@ -518,7 +518,6 @@ class _Replay:
             self.gradients(root)
         timeline.free("activations", root.activation_bytes, root.activation_small)
         self.release(root)
-        timeline.free("logits and loss", trace.logits_bytes)
         return timeline
 
     def loss(self) -> int:
@@ -531,6 +530,9 @@ class _Replay:
         timeline.add("logits and loss", trace.loss_bytes)
         if mixed:
             timeline.free("logits and loss", trace.logits_fp32_bytes)
+        # The loss saves its log-probabilities, not the logits, and the step keeps no reference to them
+        # (p3d.trainer), so they are freed before backward.
+        timeline.free("logits and loss", trace.logits_bytes)
         timeline.phase = "backward loss"
         timeline.add("logits and loss", trace.logits_fp32_bytes)  # d loss / d log-probabilities
         timeline.add("logits and loss", trace.logits_fp32_bytes)  # d loss / d fp32 logits

@@ -276,3 +276,24 @@ def _meta_mixtral():
 
     config = to_object(compose(["model=tiny", "model.arch=mixtral"]))
     return build_meta_model(validate(config, 1).hf_config)
+
+
+def test_the_logits_are_freed_before_backward():
+    """The loss saves its log-probabilities, not the logits, and the step drops them (p3d.trainer): at most
+    the log-probabilities and two fp32 gradients of the logits' size are live in the loss's backward."""
+    import weakref
+
+    import torch
+
+    from p3d.plan import Sizes, replay_step
+    from p3d.trainer import summed_token_loss
+
+    logits = torch.randn(2, 8, 16, requires_grad=True) * 1.0
+    alive = weakref.ref(logits)
+    loss = summed_token_loss(logits, torch.zeros(2, 8, dtype=torch.long))
+    del logits
+    assert alive() is None  # nothing the loss keeps for backward holds the logits
+    loss.backward()
+    trace = planned([*TINY, "parallel.dp=2"], 2).trace
+    timeline = replay_step(trace, 0, Sizes(4, 4), in_backward=False)
+    assert timeline.most["logits and loss"] == trace.loss_bytes + 2 * trace.logits_fp32_bytes
