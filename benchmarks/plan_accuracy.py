@@ -157,6 +157,16 @@ def markdown(rows: list[dict]) -> str:
             f"| {row['description']} | {row['ranks']} | {planned['per_rank_gb']:.3f} | {measured['max_gb']:.3f} | {row['error'] * 100:+.1f}% | {spread} "
             f"| {live:.3f} | {live_cells} | {planned['peak_phase']} |"
         )
+    measured = [row for row in rows if "error" in row]
+    within = [row for row in measured if abs(row["error"]) <= 0.10]
+    lines += ["", f"Within 10% of the measured peak: {len(within)} of {len(measured)} measured cases."]
+    live_errors = [
+        row["plan"]["per_rank_gb"] - row["plan"]["breakdown"].get("allocator retention", 0.0) - row["measured_live_only"]["max_gb"]
+        for row in measured if "max_gb" in row.get("measured_live_only", {})
+    ]
+    if live_errors:
+        lines.append(f"Live tensors (the plan without its allocator term) against the runs with freed blocks returned: "
+                     f"{len(live_errors)} cases, off by {min(live_errors):+.3f} to {max(live_errors):+.3f} GB.")
     lines += ["", "Planned breakdown of the largest rank (GB):", ""]
     parts = list(rows[0]["plan"]["breakdown"])
     lines += ["| case | " + " | ".join(parts) + " |", "| --- |" + " --- |" * len(parts)]
