@@ -4,7 +4,7 @@ No p3d code: transformers' model, torch's parallelize_module / fully_shard / Dev
 all-gather context-parallel attention, the same loss normalisation, clipping and fused AdamW.
 The same sharding as p3d's: TP on the blocks and the output head (gathered logits), FSDP units
 for each block, each untied embedding and the root.
-Run under torchrun; prints one JSON line with the median tokens/s of the timed steps.
+Run under torchrun; prints one JSON line with the median tokens/s of the timed steps and every step's loss.
 
     torchrun --nproc_per_node=8 benchmarks/plain_loop.py --tp 2 --dp 2 --cp 2 --steps 20
 """
@@ -84,8 +84,8 @@ def main() -> None:
         AttentionInterface.register("plain_cp", cp_attention)
         AttentionMaskInterface.register("plain_cp", lambda *a, **k: None)
         model.set_attn_implementation("plain_cp")
+    dp_cp = mesh["dp", "cp"]._flatten("dp_cp")
     if args.dp * args.cp > 1:
-        dp_cp = mesh["dp", "cp"]._flatten("dp_cp")
         for layer in model.model.layers:
             fully_shard(layer, mesh=dp_cp).set_force_sum_reduction_for_comms(True)
         fully_shard(model.model.embed_tokens, mesh=dp_cp)  # untied embeddings as units of their own
@@ -106,7 +106,7 @@ def main() -> None:
     chunk = args.seq_len // (2 * args.cp)
     local = torch.cat([torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk), torch.arange((2 * args.cp - 1 - cp_rank) * chunk, (2 * args.cp - cp_rank) * chunk)]) if args.cp > 1 else torch.arange(args.seq_len)
     CP.update(group=mesh["cp"].get_group(), q_pos=local, k_pos=torch.cat([torch.cat([torch.arange(r * chunk, (r + 1) * chunk), torch.arange((2 * args.cp - 1 - r) * chunk, (2 * args.cp - r) * chunk)]) for r in range(args.cp)]) if args.cp > 1 else local)
-    timings = []
+    timings, losses = [], []
     for step in range(args.steps):
         started = time.perf_counter()
         batch = windows[(step * args.global_batch + dp_rank * per_rank + torch.arange(per_rank)) % len(windows)]
@@ -128,13 +128,16 @@ def main() -> None:
         coefficient = torch.clamp(1.0 / (squares.sqrt() + 1e-6), max=1.0)
         for p in model.parameters():
             (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coefficient)
-        dist.all_reduce(loss.detach(), group=dist.group.WORLD)
+        reported = loss.detach()
+        dist.all_reduce(reported, group=dp_cp.get_group())  # the step's loss, as p3d reports it
+        losses.append(reported)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timings.append(time.perf_counter() - started)
     if dist.get_rank() == 0:
         timed = timings[args.warmup:]
-        print(json.dumps({"tokens_per_s": args.global_batch * args.seq_len / statistics.median(timed), "steps": len(timed)}))
+        print(json.dumps({"tokens_per_s": args.global_batch * args.seq_len / statistics.median(timed), "steps": len(timed),
+                          "losses": [loss.item() for loss in losses]}))
     dist.destroy_process_group()
 
 

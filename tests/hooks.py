@@ -176,7 +176,8 @@ def grad_divide_factor(value: str | None) -> None:
 
 @hook("skip_tp_allreduce")
 def skip_tp_allreduce(value: str | None) -> None:
-    """Row-parallel layers return their partial sums without the tensor-parallel all-reduce."""
+    """Row-parallel layers (the DTensor styles and the local-tensor ones) return their partial sums without
+    the tensor-parallel all-reduce."""
     import torch
 
     import p3d.parallel.tensor as tensor
@@ -189,6 +190,17 @@ def skip_tp_allreduce(value: str | None) -> None:
         return output.to_local()  # each rank's partial sum
 
     tensor._Rowwise._output = unreduced_output
+
+    class Unreduced(torch.autograd.Function):  # the local-tensor row-parallel layers' all-reduce, skipped
+        @staticmethod
+        def forward(ctx, partial, group):
+            return partial.view_as(partial)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    tensor.SumOverGroup = Unreduced
 
 
 @hook("fresh_optimizer_on_resume")
@@ -352,6 +364,35 @@ def probe_precision(value: str | None) -> None:
     report_at_end(at_end)
 
 
+@hook("probe_tp_linear_operands")
+def probe_tp_linear_operands(value: str | None) -> None:
+    """The kinds of tensor (DTensor or plain) each tensor-parallel linear of the decoder blocks computes
+    with: its weight and its input, as its forward sees them (after p3d's own hooks)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    seen = defaultdict(set)
+    REPORT["tp_linear_operands"] = seen
+
+    def record(module, args) -> None:
+        seen["weight"].add("DTensor" if isinstance(module.weight, DTensor) else "Tensor")
+        seen["input"].add("DTensor" if isinstance(args[0], DTensor) else "Tensor")
+
+    def attach(model) -> None:
+        for block in decoder_blocks(model):
+            for module in block.modules():
+                if isinstance(module, torch.nn.Linear) and isinstance(module.weight, DTensor):
+                    module.register_forward_pre_hook(record)  # after p3d's hooks: sees what the layer computes with
+
+    on_model_built(attach)
+
+    def at_end(trainer) -> None:
+        for key in list(seen):
+            seen[key] = sorted(seen[key])
+
+    report_at_end(at_end)
+
+
 @hook("probe_block_calls")
 def probe_block_calls(value: str | None) -> None:
     """How often each decoder block's attention ran in the first step (2: once more in backward)."""
@@ -444,6 +485,46 @@ def probe_compiled_calls(value: str | None) -> None:
         return compiled
 
     wrap(torch, "compile", make)
+    report_at_end()
+
+
+@hook("probe_gradient_reductions")
+def probe_gradient_reductions(value: str | None) -> None:
+    """Per training step: the element counts of the all-reduces and reduce-scatters (FSDP2's
+    gradient collectives) and of the all-gathers (FSDP2's weights) larger than `value` elements
+    (default 16: more than any scalar all-reduce of the loop)."""
+    import torch.distributed as dist
+
+    from p3d.trainer import Trainer
+
+    smallest = int(value or 16)
+    steps: list[dict] = []
+    REPORT["gradient_reductions"] = steps
+
+    def recording(kind: str, numel_of: Callable):
+        def make(collective):
+            def recorded(*args, **kwargs):
+                numel = numel_of(*args, **kwargs)
+                if steps and numel > smallest:
+                    steps[-1][kind].append(numel)
+                return collective(*args, **kwargs)
+
+            return recorded
+
+        return make
+
+    wrap(dist, "all_reduce", recording("all_reduce", lambda tensor, *args, **kwargs: tensor.numel()))
+    wrap(dist, "reduce_scatter_single", recording("reduce_scatter", lambda *args, **kwargs: kwargs.get("input", args[1] if len(args) > 1 else None).numel()))
+    wrap(dist, "all_gather_single", recording("all_gather", lambda output, *args, **kwargs: output.numel()))
+
+    def make(train_step):
+        def recorded(self) -> dict:
+            steps.append({"all_reduce": [], "reduce_scatter": [], "all_gather": []})
+            return train_step(self)
+
+        return recorded
+
+    wrap(Trainer, "train_step", make)
     report_at_end()
 
 

@@ -26,7 +26,7 @@ USAGE = """usage: p3d <command> [...]
 commands:
   train [torchrun options] [key=value ...]   validate the config, then launch training
                                              (--nproc-per-node defaults to dp*cp*tp; with
-                                             parallel.dp=-1 the node's GPUs, or tp*cp on CPU)
+                                             parallel.dp=-1 the node's GPUs, or tp*cp*dp_replicate on CPU)
   plan [key=value ...] --world-size N        validate a config for N ranks and run p3d's sharding on the
                                              meta device (no GPU, no processes): memory per rank, fits,
                                              collectives (--json, --device, --device-memory-gb; see plan -h)
@@ -166,23 +166,27 @@ def train_one(launcher: list[str], overrides: list[str], config_dirs: Sequence[s
 
 def processes_per_node(config, nnodes: str) -> tuple[int, str]:
     """How many processes `p3d train` starts per node, and why, from the parallel.* sizes: dp*cp*tp
-    over the nodes; with parallel.dp=-1, the node's accelerators (GPUs), or tp*cp on CPU."""
+    over the nodes (dp: parallel.dp, or dp_replicate*dp_shard when only those are set); with parallel.dp=-1,
+    the node's accelerators (GPUs), or tp*cp*dp_replicate on CPU."""
     from p3d.distributed.env import resolve_device_type
 
     parallel = config.parallel
     nodes = int(nnodes) if nnodes.isdigit() else 1
     layout = f"tp{parallel.tp} x cp{parallel.cp}"
-    if parallel.dp != -1:
-        world = parallel.dp * parallel.cp * parallel.tp
+    dp = parallel.dp if parallel.dp != -1 or parallel.dp_shard == -1 else parallel.dp_replicate * parallel.dp_shard
+    if dp != -1:
+        world = dp * parallel.cp * parallel.tp
         if world % nodes:
             raise ConfigError(f"parallel.dp*parallel.cp*parallel.tp={world} ranks do not split evenly over --nnodes {nnodes}; pass --nproc-per-node or change the layout")
         per_node = world // nodes
         where = f" over {nodes} nodes" if nodes > 1 else ""
-        return per_node, f"parallel tp{parallel.tp} x dp{parallel.dp} x cp{parallel.cp} = {world} ranks{where} (--nproc-per-node N to choose)"
+        return per_node, f"parallel tp{parallel.tp} x dp{dp} x cp{parallel.cp} = {world} ranks{where} (--nproc-per-node N to choose)"
     device = resolve_device_type(config.dist.device)
     if device == "cpu":
-        return parallel.tp * parallel.cp, (
-            f"parallel.dp=-1 on CPU takes {layout} = {parallel.tp * parallel.cp} per node, dp {nodes} "
+        replicas = f" x dp_replicate{parallel.dp_replicate}" if parallel.dp_replicate > 1 else ""
+        per_node = parallel.tp * parallel.cp * parallel.dp_replicate
+        return per_node, (
+            f"parallel.dp=-1 on CPU takes {layout}{replicas} = {per_node} per node, dp {nodes * parallel.dp_replicate} "
             "(--nproc-per-node N for more data-parallel ranks)"
         )
     import torch
@@ -270,8 +274,9 @@ def nnodes_is_single(launcher: list[str]) -> bool:
 PLAN_USAGE = """usage: p3d plan [--config-dir DIR] [key=value ...] --world-size N [--device cpu|cuda] [--device-memory-gb GB|GPU] [--json] [--ranks]
 
 Validates the config for N ranks, then applies p3d's own TP, SP, CP, activation checkpointing and
-FSDP2 code to the model on the meta device over a fake process group of N ranks, and replays one
-step: memory per rank (GB = 1e9 bytes), whether the job fits, the collectives of a step.
+FSDP2 code (sharded, HSDP or replicated) to the model on the meta device over a fake process group
+of N ranks, and replays one step: memory per rank (GB = 1e9 bytes), whether the job fits, the
+collectives of a step by kind and mesh dimension.
 
   --device cpu|cuda         the kind of device the ranks run on (default: this machine's); it decides
                             the per-process terms: on cpu the process baseline and allocator

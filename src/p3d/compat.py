@@ -6,6 +6,7 @@ Each wrapper names what it relies on, so a PyTorch upgrade has a single file to 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -24,6 +25,17 @@ def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, .
     """A 1-D mesh viewed as several named dims, the last varying fastest (private `DeviceMesh._unflatten`).
     The result shares the root mesh, so DTensors on its dims and FSDP2 over them combine."""
     return mesh._unflatten(0, sizes, names)
+
+
+def replicate_modules(modules: list, mesh: DeviceMesh, mp_policy) -> None:
+    """FSDP2's data-parallel replication of `modules` as one unit over the 1-D `mesh`: parameters stay
+    whole (DTensors replicated over the mesh, TP placements kept) and the unit's gradients are
+    all-reduced together after its backward. The private `torch.distributed._composable.
+    replicate_with_fsdp.replicate` (torch 2.13; torchtitan's data parallelism without sharding); its
+    modules are FSDPModules (gradient divide factor, `set_requires_gradient_sync`)."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    replicate(modules if len(modules) > 1 else modules[0], mesh=mesh, mp_policy=mp_policy)
 
 
 def in_backward() -> bool:
@@ -71,8 +83,8 @@ def shard_shape(global_shape: Sequence[int], mesh_shape: Sequence[int], coordina
 
 
 @contextmanager
-def fake_process_group(world_size: int) -> Iterator[None]:
-    """Within the block this process is rank 0 of a default process group of `world_size` ranks whose
+def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
+    """Within the block this process is `rank` of a default process group of `world_size` ranks whose
     collectives do nothing (torch's `fake` backend: private `torch.testing._internal.distributed.fake_pg`,
     torch 2.13). Meshes, TP styles and FSDP2 can be applied to a model on the meta device as on a real
     job, without other processes; nothing may run that needs the results of a collective."""
@@ -80,7 +92,7 @@ def fake_process_group(world_size: int) -> Iterator[None]:
 
     if dist.is_initialized():
         raise RuntimeError("fake_process_group: this process already has a process group")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
@@ -96,7 +108,8 @@ def storage_key(tensor: torch.Tensor) -> int:
 class CollectiveRecorder(TorchDispatchMode):
     """While active, `record(op, group_name, tensor)` sees every collective: the functional ones (what
     DTensor redistributions issue) and the c10d ones (`dist.all_reduce`, `dist.all_to_all_single`, ...);
-    op is e.g. "all_reduce" or "alltoall_base_", tensor its (first) input. Private
+    op is e.g. "all_reduce", "allgather_" or "alltoall_base_", tensor the first tensor of its first argument
+    (its input, or for c10d's all-gather one part of its output: the same size). Private
     `torch.utils._python_dispatch.TorchDispatchMode`, the `_c10d_functional` and `c10d` op namespaces and
     `ProcessGroup.unbox`, torch 2.13."""
 
@@ -110,18 +123,46 @@ class CollectiveRecorder(TorchDispatchMode):
                 self.record(func.overloadpacket.__name__, names[-1], args[0])
         elif func.namespace == "c10d":
             group = next((arg for arg in args if isinstance(arg, torch.ScriptObject)), None)
-            tensor = args[0][0] if isinstance(args[0], (list, tuple)) and args[0] else args[0]
-            if group is not None and isinstance(tensor, torch.Tensor):
+            tensor = _first_tensor(args[0])  # allreduce_'s list of tensors, allgather_'s list of lists of parts, ...
+            if group is not None and tensor is not None:
                 self.record(func.overloadpacket.__name__, dist.ProcessGroup.unbox(group).group_name, tensor)
         return func(*args, **(kwargs or {}))
 
 
-def fsdp_keeps_unsharded_after_forward(module: torch.nn.Module) -> bool:
-    """Whether an FSDP2 unit keeps its parameters gathered from its forward to its backward
-    (`reshard_after_forward=False`; private `_get_fsdp_state()._fsdp_param_group.post_forward_mesh_info`,
-    torch 2.13). FSDP2 also keeps the root unit gathered once training starts, whatever it was given."""
-    group = module._get_fsdp_state()._fsdp_param_group
-    return group is not None and group.post_forward_mesh_info is None
+def _first_tensor(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        return _first_tensor(value[0])
+    return None
+
+
+@dataclass(frozen=True)
+class FsdpUnitFacts:
+    """What FSDP2 made of one module: the unit it belongs to and how that unit gathers and reduces."""
+
+    unit: int  # identity of the unit: the same for all modules one `fully_shard`/`replicate` call wrapped together
+    keeps_unsharded_after_forward: bool
+    shard: tuple[str, int] | None  # (mesh dimension, size) it shards over: all-gather, reduce-scatter
+    replicate: tuple[str, int] | None  # (mesh dimension, size) it replicates over: gradient all-reduce
+
+
+def fsdp_unit_facts(module: torch.nn.Module) -> FsdpUnitFacts:
+    """Read an FSDP2 (or FSDP2 `replicate`) module's state: private `_get_fsdp_state()`, its
+    `_fsdp_param_group` with `post_forward_mesh_info` (None: the unit stays gathered from its forward
+    to its backward, as with `reshard_after_forward=False` and FSDP2's replicate) and `mesh_info`
+    (`shard_mesh_dim`, `replicate_mesh_dim`), torch 2.13. FSDP2 also keeps the root unit gathered
+    once training starts, whatever it was given. A unit without parameters has no mesh dimensions."""
+    state = module._get_fsdp_state()
+    group = state._fsdp_param_group
+    if group is None:
+        return FsdpUnitFacts(id(state), False, None, None)
+    mesh_info = group.mesh_info
+
+    def dimension(index: int | None) -> tuple[str, int] | None:
+        return None if index is None else (mesh_info.mesh.mesh_dim_names[index], mesh_info.mesh.size(index))
+
+    return FsdpUnitFacts(id(state), group.post_forward_mesh_info is None, dimension(mesh_info.shard_mesh_dim), dimension(mesh_info.replicate_mesh_dim))
 
 
 @contextmanager
@@ -215,3 +256,14 @@ def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> 
     from torch.optim._muon import _adjust_lr
 
     return _adjust_lr(lr, adjust_lr_fn, shape)
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the squared L2 norms of plain tensors, in fp32, with one multi-tensor kernel (private
+    `torch._foreach_norm` with its dtype argument, torch 2.13: no full-size temporary)."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().sum()
+
+
+def scale_in_place(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply every tensor by a 0-d tensor in place, one multi-tensor kernel (private `torch._foreach_mul_`)."""
+    torch._foreach_mul_(tensors, factor)

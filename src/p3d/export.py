@@ -28,7 +28,7 @@ from p3d.checkpoint import CONFIG_FILE, HF_CONFIG_FILE, complete_checkpoints, ne
 from p3d.config.schema import DataConfig, InitMode, ModelConfig
 from p3d.data import ByteTokenizer, HFTokenizer, build_tokenizer
 from p3d.errors import ConfigError
-from p3d.model import build_meta_model, initialize_random, tie_weights_if_configured
+from p3d.model import build_meta_model, initialize_random, retie_weights
 from p3d.resume import load_hf_config
 
 BYTE_EOS_TOKEN = "<|endoftext|>"
@@ -85,7 +85,7 @@ def load_model(checkpoint: Path) -> PreTrainedModel:
     hf_config = load_hf_config((checkpoint / HF_CONFIG_FILE).read_text())
     model = build_meta_model(hf_config)
     model.to_empty(device="cpu")
-    tie_weights_if_configured(model)
+    retie_weights(model)
     initialize_random(model, hf_config, seed=0, buffers_only=True)  # non-persistent buffers (e.g. rotary) are not saved
     state = model.state_dict()
     with warnings.catch_warnings():

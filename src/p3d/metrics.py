@@ -41,7 +41,7 @@ PEAK_TFLOPS_BY_DEVICE_NAME = {
 }
 
 SCALARS = (
-    "loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s",
+    "loss", "grad_norm", "lr", "label_tokens", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb", "data_wait_frac", "step_time_s",
     "expert_tokens_min", "expert_tokens_max", "expert_imbalance",
 )
 # A validation pass's fields of a step's record, and their names in TensorBoard and W&B.
@@ -49,9 +49,11 @@ VALIDATION_SCALARS = {"val_loss": "val/loss", "val_ppl": "val/ppl"}
 
 
 def scalars(record: dict) -> dict[str, float]:
-    """The record's values for TensorBoard and W&B: train/<key>, and val/loss, val/ppl on evaluated steps."""
+    """The record's values for TensorBoard and W&B: train/<key>, val/loss and val/ppl on evaluated steps,
+    and data/samples_<source> for a mixture."""
     values = {f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}
     values.update({name: record[key] for key, name in VALIDATION_SCALARS.items() if record.get(key) is not None})
+    values.update({f"data/samples_{label}": count for label, count in record.get("samples_per_source", {}).items()})
     return values
 
 

@@ -218,12 +218,21 @@ def build_checked_meta_model(hf_config: PretrainedConfig) -> PreTrainedModel:
     return model
 
 
-def tie_weights_if_configured(model: PreTrainedModel) -> None:
-    """Re-point the output embedding at the input embedding (sharding replaces parameter objects)."""
-    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-        output = model.get_output_embeddings()
-        if output is not None:
-            output.weight = model.get_input_embeddings().weight
+def retie_weights(model: PreTrainedModel) -> None:
+    """Re-point every tied weight at one parameter again, as transformers tied them when it built the model.
+
+    Sharding (TP, FSDP) and `to_empty` replace parameter objects, which unties what shared one.
+    Transformers' own mapping (target -> source, from each sub-model's config) says what to tie; the
+    text config's `tie_word_embeddings` alone is not enough: a composite model (MOSS-Transcribe-Diarize's
+    language model inside an audio model) ties its head by its top-level config. Where tensor
+    parallelism sharded only one of a pair (BERT's decoder bias, tied to a bias of a module no TP
+    style touches), the sharded one is kept for both."""
+    for target, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
+        kept, replaced = model.get_parameter(source), target
+        if isinstance(model.get_parameter(target), DTensor) and not isinstance(kept, DTensor):
+            kept, replaced = model.get_parameter(target), source
+        parent_name, _, leaf = replaced.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, kept)
 
 
 @dataclass
@@ -311,7 +320,7 @@ def _zero_what_no_init_set(targets: dict[str, "_Target"], written: set[int], buf
 def materialize(model: PreTrainedModel, model_cfg: ModelConfig, hf_config: PretrainedConfig, seed: int, device: torch.device) -> None:
     """Allocate this rank's shards on `device` and fill them (random init or the checkpoint)."""
     model.to_empty(device=device)
-    tie_weights_if_configured(model)
+    retie_weights(model)
     if model_cfg.init is InitMode.pretrained:
         initialize_random(model, hf_config, seed, buffers_only=True)
         load_pretrained_shards(model, resolve_pretrained_dir(model_cfg.pretrained))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from p3d.compat import local_box
+from p3d.compat import local_box, scale_in_place, sum_of_squares
 from p3d.config.schema import DType, OptimConfig, Schedule
 from p3d.sharded_optimizers import ShardedAdafactor, ShardedMuon, replica_count
 
@@ -378,9 +378,15 @@ def squared_norm_share(grad: torch.Tensor) -> torch.Tensor:
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros((), device=grads[0].device if grads else "cpu")
+    """One all-reduce of this rank's share of the squared norm; the local parts that the same number of
+    ranks hold are summed together, by a multi-tensor kernel per device and dtype."""
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for grad in grads:
-        total += squared_norm_share(grad).to(total.device)
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        groups[replica_count(grad), local.device, local.dtype].append(local)
+    total = torch.zeros((), device=grads[0].device if grads else "cpu")
+    for (copies, _, _), locals_ in groups.items():
+        total += sum_of_squares(locals_).to(total.device) / copies
     dist.all_reduce(total)
     return total.sqrt()
 
@@ -396,8 +402,12 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     total = global_grad_norm(grads)
     if max_norm > 0:
         coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        locals_: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for grad in grads:
-            (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coefficient.to(grad.device))
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            locals_[local.device].append(local)
+        for device, tensors in locals_.items():
+            scale_in_place(tensors, coefficient.to(device))
     return total
 
 

@@ -10,8 +10,14 @@ memory). On it, the functions a training rank calls shard it as training does:
   issue. Activations, logits and the loss's buffers are thus the model's own, for any architecture.
 - `shard_for_compute` then `wrap_for_training` (activation checkpointing, FSDP2) on a model in the
   master dtype: each parameter's shard on every rank comes from its DTensor placements at that
-  rank's mesh coordinates, and the FSDP2 units (which parameters each gathers, which stay gathered
-  after forward) from the wrapped modules.
+  rank's mesh coordinates, and the FSDP2 units (which modules and parameters each holds, which stay
+  gathered after forward, which mesh dimensions it shards and replicates over) from the wrapped
+  modules' FSDP2 state. The data-parallel modes follow from it: sharded (FSDP over dp_shard x cp),
+  HSDP (sharded over dp_shard_cp, replicated over dp_replicate: both groups' collectives) and
+  replicated (FSDP2's `replicate`: whole shards, the unsharded copy kept from forward to backward,
+  buckets of blocks as one unit, one all-reduce each); so do parallel.reshard_after_forward and
+  parallel.grad_sync (parallel/fsdp.py decides when gradients are reduced; until then each rank
+  holds its unsharded gradients).
 
 No sharding rule is restated here. From these facts a step is replayed as a timeline of
 allocations and frees (states, FSDP gathers, gradients and reduce-scatter buffers, activations,
@@ -44,6 +50,7 @@ from p3d.model import build_meta_model
 from p3d.models import decoder_blocks, experts_modules
 from p3d.optim import optimizer_state_sizes
 from p3d.parallel.expert import expert_count
+from p3d.parallel.fsdp import REDUCE_BYTES, syncs_every_micro_batch
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
 from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
@@ -51,7 +58,6 @@ from p3d.trainer import summed_token_loss
 
 GB = 1e9  # the plan reports decimal gigabytes
 BYTES = {DType.fp32: 4, DType.bf16: 2}
-REDUCE_BYTES = 4  # FSDP2 reduces gradients in fp32 (parallel/fsdp.py)
 
 # RSS of a rank before it builds its model: torch, transformers and p3d imported (0.37 GB), the
 # process group and data set up. Measured on this stack (torch 2.13 CPU, transformers 5.23) with
@@ -83,18 +89,30 @@ PARTS = ("weights", "gradients", "optimizer state", "gathered weights", "gathere
 class Unit:
     """One FSDP2 unit (or, without FSDP, one decoder block or the rest of the model), TP-local sizes."""
 
-    name: str  # module name; "" is the root (the whole model)
+    name: str  # its modules' names joined by " + " (one, except FSDP2 replicate's buckets); "" is the root (the whole model)
     parameters: list[str]  # names of the parameters it owns (not its sub-units')
     gathered_numel: int  # elements of its parameters on this tp rank while gathered
     keeps_gathered: bool  # stays gathered from its forward to its backward
-    checkpointed: bool = False  # activation checkpointing recomputes it in backward
+    checkpointed: bool = False  # activation checkpointing recomputes (some of) its blocks in backward
     parameter_numels: list[int] = field(default_factory=list)  # each of its parameters' elements, gathered
     state_per_shard: list[int] = field(default_factory=list)  # per parameter: optimizer tensors shaped like its shard
     state_whole_numel: int = 0  # optimizer state elements every rank holds whole (Adafactor's factors)
-    group: str = "dp_cp"  # the mesh dimension FSDP shards it over (efsdp for experts under expert parallelism)
+    group: str = ""  # the mesh dimension FSDP2 shards it over (dp_cp, HSDP's dp_shard_cp, efsdp for experts); "" if none
+    group_size: int = 1
+    replicate_group: str = ""  # the mesh dimension FSDP2 replicates it over (replicated: dp_cp; HSDP: dp_replicate); "" if none
+    replicate_size: int = 1
+    modules: list[str] = field(default_factory=list)  # the modules it wraps
     activation_bytes: int = 0  # what its own modules save for backward in one micro-batch
     activation_small: int = 0  # ... of it in blocks below the CPU allocator's mmap threshold
-    input_bytes: int = 0  # its first input (what activation checkpointing keeps instead)
+    checkpointed_bytes: int = 0  # ... of it in checkpointed blocks: recomputed in backward, not kept from forward
+    checkpointed_small: int = 0
+    input_bytes: int = 0  # its checkpointed blocks' first inputs (what activation checkpointing keeps instead)
+    input_small: int = 0
+
+    @property
+    def kept_from_forward(self) -> tuple[int, int]:
+        """(bytes, bytes in small blocks) its forward leaves for its backward."""
+        return self.activation_bytes - self.checkpointed_bytes + self.input_bytes, self.activation_small - self.checkpointed_small + self.input_small
 
 
 @dataclass
@@ -103,6 +121,12 @@ class CollectiveCount:
     group: str
     per_micro_batch: int = 0
     bytes_per_micro_batch: int = 0
+    once_per_step: bool = False  # the counts are per step: gradients reduced after the step's last micro-batch only
+
+    def per_step(self, micro_batches: int) -> tuple[int, int]:
+        """(count, bytes) in one step of `micro_batches` micro-batches."""
+        times = 1 if self.once_per_step else micro_batches
+        return self.per_micro_batch * times, self.bytes_per_micro_batch * times
 
 
 @dataclass
@@ -121,6 +145,7 @@ class Trace:
     collectives: list[CollectiveCount]
     parameters: int  # of the whole model
     micro_batches: int
+    reduces_every_micro_batch: bool = True  # FSDP2 reduces gradients after every micro-batch (else the step's last only)
     experts: tuple[int, int, int] | None = None  # mixture of experts: (layers, experts per layer, experts per rank)
 
     @property
@@ -225,7 +250,7 @@ class _CollectiveCounter(compat.CollectiveRecorder):
 
     def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
         group = self.group_names.get(group_name, "other")
-        name = {"all_reduce": "all-reduce", "allreduce_": "all-reduce", "all_gather_into_tensor": "all-gather", "reduce_scatter_tensor": "reduce-scatter", "alltoall_base_": "all-to-all"}.get(op, op)
+        name = {"all_reduce": "all-reduce", "allreduce_": "all-reduce", "all_gather_into_tensor": "all-gather", "allgather_": "all-gather", "reduce_scatter_tensor": "reduce-scatter", "alltoall_base_": "all-to-all"}.get(op, op)
         entry = self.counts.setdefault(f"{group}:{name}", CollectiveCount(f"{group.upper()} {name} (activations and their gradients)", group))
         entry.per_micro_batch += 1
         entry.bytes_per_micro_batch += tensor.numel() * tensor.element_size()
@@ -247,7 +272,7 @@ def _trace_step(config: P3DConfig, setup: ValidatedSetup, meshes: Meshes, counts
     batch_size, seq_len = config.train.micro_batch_size, config.data.seq_len
     tokens = torch.zeros(batch_size, seq_len, dtype=torch.long)
     batch = TokenBatch(input_ids=tokens, labels=tokens, position_ids=torch.arange(seq_len).expand(batch_size, seq_len), document_ids=None)
-    group_names = {meshes.world[name].get_group().group_name: name for name in ("dp", "cp", "tp")}
+    group_names = {mesh.get_group().group_name: name for name, mesh in (("dp", meshes.dp), ("cp", meshes.cp), ("tp", meshes.tp))}
     if dims.ep > 1:
         group_names[meshes.ep.get_group().group_name] = "ep"
     handles = recorder.hooks(model)
@@ -296,23 +321,43 @@ def _numel(shape: tuple[int, ...]) -> int:
     return total
 
 
-def _owner(name: str, unit_names: list[str]) -> str:
-    """The unit a module or parameter belongs to: the longest unit name it lies inside."""
+def _owner(name: str, module_names) -> str:
+    """The module a module or parameter belongs to: the longest of `module_names` it lies inside ("" if none)."""
     best = ""
-    for unit in unit_names:
-        if unit and (name == unit or name.startswith(unit + ".")) and len(unit) > len(best):
-            best = unit
+    for module in module_names:
+        if module and (name == module or name.startswith(module + ".")) and len(module) > len(best):
+            best = module
     return best
 
 
-def _units_of(model: nn.Module, fsdp: bool) -> list[tuple[str, nn.Module, bool]]:
-    """(name, module, keeps gathered after forward): the FSDP2 units, or without FSDP the decoder blocks and the rest."""
-    names = {module: name for name, module in model.named_modules()}
-    if fsdp:
-        units = [(names[m], m, compat.fsdp_keeps_unsharded_after_forward(m)) for m in model.modules() if isinstance(m, FSDPModule)]
-    else:
-        units = [(names[block], block, True) for block in decoder_blocks(model)]
-    return [unit for unit in units if unit[0] != ""] + [("", model, True)]  # FSDP2 keeps the root gathered
+@dataclass
+class _Wrapped:
+    """One unit as the wrapped model has it: its modules, and how FSDP2 gathers and reduces it."""
+
+    modules: list[str]
+    keeps_gathered: bool
+    shard: tuple[str, int] | None = None  # (mesh dimension, size)
+    replicate: tuple[str, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return " + ".join(self.modules)
+
+
+def _units_of(model: nn.Module, fsdp: bool) -> list[_Wrapped]:
+    """The FSDP2 units (the modules one `fully_shard` or `replicate` call wrapped together are one unit),
+    or without FSDP the decoder blocks and the rest; the root last."""
+    if not fsdp:
+        names = {module: name for name, module in model.named_modules()}
+        return [_Wrapped([names[block]], True) for block in decoder_blocks(model)] + [_Wrapped([""], True)]
+    units: dict[int, _Wrapped] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            facts = compat.fsdp_unit_facts(module)
+            units.setdefault(facts.unit, _Wrapped([], facts.keeps_unsharded_after_forward, facts.shard, facts.replicate)).modules.append(name)
+    root = units.pop(compat.fsdp_unit_facts(model).unit)
+    root.keeps_gathered = True  # FSDP2 keeps the root gathered once training starts
+    return [*units.values(), root]
 
 
 def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
@@ -331,38 +376,45 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         checkpointed_blocks = wrap_for_training(model, config, meshes)
         state = optimizer_state_sizes(model, config.optim)  # the optimizer p3d builds for this model
         fsdp = any(isinstance(module, FSDPModule) for module in model.modules())
+        names = {module: name for name, module in model.named_modules()}
         blocks = decoder_blocks(model)
-        checkpointed = {id(blocks[index]) for index in checkpointed_blocks}
-        unit_list = _units_of(model, fsdp)
-        unit_names = [name for name, _, _ in unit_list]
+        checkpointed = [names[blocks[index]] for index in checkpointed_blocks]
+        wrapped = _units_of(model, fsdp)
+        unit_of_module = {module: unit.name for unit in wrapped for module in unit.modules}
         owned: dict[str, list[str]] = defaultdict(list)
         parameters = dict(model.named_parameters())
         for name in parameters:
-            owned[_owner(name, unit_names)].append(name)
+            owned[unit_of_module[_owner(name, unit_of_module)]].append(name)
+        units = [_unit(unit, owned[unit.name], tp_local, state) for unit in wrapped]
         order = {name: index for index, name in enumerate(recorder.call_order)}
-        units = [
-            Unit(name, owned[name], sum(tp_local[p] for p in owned[name]), keeps, id(module) in checkpointed, group=_fsdp_dim(parameters, owned[name]),
-                 parameter_numels=[tp_local[p] for p in owned[name]], input_bytes=recorder.inputs.get(name, 0),
-                 state_per_shard=[state[p].per_shard if p in state else 0 for p in owned[name]],
-                 state_whole_numel=sum(state[p].whole for p in owned[name] if p in state))
-            for name, module, keeps in unit_list
-        ]
-        units = sorted(units[:-1], key=lambda unit: order.get(unit.name, len(order))) + [units[-1]]
+        units = sorted(units[:-1], key=lambda unit: min(order.get(module, len(order)) for module in unit.modules)) + [units[-1]]
         by_name = {unit.name: unit for unit in units}
+
+        def unit_of(module_name: str) -> Unit:
+            return by_name[unit_of_module[_owner(module_name, unit_of_module)]]
+
         loss_bytes = 0
         for module_name, nbytes in recorder.saved.values():
             if module_name == "loss":
                 loss_bytes += nbytes
-            else:
-                unit = by_name[_owner(module_name, unit_names)]
-                unit.activation_bytes += nbytes
-                unit.activation_small += _small(nbytes)
+                continue
+            unit = unit_of(module_name)
+            unit.activation_bytes += nbytes
+            unit.activation_small += _small(nbytes)
+            if _owner(module_name, checkpointed):
+                unit.checkpointed_bytes += nbytes
+                unit.checkpointed_small += _small(nbytes)
+        for block in checkpointed:
+            unit = unit_of(block)
+            unit.checkpointed = True
+            unit.input_bytes += recorder.inputs.get(block, 0)
+            unit.input_small += _small(recorder.inputs.get(block, 0))
         shard_numel = {}
         for rank in range(dims.world_size):
             coordinates = dims.mesh_coordinates(rank)
             shard_numel[rank] = {unit.name: sum(_shard_numel(parameters[p], coordinates) for p in unit.parameters) for unit in units}
         head = model.get_output_embeddings()
-        head_name = next((name for name, module in model.named_modules() if module is head), "") if head is not None else ""
+        head_name = names.get(head, "") if head is not None else ""
     accumulation = config.train.global_batch_size // (config.train.micro_batch_size * dims.dp)
     return Trace(
         dims=dims,
@@ -370,23 +422,29 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         units=units,
         shard_numel=shard_numel,
         tied_numel=tied_numel,
-        head_unit=_owner(head_name, unit_names),
+        head_unit=unit_of_module[_owner(head_name, unit_of_module)],
         logits_bytes=sizes["logits"],
         loss_bytes=loss_bytes,
         logits_fp32_bytes=sizes["logits_fp32"],
         collectives=list(counts.values()),
         parameters=sum(p.numel() for p in parameters.values()),
         micro_batches=accumulation,
+        reduces_every_micro_batch=syncs_every_micro_batch(config.parallel.grad_sync, dims),  # as the trainer decides it
         experts=experts,
     )
 
 
-def _fsdp_dim(parameters: dict[str, torch.Tensor], names: list[str]) -> str:
-    """The mesh dimension a unit's parameters are sharded over by FSDP2 (the first of their mesh)."""
-    for name in names:
-        if isinstance(parameters[name], DTensor):
-            return parameters[name].device_mesh.mesh_dim_names[0]
-    return "dp_cp"
+def _unit(wrapped: _Wrapped, owned: list[str], tp_local: dict[str, int], state: dict) -> Unit:
+    group, group_size = wrapped.shard or ("", 1)
+    replicate_group, replicate_size = wrapped.replicate or ("", 1)
+    return Unit(
+        wrapped.name, owned, sum(tp_local[p] for p in owned), wrapped.keeps_gathered,
+        parameter_numels=[tp_local[p] for p in owned],
+        state_per_shard=[state[p].per_shard if p in state else 0 for p in owned],
+        state_whole_numel=sum(state[p].whole for p in owned if p in state),
+        group=group, group_size=group_size, replicate_group=replicate_group, replicate_size=replicate_size,
+        modules=wrapped.modules,
+    )
 
 
 def _tied_parameters(model: nn.Module) -> list[str]:
@@ -458,9 +516,12 @@ class _Replay:
         self.shards = trace.shard_numel[rank]
         self.timeline = Timeline()
         self.gathered: set[str] = set()
-        # earlier micro-batches left every sharded gradient in place; optim.in_backward frees each at once
-        self.accumulating = trace.micro_batches > 1 and not in_backward
-        self.keeps_gradients = not in_backward
+        earlier = trace.micro_batches > 1 and not in_backward  # optim.in_backward takes no accumulation
+        # Earlier micro-batches left their gradients: reduced, every sharded gradient in place; not reduced
+        # (parallel.grad_sync), each unit's unsharded gradients, summed in the reduce dtype until the last.
+        self.holds_unsharded = earlier and trace.fsdp and not trace.reduces_every_micro_batch
+        self.accumulating = earlier and not self.holds_unsharded
+        self.keeps_gradients = not in_backward  # optim.in_backward frees each gradient at once
 
     def run(self) -> Timeline:
         trace, timeline = self.trace, self.timeline
@@ -472,16 +533,15 @@ class _Replay:
             timeline.add("optimizer state", *self._optimizer_state_bytes(unit))
             if self.accumulating:
                 timeline.add("gradients", *state)
+            if self.holds_unsharded:
+                timeline.add("gathered gradients", *self._held_blocks(unit))
         timeline.phase = "forward"
         self.gather(root)
-        timeline.add("activations", root.activation_bytes, root.activation_small)
+        timeline.add("activations", *root.kept_from_forward)
         for unit in units:
             timeline.phase = f"forward {unit.name}"
             self.gather(unit)
-            if unit.checkpointed:
-                timeline.add("activations", unit.input_bytes)
-            else:
-                timeline.add("activations", unit.activation_bytes, unit.activation_small)
+            timeline.add("activations", *unit.kept_from_forward)
             if not unit.keeps_gathered:
                 self.release(unit)
         logits_gradient = self.loss()
@@ -496,12 +556,9 @@ class _Replay:
             self.gather(unit)
             if index + 1 < len(backward_order):
                 self.gather(backward_order[index + 1])  # FSDP2 prefetches the next unit's weights
-            if unit.checkpointed:
-                timeline.add("activations", unit.activation_bytes, unit.activation_small)  # recomputed
+            timeline.add("activations", unit.checkpointed_bytes, unit.checkpointed_small)  # recomputed
             self.gradients(unit)
-            timeline.free("activations", unit.activation_bytes, unit.activation_small)
-            if unit.checkpointed:
-                timeline.free("activations", unit.input_bytes)
+            self.free_activations(unit)
             if unit.name == trace.head_unit:
                 timeline.free("logits and loss", logits_gradient)
                 logits_gradient = 0
@@ -511,14 +568,19 @@ class _Replay:
         tied = trace.tied_numel * self.sizes.compute
         timeline.add("gathered gradients" if trace.fsdp else "gradients", tied)  # a tied weight's second gradient, summed into the first
         timeline.free("gathered gradients" if trace.fsdp else "gradients", tied)
+        timeline.add("activations", root.checkpointed_bytes, root.checkpointed_small)  # blocks left in the root, recomputed
         if trace.fsdp:
             timeline.free("gathered gradients", *self._gradient_blocks(root))
-            self.reduce(root, held=False)
+            self.reduce(root, held=self._held_blocks(root) if self.holds_unsharded else (0, 0))
         else:
             self.gradients(root)
-        timeline.free("activations", root.activation_bytes, root.activation_small)
+        self.free_activations(root)
         self.release(root)
         return timeline
+
+    def free_activations(self, unit: Unit) -> None:
+        self.timeline.free("activations", unit.activation_bytes, unit.activation_small)
+        self.timeline.free("activations", unit.input_bytes, unit.input_small)
 
     def loss(self) -> int:
         """Logits, the loss's fp32 log-probabilities, then their gradients; returns the logits' gradient left."""
@@ -561,20 +623,29 @@ class _Replay:
                 self.timeline.add("gradients", *self._shard_bytes(unit))
             return
         self.timeline.add("gathered gradients", *self._gradient_blocks(unit))
-        self.reduce(unit, held=True)
+        if self.holds_unsharded:  # this micro-batch's, summed into those held since the first
+            self.timeline.free("gathered gradients", *self._gradient_blocks(unit))
+            self.reduce(unit, held=self._held_blocks(unit))
+        else:
+            self.reduce(unit, held=self._gradient_blocks(unit))
 
-    def reduce(self, unit: Unit, held: bool) -> None:
-        """FSDP2's reduce-scatter: the unsharded gradients copied into one fp32 buffer, this rank's part kept."""
+    def reduce(self, unit: Unit, held: tuple[int, int]) -> None:
+        """FSDP2's reduction (reduce-scatter, all-reduce or both): the unsharded gradients (`held`: bytes, in
+        small blocks) copied into one fp32 buffer and freed, this rank's part kept."""
         timeline = self.timeline
         timeline.add("reduce buffers", unit.gathered_numel * REDUCE_BYTES)
-        if held:
-            timeline.free("gathered gradients", *self._gradient_blocks(unit))
+        timeline.free("gathered gradients", *held)
         if self.keeps_gradients and not self.accumulating:
             timeline.add("gradients", *self._shard_bytes(unit))
         timeline.free("reduce buffers", unit.gathered_numel * REDUCE_BYTES)
 
     def _gradient_blocks(self, unit: Unit) -> tuple[int, int]:
         blocks = [numel * self.sizes.compute for numel in unit.parameter_numels]
+        return sum(blocks), _small_blocks(blocks)
+
+    def _held_blocks(self, unit: Unit) -> tuple[int, int]:
+        """Unsharded gradients FSDP2 holds across micro-batches without reducing them: in the reduce dtype."""
+        blocks = [numel * REDUCE_BYTES for numel in unit.parameter_numels]
         return sum(blocks), _small_blocks(blocks)
 
     def _shard_bytes(self, unit: Unit) -> tuple[int, int]:
@@ -648,7 +719,8 @@ class Plan:
         dims = self.setup.dims
         return {
             "world_size": dims.world_size,
-            "layout": {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp, "ep": dims.ep},
+            "layout": {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp, "ep": dims.ep, "dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard},
+            "data_parallel": data_parallel(self.trace),
             "device": self.device,
             "device_memory_gb": self.device_memory_gb,
             "per_rank_gb": round(largest.total / GB, 4),
@@ -661,11 +733,13 @@ class Plan:
             "parameters": self.trace.parameters,
             "fsdp_units": len(self.trace.units) if self.trace.fsdp else 0,
             "micro_batches_per_step": self.trace.micro_batches,
-            "collectives_per_step": [
-                {"name": c.name, "group": c.group, "count": c.per_micro_batch * self.trace.micro_batches, "mb": round(c.bytes_per_micro_batch * self.trace.micro_batches / 1e6, 3)}
-                for c in collectives(self.trace, self.config)
-            ],
+            "collectives_per_step": [_collective_json(c, self.trace.micro_batches) for c in collectives(self.trace, self.config)],
         }
+
+
+def _collective_json(collective: CollectiveCount, micro_batches: int) -> dict:
+    count, nbytes = collective.per_step(micro_batches)
+    return {"name": collective.name, "group": collective.group, "count": count, "mb": round(nbytes / 1e6, 3)}
 
 
 def _compact_per_rank(ranks: list[RankMemory]) -> list[dict]:
@@ -720,18 +794,29 @@ def machine_memory_gb() -> float | None:
 
 
 def collectives(trace: Trace, config: P3DConfig) -> list[CollectiveCount]:
-    """Per micro-batch: FSDP2's per unit (from the units), TP's and CP's (counted in the meta-device step)."""
-    found = []
+    """FSDP2's per unit, over the mesh dimensions each unit shards and replicates over (from the units),
+    per micro-batch or, for gradients reduced after the step's last micro-batch only, per step; TP's and
+    CP's per micro-batch (counted in the meta-device step)."""
+    found: dict[tuple[str, str], CollectiveCount] = {}
     compute = BYTES[config.train.dtype]
-    for group in dict.fromkeys(unit.group for unit in trace.units) if trace.fsdp else ():
-        if getattr(trace.dims, group) == 1:
+    once = not trace.reduces_every_micro_batch
+
+    def count(name: str, group: str, times: int, nbytes: int, once_per_step: bool = False) -> None:
+        entry = found.setdefault((group, name), CollectiveCount(name, group, once_per_step=once_per_step))
+        entry.per_micro_batch += times
+        entry.bytes_per_micro_batch += times * nbytes
+
+    for unit in trace.units if trace.fsdp else ():
+        if not unit.gathered_numel:
             continue
-        units = [unit for unit in trace.units if unit.group == group]
-        gathers = units + [unit for unit in units if unit.name and not unit.keeps_gathered]
-        found.append(CollectiveCount("FSDP all-gather of weights (forward, and backward for units resharded after forward)", group,
-                                     len(gathers), sum(u.gathered_numel for u in gathers) * compute))
-        found.append(CollectiveCount("FSDP reduce-scatter of gradients (fp32)", group, len(units), sum(u.gathered_numel for u in units) * REDUCE_BYTES))
-    return found + sorted(trace.collectives, key=lambda c: (c.group, c.name))
+        if unit.group_size > 1:
+            gathers = 1 if unit.keeps_gathered else 2
+            count("FSDP all-gather of weights (forward, and backward for units resharded after forward)", unit.group, gathers, unit.gathered_numel * compute)
+            count("FSDP reduce-scatter of gradients (fp32)", unit.group, 1, unit.gathered_numel * REDUCE_BYTES, once)
+        if unit.replicate_size > 1:
+            what = "HSDP all-reduce of gradient shards (fp32) over the replicas" if unit.group_size > 1 else "all-reduce of gradients (fp32), one per replicated unit"
+            count(what, unit.replicate_group, 1, trace.shard_numel[0][unit.name] * REDUCE_BYTES, once)
+    return list(found.values()) + sorted(trace.collectives, key=lambda c: (c.group, c.name))
 
 
 # ---- text ------------------------------------------------------------------------------------------
@@ -739,8 +824,9 @@ def render(plan: Plan, show_ranks: bool = False) -> str:
     config, setup, trace = plan.config, plan.setup, plan.trace
     dims = setup.dims
     lines = [f"# validation: OK for world size {dims.world_size} ({dims.describe()})", ""]
-    lines += ["# mesh", f"dims (dp, cp, tp) = ({dims.dp}, {dims.cp}, {dims.tp}); rank = dp*{dims.cp * dims.tp} + cp*{dims.tp} + tp (tp fastest); "
-              f"FSDP shards over dp*cp = {dims.dp_cp}" + ("" if show_ranks else "; every rank's coordinates with --ranks")]
+    replicas = f", dp = dp_replicate*{dims.dp_shard} + dp_shard" if dims.dp_replicate > 1 else ""
+    lines += ["# mesh", f"dims (dp, cp, tp) = ({dims.dp}, {dims.cp}, {dims.tp}); rank = dp*{dims.cp * dims.tp} + cp*{dims.tp} + tp (tp fastest{replicas}); "
+              f"{data_parallel(trace)}" + ("" if show_ranks else "; every rank's coordinates with --ranks")]
     if dims.ep > 1:
         lines.append(f"experts: the dp*cp ranks as (efsdp, ep) = ({dims.efsdp}, {dims.ep}), ep innermost; FSDP shards the experts over efsdp")
     if show_ranks:
@@ -777,9 +863,23 @@ def render(plan: Plan, show_ranks: bool = False) -> str:
         lines += [f"{style:<32} {pattern}" for pattern, style in setup.tp_plan.items()]
     lines += ["", "# collectives per step (count, MB: size of the tensors)"]
     for collective in collectives(trace, config):
-        count = collective.per_micro_batch * trace.micro_batches
-        lines.append(f"{count:>6}  {collective.bytes_per_micro_batch * trace.micro_batches / 1e6:10.1f} MB  [{collective.group}] {collective.name}")
+        count, nbytes = collective.per_step(trace.micro_batches)
+        lines.append(f"{count:>6}  {nbytes / 1e6:10.1f} MB  [{collective.group}] {collective.name}")
     return "\n".join(lines)
+
+
+def data_parallel(trace: Trace) -> str:
+    """How FSDP2 holds the model over the data-parallel ranks, as the root unit says."""
+    root = trace.root
+    if not trace.fsdp:
+        return "no FSDP (one data-parallel rank, fp32)"
+    shard = f"FSDP2 shards over {root.group} ({root.group_size} ranks)"
+    replicate = f"replicates over {root.replicate_group} ({root.replicate_size} ranks)"
+    if root.group and root.replicate_group:
+        return f"{shard} and {replicate} (HSDP)"
+    if root.replicate_group:
+        return f"FSDP2 {replicate}: every rank holds the whole (TP-local) model, gradients all-reduced per unit"
+    return shard
 
 
 def verdict(plan: Plan) -> str:

@@ -36,10 +36,11 @@ from p3d.data import data_fingerprint, fingerprint_change
 from p3d.errors import ConfigError
 from p3d.model import build_meta_model
 
-# Keys whose change would make the saved data position point at other samples (data.eval_path, the
-# held-out documents, does not).
+# Keys whose change would make the saved data position point at other samples.
 DATA_POSITION_KEYS = ("data", "train.seed")
-NOT_DATA_POSITION_KEYS = ("data.eval_path",)
+# Data keys that leave the training samples as they are: the held-out documents of the validation
+# pass, where the token cache lives and how many processes build it.
+NOT_DATA_POSITION_KEYS = ("data.eval_path", "data.cache_dir", "data.tokenize_workers")
 # Keys that may change what the model is; refused only when the parameter shapes change.
 MODEL_KEYS = ("model.arch", "model.config", "model.init", "model.pretrained")
 # Keys whose change would leave the saved optimizer state without a reader (another optimizer's
@@ -145,6 +146,8 @@ def check_changes(path: Path, config: P3DConfig, hf_config: PretrainedConfig, fr
     """The config changes since the checkpoint, one line each; ConfigError for refused ones."""
     stored = {**OPTIMIZER_KEYS, **flatten(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=True))}
     current = flatten(OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True))
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(P3DConfig), resolve=True, enum_to_str=True))
+    stored = {**{key: value for key, value in defaults.items() if key not in stored and key in current}, **stored}  # keys added since: their defaults
     changed = {key: (stored.get(key, "<unset>"), current.get(key, "<unset>")) for key in sorted(stored.keys() | current.keys()) if stored.get(key) != current.get(key)}
     problems = [
         f"{key}: {old} in checkpoint {path.name}, {new} now: the data position counts samples of the checkpoint's data "

@@ -19,7 +19,7 @@ from p3d.config.compose import compose, to_object
 from p3d.config.flags import show, split_hydra_flags
 from p3d.config.schema import CPLayout, P3DConfig
 from p3d.config.validate import ValidatedSetup, validate
-from p3d.data import build_eval_sampler, build_sampler, data_fingerprint
+from p3d.data import build_eval_sampler, build_sampler, cache_root, data_fingerprint
 from p3d.distributed.agree import on_every_rank
 from p3d.distributed.env import DistEnv, abandon, init_distributed, shutdown, world_size_from_env
 from p3d.distributed.mesh import Meshes
@@ -135,14 +135,16 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
     if experts:
         metrics.info(describe_experts(experts, setup.dims.ep, setup.dims.tp))
     fingerprint = data_fingerprint(config.data)  # of the files as they are when loaded just below
+    cache_dir = cache_root(config.data, config.run.root)
     sampler = build_sampler(
         config.data, config.model, config.train.seed, config.train.global_batch_size, config.train.micro_batch_size,
-        setup.dims.dp, meshes.dp.get_local_rank(),
+        setup.dims.dp, meshes.dp.get_local_rank(), cache_dir=cache_dir, info=metrics.info,
     )
     eval_sampler = None
     if config.eval.every > 0:
         eval_sampler = build_eval_sampler(
-            config.data, config.model, config.train.global_batch_size, config.train.micro_batch_size, setup.dims.dp, meshes.dp.get_local_rank()
+            config.data, config.model, config.train.global_batch_size, config.train.micro_batch_size, setup.dims.dp,
+            meshes.dp.get_local_rank(), cache_dir=cache_dir, info=metrics.info,
         )
     optimizer = build_optimizer(model, config.optim, config.train.seed)
     trainer = Trainer(

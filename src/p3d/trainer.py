@@ -17,13 +17,14 @@ from torch import nn
 from p3d import rng
 from p3d.checkpoint import Checkpointer, ModelAndOptimizer, TrainState, read_marker, rng_file
 from p3d.config.schema import P3DConfig
-from p3d.data import IGNORE_INDEX, DataParallelSampler, TokenBatch
+from p3d.data import IGNORE_INDEX, BatchPrefetcher, DataParallelSampler, TokenBatch
 from p3d.distributed.mesh import Meshes
 from p3d.errors import RunError
 from p3d.metrics import ExpertLoad, MetricsLogger, peak_memory_gb
 from p3d.models import experts_modules
 from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
+from p3d.parallel.fsdp import gradient_sync_switch, syncs_every_micro_batch
 from p3d.resume import ResumePlan
 
 
@@ -81,6 +82,9 @@ class Trainer:
         self.eval_s = 0.0  # seconds spent in validation passes this run (not counted in tokens/s)
         self.last_eval: dict = {}
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
+        every_micro_batch = syncs_every_micro_batch(self.config.parallel.grad_sync, self.meshes.dims)
+        self.gradient_sync = gradient_sync_switch(self.model, every_micro_batch)
+        self.batches = BatchPrefetcher(self.sampler)
 
     def checkpoint_state(self) -> dict:
         return {"app": ModelAndOptimizer(self.model, self.optimizer), "train": self.state}
@@ -149,6 +153,7 @@ class Trainer:
                     self.metrics.log(record)
                 self.checkpointer.wait()
         finally:
+            self.batches.close()
             self.metrics.close()
         if stopping:
             self.metrics.info(
@@ -239,21 +244,29 @@ class Trainer:
 
     def train_step(self) -> dict:
         started = time.perf_counter()
-        batches = self.sampler.micro_batches(self.state.consumed_samples)
+        data = self.batches.take(self.state.consumed_samples)
+        if self.state.step + 1 < self.config.train.steps:
+            self.batches.prefetch(self.state.consumed_samples + self.config.train.global_batch_size)
+        batches = data.micro_batches
         data_wait = time.perf_counter() - started
         global_tokens = self._global_valid_tokens(batches)
         loss = torch.zeros((), device=self.device)
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            self.gradient_sync(index == len(batches) - 1)
             loss += self._forward_backward(batch, global_tokens)
+        summed = dist.all_reduce(loss, group=self.meshes.dp_cp.get_group(), async_op=True)  # overlaps the norm
         if self.in_backward is not None:
             grad_norm = self.in_backward.take_grad_norm()  # the weights are already updated
         else:
             grad_norm = clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
-        dist.all_reduce(loss, group=self.meshes.dp_cp.get_group())
-        self._check_finite(loss, grad_norm)
+        summed.wait()
         lr = self.optimizer.param_groups[0]["lr"]
         if self.in_backward is None:
             self.optimizer.step()
+        # One host sync per step, after the update is queued: a step whose loss or norm is not finite stops
+        # the run before anything of it is saved.
+        loss_value, norm_value, label_tokens = torch.stack([loss, grad_norm.to(loss.device), global_tokens.total()]).tolist()
+        self._check_finite(loss_value, norm_value)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -265,12 +278,13 @@ class Trainer:
         mfu = None
         if self.peak_tflops is not None:
             mfu = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * devices)
-        return {
+        record = {
             "step": self.state.step,
-            "loss": loss.item(),
-            "grad_norm": grad_norm.item(),
+            "loss": loss_value,
+            "grad_norm": norm_value,
             "lr": lr,
             "tokens": tokens,
+            "label_tokens": int(label_tokens),
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / devices,
             "mfu": mfu,
@@ -279,17 +293,19 @@ class Trainer:
             "peak_mem_gb": None,  # the highest of all ranks, filled in by fit() with the per-step agreement
             **self.expert_load.take(self.meshes.dp_cp.get_group()),
         }
+        if data.samples_per_source is not None:
+            record["samples_per_source"] = data.samples_per_source
+        return record
 
-    def _global_valid_tokens(self, batches: list[TokenBatch]) -> torch.Tensor:
-        """Valid label tokens of the whole step over all dp ranks (each dp group holds whole sequences)."""
+    def _global_valid_tokens(self, batches: list[TokenBatch]) -> "_GlobalCount":
+        """Valid label tokens of the whole step over all dp ranks (each dp group holds whole sequences),
+        summed while the first micro-batch runs its forward."""
         count = sum(batch.valid_label_count() for batch in batches)
-        total = torch.tensor(float(count), device=self.device)
-        dist.all_reduce(total, group=self.meshes.dp.get_group())
-        return total.clamp(min=1.0)
+        return _GlobalCount(torch.tensor(float(count), device=self.device), self.meshes.dp.get_group())
 
-    def _forward_backward(self, batch: TokenBatch, global_tokens: torch.Tensor) -> torch.Tensor:
+    def _forward_backward(self, batch: TokenBatch, global_tokens: "_GlobalCount") -> torch.Tensor:
         with self._attending(batch) as local:
-            loss = self._summed_token_loss(local) / global_tokens
+            loss = self._summed_token_loss(local) / global_tokens.value()
             loss.backward()
         return loss.detach()
 
@@ -303,9 +319,31 @@ class Trainer:
         logits = self.model(input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False).logits
         return summed_token_loss(logits, local.labels.to(self.device))
 
-    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise RunError(
-                f"step {self.state.step + 1}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite; "
+                f"step {self.state.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
                 f"lower optim.lr or raise optim.warmup_steps (no checkpoint was written for this step)"
             )
+
+
+class _GlobalCount:
+    """A count summed over a process group by an all-reduce started now and waited for at first use."""
+
+    def __init__(self, local: torch.Tensor, group):
+        self._total = local
+        self._divisor: torch.Tensor | None = None
+        self._pending = dist.all_reduce(local, group=group, async_op=True)
+
+    def total(self) -> torch.Tensor:
+        """The sum over the group."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+            self._divisor = self._total.clamp(min=1.0)
+        return self._total
+
+    def value(self) -> torch.Tensor:
+        """The sum as a divisor: at least 1 (a step whose every label is masked has a zero loss)."""
+        self.total()
+        return self._divisor

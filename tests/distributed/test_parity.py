@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import FAST, assert_ok, hooks_env, layout_overrides
+from tests.hooks import read_reports
 
 TOLERANCE = 1e-4  # |loss - reference| per step, fp32
 GRAD_NORM_TOLERANCE = 1e-4  # |norm / reference norm - 1| per step; measured: at most 1.9e-6 over the 24 parity and 8 CP-matrix runs
@@ -100,6 +101,17 @@ def test_contiguous_cp_layout_matches_one_process(p3d_runner):
     assert_matches(result.records, reference_records("tiny_llama", p3d_runner))
 
 
+def test_tensor_parallel_linears_compute_on_local_tensors(p3d_runner, tmp_path):
+    """Under TP (without sequence parallelism) every split linear of the blocks computes with its local
+    shard and plain activations (explicit collectives, no DTensor dispatch in the block), and the run
+    keeps one process's losses and gradient norms."""
+    report = tmp_path / "report"
+    result = run_layout(p3d_runner, "tiny_opt", "tp2", clipped=False, env=hooks_env("probe_tp_linear_operands", report=report))
+    for rank in read_reports(report, ranks=2):
+        assert rank["tp_linear_operands"] == {"input": ["Tensor"], "weight": ["Tensor"]}
+    assert_matches(result.records, reference_records("tiny_opt", p3d_runner, clipped=False))
+
+
 def test_parity_check_detects_a_different_run(p3d_runner):
     """The parity bar is not vacuous: another seed gives losses outside the tolerance."""
     reference = reference_losses("tiny_llama", p3d_runner)
@@ -127,3 +139,41 @@ def test_comparison_detects_a_skipped_tensor_parallel_all_reduce(p3d_runner):
     result = run_layout(p3d_runner, "tiny_opt", "tp2", clipped=False, env=hooks_env("skip_tp_allreduce"))
     with pytest.raises(AssertionError, match="loss"):
         assert_matches(result.records, reference_records("tiny_opt", p3d_runner, clipped=False))
+
+
+# --- data-parallel modes: parallel.dp_replicate x parallel.dp_shard, and their options -----------
+
+# name: (model, ranks, overrides). FAST's global batch is 4 sequences: micro-batch 1 at dp2 makes two
+# micro-batches per step, so the gradient-sync options have something to hold back.
+DP_MODES = {
+    "dp_replicate2": ("tiny_llama", 2, ["parallel.dp_replicate=2", "train.micro_batch_size=2"]),
+    "dp_replicate2-accumulating": ("tiny_opt", 2, ["parallel.dp_replicate=2", "train.micro_batch_size=1"]),  # grad_sync=auto: once per step
+    "dp_replicate2-sync-every-micro-batch": ("tiny_llama", 2, ["parallel.dp_replicate=2", "train.micro_batch_size=1", "parallel.grad_sync=micro_batch"]),
+    "hsdp-dp_replicate2-dp_shard2": ("tiny_llama", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=1"]),
+    "tp2-dp_replicate2": ("tiny_opt", 4, ["parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=2"]),
+    "cp2-dp_replicate2": ("tiny_llama", 4, ["parallel.cp=2", "parallel.dp_replicate=2", "train.micro_batch_size=2"]),
+    "dp2-no-reshard-after-forward": ("tiny_llama", 2, ["parallel.dp=2", "parallel.reshard_after_forward=false", "train.micro_batch_size=1"]),
+    "dp2-sync-per-step": ("tiny_opt", 2, ["parallel.dp=2", "parallel.grad_sync=step", "train.micro_batch_size=1"]),
+}
+
+
+def run_dp_mode(p3d_runner, mode: str, **kwargs):
+    model, ranks, overrides = DP_MODES[mode]
+    result = p3d_runner([f"model={model}", *FAST, *overrides], nproc=ranks, **kwargs)
+    assert_ok(result)
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(DP_MODES))
+def test_data_parallel_mode_matches_one_process(mode, p3d_runner):
+    result = run_dp_mode(p3d_runner, mode)
+    assert_matches(result.records, reference_records(DP_MODES[mode][0], p3d_runner))
+
+
+@pytest.mark.slow
+def test_comparison_detects_averaged_gradients_of_replicas(p3d_runner):
+    """Negative control for the replicated mode: FSDP2's replicate averaging over the replicas."""
+    result = run_dp_mode(p3d_runner, "dp_replicate2", env=hooks_env("grad_divide_factor=2"))
+    with pytest.raises(AssertionError, match="loss|grad_norm"):
+        assert_matches(result.records, reference_records("tiny_llama", p3d_runner))

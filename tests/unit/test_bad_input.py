@@ -36,6 +36,10 @@ def write_data_files(root: Path) -> None:
     (root / "dir_with_empty").mkdir()
     (root / "dir_with_empty" / "a.txt").write_text("some text\n")
     (root / "dir_with_empty" / "b.txt").write_text("")
+    (root / "chat_no_messages.jsonl").write_text('{"text": "a plain row"}\n')
+    (root / "chat_bad_role.jsonl").write_text('{"messages": [{"role": "bot", "content": "hi"}]}\n')
+    (root / "chat_not_list.jsonl").write_text('{"messages": "user: hi"}\n')
+    (root / "good.txt").write_text("some text\n")
 
 
 def unwritable_dir(root: Path) -> str:
@@ -52,6 +56,11 @@ CASES = {
     "tp zero": (["parallel.tp=0"], "parallel.tp=0: must be >= 1"),
     "cp zero": (["parallel.cp=0"], "parallel.cp=0: must be >= 1"),
     "dp zero": (["parallel.dp=0"], "parallel.dp=0: must be -1 or >= 1"),
+    "dp replicate zero": (["parallel.dp_replicate=0"], "parallel.dp_replicate=0: must be >= 1"),
+    "dp shard zero": (["parallel.dp_shard=0"], "parallel.dp_shard=0: must be -1 or >= 1"),
+    "dp is not replicate x shard": (["parallel.dp=1", "parallel.dp_replicate=2", "parallel.dp_shard=1"], "parallel.dp=1 but parallel.dp_replicate*parallel.dp_shard = 2*1 = 2: leave parallel.dp_shard=-1"),
+    "dp replicate not dividing dp": (["parallel.dp=3", "parallel.dp_replicate=2", "train.global_batch_size=6"], "parallel.dp_replicate=2 does not divide the data-parallel degree dp=3: choose a parallel.dp_replicate that divides 3"),
+    "grad sync unknown": (["parallel.grad_sync=never"], "parallel.grad_sync"),
     "lr nan": (["optim.lr=nan"], "optim.lr=nan: must be a finite number > 0"),
     "lr inf": (["optim.lr=inf"], "optim.lr=inf: must be a finite number > 0"),
     "lr negative": (["optim.lr=-0.1"], "optim.lr=-0.1: must be > 0"),
@@ -101,6 +110,21 @@ CASES = {
     "jsonl line not an object": (["data.path={root}/array_line.jsonl"], "its first line is a JSON list, not an object"),
     "parquet that is not": (["data.path={root}/fake.parquet"], "data.path={root}/fake.parquet: the file is not a Parquet file"),
     "directory with an empty file": (["data.path={root}/dir_with_empty"], "data.path={root}/dir_with_empty: b.txt is empty"),
+    "chat row without messages": (["data=chat", "data.path={root}/chat_no_messages.jsonl"], "data.path={root}/chat_no_messages.jsonl: the file's first line has no 'messages' field (it has: text); set data.messages_field"),
+    "chat unknown role": (["data=chat", "data.path={root}/chat_bad_role.jsonl"], "data.path={root}/chat_bad_role.jsonl: the file's first line message 0 has the unknown role 'bot'"),
+    "chat messages not a list": (["data=chat", "data.path={root}/chat_not_list.jsonl"], "has a str in 'messages', not a list of messages"),
+    "chat from a text file": (["data=chat", "data.path={root}/good.txt"], "data.path={root}/good.txt: the file is a .txt file, which cannot hold conversations"),
+    "chat packed as a stream": (["data.format=chat"], "data.format=chat: conversations must not see each other; set data.packing=documents"),
+    "mixture weights sum to zero": (["data.sources=[{path: null, weight: 0}]"], "data.sources: the weights sum to 0; give at least one source a positive weight"),
+    "mixture weight negative": (["data.sources=[{weight: -1}, {weight: 2}]"], "data.sources[0].weight=-1.0: must be >= 0"),
+    "mixture weight below resolution": (["data.sources=[{weight: 1}, {weight: 0.0001}]"], "data.sources[1].weight=0.0001: a share of 0.0001 is below the mixture's resolution"),
+    "mixture weight not a number": (["data.sources=[{weight: abc}]"], "data.sources: Value 'abc' of type 'str' could not be converted to Float"),
+    "mixture source key misspelt": (["data.sources=[{pth: x}]"], "data.sources: Key 'pth' not in 'SourceConfig'"),
+    "mixture source missing": (["data.sources=[{path: {root}/good.txt}, {path: {root}/nope.jsonl}]"], "data.sources[1].path={root}/nope.jsonl: no such file or directory"),
+    "mixture and path": (["data.path={root}/good.txt", "data.sources=[{weight: 1}]"], "data.sources: set either data.path={root}/good.txt (one source) or data.sources"),
+    "eval path and fraction": (["data.eval_path={root}/good.txt", "data.eval_fraction=0.1"], "data.eval_path={root}/good.txt: set either data.eval_path or data.eval_fraction=0.1"),
+    "eval path missing without a pass": (["data.eval_path={root}/nope.txt"], "data.eval_path={root}/nope.txt: no such file or directory"),
+    "eval fraction one": (["data.eval_fraction=1"], "data.eval_fraction=1.0: must be in [0, 1)"),
 }
 
 
@@ -160,12 +184,22 @@ def test_bad_input_as_a_process_is_one_line(entry, tmp_path):
     assert_one_line(done.returncode, done.stdout, done.stderr, filled([expected], places)[0])
 
 
-def test_a_malformed_line_deep_in_a_data_file_is_one_line_naming_data_path(tmp_path):
-    """The first lines pass the check before the run; the loader's error is reduced to its cause."""
-    lines = [f'{{"text": "document {i} with some words in it"}}' for i in range(300)]
-    (tmp_path / "corpus.jsonl").write_text("\n".join([*lines, '{"text": broken}']) + "\n")
-    done = run_command([sys.executable, "-m", "p3d.train", *FAST, "data.path=corpus.jsonl", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path)
-    assert_one_line(done.returncode, done.stdout, done.stderr, "data.path=corpus.jsonl: cannot load it (ArrowInvalid: JSON parse error")
+DEEP_ROWS = {  # a bad row after 300 good ones: (format overrides, the bad line, what the one line says)
+    "text": ([], '{"text": broken}', "data.path=corpus.jsonl: corpus.jsonl line 301 is not valid JSON (Expecting value at column 10); fix or remove that line"),
+    "chat": (["data=chat"], '{"text": "no messages"}', "data.messages_field=messages: corpus.jsonl line 301 of data.path=corpus.jsonl has no such field (it has: text)"),
+    "chat role": (["data=chat"], '{"messages": [{"role": "robot", "content": "x"}]}', "data.path=corpus.jsonl: corpus.jsonl line 301 message 0 has the unknown role 'robot'"),
+}
+
+
+@pytest.mark.parametrize("case", list(DEEP_ROWS))
+def test_a_malformed_row_deep_in_a_data_file_is_one_line_naming_the_key(case, tmp_path):
+    """The first lines pass the check before the run; the cache build finds the bad row and names it."""
+    overrides, bad, expected = DEEP_ROWS[case]
+    good = '{"messages": [{"role": "user", "content": "hi %d"}, {"role": "assistant", "content": "hello"}]}' if overrides else '{"text": "document %d with some words in it"}'
+    (tmp_path / "corpus.jsonl").write_text("\n".join([*(good % i for i in range(300)), bad]) + "\n")
+    done = run_command([sys.executable, "-m", "p3d.train", *FAST, *overrides, "data.path=corpus.jsonl", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert_one_line(done.returncode, done.stdout, done.stderr, expected)
+    assert not list((tmp_path / "runs" / "data-cache").glob("corpus-*/manifest.json"))  # no cache entry from a failed build
 
 
 def test_a_diverging_loss_is_a_run_error_with_its_own_exit_code(tmp_path):

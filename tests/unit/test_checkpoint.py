@@ -140,6 +140,13 @@ def test_held_out_data_and_validation_can_change_on_resume(tmp_path):
     assert plan_resume(config, hf_config).changes == (f"data.eval_path: None -> {held_out}", "eval.every: 0 -> 5")
 
 
+def test_where_the_token_cache_lives_can_change_on_resume(tmp_path):
+    """data.cache_dir and data.tokenize_workers leave the training samples as they are."""
+    make_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000010", tmp_path=tmp_path)
+    _, config, hf_config = configured(tmp_path, f"data.cache_dir={tmp_path / 'shared'}", "data.tokenize_workers=3")
+    assert plan_resume(config, hf_config).changes == (f"data.cache_dir: None -> {tmp_path / 'shared'}", "data.tokenize_workers: 0 -> 3")
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

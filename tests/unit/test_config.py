@@ -114,6 +114,7 @@ def test_run_dir_is_shared_by_identical_commands_and_ignores_layout():
     first = compose(["model=tiny_opt", "train.seed=3"]).run.dir
     assert first == compose(["model=tiny_opt", "train.seed=3"]).run.dir
     assert first == compose(["train.seed=3", "model=tiny_opt", "parallel=tp2dp2cp2", "train.steps=99"]).run.dir
+    assert first == compose(["model=tiny_opt", "train.seed=3", "data.cache_dir=/tmp/shared-cache", "data.tokenize_workers=4"]).run.dir
     assert first != compose(["model=tiny_opt", "train.seed=4"]).run.dir
     assert first.startswith("runs/tiny_opt-")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from p3d import cli
 from p3d.config.compose import compose, to_object
@@ -215,15 +216,27 @@ def with_stand_ins(overrides: list[str], config_dirs: list[str], scratch: Path) 
     for override in overrides:
         key, _, value = override.partition("=")
         if key in ("data.path", "data.eval_path") and not Path(value).exists():
-            path = scratch / "stand_ins" / Path(value).name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            line = '{"text": "a stand-in corpus of a few words"}\n' if path.suffix == ".jsonl" else "a stand-in corpus of a few words\n"
-            path.write_text(line * 2000)
-            override = f"{key}={path}"
+            override = f"{key}={_corpus_stand_in(value, scratch)}"
+        elif key == "data.sources":
+            items = yaml.safe_load(value)
+            for item in items:
+                if item.get("path") is not None and not Path(item["path"]).exists():
+                    item["path"] = str(_corpus_stand_in(item["path"], scratch))
+            override = "data.sources=[" + ", ".join("{" + ", ".join(f"{k}: {v!r}" for k, v in item.items()) + "}" for item in items) + "]"
         elif key == "model.pretrained" and not Path(value).exists():
             override = f"model.pretrained={_pretrained_stand_in(overrides, config_dirs, scratch)}"
         result.append(override)
     return result
+
+
+def _corpus_stand_in(value: str, scratch: Path) -> Path:
+    """A corpus where a documented command names one: a file of its suffix, or a directory of .jsonl."""
+    path = scratch / "stand_ins" / Path(value).name
+    file = path if path.suffix else path / "part-0.jsonl"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    line = '{"text": "a stand-in corpus of a few words"}\n' if file.suffix == ".jsonl" else "a stand-in corpus of a few words\n"
+    file.write_text(line * 2000)
+    return path
 
 
 def _pretrained_stand_in(overrides: list[str], config_dirs: list[str], scratch: Path) -> Path:

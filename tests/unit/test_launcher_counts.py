@@ -23,6 +23,8 @@ def chosen(overrides: list[str], nnodes: str = "1") -> tuple[int, str]:
         (["parallel=tp2dp2cp2"], "1", 8),
         (["parallel=tp2dp4cp2"], "2", 8),  # dp*cp*tp over the nodes
         (["parallel.tp=2"], "2", 2),  # dp=-1 on CPU: tp*cp per node, dp = nodes
+        (["parallel.dp_replicate=2"], "1", 2),  # dp=-1 on CPU: tp*cp*dp_replicate
+        (["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.tp=2"], "1", 8),  # dp = dp_replicate*dp_shard
     ],
 )
 def test_process_count_on_cpu(overrides, nnodes, count):

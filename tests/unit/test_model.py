@@ -42,6 +42,16 @@ def test_tied_embeddings_stay_tied():
     assert model.lm_head.weight is model.get_input_embeddings().weight
 
 
+def test_a_composite_model_keeps_the_head_tie_its_top_level_config_asks_for():
+    # MOSS-Transcribe-Diarize ties lm_head to its language model's embedding by the top-level config;
+    # its text config says tie_word_embeddings=False. An untied copy trained differently on one
+    # process than under FSDP (which keeps the meta model's tie): losses 1e-1 apart.
+    model = built(["model=tiny", "model.arch=moss_transcribe_diarize"])
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    untied = built(["model=tiny", "model.arch=qwen3"])
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+
+
 def test_rotary_buffers_are_computed():
     model = built(["model=tiny_llama"])
     inv_freq = model.model.rotary_emb.inv_freq

@@ -297,3 +297,109 @@ def test_the_logits_are_freed_before_backward():
     trace = planned([*TINY, "parallel.dp=2"], 2).trace
     timeline = replay_step(trace, 0, Sizes(4, 4), in_backward=False)
     assert timeline.most["logits and loss"] == trace.loss_bytes + 2 * trace.logits_fp32_bytes
+
+
+def transients(plan) -> float:
+    """What exists only during the step at the peak, beyond the stored state and the activations."""
+    parts = plan.breakdown()
+    return parts["gathered weights"] + parts["gathered gradients"] + parts["reduce buffers"]
+
+
+def test_replicated_ranks_hold_the_whole_model_state_and_all_reduce_it_in_buckets():
+    """dp_replicate=2: weights, gradients and optimizer state of one process on each rank (FSDP at dp2:
+    half); FSDP2's replicate keeps its unsharded copy of every weight from forward to backward; one
+    gradient all-reduce per bucket of blocks and the root, once per step with accumulation."""
+    from p3d.plan import Sizes, collectives, replay_step
+
+    one = planned(OPT_4_LAYERS, 1)
+    sharded = planned([*OPT_4_LAYERS, "parallel.dp=2"], 2)
+    replicated = planned([*OPT_4_LAYERS, "parallel.dp_replicate=2"], 2)
+    for part in ("weights", "optimizer state"):
+        assert replicated.breakdown()[part] == pytest.approx(one.breakdown()[part])
+        assert sharded.breakdown()[part] == pytest.approx(one.breakdown()[part] / 2, rel=1e-3)
+    whole = one.trace.parameters * 4  # fp32
+    timelines = {name: replay_step(result.trace, 0, Sizes(4, 4), in_backward=False) for name, result in (("sharded", sharded), ("replicated", replicated))}
+    assert timelines["replicated"].most["gradients"] == whole  # the stored gradients, by the end of the step
+    assert timelines["sharded"].most["gradients"] == pytest.approx(whole / 2, rel=1e-3)
+    assert all(unit.keeps_gathered for unit in replicated.trace.units)  # read from FSDP2's state
+    assert timelines["replicated"].most["gathered weights"] == whole
+    assert replicated.trace.micro_batches == 2 and not replicated.trace.reduces_every_micro_batch  # grad_sync=auto: nothing sharded
+    found = collectives(replicated.trace, replicated.config)
+    (reduce,) = found
+    assert (reduce.group, reduce.per_step(2)[0]) == ("dp_cp", 5) and reduce.name.startswith("all-reduce of gradients")  # 4 buckets of one 201 MB block, and the root
+    assert reduce.per_step(2)[1] == whole
+
+
+def test_a_bucket_of_blocks_is_one_replicated_unit_with_all_their_parameters():
+    """Blocks of about 16 MB: FSDP2's replicate wraps two per 25 MiB bucket as one unit, gathered and
+    all-reduced together; the plan counts it once, with both blocks' parameters."""
+    from p3d.plan import collectives
+
+    result = planned([*TINY, "model.config.hidden_size=512", "model.config.intermediate_size=2048", "model.config.num_hidden_layers=4", "parallel.dp_replicate=2"], 2)
+    buckets = result.trace.units[:-1]
+    assert [unit.modules for unit in buckets] == [["model.layers.0", "model.layers.1"], ["model.layers.2", "model.layers.3"]]
+    block = sum(p.numel() for name, p in _meta_model(result).named_parameters() if name.startswith("model.layers.0."))
+    assert all(unit.gathered_numel == 2 * block and len(unit.parameters) == 2 * 9 for unit in buckets)  # llama: 9 tensors per block
+    assert sum(unit.gathered_numel for unit in result.trace.units) == result.trace.parameters
+    (reduce,) = collectives(result.trace, result.config)
+    assert reduce.per_step(result.trace.micro_batches)[0] == 3  # two buckets and the root
+
+
+def _meta_model(result):
+    from p3d.model import build_meta_model
+
+    return build_meta_model(result.setup.hf_config)
+
+
+def test_hsdp_shards_over_dp_shard_and_all_reduces_over_the_replicas():
+    """dp_replicate=2 x dp_shard=2: each rank holds half the model (its replica's shard); all-gathers and
+    reduce-scatters run over dp_shard_cp, and the reduced shards are all-reduced over dp_replicate."""
+    from p3d.plan import collectives
+
+    one = planned(OPT_4_LAYERS, 1)
+    hsdp = planned([*OPT_4_LAYERS, "parallel.dp_replicate=2", "parallel.dp_shard=2"], 4)
+    assert hsdp.breakdown()["weights"] == pytest.approx(one.breakdown()["weights"] / 2, rel=1e-3)
+    for rank in range(4):
+        assert sum(hsdp.trace.shard_numel[rank].values()) == pytest.approx(hsdp.trace.parameters / 2, rel=1e-3), rank
+    found = {(c.group, c.name.split(" of ")[0]): c for c in collectives(hsdp.trace, hsdp.config)}
+    assert set(found) == {("dp_shard_cp", "FSDP all-gather"), ("dp_shard_cp", "FSDP reduce-scatter"), ("dp_replicate", "HSDP all-reduce")}
+    reduce_scatter, all_reduce = found[("dp_shard_cp", "FSDP reduce-scatter")], found[("dp_replicate", "HSDP all-reduce")]
+    assert all_reduce.per_micro_batch == reduce_scatter.per_micro_batch == len(hsdp.trace.units)
+    assert all_reduce.bytes_per_micro_batch == pytest.approx(reduce_scatter.bytes_per_micro_batch / 2, rel=1e-3)  # this rank's half
+
+
+@pytest.mark.parametrize("key, part", [("parallel.reshard_after_forward=false", "gathered weights"), ("parallel.grad_sync=step", "gathered gradients")])
+def test_fsdp_options_that_cost_memory_raise_the_transients(key, part):
+    """Both keep the whole unsharded model on each rank at the peak: every unit's gathered weights from
+    forward to backward (FSDP2's state says which units reshard), or the unsharded fp32 gradients held
+    across the micro-batches until the step's one reduction (parallel/fsdp.py decides when)."""
+    base = [*OPT_4_LAYERS, "parallel.dp=4", "train.micro_batch_size=1"]  # two micro-batches per step
+    before, after = planned(base, 4), planned([*base, key], 4)
+    assert after.breakdown()[part] >= after.trace.parameters * 4
+    assert transients(after) > transients(before) + after.breakdown()["weights"]
+
+
+def test_replicate_buckets_group_blocks_in_backward_order():
+    from p3d.parallel.fsdp import replicate_buckets
+
+    assert replicate_buckets([10, 10], bucket_bytes=25) == []  # all in the root unit: one all-reduce
+    assert replicate_buckets([10] * 5, bucket_bytes=25) == [[2, 3, 4]]  # blocks 0, 1 stay with the root
+    assert replicate_buckets([30, 1, 30], bucket_bytes=25) == [[2], [0, 1]]
+
+
+@pytest.mark.parametrize("sizes", [dict(dp=4, cp=2, tp=2, dp_replicate=2), dict(dp=2, cp=2, tp=1, ep=2)])
+def test_mesh_coordinates_are_the_meshes_own(sizes):
+    """The plan reads every rank's shard at ParallelDims.mesh_coordinates: they must be the coordinates the
+    real meshes give that rank (each rank of a fake process group in turn)."""
+    from p3d import compat
+    from p3d.distributed.mesh import Meshes, ParallelDims
+
+    dims = ParallelDims(**sizes)
+    compat.import_dynamo()
+    for rank in range(dims.world_size):
+        with compat.fake_process_group(dims.world_size, rank):
+            meshes = Meshes(dims, "cpu")
+            views = [meshes.world, meshes.dp, meshes.dp_cp, meshes.data_parallel] + ([meshes.experts] if dims.ep > 1 else [])
+            coordinates = {name: coordinate for mesh in views for name, coordinate in zip(mesh.mesh_dim_names, mesh.get_coordinate())}
+        expected = dims.mesh_coordinates(rank)
+        assert {name: expected[name] for name in coordinates} == coordinates, rank

@@ -20,6 +20,31 @@ def test_valid_config_passes_and_infers_dp():
     assert (setup.dims.dp, setup.dims.cp, setup.dims.tp) == (2, 2, 2)
 
 
+@pytest.mark.parametrize("overrides, world, sizes", [
+    (["parallel.dp_replicate=2"], 2, (2, 1, True, False, 1)),  # (dp_replicate, dp_shard, replicated, hybrid, shard ranks)
+    (["parallel.dp_replicate=2"], 4, (2, 2, False, True, 2)),
+    (["parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.cp=2"], 4, (2, 1, True, False, 1)),
+    (["parallel=tp2dp2cp2"], 8, (1, 2, False, False, 4)),  # the default: FSDP over dp x cp
+    (["parallel.dp_shard=2", "parallel.dp_replicate=2", "parallel.tp=2"], 8, (2, 2, False, True, 2)),
+])
+def test_dp_is_dp_replicate_times_dp_shard(overrides, world, sizes):
+    dims = validate(to_object(compose(overrides)), world).dims
+    assert (dims.dp_replicate, dims.dp_shard, dims.replicated, dims.hybrid, dims.shard_ranks) == sizes
+    assert dims.dp == dims.dp_replicate * dims.dp_shard and dims.world_size == world
+
+
+def test_a_dp_given_by_replicas_and_shards_must_fit_the_world():
+    (problem,) = problems(["parallel.dp_replicate=2", "parallel.dp_shard=2"], 2)
+    assert problem.startswith("parallel.dp_replicate*parallel.dp_shard*parallel.cp*parallel.tp = 4*1*1 = 4 but the world size is 2: launch 4 processes")
+    (problem,) = problems(["parallel.dp_replicate=2"], 3)
+    assert problem == "parallel.dp_replicate=2 does not divide the data-parallel degree dp=3: choose a parallel.dp_replicate that divides 3"
+
+
+def test_expert_parallelism_is_not_combined_with_replicas():
+    (problem,) = problems(["model=tiny", "model.arch=mixtral", "parallel.ep=2", "parallel.dp_replicate=2"], 4)
+    assert problem == "parallel.ep=2 with parallel.dp_replicate=2: expert parallelism is not combined with replicated data parallelism yet; use parallel.dp_replicate=1 or parallel.ep=1"
+
+
 def test_world_size_must_be_dp_cp_tp():
     (problem,) = problems(["parallel=tp2dp2cp2"], 6)
     assert "parallel.dp*parallel.cp*parallel.tp" in problem and "world size is 6" in problem

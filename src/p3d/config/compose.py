@@ -35,9 +35,13 @@ from p3d.errors import ConfigError
 SCHEMA_NAME = "p3d_schema"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
-# Overrides that change how a run is laid out, reported or evaluated, not what it trains: they do not
-# change the default run directory, so rerunning with another layout or more steps resumes.
-_RUN_ID_EXCLUDED = ("parallel", "train.steps", "train.micro_batch_size", "checkpoint", "logging", "run", "dist", "eval", "data.eval_path")
+# Overrides that change how a run is laid out, reported or evaluated, or where its token cache lives,
+# not what it trains: they do not change the default run directory, so rerunning with another layout
+# or more steps resumes.
+_RUN_ID_EXCLUDED = (
+    "parallel", "train.steps", "train.micro_batch_size", "checkpoint", "logging", "run", "dist", "eval", "data.eval_path",
+    "data.cache_dir", "data.tokenize_workers",
+)
 
 
 def _shipped_dir(installed_name: str, repo_name: str) -> Path:
@@ -278,10 +282,14 @@ def describe_compose_error(error: BaseException, config_dirs: Sequence[str | Pat
     while current is not None:
         chain.append(current)
         current = current.__cause__ or current.__context__
+    overridden = next((m.group(1) for link in chain if (m := re.search(r"(?:Could not override '|Error merging override )([^'=]+)", str(link)))), None)
     for link in chain:
         full_key = getattr(link, "full_key", None)
         if isinstance(link, OmegaConfBaseException) and full_key:
             reason = str(link).splitlines()[0]
+            if overridden and not full_key.startswith(overridden.split(".")[0]):
+                # a key inside a list item (data.sources=[{...}]): OmegaConf names it relative to the item
+                return f"{overridden}: {reason} (docs/config.md lists the keys of {overridden}[])"
             if "not in" in reason or "is not in struct" in reason:
                 return _unknown_key_line(full_key)
             if isinstance(link, InterpolationResolutionError):

@@ -78,16 +78,23 @@ def render() -> str:
     for section, class_name in SECTIONS.items():
         cls = getattr(schema, class_name)
         out += [f"## `{section}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for field in dataclasses.fields(cls):
-            annotation = field.type if isinstance(field.type, str) else str(field.type)
-            bounds = schema.bounds_of(field)
-            allowed = f", {bounds.describe()}" if bounds else ""
-            out.append(
-                f"| `{section}.{field.name}` | {_type_name(annotation)}{allowed} | `{_default(field)}` | "
-                f"{docs[class_name][field.name]} |"
-            )
+        out += _rows(section, cls, docs)
         out.append("")
     return "\n".join(out)
+
+
+def _rows(prefix: str, cls: type, docs: dict[str, dict[str, str]]) -> list[str]:
+    """One row per field; a list of dataclasses (data.sources) also gets a row per item field (`data.sources[].path`)."""
+    rows = []
+    for field in dataclasses.fields(cls):
+        annotation = field.type if isinstance(field.type, str) else str(field.type)
+        bounds = schema.bounds_of(field)
+        allowed = f", {bounds.describe()}" if bounds else ""
+        rows.append(f"| `{prefix}.{field.name}` | {_type_name(annotation)}{allowed} | `{_default(field)}` | {docs[cls.__name__][field.name]} |")
+        item = getattr(schema, annotation[len("List["):-1], None) if annotation.startswith("List[") else None
+        if item is not None and dataclasses.is_dataclass(item):
+            rows += _rows(f"{prefix}.{field.name}[]", item, docs)
+    return rows
 
 
 if __name__ == "__main__":

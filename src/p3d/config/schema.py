@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,20 @@ class Schedule(Enum):
     wsd = "wsd"
 
 
+class GradSync(Enum):
+    auto = "auto"
+    micro_batch = "micro_batch"
+    step = "step"
+
+
 class Packing(Enum):
     stream = "stream"
     documents = "documents"
+
+
+class DataFormat(Enum):
+    text = "text"
+    chat = "chat"
 
 
 @dataclass
@@ -146,7 +157,11 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int = bounded(-1, ge=1, also=(-1,))  # data-parallel degree (FSDP2 shards over dp*cp); -1 infers it as world_size / (cp*tp)
+    dp: int = bounded(-1, ge=1, also=(-1,))  # data-parallel degree, = dp_replicate * dp_shard; -1 infers it as world_size / (cp*tp) (or dp_replicate*dp_shard when dp_shard is set)
+    dp_replicate: int = bounded(1, ge=1)  # data-parallel replicas: the model state is replicated over them and gradients all-reduced (with dp_shard > 1: HSDP; with dp_shard=1: DDP-style, the whole model on every rank)
+    dp_shard: int = bounded(-1, ge=1, also=(-1,))  # data-parallel ranks FSDP2 shards the model state over (together with the cp ranks); -1 takes dp / dp_replicate
+    reshard_after_forward: bool = True  # FSDP: free each block's gathered weights after its forward and all-gather them again in backward; false keeps them from forward to backward (one all-gather per block less, the whole TP-local model unsharded in memory)
+    grad_sync: GradSync = GradSync.auto  # when gradients are reduced over dp: micro_batch (after every micro-batch's backward), step (after the last micro-batch only; with sharding each rank holds the unsharded gradients until then), auto (step when nothing is sharded, else micro_batch)
     cp: int = bounded(1, ge=1)  # context-parallel degree: the sequence is split over this many ranks
     tp: int = bounded(1, ge=1)  # tensor-parallel degree (innermost mesh dimension)
     ep: int = bounded(1, ge=1)  # expert-parallel degree: each mixture-of-experts layer's experts split over this many of the dp*cp ranks (must divide dp*cp), tokens sent to them by all-to-all
@@ -156,15 +171,30 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: Optional[str] = None  # local file/dir or hub dataset id of this source; null: the built-in corpus (the built-in chat set with data.format=chat)
+    weight: float = bounded(1.0, ge=0)  # this source's share of the samples: its weight over the sum of all weights
+    name: Optional[str] = None  # hub dataset configuration name; null: data.name
+    split: Optional[str] = None  # dataset split to read; null: data.split
+    text_field: Optional[str] = None  # column holding the text; null: data.text_field
+
+
+@dataclass
 class DataConfig:
-    path: Optional[str] = None  # local file/dir (.txt, .json, .jsonl, .parquet) or hub dataset id; null: the built-in corpus
+    path: Optional[str] = None  # local file/dir (.txt, .json, .jsonl, .parquet, .csv) or hub dataset id; null: the built-in corpus (chat set with format=chat)
     name: Optional[str] = None  # hub dataset configuration name (with a hub id in data.path)
     split: str = "train"  # dataset split to read
     text_field: str = "text"  # column holding the text
+    sources: List[SourceConfig] = field(default_factory=list)  # a weighted mixture of sources, e.g. [{path: a.jsonl, weight: 0.8}, {path: b, weight: 0.2}] (instead of data.path)
+    format: DataFormat = DataFormat.text  # text: every token is a target; chat: rows hold a `messages` list (role, content), only assistant tokens are targets
+    messages_field: str = "messages"  # with format=chat: the column holding each conversation's list of {role, content}
     seq_len: int = bounded(128, ge=1)  # tokens per training sequence
     tokenizer: str = "auto"  # auto: the model's own tokenizer if model.pretrained has one, else byte; byte; or a local dir / hub id
     packing: Packing = Packing.stream  # stream: windows cut from one token stream, attention crosses documents; documents: attention and positions stay inside each document
-    eval_path: Optional[str] = None  # held-out documents for the validation pass (eval.every): a local file/dir or hub dataset id, read, tokenized and packed like data.path
+    eval_path: Optional[str] = None  # held-out documents for the validation pass (eval.every): a local file/dir or hub dataset id, read whole, tokenized and packed like data.path (its split is data.split)
+    eval_fraction: float = bounded(0.0, ge=0, lt=1)  # held-out share of each training source's documents (chosen by content hash), never trained on, for the validation pass instead of data.eval_path; 0: none
+    cache_dir: Optional[str] = None  # where tokenized sources are cached (shareable between runs and jobs); null: <run.root>/data-cache
+    tokenize_workers: int = bounded(0, ge=0)  # processes that tokenize a source into a new cache; 0: one per available CPU core
 
 
 @dataclass
@@ -202,7 +232,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = bounded(0, ge=0)  # a validation pass over data.eval_path every this many steps and after the last step (val_loss, val_ppl); 0: none
+    every: int = bounded(0, ge=0)  # a validation pass over the held-out data (data.eval_path or data.eval_fraction) every this many steps and after the last step (val_loss, val_ppl); 0: none
     steps: int = bounded(4, ge=1)  # batches of train.global_batch_size held-out sequences per pass (the same batches every pass)
 
 

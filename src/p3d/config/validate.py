@@ -40,7 +40,8 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
     problems = _check_ranges(config)
     if problems:
         raise ConfigError(problems)  # every check below assumes its numbers are in range
-    dims = _collect(problems, lambda: ParallelDims.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size, config.parallel.ep))
+    parallel = config.parallel
+    dims = _collect(problems, lambda: ParallelDims.resolve(parallel.dp, parallel.cp, parallel.tp, world_size, parallel.ep, parallel.dp_replicate, parallel.dp_shard))
     problems += _check_options(config)
     dp = dims.dp if dims else max(config.parallel.dp, 1)
     problems += _check_batch(config, dp)

@@ -53,20 +53,6 @@ def expert_count(module: nn.Module) -> int | None:
     return count if len(positional) >= 3 else None  # forward(hidden_states, top_k_index, top_k_weights)
 
 
-class _SumOutputs(torch.autograd.Function):
-    """Forward sums the partial outputs over the group; backward passes the (replicated) gradient on."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        tensor = tensor.contiguous().clone()
-        dist.all_reduce(tensor, group=group)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 class _AllToAll(torch.autograd.Function):
     """Rows to other ranks (`send_sizes[r]` rows to rank r, `recv_sizes[r]` from it); backward sends the
     gradients the other way. gloo, NCCL and the other backends implement `all_to_all_single`."""
@@ -124,7 +110,7 @@ class ShardedExperts:
             module._parameters.update(originals)
 
     def _shared_tokens(self, hidden_states, top_k_index, top_k_weights):
-        from p3d.parallel.tensor import SumGradient  # tensor.py imports this module
+        from p3d.parallel.tensor import SumGradient, SumOverGroup  # tensor.py imports this module
 
         group = self.mesh.get_group()
         hidden_states = SumGradient.apply(hidden_states, group)
@@ -142,7 +128,7 @@ class ShardedExperts:
         outputs = self._run_local_experts(hidden_states[pairs // k], local_ids)
         weighted = outputs * top_k_weights.reshape(-1)[pairs].unsqueeze(-1).to(outputs.dtype)
         per_pair = weighted.new_zeros((tokens * k, weighted.shape[-1])).index_copy(0, pairs, weighted)
-        return _SumOutputs.apply(per_pair.view(tokens, k, -1).sum(dim=1), group).to(hidden_states.dtype)
+        return SumOverGroup.apply(per_pair.view(tokens, k, -1).sum(dim=1), group).to(hidden_states.dtype)
 
     def _dispatched_tokens(self, hidden_states, top_k_index, top_k_weights):
         group, ranks = self.mesh.get_group(), self.mesh.size()

@@ -1,18 +1,43 @@
-"""FSDP2 (`fully_shard`) over the dp*cp ranks: one unit per decoder block, then the root."""
+"""Data parallelism with FSDP2's modules: sharded (`fully_shard` over dp*cp: one unit per decoder
+block, then the root), hybrid (HSDP: `fully_shard` over a (replicate, shard) mesh) or replicated
+(FSDP2's `replicate`: decoder blocks grouped into gradient buckets, one all-reduce per bucket).
+
+All three keep parameters as DTensors (TP-sharded ones included), so gradient clipping, the
+mixed-precision policy and DCP checkpoints (which reshard between the modes) work the same way.
+"""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
+from p3d.compat import replicate_modules
+from p3d.config.schema import GradSync
+from p3d.distributed.mesh import ParallelDims
 from p3d.models import decoder_blocks, experts_modules
 from p3d.parallel.tensor import own_tensor
 
+# Gradient bytes (fp32, TP-local) per all-reduce of the replicated mode: DDP's default bucket size.
+REPLICATE_BUCKET_BYTES = 25 * 2**20
+REDUCE_BYTES = 4  # gradients are reduced in fp32
 
-def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32, experts_mesh: DeviceMesh | None = None) -> None:
-    """Shard parameters, gradients and optimizer state over `dp_cp_mesh`.
+
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    compute_dtype: torch.dtype = torch.float32,
+    experts_mesh: DeviceMesh | None = None,
+    *,
+    replicate: bool = False,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Shard parameters, gradients and optimizer state over `dp_mesh` (1-D: FSDP; 2-D (replicate,
+    shard): HSDP), or with `replicate` keep them whole on every rank of the 1-D `dp_mesh`.
 
     Under expert parallelism each experts module is a unit of its own over `experts_mesh` (efsdp: the
     ranks holding the same experts); its block's unit leaves those weights to it.
@@ -23,22 +48,92 @@ def apply_fsdp(model: nn.Module, dp_cp_mesh: DeviceMesh, compute_dtype: torch.dt
     and the sharded weights keep the dtype they were built in (`train.master_dtype`: fp32, or
     bf16 for pure-bf16 training, where the cast is a no-op). Gradients are always reduced in
     fp32 and stored in the weights' dtype.
+
+    `reshard_after_forward=False` keeps each block's (and the input embedding's) gathered weights
+    from its forward to its backward instead of gathering them again.
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if replicate:
+        _replicate(model, dp_mesh, policy)
+    else:
+        _shard(model, dp_mesh, policy, experts_mesh, reshard_after_forward)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def _shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, experts_mesh: DeviceMesh | None, reshard_after_forward: bool) -> None:
     if experts_mesh is not None:
         for _, experts in experts_modules(model):
             fully_shard(experts, mesh=experts_mesh, mp_policy=policy)
     for block in decoder_blocks(model):
         _outputs_of_their_own(block)
-        fully_shard(block, mesh=dp_cp_mesh, mp_policy=policy)
-    for unit, reshard_after_forward in embedding_units(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for unit, reshard in embedding_units(model):
         _outputs_of_their_own(unit)
-        fully_shard(unit, mesh=dp_cp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_cp_mesh, mp_policy=policy)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
+    """Each bucket of consecutive blocks is one unit, whose gradients are all-reduced together once
+    its backward is done (FSDP2 issues it on a stream of its own on CUDA, overlapping the rest of the
+    backward; on CPU/gloo it runs in line);
+    the root unit holds the rest (embeddings, final norm, head) and every block when the blocks
+    together are smaller than one bucket."""
+    blocks = decoder_blocks(model)
+    for bucket in replicate_buckets([gradient_bytes(block) for block in blocks]):
+        units = [blocks[index] for index in bucket]
+        for unit in units:
+            _outputs_of_their_own(unit)
+        replicate_modules(units, mesh, policy)
+    replicate_modules([model], mesh, policy)
+
+
+def gradient_bytes(module: nn.Module) -> int:
+    """Bytes of the module's (TP-local) gradients as they are reduced."""
+    return sum((param.to_local() if isinstance(param, DTensor) else param).numel() for param in module.parameters()) * REDUCE_BYTES
+
+
+def replicate_buckets(block_bytes: Sequence[int], bucket_bytes: int = REPLICATE_BUCKET_BYTES) -> list[list[int]]:
+    """Indices of consecutive blocks grouped into all-reduce buckets of at least `bucket_bytes`, in
+    backward order (the last blocks first); the first blocks left over stay in the root unit, whose
+    gradients are reduced last anyway (so no bucket at all when every block fits in one)."""
+    buckets, current, size = [], [], 0
+    for index in reversed(range(len(block_bytes))):
+        current.insert(0, index)
+        size += block_bytes[index]
+        if size >= bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+    return buckets
+
+
+def syncs_every_micro_batch(grad_sync: GradSync, dims: ParallelDims) -> bool:
+    """Whether gradients are reduced after every micro-batch (else after the step's last only).
+    auto: once per step when nothing is sharded (no extra memory), every micro-batch when sharded
+    (waiting would hold each rank's unsharded gradients across the micro-batches)."""
+    if grad_sync is GradSync.auto:
+        return dims.shard_ranks > 1
+    return grad_sync is GradSync.micro_batch
+
+
+def gradient_sync_switch(model: nn.Module, every_micro_batch: bool) -> Callable[[bool], None]:
+    """A function `sync(last_micro_batch)` to call before each micro-batch's backward: it turns the
+    gradient reduction off for all but the step's last micro-batch (FSDP2's no_sync)."""
+    if every_micro_batch or not isinstance(model, FSDPModule):
+        return lambda last: None
+
+    enabled = True
+
+    def sync(last: bool) -> None:
+        nonlocal enabled
+        if last != enabled:  # a walk over every module: only when it changes
+            model.set_requires_gradient_sync(last)
+            enabled = last
+
+    return sync
 
 
 def embedding_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:

@@ -1,7 +1,8 @@
 """Parallelism applied from outside the (single-device) model, in one fixed order.
 
     meta build -> tensor (and sequence) parallel -> expert parallel -> context-parallel attention
-               -> activation checkpointing -> torch.compile -> FSDP2 -> materialise shards
+               -> activation checkpointing -> torch.compile -> FSDP2 (sharded, HSDP or replicated)
+               -> materialise shards
 
 TP comes first because FSDP2 shards the TP-local weights (2-D DTensors over dp_cp x tp);
 activation checkpointing and compile wrap each block's forward inside FSDP2's hooks; the
@@ -15,7 +16,7 @@ from transformers import PreTrainedModel
 
 from p3d.config.schema import DType, P3DConfig
 from p3d.distributed.mesh import Meshes
-from p3d.model import build_meta_model, materialize, tie_weights_if_configured
+from p3d.model import build_meta_model, materialize, retie_weights
 from p3d.models import architecture, experts_modules
 from p3d.parallel.activation import apply_activation_checkpointing, compile_blocks
 from p3d.parallel.expert import shard_experts
@@ -48,7 +49,7 @@ def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_p
         apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel, localised)
         if sequence_parallel:
             apply_sequence_parallel(model, meshes.tp)
-        tie_weights_if_configured(model)
+        retie_weights(model)
     if dims.ep > 1:
         for _, experts in experts_modules(model):
             shard_experts(experts, meshes.ep, tokens_shared=False)
@@ -68,6 +69,14 @@ def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes)
         compile_blocks(model)
     # FSDP2 also carries the mixed-precision policy, so a one-process bf16 run uses it too.
     compute_dtype = TORCH_DTYPES[config.train.dtype]
-    if meshes.dims.dp_cp > 1 or compute_dtype != torch.float32:
-        apply_fsdp(model, meshes.dp_cp, compute_dtype, meshes.efsdp if meshes.dims.ep > 1 else None)
+    dims = meshes.dims
+    if dims.dp_cp > 1 or compute_dtype != torch.float32:
+        apply_fsdp(
+            model,
+            meshes.data_parallel,
+            compute_dtype,
+            meshes.efsdp if dims.ep > 1 else None,
+            replicate=dims.replicated,
+            reshard_after_forward=config.parallel.reshard_after_forward,
+        )
     return checkpointed

@@ -37,6 +37,7 @@ which is then all-gathered and each rank keeps its slice of every part.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable
@@ -375,6 +376,118 @@ class SumGradient(torch.autograd.Function):
         return grad, None
 
 
+class SumOverGroup(torch.autograd.Function):
+    """All-reduce forward (the partial sums of a row-parallel layer); identity backward."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        summed = tensor.contiguous()
+        if summed is tensor:
+            ctx.mark_dirty(tensor)  # summed in place: the layer's fresh output, which no backward needs
+        dist.all_reduce(summed, group=group)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim (rank order); backward keeps this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.rank, ctx.width = dist.get_rank(group), tensor.shape[-1]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(-1, ctx.rank * ctx.width, ctx.width), None
+
+
+class _SharedColumnInput:
+    """The input of a column-parallel layer, with its gradient summed over tp, shared by the layers that read
+    the same tensor (q, k and v; gate and up): their gradients add up first, then one all-reduce sums them
+    over tp, where a SumGradient per layer would all-reduce each one. Remembers the last input only: a view
+    of it, which the layers save for their backward anyway."""
+
+    def __init__(self):
+        self._input = lambda: None
+        self._entered: torch.Tensor | None = None
+        self._group = None
+
+    def entering(self, tensor: torch.Tensor, group) -> torch.Tensor:
+        if self._entered is not None and self._input() is tensor and self._group is group and torch.is_grad_enabled():
+            return self._entered
+        entered = SumGradient.apply(tensor, group)
+        self._input, self._entered, self._group = weakref.ref(tensor), entered, group
+        return entered
+
+
+_shared_input = _SharedColumnInput()
+
+
+class _LocalLinear(ParallelStyle):
+    """colwise, colwise_gather_output and rowwise on plain tensors with explicit collectives (Megatron's scheme).
+
+    The parameters are sharded DTensors exactly as with the DTensor styles (`_Colwise` / `_Rowwise`: the
+    same shards, so FSDP2 and checkpoints see no difference), but the forward runs the module's own code on
+    their local shards and plain activations, so no op of the block goes through DTensor's dispatch:
+    column-parallel: identity forward / gradient all-reduced over tp on the input, output this rank's
+    features (all-gathered for colwise_gather_output); row-parallel: input this rank's features, output
+    all-reduced, then the bias (replicated) added once. Gradients reach the parameters as DTensors with the
+    parameters' own placements (`to_local`'s backward). Only for layers running nn.Linear's own forward (other
+    layers, e.g. transformers' Conv1D, take the DTensor styles), and not under sequence parallelism, whose
+    norms hand the projections DTensors.
+    """
+
+    def __init__(self, rowwise: bool, gather_output: bool = False):
+        self.rowwise = rowwise
+        self.gather_output = gather_output
+
+    def _apply(self, module, device_mesh):
+        sharding = _Rowwise() if self.rowwise else _Colwise(gather_output=self.gather_output)
+        if type(module).forward is not nn.Linear.forward:
+            # A layer with code of its own (transformers' Conv1D shapes its output by its full width): DTensor's way.
+            return sharding._apply(module, device_mesh)
+        sharding._partition(None, module, device_mesh)
+        group = device_mesh.get_group()
+        originals: list[dict[str, torch.Tensor]] = []
+        biases: list[torch.Tensor | None] = []
+
+        def before(mod, args):
+            params = dict(mod._parameters)
+            originals.append(params)
+            for leaf, param in params.items():
+                if param is not None:
+                    mod._parameters[leaf] = param.to_local()
+            bias = mod._parameters.get("bias")
+            if self.rowwise and bias is not None:
+                biases.append(bias)  # added after the all-reduce, once
+                mod._parameters["bias"] = None
+            elif self.rowwise:
+                biases.append(None)
+            if self.rowwise:
+                return args
+            return (_shared_input.entering(args[0], group), *args[1:])
+
+        def after(mod, args, output):
+            mod._parameters.update(originals.pop())
+            if self.rowwise:
+                output = SumOverGroup.apply(output, group)
+                bias = biases.pop()
+                return output if bias is None else output + bias
+            if self.gather_output:
+                return _GatherLastDim.apply(output, group)
+            return output
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+        return module
+
+
 class _SwapParameters(ParallelStyle):
     """Runs the module's forward with each of its own parameters swapped for a function of it."""
 
@@ -461,6 +574,8 @@ def make_style(value: str, sequence_parallel: bool = False, rope_dim: int | None
     output onto the tokens (the second-to-last dim) instead of all-reducing it (see sequence.py)."""
     style = Style.parse(value)
     name, parts = style.name, style.parts
+    if not sequence_parallel and name in ("colwise", "colwise_gather_output", "rowwise"):
+        return _LocalLinear(rowwise=name == "rowwise", gather_output=name == "colwise_gather_output")
     if name == "colwise":
         return _Colwise()
     if name in ("colwise_gather_output", "embedding_colwise"):
