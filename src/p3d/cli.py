@@ -27,8 +27,9 @@ commands:
   train [torchrun options] [key=value ...]   validate the config, then launch training
                                              (--nproc-per-node defaults to dp*cp*tp; with
                                              parallel.dp=-1 the node's GPUs, or tp*cp*dp_replicate on CPU)
-  plan [key=value ...] --world-size N        validate and explain a config for N ranks (no GPU, no
-                                             process group): rank map, memory per rank, collectives
+  plan [key=value ...] --world-size N        validate a config for N ranks and run p3d's sharding on the
+                                             meta device (no GPU, no processes): memory per rank, fits,
+                                             collectives (--json, --device, --device-memory-gb; see plan -h)
   tune [key=value ...] --world-size N        run each layout that validates and fits N ranks for a few
        [--steps K] [--rounds R]              steps here, rank them by tokens/s, print the command for
                                              the fastest
@@ -210,18 +211,22 @@ def with_run_dir(overrides: list[str], run_dir: str) -> list[str]:
 
 
 def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:
-    """On CPU, compare p3d plan's estimate for the ranks of this machine with its memory."""
+    """On CPU, compare `p3d plan`'s memory for the ranks of this machine with its memory."""
     from p3d.distributed.env import resolve_device_type
-    from p3d.plan import estimate_memory, machine_memory_gb
+    from p3d.errors import RunError
+    from p3d.plan import GB, make_plan
 
-    machine = machine_memory_gb()
-    if resolve_device_type(config.dist.device) != "cpu" or machine is None:
+    if resolve_device_type(config.dist.device) != "cpu":
         return
-    needed = estimate_memory(config, setup).total * ranks_here
-    if needed > machine:
+    try:
+        plan = make_plan(config, setup, "cpu")
+    except RunError:  # a model the plan cannot run on the meta device: no estimate, no warning
+        return
+    needed = sorted((memory.total for memory in plan.ranks), reverse=True)[:ranks_here]
+    if plan.device_memory_gb is not None and sum(needed) > plan.device_memory_gb * GB:
         print(
-            f"p3d: warning: {ranks_here} ranks need about {needed:.1f} GB by `p3d plan`'s estimate and this machine has "
-            f"{machine:.1f} GB; see docs/parallelism.md for memory levers",
+            f"p3d: warning: {ranks_here} ranks need about {sum(needed) / GB:.1f} GB by `p3d plan` and this machine has "
+            f"{plan.device_memory_gb:.1f} GB; see docs/parallelism.md for memory levers",
             file=sys.stderr,
         )
 
@@ -266,30 +271,96 @@ def nnodes_is_single(launcher: list[str]) -> bool:
     return (_option_value(launcher, "--nnodes") or "1") in ("1", "1:1")
 
 
+PLAN_USAGE = """usage: p3d plan [--config-dir DIR] [key=value ...] --world-size N [--device cpu|cuda] [--device-memory-gb GB|GPU] [--json] [--ranks]
+
+Validates the config for N ranks, then applies p3d's own TP, SP, CP, activation checkpointing and
+FSDP2 code (sharded, HSDP or replicated) to the model on the meta device over a fake process group
+of N ranks, and replays one step: memory per rank (GB = 1e9 bytes), whether the job fits, the
+collectives of a step by kind and mesh dimension.
+
+  --device cpu|cuda         the kind of device the ranks run on (default: this machine's); it decides
+                            the per-process terms: on cpu the process baseline and allocator
+                            retention (all ranks share the machine), on cuda the CUDA context
+  --device-memory-gb GB     memory of one device (cuda) or of the machine (cpu), or a GPU name
+                            (H100, A100, ...); default: this machine's
+  --json                    one JSON object: per_rank_gb (the largest rank), job_gb, fits, breakdown, ...
+  --ranks                   every rank's (dp, cp, tp) coordinates
+  --cfg job [--resolve]     print the composed config and exit (Hydra's flag, as for p3d train)"""
+
+
 @exits_cleanly
 def plan_command(args: Sequence[str]) -> None:
     """Print the plan; an invalid config exits 2 with the validation messages, like `p3d train`."""
-    from omegaconf import OmegaConf
+    import json
 
     from p3d.config.compose import compose, to_object
     from p3d.config.flags import show, split_hydra_flags
     from p3d.config.validate import validate
-    from p3d.plan import render
+    from p3d.plan import make_plan, render
 
     flags, rest = split_hydra_flags(args)
     if flags.multirun:
         raise ConfigError("-m/--multirun: p3d plan explains one config; `p3d tune` compares layouts")
+    options, overrides = _plan_options(rest, required=not flags.prints_and_exits)
     if flags.prints_and_exits:
-        show(flags, _world_size_arg(rest, required=False)[1], PLAN_USAGE)
+        show(flags, overrides, PLAN_USAGE)
         return
-    world_size, overrides = _world_size_arg(rest)
     cfg = compose(overrides, flags.config_dirs)
     config = to_object(cfg)
-    setup = validate(config, world_size)
-    print(render(config, setup, OmegaConf.to_yaml(cfg), world_size))
+    setup = validate(config, options["world_size"])
+    plan = make_plan(config, setup, options["device"], options["device_memory_gb"])
+    if options["json"]:
+        print(json.dumps(plan.as_json()))
+    else:
+        print(render(plan, options["ranks"]))
 
 
-PLAN_USAGE = "usage: p3d plan [--config-dir DIR] [key=value ...] --world-size N"
+def _plan_options(args: Sequence[str], required: bool = True) -> tuple[dict, list[str]]:
+    """p3d plan's own options (--name value or --name=value); everything else is a Hydra override."""
+    from p3d.plan import DEVICE_MEMORY_GB
+
+    options = {"world_size": None, "device": None, "device_memory_gb": None, "json": False, "ranks": False}
+    overrides = []
+    iterator = iter(args)
+    for arg in iterator:
+        if not arg.startswith("--"):
+            overrides.append(arg)
+            continue
+        name, has_value, value = arg.partition("=")
+        key = name[2:].replace("-", "_")
+        if key in ("json", "ranks") and not has_value:
+            options[key] = True
+            continue
+        if key not in ("world_size", "device", "device_memory_gb"):
+            raise ConfigError(f"{name}: not an option of p3d plan (--world-size, --device, --device-memory-gb, --json, --ranks, Hydra's --config-dir/--cfg/--help; overrides are key=value)")
+        if not has_value:
+            value = next(iterator, "")
+        if key == "world_size":
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--world-size needs a positive number, got '{value}'")
+            options[key] = int(value)
+        elif key == "device":
+            if value not in ("cpu", "cuda"):
+                raise ConfigError(f"--device {value}: use cpu or cuda")
+            options[key] = value
+        else:
+            options[key] = _device_memory_gb(value, DEVICE_MEMORY_GB)
+    if options["world_size"] is None and required:
+        raise ConfigError("p3d plan needs --world-size N (the number of ranks to plan for)")
+    return options, overrides
+
+
+def _device_memory_gb(value: str, table: dict[str, float]) -> float:
+    try:
+        gb = float(value)
+    except ValueError:
+        names = {name.lower(): gb for name, gb in table.items()}
+        if value.lower() in names:
+            return float(names[value.lower()])
+        raise ConfigError(f"--device-memory-gb {value}: give a number of GB or a GPU name ({', '.join(table)})") from None
+    if not gb > 0:
+        raise ConfigError(f"--device-memory-gb {value}: must be a positive number of GB")
+    return gb
 
 
 TUNE_USAGE = "usage: p3d tune [--config-dir DIR] [key=value ...] --world-size N [--steps K] [--rounds R]"

@@ -6,11 +6,14 @@ Each wrapper names what it relies on, so a PyTorch upgrade has a single file to 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Placement
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def flatten_mesh(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> DeviceMesh:
@@ -67,6 +70,115 @@ def local_box(tensor: torch.Tensor) -> tuple[slice, ...]:
 
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return tuple(slice(start, start + size) for start, size in zip(offset, shape))
+
+
+def shard_shape(global_shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[Placement]) -> tuple[int, ...]:
+    """The local shape of a DTensor with `placements` at `coordinate` of a mesh of `mesh_shape`, for any
+    rank, not only this one (DTensor's own rule, including uneven and strided shards: private
+    `torch.distributed.tensor._utils._compute_local_shape_and_global_offset`, torch 2.13)."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    shape, _ = _compute_local_shape_and_global_offset(tuple(global_shape), tuple(mesh_shape), list(coordinate), placements, skip_offset=True)
+    return tuple(shape)
+
+
+@contextmanager
+def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
+    """Within the block this process is `rank` of a default process group of `world_size` ranks whose
+    collectives do nothing (torch's `fake` backend: private `torch.testing._internal.distributed.fake_pg`,
+    torch 2.13). Meshes, TP styles and FSDP2 can be applied to a model on the meta device as on a real
+    job, without other processes; nothing may run that needs the results of a collective."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("fake_process_group: this process already has a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """An identity of the storage behind a tensor, shared by its views, also on the meta device where
+    every data pointer is 0 (private `UntypedStorage._cdata`, torch 2.13)."""
+    return tensor.untyped_storage()._cdata
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """While active, `record(op, group_name, tensor)` sees every collective: the functional ones (what
+    DTensor redistributions issue) and the c10d ones (`dist.all_reduce`, `dist.all_to_all_single`, ...);
+    op is e.g. "all_reduce", "allgather_" or "alltoall_base_", tensor the first tensor of its first argument
+    (its input, or for c10d's all-gather one part of its output: the same size). Private
+    `torch.utils._python_dispatch.TorchDispatchMode`, the `_c10d_functional` and `c10d` op namespaces and
+    `ProcessGroup.unbox`, torch 2.13."""
+
+    def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "_c10d_functional" and isinstance(args[0], torch.Tensor):
+            names = [arg for arg in args if isinstance(arg, str)]
+            if names:
+                self.record(func.overloadpacket.__name__, names[-1], args[0])
+        elif func.namespace == "c10d":
+            group = next((arg for arg in args if isinstance(arg, torch.ScriptObject)), None)
+            tensor = _first_tensor(args[0])  # allreduce_'s list of tensors, allgather_'s list of lists of parts, ...
+            if group is not None and tensor is not None:
+                self.record(func.overloadpacket.__name__, dist.ProcessGroup.unbox(group).group_name, tensor)
+        return func(*args, **(kwargs or {}))
+
+
+def _first_tensor(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        return _first_tensor(value[0])
+    return None
+
+
+@dataclass(frozen=True)
+class FsdpUnitFacts:
+    """What FSDP2 made of one module: the unit it belongs to and how that unit gathers and reduces."""
+
+    unit: int  # identity of the unit: the same for all modules one `fully_shard`/`replicate` call wrapped together
+    keeps_unsharded_after_forward: bool
+    shard: tuple[str, int] | None  # (mesh dimension, size) it shards over: all-gather, reduce-scatter
+    replicate: tuple[str, int] | None  # (mesh dimension, size) it replicates over: gradient all-reduce
+
+
+def fsdp_unit_facts(module: torch.nn.Module) -> FsdpUnitFacts:
+    """Read an FSDP2 (or FSDP2 `replicate`) module's state: private `_get_fsdp_state()`, its
+    `_fsdp_param_group` with `post_forward_mesh_info` (None: the unit stays gathered from its forward
+    to its backward, as with `reshard_after_forward=False` and FSDP2's replicate) and `mesh_info`
+    (`shard_mesh_dim`, `replicate_mesh_dim`), torch 2.13. FSDP2 also keeps the root unit gathered
+    once training starts, whatever it was given. A unit without parameters has no mesh dimensions."""
+    state = module._get_fsdp_state()
+    group = state._fsdp_param_group
+    if group is None:
+        return FsdpUnitFacts(id(state), False, None, None)
+    mesh_info = group.mesh_info
+
+    def dimension(index: int | None) -> tuple[str, int] | None:
+        return None if index is None else (mesh_info.mesh.mesh_dim_names[index], mesh_info.mesh.size(index))
+
+    return FsdpUnitFacts(id(state), group.post_forward_mesh_info is None, dimension(mesh_info.shard_mesh_dim), dimension(mesh_info.replicate_mesh_dim))
+
+
+@contextmanager
+def experts_run_on_meta() -> Iterator[None]:
+    """Within the block, transformers' grouped-matmul experts forward runs on the meta device in any dtype:
+    it takes its own fallback op (whose shape function transformers registers) instead of
+    `grouped_mm`, whose meta function accepts bf16 only (private
+    `transformers.integrations.moe._can_use_grouped_mm`, transformers 5.23)."""
+    from transformers.integrations import moe
+
+    original = moe._can_use_grouped_mm
+    moe._can_use_grouped_mm = lambda input, weight, offs: False if weight.is_meta else original(input, weight, offs)
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = original
 
 
 @contextmanager

@@ -130,6 +130,35 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, seed: int = 0) -> torch.
     return torch.optim.AdamW(param_groups, lr=cfg.lr, **group_settings(cfg), fused=True)
 
 
+@dataclass(frozen=True)
+class StateSize:
+    """What the optimizer keeps for one parameter, in the weights' dtype: `per_shard` tensors the shape of
+    this rank's shard (moments), and `whole` elements every rank holds in full (Adafactor's factors)."""
+
+    per_shard: int
+    whole: int = 0
+
+
+def optimizer_state_sizes(model: nn.Module, cfg: OptimConfig) -> dict[str, StateSize]:
+    """The state `build_optimizer`'s optimizer keeps per parameter (by name; its scalar step counts aside):
+    AdamW (torch's or BF16AdamW) and Adam two moments; SGD its momentum, if any; Muon a momentum for its
+    matrices and AdamW's two moments for the rest; Adafactor a row and a column factor of each matrix,
+    replicated (ShardedAdafactor), and a second moment for each vector."""
+    name = cfg.name.value
+    matrices = {id(param) for param in muon_matrices(model)} if name == "muon" else set()
+    sizes = {}
+    for param_name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name == "adafactor":
+            sizes[param_name] = StateSize(0, param.numel() // param.shape[-1] + param.numel() // param.shape[-2]) if param.ndim > 1 else StateSize(1)
+        elif name == "sgd":
+            sizes[param_name] = StateSize(1 if setting(cfg, "momentum") else 0)
+        else:
+            sizes[param_name] = StateSize(1 if id(param) in matrices else 2)
+    return sizes
+
+
 _CHUNK_ELEMENTS = 1 << 20  # the update works on at most this many elements at a time (bounded temporaries)
 
 

@@ -52,6 +52,12 @@ class StopOnSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The token cross-entropy summed over this rank's tokens, in fp32 (the step divides it by the
+    step's valid-token count over all ranks; `p3d plan` runs it on the meta device)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 @dataclass
 class Trainer:
     config: P3DConfig
@@ -76,7 +82,7 @@ class Trainer:
         self.eval_s = 0.0  # seconds spent in validation passes this run (not counted in tokens/s)
         self.last_eval: dict = {}
         self.in_backward = OptimizerInBackward(self.model, self.optimizer) if self.config.optim.in_backward else None
-        every_micro_batch = syncs_every_micro_batch(self.config.parallel.grad_sync, sharded=self.meshes.dims.shard_ranks > 1)
+        every_micro_batch = syncs_every_micro_batch(self.config.parallel.grad_sync, self.meshes.dims)
         self.gradient_sync = gradient_sync_switch(self.model, every_micro_batch)
         self.batches = BatchPrefetcher(self.sampler)
 
@@ -311,7 +317,7 @@ class Trainer:
 
     def _summed_token_loss(self, local: TokenBatch) -> torch.Tensor:
         logits = self.model(input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), local.labels.to(self.device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return summed_token_loss(logits, local.labels.to(self.device))
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):

@@ -165,7 +165,8 @@ def check(candidate: Candidate, overrides: Sequence[str], config_dirs: Sequence[
     """Validate the candidate for the world size and compare p3d plan's memory estimate with this machine."""
     from p3d.config.validate import validate
     from p3d.distributed.env import resolve_device_type
-    from p3d.plan import estimate_memory, machine_memory_gb
+    from p3d.errors import RunError
+    from p3d.plan import GB, make_plan
 
     config = to_object(compose([*without_keys(overrides, [*LAYOUT_KEYS, AC_KEY]), *candidate.overrides], config_dirs))
     composed = {dim.key: getattr(config.parallel, dim.key) for dim in layouts.LAYOUT_DIMS}
@@ -177,16 +178,18 @@ def check(candidate: Candidate, overrides: Sequence[str], config_dirs: Sequence[
         more = f" (and {len(error.problems) - 1} more)" if len(error.problems) > 1 else ""
         candidate.problem = f"does not validate: {error.problems[0]}{more}"
         return
-    on_cpu = resolve_device_type(config.dist.device) == "cpu"
-    estimate = estimate_memory(config, setup, on_cpu=on_cpu)
-    candidate.memory_gb = estimate.total
-    if on_cpu:
-        available, needed, where = machine_memory_gb(), estimate.total * world_size, f"{world_size} ranks on this machine"
+    device = resolve_device_type(config.dist.device)
+    try:
+        plan = make_plan(config, setup, device)
+    except RunError:  # a model whose step cannot run on the meta device: tried without an estimate
+        candidate.fit = "memory unknown (p3d plan cannot run this model on the meta device)"
+        return
+    candidate.memory_gb = plan.largest.total / GB
+    available = plan.device_memory_gb
+    if device == "cpu":  # every rank shares this machine's memory
+        needed, where = plan.job_bytes / GB, f"{world_size} ranks on this machine"
     else:
-        import torch
-
-        available = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-        needed, where = estimate.total - estimate.baseline, "one rank's tensors on this device"
+        needed, where = plan.largest.total / GB, "one rank on each device"
     if available is None:
         candidate.fit = f"{where}: about {needed:.1f} GB (this machine's memory is unknown)"
     elif needed > available:

@@ -132,8 +132,8 @@ def jobs_of(command: str) -> list[tuple[list[str], list[str], int | None]]:
         return _train_jobs(rest)
     if subcommand == "plan":
         flags, rest = _flags(rest)
-        world_size, overrides = cli._world_size_arg(rest, required=False)
-        return [(flags.config_dirs, overrides, world_size)]
+        options, overrides = cli._plan_options(rest, required=False)
+        return [(flags.config_dirs, overrides, options["world_size"])]
     if subcommand == "tune":
         return _tune_jobs(rest)
     return []  # ls, export, --help: nothing to compose

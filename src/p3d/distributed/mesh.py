@@ -109,6 +109,22 @@ class ParallelDims:
         """Rank -> its (dp, cp, tp) coordinates, tp varying fastest."""
         return {"dp": rank // (self.cp * self.tp), "cp": (rank // self.tp) % self.cp, "tp": rank % self.tp}
 
+    def mesh_coordinates(self, rank: int) -> dict[str, int]:
+        """Rank -> its coordinate on every named mesh dimension, the flattened and unflattened views of
+        Meshes included (dp_cp, HSDP's dp_replicate x dp_shard_cp, the experts' efsdp x ep)."""
+        coords = self.coords(rank)
+        dp_cp = coords["dp"] * self.cp + coords["cp"]
+        shard_cp = self.dp_shard * self.cp
+        return {
+            **coords,
+            "dp_replicate": coords["dp"] // self.dp_shard,
+            "dp_shard": coords["dp"] % self.dp_shard,
+            "dp_cp": dp_cp,
+            "dp_shard_cp": dp_cp % shard_cp,  # Meshes.data_parallel: replicas outside their shards
+            "efsdp": dp_cp // self.ep,
+            "ep": dp_cp % self.ep,  # Meshes.experts: ep innermost
+        }
+
     @property
     def efsdp(self) -> int:
         """Ranks that hold the same experts (FSDP shards the experts over them)."""

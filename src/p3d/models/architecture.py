@@ -3,7 +3,7 @@
 The generic `Architecture` covers any Hugging Face causal LM: its decoder blocks, its tensor-parallel
 plan (p3d's own for the type, else transformers' `_tp_plan`, else one inferred from the module
 structure), the module attributes that hold head counts, what its attention needs under context
-parallelism (probed on its tiny copy, probe.py), its sizes for estimates, and the checkpoint keys
+parallelism (probed on its tiny copy, probe.py), and the checkpoint keys
 that are buffers the model recomputes.
 A model type that needs more (a plan of p3d's own, another attribute, a sequence-parallel check)
 subclasses it in a small file of this package and registers there; tiny-config tweaks are in tiny.py.
@@ -31,17 +31,6 @@ HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "num_key_value_head
 RECOMPUTED_CHECKPOINT_KEYS = ("rotary_emb.inv_freq", ".position_ids", ".masked_bias", ".attn.bias")
 
 PLAN_SOURCES = ("model.tp_plan", "p3d", "transformers", "inferred")
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """The sizes memory and communication estimates need, whatever a config calls them."""
-
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -135,15 +124,6 @@ class Architecture:
         if isinstance(kv_heads, int) and kv_heads != heads and kv_heads % tp:
             problems.append(f"parallel.tp={tp} does not divide model.config.num_key_value_heads={kv_heads}: choose a tp that divides it")
         return problems
-
-    def sizes(self, config: PretrainedConfig) -> Sizes:
-        text = config.get_text_config()
-        hidden = text.hidden_size
-        heads = getattr(text, "num_attention_heads", None) or 1
-        intermediate = next((value for name in ("intermediate_size", "ffn_dim", "n_inner", "decoder_ffn_dim") if isinstance(value := getattr(text, name, None), int)), 4 * hidden)
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or hidden // heads
-        return Sizes(hidden, intermediate, heads, kv_heads, head_dim)
 
     def position_problems(self, config: PretrainedConfig, seq_len: int) -> list[str]:
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)

@@ -22,6 +22,9 @@ Two ways the tokens reach their experts, one rule each:
 The experts themselves run through the module's own forward (eager loop, grouped or batched matmul:
 whatever the model's experts implementation is) on rows with local expert ids and unit weights.
 Each module also counts the tokens routed to each of its experts (`ExpertLoad` reads them).
+
+On the meta device (`p3d plan` runs the step on shapes only) the routing has no values: every expert
+is taken to receive an equal share of the (token, expert) pairs, and the same code runs on those sizes.
 """
 
 from __future__ import annotations
@@ -115,8 +118,14 @@ class ShardedExperts:
         tokens, k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)
         first = self.mesh.get_local_rank() * self.local_experts
-        pairs = ((expert_ids >= first) & (expert_ids < first + self.local_experts)).nonzero().squeeze(-1)
-        outputs = self._run_local_experts(hidden_states[pairs // k], expert_ids[pairs] - first)
+        if expert_ids.is_meta:  # p3d plan: an even share of the pairs, to local expert ids in order
+            counts = _even_split(tokens * k, self.total_experts)[first : first + self.local_experts]
+            pairs = torch.arange(sum(counts), device=expert_ids.device)
+            local_ids = torch.arange(self.local_experts).repeat_interleave(torch.tensor(counts)).to(expert_ids.device)
+        else:
+            pairs = ((expert_ids >= first) & (expert_ids < first + self.local_experts)).nonzero().squeeze(-1)
+            local_ids = expert_ids[pairs] - first
+        outputs = self._run_local_experts(hidden_states[pairs // k], local_ids)
         weighted = outputs * top_k_weights.reshape(-1)[pairs].unsqueeze(-1).to(outputs.dtype)
         per_pair = weighted.new_zeros((tokens * k, weighted.shape[-1])).index_copy(0, pairs, weighted)
         return SumOverGroup.apply(per_pair.view(tokens, k, -1).sum(dim=1), group).to(hidden_states.dtype)
@@ -126,18 +135,28 @@ class ShardedExperts:
         tokens, k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)
         order = torch.argsort(expert_ids, stable=True)  # pairs grouped by expert, hence by the rank holding it
-        per_expert = torch.bincount(expert_ids, minlength=self.total_experts).view(ranks, self.local_experts)
+        if expert_ids.is_meta:  # p3d plan: every expert gets an even share of every rank's pairs
+            per_expert = torch.tensor(_even_split(tokens * k, self.total_experts)).view(ranks, self.local_experts)
+        else:
+            per_expert = torch.bincount(expert_ids, minlength=self.total_experts).view(ranks, self.local_experts)
         received_per_expert = torch.empty_like(per_expert)
         dist.all_to_all_single(received_per_expert, per_expert, group=group)
+        if expert_ids.is_meta:  # what the other ranks' even shares would send here (a fake group sends nothing)
+            received_per_expert = per_expert[self.mesh.get_local_rank()].expand(ranks, -1).contiguous()
         send_sizes = per_expert.sum(dim=1).tolist()
         recv_sizes = received_per_expert.sum(dim=1).tolist()
         rows = _AllToAll.apply(hidden_states[order // k], send_sizes, recv_sizes, group)
         # Received rows come by sending rank, each rank's rows by local expert.
-        local_ids = torch.arange(self.local_experts, device=rows.device).repeat(ranks).repeat_interleave(received_per_expert.reshape(-1))
+        local_ids = torch.arange(self.local_experts, device=received_per_expert.device).repeat(ranks).repeat_interleave(received_per_expert.reshape(-1)).to(rows.device)
         outputs = _AllToAll.apply(self._run_local_experts(rows, local_ids), recv_sizes, send_sizes, group)
         per_pair = torch.empty_like(outputs).index_copy(0, order, outputs)
         weighted = per_pair.view(tokens, k, -1) * top_k_weights.unsqueeze(-1).to(per_pair.dtype)
         return weighted.sum(dim=1).to(hidden_states.dtype)
+
+
+def _even_split(pairs: int, experts: int) -> list[int]:
+    """`pairs` (token, expert) pairs spread as evenly as they go over `experts` experts."""
+    return [pairs // experts + (index < pairs % experts) for index in range(experts)]
 
 
 def shard_experts(module: nn.Module, mesh: DeviceMesh, tokens_shared: bool) -> None:

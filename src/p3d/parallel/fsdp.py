@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from p3d.compat import replicate_modules
 from p3d.config.schema import GradSync
+from p3d.distributed.mesh import ParallelDims
 from p3d.models import decoder_blocks, experts_modules
 from p3d.parallel.tensor import own_tensor
 
@@ -109,12 +110,12 @@ def replicate_buckets(block_bytes: Sequence[int], bucket_bytes: int = REPLICATE_
     return buckets
 
 
-def syncs_every_micro_batch(grad_sync: GradSync, sharded: bool) -> bool:
+def syncs_every_micro_batch(grad_sync: GradSync, dims: ParallelDims) -> bool:
     """Whether gradients are reduced after every micro-batch (else after the step's last only).
     auto: once per step when nothing is sharded (no extra memory), every micro-batch when sharded
     (waiting would hold each rank's unsharded gradients across the micro-batches)."""
     if grad_sync is GradSync.auto:
-        return sharded
+        return dims.shard_ranks > 1
     return grad_sync is GradSync.micro_batch
 
 

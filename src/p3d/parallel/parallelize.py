@@ -29,10 +29,20 @@ TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16}
 
 
 def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], meshes: Meshes, device: torch.device) -> PreTrainedModel:
+    model = build_meta_model(hf_config, TORCH_DTYPES[config.train.master_dtype])  # weights, gradients and optimizer state take this dtype
+    shard_for_compute(model, config, hf_config, tp_plan, meshes)
+    wrap_for_training(model, config, meshes)
+    materialize(model, config.model, hf_config, config.train.seed, device)
+    model.train()
+    return model
+
+
+def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_plan: dict[str, str], meshes: Meshes) -> None:
+    """Tensor (and sequence) parallelism, then p3d's attention where context parallelism (or packing) needs it.
+
+    After this the model computes as it will in training (on the meta device too: `p3d plan` runs its
+    forward there to measure the activations)."""
     dims = meshes.dims
-    compute_dtype = TORCH_DTYPES[config.train.dtype]
-    master_dtype = TORCH_DTYPES[config.train.master_dtype]
-    model = build_meta_model(hf_config, master_dtype)  # weights, gradients and optimizer state take this dtype
     if dims.tp > 1:
         sequence_parallel = config.parallel.sequence_parallel
         localised = architecture(hf_config).localised_attributes
@@ -44,12 +54,22 @@ def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], 
         for _, experts in experts_modules(model):
             shard_experts(experts, meshes.ep, tokens_shared=False)
     if uses_p3d_attention(dims.cp, config.data.packing):
-        arch = architecture(hf_config)
-        enable_context_parallel(model, arch.attention_route(hf_config), arch.decoder_blocks(model))
-    apply_activation_checkpointing(model, config.train.activation_checkpointing, config.train.ac_every)
+        enable_p3d_attention(model, hf_config)
+
+
+def enable_p3d_attention(model: PreTrainedModel, hf_config) -> None:
+    arch = architecture(hf_config)
+    enable_context_parallel(model, arch.attention_route(hf_config), arch.decoder_blocks(model))
+
+
+def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes) -> list[int]:
+    """Activation checkpointing, compile and FSDP2 around the blocks; returns the checkpointed blocks' indices."""
+    checkpointed = apply_activation_checkpointing(model, config.train.activation_checkpointing, config.train.ac_every)
     if config.train.compile:
         compile_blocks(model)
     # FSDP2 also carries the mixed-precision policy, so a one-process bf16 run uses it too.
+    compute_dtype = TORCH_DTYPES[config.train.dtype]
+    dims = meshes.dims
     if dims.dp_cp > 1 or compute_dtype != torch.float32:
         apply_fsdp(
             model,
@@ -59,6 +79,4 @@ def build_parallel_model(config: P3DConfig, hf_config, tp_plan: dict[str, str], 
             replicate=dims.replicated,
             reshard_after_forward=config.parallel.reshard_after_forward,
         )
-    materialize(model, config.model, hf_config, config.train.seed, device)
-    model.train()
-    return model
+    return checkpointed

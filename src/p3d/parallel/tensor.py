@@ -252,23 +252,6 @@ def _tied_embedding_problems(plan: dict[str, str], model: nn.Module) -> list[str
     return []
 
 
-def tp_sharded_parameters(model: nn.Module, plan: dict[str, str]) -> set[str]:
-    """Names of the parameters the plan splits over tp (the others are replicated over tp)."""
-    sharded = set()
-    for name, value in match_plan(plan, model).items():
-        style = Style.parse(value)
-        if style.name in MODULE_STYLES or style.name == "mla_kv_a_proj":
-            continue
-        for leaf, _ in model.get_submodule(name).named_parameters(recurse=False):
-            if not (leaf == "bias" and style.name in ("rowwise", "rowwise_split_input", "packed_rowwise")):
-                sharded.add(f"{name}.{leaf}" if name else leaf)
-    parameters = dict(model.named_parameters())
-    for name, value in match_plan(plan, model, parameters=True).items():
-        if _parameter_shard_dim(name, parameters[name], Style.parse(value)) is not None:
-            sharded.add(name)
-    return sharded
-
-
 # ---- the styles --------------------------------------------------------------------------------
 def _replace_parameter(module: nn.Module, leaf: str, mesh: DeviceMesh, placement) -> None:
     param = module._parameters[leaf]
