@@ -8,10 +8,12 @@ The two baselines (torchrun, gloo, CPU, no p3d code):
 - the fast loop, benchmarks/fast_loop.py: written for speed (replicated data parallelism with
   one bucketed gradient all-reduce per step, Megatron-style TP on plain tensors with explicit
   collectives, K/V all-gather CP).
-For each shape and layout the three are run alternately `repeats` times. Each run's figure is the
-median tokens/s of its steps after a warm-up; the table gives the median of the runs, the ratios
-p3d / plain and p3d / fast and their spread over the repeats. p3d runs with the best settings
-known for the layout (BEST_SETTINGS, plus any --p3d-overrides), named in the table.
+p3d runs twice: with the best settings known for the layout (BEST_SETTINGS, plus any
+--p3d-overrides, named in the table), held against the fast loop, and with its defaults (the same
+calls as the plain loop: FSDP2, eager), held against the plain loop. For each shape and layout the
+four are run alternately `repeats` times. Each run's figure is the median tokens/s of its steps
+after a warm-up; the table gives the median of the runs, the ratios p3d (defaults) / plain and
+p3d (best) / fast, and the spread of the latter over the repeats.
 
 Every run also checks the fast loop trains the same model: its per-step losses against the plain
 loop's on one process (first --check-steps steps; the largest difference is in the table).
@@ -32,7 +34,13 @@ from pathlib import Path
 LAYOUTS = {"1 process": (1, 1, 1), "dp2": (1, 2, 1), "tp2": (2, 1, 1), "cp2": (1, 1, 2), "tp2dp2": (2, 2, 1), "tp2dp2cp2": (2, 2, 2)}
 # p3d settings per layout beyond the layout itself: the fastest measured (docs/results/profile.md).
 # "all" applies to every layout. The hand-written loops gather K/V for context parallelism, so p3d does too.
-BEST_SETTINGS: dict[str, list[str]] = {"tp2dp2cp2": ["parallel.cp_impl=allgather"], "cp2": ["parallel.cp_impl=allgather"]}
+BEST_SETTINGS: dict[str, list[str]] = {
+    "all": ["train.compile=true"],
+    "dp2": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
+    "tp2dp2": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
+    "tp2dp2cp2": ["parallel.cp_impl=allgather"],
+    "cp2": ["parallel.cp_impl=allgather"],
+}
 HERE = Path(__file__).resolve().parent
 
 
@@ -108,23 +116,25 @@ def measure(args, extra: dict[str, list[str]], workdir: Path) -> list[dict]:
         for name in args.layouts.split(","):
             layout = LAYOUTS[name]
             settings = p3d_settings(name, extra)
-            p3d, plain, fast, loss_gaps = [], [], [], []
+            p3d, same, plain, fast, loss_gaps = [], [], [], [], []
             for repeat in range(args.repeats):
                 p3d.append(p3d_tokens_per_s(layout, shape, args, settings, workdir / f"{hidden}x{layers}-{name}-{repeat}"))
+                same.append(p3d_tokens_per_s(layout, shape, args, [], workdir / f"{hidden}x{layers}-{name}-{repeat}-same"))
                 plain.append(loop_result("plain_loop.py", layout, shape, args)["tokens_per_s"])
                 fast_run = loop_result("fast_loop.py", layout, shape, args)
                 fast.append(fast_run["tokens_per_s"])
                 if reference:
                     loss_gaps.append(max(abs(a - b) for a, b in zip(fast_run["losses"], reference)))
-                print(f"hidden {hidden} x {layers} {name} repeat {repeat}: p3d {p3d[-1]:,.0f}, plain {plain[-1]:,.0f}, fast {fast[-1]:,.0f} tok/s", flush=True)
+                print(f"hidden {hidden} x {layers} {name} repeat {repeat}: p3d {p3d[-1]:,.0f}, p3d same calls {same[-1]:,.0f}, plain {plain[-1]:,.0f}, fast {fast[-1]:,.0f} tok/s", flush=True)
             rows.append({
                 "hidden": hidden, "layers": layers, "steps": steps, "layout": name, "ranks": layout[0] * layout[1] * layout[2],
                 "p3d_settings": settings,
-                "p3d_tokens_per_s": statistics.median(p3d), "plain_tokens_per_s": statistics.median(plain), "fast_tokens_per_s": statistics.median(fast),
-                "ratio_plain": statistics.median(p3d) / statistics.median(plain), "ratio_fast": statistics.median(p3d) / statistics.median(fast),
-                "ratio_plain_runs": [a / b for a, b in zip(p3d, plain)], "ratio_fast_runs": [a / b for a, b in zip(p3d, fast)],
+                "p3d_tokens_per_s": statistics.median(p3d), "p3d_same_calls_tokens_per_s": statistics.median(same),
+                "plain_tokens_per_s": statistics.median(plain), "fast_tokens_per_s": statistics.median(fast),
+                "ratio_plain": statistics.median(same) / statistics.median(plain), "ratio_fast": statistics.median(p3d) / statistics.median(fast),
+                "ratio_plain_runs": [a / b for a, b in zip(same, plain)], "ratio_fast_runs": [a / b for a, b in zip(p3d, fast)],
                 "fast_loss_max_diff": max(loss_gaps) if loss_gaps else None,
-                "p3d_runs": p3d, "plain_runs": plain, "fast_runs": fast,
+                "p3d_runs": p3d, "p3d_same_calls_runs": same, "plain_runs": plain, "fast_runs": fast,
             })
     return rows
 
@@ -139,14 +149,14 @@ def report(rows: list[dict], args) -> str:
         f"fp32, CPU/gloo, OMP_NUM_THREADS=1; steps per run as listed ({args.warmup} warm-up), {args.repeats} alternating runs each. "
         f"Machine: {os.cpu_count()} cores{', ' + args.note if args.note else ''}.",
         "",
-        "| shape | layout | ranks | p3d settings | p3d tok/s | plain tok/s | fast tok/s | p3d / plain | p3d / fast | spread p3d / fast | fast loss vs 1 process |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | layout | ranks | p3d settings | p3d tok/s | p3d same calls tok/s | plain tok/s | fast tok/s | p3d same calls / plain | p3d / fast | spread p3d / fast | fast loss vs 1 process |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         gap = "not checked" if r["fast_loss_max_diff"] is None else f"{r['fast_loss_max_diff']:.1e}"
         settings = " ".join(s for s in r["p3d_settings"]) or "defaults"
         lines.append(
-            f"| hidden {r['hidden']}, {r['layers']} layers ({r['steps']} steps) | {r['layout']} | {r['ranks']} | `{settings}` | {r['p3d_tokens_per_s']:,.0f} | "
+            f"| hidden {r['hidden']}, {r['layers']} layers ({r['steps']} steps) | {r['layout']} | {r['ranks']} | `{settings}` | {r['p3d_tokens_per_s']:,.0f} | {r['p3d_same_calls_tokens_per_s']:,.0f} | "
             f"{r['plain_tokens_per_s']:,.0f} | {r['fast_tokens_per_s']:,.0f} | {r['ratio_plain']:.2f} | {r['ratio_fast']:.2f} | {spread(r['ratio_fast_runs'])} | {gap} |"
         )
     return "\n".join(lines) + "\n"

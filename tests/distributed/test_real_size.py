@@ -179,11 +179,11 @@ def test_optimizer_in_backward_frees_gradients_and_matches_the_ordinary_step(mod
 
 
 @pytest.mark.slow
-def test_compiled_blocks_run_compiled_and_keep_parity_under_dp_and_cp(p3d_runner, tmp_path):
+def test_compiled_blocks_run_compiled_and_keep_parity_under_tp_and_cp(p3d_runner, tmp_path):
     reports = {name: tmp_path / name for name in ("eager", "compiled")}
     reference = p3d_runner(["model=tiny_llama", *FAST, "train.micro_batch_size=4"], env=hooks_env("probe_compiled_calls", report=reports["eager"]))
     assert_ok(reference)
-    overrides = ["model=tiny_llama", *FAST, *layout_overrides(1, 2, 2), "train.compile=true", "train.micro_batch_size=2"]
+    overrides = ["model=tiny_llama", *FAST, *layout_overrides(2, 1, 2), "train.compile=true", "train.micro_batch_size=4"]
     result = p3d_runner(overrides, nproc=4, env=hooks_env("probe_compiled_calls", report=reports["compiled"]))
     assert_ok(result)
     assert read_reports(reports["eager"], ranks=1) == [{"compiled_graphs": 0, "compiled_graph_calls": 0}]

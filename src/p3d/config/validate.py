@@ -107,10 +107,6 @@ def _check_options(config: P3DConfig) -> list[str]:
     wandb_problem = wandb_credentials_problem(config.logging)
     if wandb_problem and not problems:  # without the package, installing it comes first
         problems.append(wandb_problem)
-    if config.train.compile and config.parallel.tp > 1:
-        # Measured with torch 2.13 on CPU: compiled TP blocks fail in DTensor's backward without
-        # FSDP, and give losses that differ from one process with it.
-        problems.append("train.compile=true does not work with tensor parallelism on this PyTorch (2.13): use parallel.tp=1 or train.compile=false")
     if config.train.master_dtype is DType.bf16 and config.train.dtype is not DType.bf16:
         problems.append("train.master_dtype=bf16 stores bf16 weights, which compute in bf16: set train.dtype=bf16 (or train.master_dtype=fp32)")
     if config.optim.in_backward and config.optim.grad_clip > 0:
