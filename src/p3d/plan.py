@@ -68,7 +68,8 @@ CPU_PROCESS_BASELINE_B = 0.40e9
 # rises, as large blocks are freed, up to 64-bit glibc's DEFAULT_MMAP_THRESHOLD_MAX), so a rank's
 # peak RSS exceeds its live tensors. Fragmentation makes that excess no simple function of the
 # step; measured by benchmarks/plan_accuracy.py (default allocator against one returning every
-# freed block), it is about this share of the bytes a step frees in such blocks.
+# freed block), it is about this share of the bytes a step frees in such blocks (none with
+# dist.cpu_return_freed_memory=true, which makes every block over 64 KiB its own mapping).
 CPU_MMAP_THRESHOLD_B = 32 * 2**20
 CPU_HEAP_RETENTION = 0.55
 # On a GPU: the CUDA context and the kernels' workspaces, outside torch's allocator (nominal: not
@@ -768,7 +769,8 @@ def make_plan(config: P3DConfig, setup: ValidatedSetup, device: str | None = Non
             replayed[signature] = replay_step(trace, rank, sizes, config.optim.in_backward)
         timeline = replayed[signature]
         if device == "cpu":
-            baseline, allocator = CPU_PROCESS_BASELINE_B, CPU_HEAP_RETENTION * timeline.freed_small
+            retention = 0.0 if config.dist.cpu_return_freed_memory else CPU_HEAP_RETENTION
+            baseline, allocator = CPU_PROCESS_BASELINE_B, retention * timeline.freed_small
         else:
             baseline, allocator = CUDA_CONTEXT_B, 0.0
         ranks.append(RankMemory(rank, timeline.peak_parts, timeline.peak_phase, baseline, allocator))

@@ -403,3 +403,11 @@ def test_mesh_coordinates_are_the_meshes_own(sizes):
             coordinates = {name: coordinate for mesh in views for name, coordinate in zip(mesh.mesh_dim_names, mesh.get_coordinate())}
         expected = dims.mesh_coordinates(rank)
         assert {name: expected[name] for name in coordinates} == coordinates, rank
+
+
+def test_returning_freed_memory_leaves_no_allocator_term():
+    """dist.cpu_return_freed_memory=true: glibc keeps no freed buffers, so the plan counts the live tensors only."""
+    default = planned([*TINY, "parallel.dp=2"], 2).largest
+    returned = planned([*TINY, "parallel.dp=2", "dist.cpu_return_freed_memory=true"], 2).largest
+    assert default.allocator > 0 and returned.allocator == 0
+    assert returned.total == pytest.approx(default.total - default.allocator)

@@ -155,7 +155,7 @@ def test_optimizer_in_backward_needs_no_clipping_and_no_accumulation():
 def test_compile_is_accepted_with_tensor_parallelism():
     # TP linears compute on local shards with explicit collectives (parallel/tensor.py), which compile;
     # tests/distributed/test_real_size.py shows the compiled tp2cp2 run keeps parity.
-    assert problems(["train.compile=true", "parallel=tp2dp1cp1"], 2) == []
+    validate(to_object(compose(["train.compile=true", "parallel=tp2dp1cp1"])), 2)  # raises ConfigError if refused
 
 
 def test_unknown_architecture():
@@ -248,3 +248,11 @@ def test_expert_parallel_degree_is_checked_in_one_line_each():
     assert problem == "parallel.ep=2: model.arch=llama has no mixture-of-experts layers p3d can split (fused experts modules); use parallel.ep=1"
     (problem,) = problems([*moe, "model.config.output_router_logits=true"], 1)
     assert problem.startswith("model.config.output_router_logits=true: p3d does not add the model's load-balancing")
+
+
+def test_returning_freed_memory_needs_glibc(monkeypatch):
+    import p3d.config.validate as validate_module
+
+    monkeypatch.setattr(validate_module, "glibc_mallopt", lambda: None)
+    found = problems(["dist.cpu_return_freed_memory=true"], 1)
+    assert found == ["dist.cpu_return_freed_memory=true needs Linux with glibc (its mallopt); set dist.cpu_return_freed_memory=false"]

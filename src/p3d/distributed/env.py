@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import sys
@@ -105,12 +106,40 @@ def resolve_backend(requested: str, device_type: str) -> str:
     return backend if device_type == "cpu" else f"cpu:gloo,{device_type}:{backend}"
 
 
+# glibc's mallopt parameter for the size from which a block is its own mapping (unmapped when freed).
+M_MMAP_THRESHOLD = -3
+RETURNED_BLOCK_BYTES = 64 * 2**10
+
+
+def glibc_mallopt():
+    """glibc's `mallopt`, or None where the C library is not glibc (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return getattr(libc, "mallopt", None)
+
+
+def return_freed_memory_at_once() -> None:
+    """dist.cpu_return_freed_memory: every block over 64 KiB gets its own mapping, returned when freed.
+
+    By default glibc raises that threshold as large blocks are freed (up to 32 MiB) and keeps freed
+    blocks below it in its heaps: a CPU rank's RSS then exceeds its live tensors by 0.5-2 GB
+    (docs/results/plan_accuracy.md). Fixing the threshold ends that, at the cost of a page fault per
+    fresh page of every large allocation."""
+    mallopt = glibc_mallopt()
+    if mallopt is None or mallopt(M_MMAP_THRESHOLD, RETURNED_BLOCK_BYTES) != 1:
+        raise ConfigError("dist.cpu_return_freed_memory=true needs Linux with glibc (its mallopt); set dist.cpu_return_freed_memory=false")
+
+
 def init_distributed(cfg: DistConfig) -> DistEnv:
     """Join the process group (torchrun's env vars, or a one-process group when launched plainly)."""
     device_type = resolve_device_type(cfg.device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cpu":
         device = torch.device("cpu")
+        if cfg.cpu_return_freed_memory:
+            return_freed_memory_at_once()
     else:
         device = torch.device(device_type, local_rank)
         getattr(torch, device_type).set_device(device)
