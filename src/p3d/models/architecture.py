@@ -26,6 +26,9 @@ from p3d.parallel.tensor import check_plan, match_plan
 # `view(bsz, -1, self.num_heads, head_dim)`) must see the tp-local counts, or the reshape silently
 # mixes sequence and heads.
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_heads", "n_head", "n_kv_heads")
+# Widths such modules reshape their output with (XGLM's and MVP's `reshape(bsz, tgt_len, self.embed_dim)`):
+# tp-local only where the width is that of the heads (head count x head_dim), not the model's.
+HEAD_WIDTH_ATTRIBUTES = ("embed_dim",)
 
 # Buffers some checkpoints carry that the model recomputes (rotary frequencies, position ids, masks).
 RECOMPUTED_CHECKPOINT_KEYS = ("rotary_emb.inv_freq", ".position_ids", ".masked_bias", ".attn.bias")
@@ -48,6 +51,7 @@ class Architecture:
     model_types: ClassVar[tuple[str, ...]] = ()  # the model types a subclass describes
     tp_plan: ClassVar[Mapping[str, str] | None] = None  # a plan p3d ships (module patterns of the causal-LM model)
     localised_attributes: ClassVar[tuple[str, ...]] = HEAD_COUNT_ATTRIBUTES
+    localised_widths: ClassVar[tuple[str, ...]] = HEAD_WIDTH_ATTRIBUTES
     sequence_parallel_verified: ClassVar[bool] = False  # loss parity with parallel.sequence_parallel=true is tested
     extra_config_fields: ClassVar[tuple[str, ...]] = ()  # fields the modeling code reads that its config class lacks
 
