@@ -90,6 +90,8 @@ def test_plans_come_from_p3d_transformers_or_the_module_structure():
     }
     electra = choice("electra").plan  # the MLP is found from the block's width (64), not the embeddings' (128)
     assert electra["electra.encoder.layer.*.intermediate.dense"] == "colwise" and electra["electra.encoder.layer.*.output.dense"] == "rowwise"
+    lfm2 = choice("lfm2")  # transformers shards its tied head over the vocabulary but leaves the embedding out
+    assert lfm2.source == "transformers" and lfm2.plan["lm_head"] == "colwise_gather_output" and lfm2.plan["model.embed_tokens"] == "embedding_rowwise"
     falcon = choice("falcon").plan  # a fused query_key_value of unknown layout is gathered
     assert falcon["transformer.h.*.self_attention.query_key_value"] == "colwise_gather_output"
     assert falcon["transformer.h.*.self_attention.dense"] == "rowwise_split_input"
@@ -135,3 +137,11 @@ def test_parameters_no_init_weights_sets_start_at_zero_not_at_uninitialised_memo
     initialize_random(model, config, seed=0)
     assert all(torch.isfinite(param).all() for param in model.parameters())
     assert torch.equal(model.lm_head.bias, torch.zeros_like(model.lm_head.bias))
+
+
+def test_a_position_limit_refuses_longer_sequences_and_a_negative_one_means_none():
+    """XLNet's config says max_position_embeddings=-1: relative positions, no limit."""
+    xlnet = hf_config(["model=tiny", "model.arch=xlnet"])
+    assert xlnet.max_position_embeddings == -1 and architecture(xlnet).position_problems(xlnet, 4096) == []
+    llama = hf_config(["model=tiny", "model.arch=llama", "model.config.max_position_embeddings=64"])
+    assert architecture(llama).position_problems(llama, 128) == ["data.seq_len=128 exceeds model.config.max_position_embeddings=64"]

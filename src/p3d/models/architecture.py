@@ -105,7 +105,7 @@ class Architecture:
             return PlanChoice(dict(self.tp_plan), "p3d")
         own = dict(getattr(model, "_tp_plan", None) or {})
         if own:
-            return PlanChoice(_entries_for_this_variant(own, model), "transformers")
+            return PlanChoice(_with_tied_embedding(_entries_for_this_variant(own, model), model), "transformers")
         inferred = infer.infer_plan(model, self.decoder_blocks(model))
         return PlanChoice(inferred.plan, "inferred", inferred.problem)
 
@@ -131,7 +131,7 @@ class Architecture:
 
     def position_problems(self, config: PretrainedConfig, seq_len: int) -> list[str]:
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-        if isinstance(limit, int) and seq_len > limit:
+        if isinstance(limit, int) and 0 < limit < seq_len:  # XLNet's -1: no limit
             return [f"data.seq_len={seq_len} exceeds model.config.max_position_embeddings={limit}"]
         return []
 
@@ -176,6 +176,20 @@ def _entries_for_this_variant(plan: dict[str, str], model: nn.Module) -> dict[st
     """transformers' plan covers every variant of the architecture (DeepSeek-V2's q_proj without a query
     compression, q_b_proj with one): keep the entries that name a module or parameter of this model."""
     return {pattern: style for pattern, style in plan.items() if match_plan({pattern: style}, model) or match_plan({pattern: style}, model, parameters=True)}
+
+
+def _with_tied_embedding(plan: dict[str, str], model: nn.Module) -> dict[str, str]:
+    """transformers' plan may shard a tied head over the vocabulary and leave the input embedding out (LFM2):
+    the tie needs that embedding sharded over the vocabulary too (as p3d's inferred plans do)."""
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return plan
+    names = {module: name for name, module in model.named_modules()}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    matched = match_plan(plan, model)
+    head_sharded = head is not None and matched.get(names.get(head)) in ("colwise", "colwise_gather_output")
+    if head_sharded and isinstance(embedding, nn.Embedding) and names.get(embedding) not in matched:
+        return {**plan, names[embedding]: "embedding_rowwise"}
+    return plan
 
 
 REGISTRY: dict[str, Architecture] = {}
