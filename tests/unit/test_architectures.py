@@ -52,6 +52,17 @@ def test_layer_type_patterns_keep_one_layer_of_each_type_and_follow_the_layer_co
     assert config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
 
 
+@pytest.mark.parametrize("arch", ["zamba", "zamba2", "gemma3n", "gemma4_unified"])
+def test_values_given_per_layer_follow_the_smaller_layer_count(arch):
+    """Zamba keeps its layer types as `layers_block_type`; Gemma 3n's text config lists an MLP width per layer,
+    Gemma 4's a per_layer_config keyed by layer index: all must describe the tiny model's 2 layers."""
+    config = hf_config(["model=tiny", f"model.arch={arch}"])
+    text = config.get_text_config()
+    assert text.num_hidden_layers == 2 and len(text.layer_types) == 2
+    assert all(int(layer) < 2 for layer in getattr(text, "per_layer_config", None) or {})
+    assert sum(p.numel() for p in build_meta_model(config).parameters()) < 5_000_000
+
+
 def test_shrink_follows_sizes_derived_from_the_hidden_size():
     values = tiny.shrink(AutoConfig.for_model("opt"))
     assert values["hidden_size"] == values["word_embed_proj_dim"] == 64 and values["ffn_dim"] == 128

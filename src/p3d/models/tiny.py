@@ -110,11 +110,13 @@ def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int 
     tiny: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, PretrainedConfig):
-            tiny[name] = {**value.to_dict(), **shrink(value, keep_features)}
+            tiny[name] = {**_without_per_layer_values(value.to_dict(), _layer_count(_field_values(value))), **shrink(value, keep_features)}
         elif name in _EXACT and _int(value):
             tiny[name] = _EXACT[name]
         elif name in EXPERTS_PER_TOKEN_FIELDS and value is None and has_experts:
             tiny[name] = EXPERTS_PER_TOKEN  # a default of None (DeepSeek-V2) makes its router's top-k fail
+        elif name in _INTERMEDIATE_FIELDS and isinstance(value, (list, tuple)) and value and all(_int(one) for one in value):
+            tiny[name] = INTERMEDIATE  # one per layer (Gemma 3n): one for all layers
         elif name in _LAYER_FIELDS and _int(value):
             tiny[name] = min(value, LAYERS)
         elif name in _TOKEN_FIELDS and _int(value) and value >= VOCAB:
@@ -149,21 +151,43 @@ def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int 
                 tiny[name] = 2 * INTERMEDIATE
     if _int(hidden) and "hidden_size" in values:
         tiny.setdefault("hidden_size", HIDDEN)
-    tiny.update(_layer_types(values, layers or LAYERS))
+    tiny.update(_layer_types(values, layers or LAYERS, getattr(defaults, "attribute_map", {}).get("layer_types", "layer_types")))
     tiny.update(TINY_TWEAKS.get(defaults.model_type, {}))
     return tiny
 
 
-def _layer_types(values: dict[str, Any], layers: int) -> dict[str, Any]:
-    """One layer of each type (in their first order, repeated), so a tiny model still has e.g. sliding and full layers."""
-    layer_types = values.get("layer_types")
+def _layer_types(values: dict[str, Any], layers: int, field: str = "layer_types") -> dict[str, Any]:
+    """One layer of each type (in their first order, repeated), so a tiny model still has e.g. sliding and full layers.
+    `field`: where the config keeps them (Zamba's `layers_block_type`, which `layer_types` maps to)."""
+    layer_types = values.get(field)
     if not isinstance(layer_types, (list, tuple)) or not layer_types:
         return {}
     kinds = list(dict.fromkeys(layer_types))
     count = max(layers, len(kinds))
     chosen = (kinds * count)[:count]
     counts = {name: count for name in LAYER_COUNT_FIELDS if name in values}
-    return {"layer_types": chosen, **counts}
+    return {field: chosen, **counts}
+
+
+def _layer_count(values: dict[str, Any]) -> int | None:
+    return next((values[name] for name in LAYER_COUNT_FIELDS if _int(values.get(name))), None)
+
+
+def _without_per_layer_values(values: dict[str, Any], layers: int | None) -> dict[str, Any]:
+    """A nested config's values less those given per layer (lists of `layers` entries, dicts keyed by layer
+    index: Gemma 3n's intermediate sizes, Gemma 4's per_layer_config), which its constructor derives again
+    for the smaller layer count."""
+    if not layers or layers <= LAYERS:  # a layer count that does not shrink: nothing to derive again
+        return values
+    return {name: value for name, value in values.items() if not _per_layer(value, layers)}
+
+
+def _per_layer(value: Any, layers: int) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(value) == layers
+    if isinstance(value, dict) and value:
+        return all(str(key).isdigit() and int(key) < layers for key in value)
+    return False
 
 
 def out_of_vocabulary_token_ids(config: PretrainedConfig) -> dict[str, int]:
