@@ -26,6 +26,8 @@ TINY_TWEAKS: dict[str, dict[str, Any]] = {
     "gpt_bigcode": {"multi_query": False},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one global and one local layer
     "mamba2": {"num_heads": 8},
+    # its hybrid layers share one transformer, which transformers ties from the first to the others: two of them
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32]},  # num_heads * head_dim must equal hidden_size * expand
 }
 
