@@ -51,6 +51,7 @@ class Attention(nn.Module):
         self.fused, self.num_heads, self.head_dim = fused, HEADS, HEAD_DIM
         # XGLM/MVP reshape their output with `embed_dim` (the heads' width); other widths must stay whole
         self.embed_dim = embed_dim
+        self.reshapes_with_embed_dim = embed_dim == HEADS * HEAD_DIM
         if fused:
             self.qkv = linear(HIDDEN, 3 * HEADS * HEAD_DIM, conv1d)
         else:
@@ -76,7 +77,7 @@ class Attention(nn.Module):
             scores = torch.cat([scores, self.sinks.view(1, -1, 1, 1).expand(batch, -1, length, 1)], dim=-1)
         probs = scores.softmax(-1)[..., :length]
         heads = torch.einsum("bhqk,bkhd->bqhd", probs, v)
-        if self.embed_dim == HEADS * HEAD_DIM:
+        if self.reshapes_with_embed_dim:
             return self.out(heads.reshape(batch, length, self.embed_dim))
         out = self.out(heads.reshape(batch, length, -1))
         return out / self.embed_dim if self.embed_dim is not None else out
