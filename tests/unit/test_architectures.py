@@ -52,14 +52,16 @@ def test_layer_type_patterns_keep_one_layer_of_each_type_and_follow_the_layer_co
     assert config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
 
 
-@pytest.mark.parametrize("arch, layers", [("zamba", 3), ("zamba2", 2), ("gemma3n", 2), ("gemma4_unified", 2)])
+@pytest.mark.parametrize("arch, layers", [("zamba", 3), ("zamba2", 2), ("gemma3n", 4), ("gemma3n_text", 4), ("gemma4_unified", 2)])
 def test_values_given_per_layer_follow_the_smaller_layer_count(arch, layers):
     """Zamba keeps its layer types as `layers_block_type` (and ties its hybrid layers: it needs two); Gemma 3n's
     text config lists an MLP width per layer, Gemma 4's a per_layer_config keyed by layer index: all must
-    describe the tiny model's layers (transformers' config classes refuse them otherwise)."""
+    describe the tiny model's layers (transformers' config classes refuse them otherwise). Gemma 3n's last layers
+    reuse earlier layers' keys/values: one layer of each type computes them, one reuses them."""
     config = hf_config(["model=tiny", f"model.arch={arch}"])
     text = config.get_text_config()
     assert text.num_hidden_layers == layers and len(text.layer_types) == layers
+    assert text.num_kv_shared_layers == (2 if arch.startswith("gemma3n") else 0) if hasattr(text, "num_kv_shared_layers") else True
     if arch != "gemma3n":  # its vision tower needs timm
         assert sum(p.numel() for p in build_meta_model(config).parameters()) < 5_000_000
 

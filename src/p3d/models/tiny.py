@@ -119,6 +119,8 @@ def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int 
             tiny[name] = EXPERTS_PER_TOKEN  # a default of None (DeepSeek-V2) makes its router's top-k fail
         elif name in _INTERMEDIATE_FIELDS and isinstance(value, (list, tuple)) and value and all(_int(one) for one in value):
             tiny[name] = INTERMEDIATE  # one per layer (Gemma 3n): one for all layers
+        elif name.startswith("vocab_size") and _int(value) and value > VOCAB:
+            tiny[name] = VOCAB  # other tables over the vocabulary (Gemma 3n's per-layer input embeddings)
         elif name in _LAYER_FIELDS and _int(value):
             tiny[name] = min(value, LAYERS)
         elif name in _TOKEN_FIELDS and _int(value) and value >= VOCAB:
@@ -166,9 +168,15 @@ def _layer_types(values: dict[str, Any], layers: int, field: str = "layer_types"
         return {}
     kinds = list(dict.fromkeys(layer_types))
     count = max(layers, len(kinds))
+    shared = {}
+    if _int(values.get("num_kv_shared_layers")) and values["num_kv_shared_layers"] > 0:
+        # the last layers reuse the keys/values of the last earlier layer of their type (Gemma 3n): one of each
+        # type computes them, one of each reuses them
+        count = max(count, 2 * len(kinds))
+        shared = {"num_kv_shared_layers": len(kinds)}
     chosen = (kinds * count)[:count]
     counts = {name: count for name in LAYER_COUNT_FIELDS if name in values}
-    return {field: chosen, **counts}
+    return {field: chosen, **counts, **shared}
 
 
 def _layer_count(values: dict[str, Any]) -> int | None:
