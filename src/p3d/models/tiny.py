@@ -4,7 +4,8 @@
 another preset leaks in) and shrinks the sizes it has: hidden 64, MLP 128, 2 layers, 4 heads of 16
 (2 kv heads where the default groups them), a 264-token vocabulary (the byte tokenizer's 257 ids fit),
 experts 4 (2 per token; DeepSeek-style: 2 groups, one dense layer first, latent ranks 32), sliding windows 16 tokens (so a 32-token test sequence exercises them),
-dropout 0. Layer-type patterns keep one layer of each type. Fields that depend on the hidden size,
+dropout 0. Layer-type patterns keep one layer of each type (with KV sharing, Gemma 3n: one that computes
+and one that reuses keys/values of each type); values given per layer follow the layer count. Fields that depend on the hidden size,
 the MLP width or the head size by default (OPT's word_embed_proj_dim, Gemma's query_pre_attn_scalar)
 follow them. Special-token ids the smaller vocabulary no longer holds are dropped.
 """
