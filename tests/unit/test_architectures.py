@@ -52,6 +52,20 @@ def test_layer_type_patterns_keep_one_layer_of_each_type_and_follow_the_layer_co
     assert config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
 
 
+@pytest.mark.parametrize("arch, layers", [("zamba", 3), ("zamba2", 2), ("gemma3n", 4), ("gemma3n_text", 4), ("gemma4_unified", 2)])
+def test_values_given_per_layer_follow_the_smaller_layer_count(arch, layers):
+    """Zamba keeps its layer types as `layers_block_type` (and ties its hybrid layers: it needs two); Gemma 3n's
+    text config lists an MLP width per layer, Gemma 4's a per_layer_config keyed by layer index: all must
+    describe the tiny model's layers (transformers' config classes refuse them otherwise). Gemma 3n's last layers
+    reuse earlier layers' keys/values: one layer of each type computes them, one reuses them."""
+    config = hf_config(["model=tiny", f"model.arch={arch}"])
+    text = config.get_text_config()
+    assert text.num_hidden_layers == layers and len(text.layer_types) == layers
+    assert text.num_kv_shared_layers == (2 if arch.startswith("gemma3n") else 0) if hasattr(text, "num_kv_shared_layers") else True
+    if arch != "gemma3n":  # its vision tower needs timm
+        assert sum(p.numel() for p in build_meta_model(config).parameters()) < 5_000_000
+
+
 def test_shrink_follows_sizes_derived_from_the_hidden_size():
     values = tiny.shrink(AutoConfig.for_model("opt"))
     assert values["hidden_size"] == values["word_embed_proj_dim"] == 64 and values["ffn_dim"] == 128
@@ -90,6 +104,8 @@ def test_plans_come_from_p3d_transformers_or_the_module_structure():
     }
     electra = choice("electra").plan  # the MLP is found from the block's width (64), not the embeddings' (128)
     assert electra["electra.encoder.layer.*.intermediate.dense"] == "colwise" and electra["electra.encoder.layer.*.output.dense"] == "rowwise"
+    lfm2 = choice("lfm2")  # transformers shards its tied head over the vocabulary but leaves the embedding out
+    assert lfm2.source == "transformers" and lfm2.plan["lm_head"] == "colwise_gather_output" and lfm2.plan["model.embed_tokens"] == "embedding_rowwise"
     falcon = choice("falcon").plan  # a fused query_key_value of unknown layout is gathered
     assert falcon["transformer.h.*.self_attention.query_key_value"] == "colwise_gather_output"
     assert falcon["transformer.h.*.self_attention.dense"] == "rowwise_split_input"
@@ -135,3 +151,11 @@ def test_parameters_no_init_weights_sets_start_at_zero_not_at_uninitialised_memo
     initialize_random(model, config, seed=0)
     assert all(torch.isfinite(param).all() for param in model.parameters())
     assert torch.equal(model.lm_head.bias, torch.zeros_like(model.lm_head.bias))
+
+
+def test_a_position_limit_refuses_longer_sequences_and_a_negative_one_means_none():
+    """XLNet's config says max_position_embeddings=-1: relative positions, no limit."""
+    xlnet = hf_config(["model=tiny", "model.arch=xlnet"])
+    assert xlnet.max_position_embeddings == -1 and architecture(xlnet).position_problems(xlnet, 4096) == []
+    llama = hf_config(["model=tiny", "model.arch=llama", "model.config.max_position_embeddings=64"])
+    assert architecture(llama).position_problems(llama, 128) == ["data.seq_len=128 exceeds model.config.max_position_embeddings=64"]

@@ -26,6 +26,9 @@ from p3d.parallel.tensor import check_plan, match_plan
 # `view(bsz, -1, self.num_heads, head_dim)`) must see the tp-local counts, or the reshape silently
 # mixes sequence and heads.
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_heads", "n_head", "n_kv_heads")
+# Widths such modules reshape their output with (XGLM's and MVP's `reshape(bsz, tgt_len, self.embed_dim)`):
+# tp-local only where the width is that of the heads (head count x head_dim), not the model's.
+HEAD_WIDTH_ATTRIBUTES = ("embed_dim",)
 
 # Buffers some checkpoints carry that the model recomputes (rotary frequencies, position ids, masks).
 RECOMPUTED_CHECKPOINT_KEYS = ("rotary_emb.inv_freq", ".position_ids", ".masked_bias", ".attn.bias")
@@ -48,6 +51,7 @@ class Architecture:
     model_types: ClassVar[tuple[str, ...]] = ()  # the model types a subclass describes
     tp_plan: ClassVar[Mapping[str, str] | None] = None  # a plan p3d ships (module patterns of the causal-LM model)
     localised_attributes: ClassVar[tuple[str, ...]] = HEAD_COUNT_ATTRIBUTES
+    localised_widths: ClassVar[tuple[str, ...]] = HEAD_WIDTH_ATTRIBUTES
     sequence_parallel_verified: ClassVar[bool] = False  # loss parity with parallel.sequence_parallel=true is tested
     extra_config_fields: ClassVar[tuple[str, ...]] = ()  # fields the modeling code reads that its config class lacks
 
@@ -101,7 +105,7 @@ class Architecture:
             return PlanChoice(dict(self.tp_plan), "p3d")
         own = dict(getattr(model, "_tp_plan", None) or {})
         if own:
-            return PlanChoice(_entries_for_this_variant(own, model), "transformers")
+            return PlanChoice(_with_tied_embedding(_entries_for_this_variant(own, model), model), "transformers")
         inferred = infer.infer_plan(model, self.decoder_blocks(model))
         return PlanChoice(inferred.plan, "inferred", inferred.problem)
 
@@ -127,7 +131,7 @@ class Architecture:
 
     def position_problems(self, config: PretrainedConfig, seq_len: int) -> list[str]:
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-        if isinstance(limit, int) and seq_len > limit:
+        if isinstance(limit, int) and 0 < limit < seq_len:  # XLNet's -1: no limit
             return [f"data.seq_len={seq_len} exceeds model.config.max_position_embeddings={limit}"]
         return []
 
@@ -172,6 +176,20 @@ def _entries_for_this_variant(plan: dict[str, str], model: nn.Module) -> dict[st
     """transformers' plan covers every variant of the architecture (DeepSeek-V2's q_proj without a query
     compression, q_b_proj with one): keep the entries that name a module or parameter of this model."""
     return {pattern: style for pattern, style in plan.items() if match_plan({pattern: style}, model) or match_plan({pattern: style}, model, parameters=True)}
+
+
+def _with_tied_embedding(plan: dict[str, str], model: nn.Module) -> dict[str, str]:
+    """transformers' plan may shard a tied head over the vocabulary and leave the input embedding out (LFM2):
+    the tie needs that embedding sharded over the vocabulary too (as p3d's inferred plans do)."""
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return plan
+    names = {module: name for name, module in model.named_modules()}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    matched = match_plan(plan, model)
+    head_sharded = head is not None and matched.get(names.get(head)) in ("colwise", "colwise_gather_output")
+    if head_sharded and isinstance(embedding, nn.Embedding) and names.get(embedding) not in matched:
+        return {**plan, names[embedding]: "embedding_rowwise"}
+    return plan
 
 
 REGISTRY: dict[str, Architecture] = {}

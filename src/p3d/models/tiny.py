@@ -4,7 +4,8 @@
 another preset leaks in) and shrinks the sizes it has: hidden 64, MLP 128, 2 layers, 4 heads of 16
 (2 kv heads where the default groups them), a 264-token vocabulary (the byte tokenizer's 257 ids fit),
 experts 4 (2 per token; DeepSeek-style: 2 groups, one dense layer first, latent ranks 32), sliding windows 16 tokens (so a 32-token test sequence exercises them),
-dropout 0. Layer-type patterns keep one layer of each type. Fields that depend on the hidden size,
+dropout 0. Layer-type patterns keep one layer of each type (with KV sharing, Gemma 3n: one that computes
+and one that reuses keys/values of each type); values given per layer follow the layer count. Fields that depend on the hidden size,
 the MLP width or the head size by default (OPT's word_embed_proj_dim, Gemma's query_pre_attn_scalar)
 follow them. Special-token ids the smaller vocabulary no longer holds are dropped.
 """
@@ -26,6 +27,8 @@ TINY_TWEAKS: dict[str, dict[str, Any]] = {
     "gpt_bigcode": {"multi_query": False},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one global and one local layer
     "mamba2": {"num_heads": 8},
+    # its hybrid layers share one transformer, which transformers ties from the first to the others: two of them
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32]},  # num_heads * head_dim must equal hidden_size * expand
 }
 
@@ -110,11 +113,15 @@ def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int 
     tiny: dict[str, Any] = {}
     for name, value in values.items():
         if isinstance(value, PretrainedConfig):
-            tiny[name] = {**value.to_dict(), **shrink(value, keep_features)}
+            tiny[name] = {**_without_per_layer_values(value.to_dict(), _layer_count(_field_values(value))), **shrink(value, keep_features)}
         elif name in _EXACT and _int(value):
             tiny[name] = _EXACT[name]
         elif name in EXPERTS_PER_TOKEN_FIELDS and value is None and has_experts:
             tiny[name] = EXPERTS_PER_TOKEN  # a default of None (DeepSeek-V2) makes its router's top-k fail
+        elif name in _INTERMEDIATE_FIELDS and isinstance(value, (list, tuple)) and value and all(_int(one) for one in value):
+            tiny[name] = INTERMEDIATE  # one per layer (Gemma 3n): one for all layers
+        elif name.startswith("vocab_size") and _int(value) and value > VOCAB:
+            tiny[name] = VOCAB  # other tables over the vocabulary (Gemma 3n's per-layer input embeddings)
         elif name in _LAYER_FIELDS and _int(value):
             tiny[name] = min(value, LAYERS)
         elif name in _TOKEN_FIELDS and _int(value) and value >= VOCAB:
@@ -149,21 +156,49 @@ def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int 
                 tiny[name] = 2 * INTERMEDIATE
     if _int(hidden) and "hidden_size" in values:
         tiny.setdefault("hidden_size", HIDDEN)
-    tiny.update(_layer_types(values, layers or LAYERS))
+    tiny.update(_layer_types(values, layers or LAYERS, getattr(defaults, "attribute_map", {}).get("layer_types", "layer_types")))
     tiny.update(TINY_TWEAKS.get(defaults.model_type, {}))
     return tiny
 
 
-def _layer_types(values: dict[str, Any], layers: int) -> dict[str, Any]:
-    """One layer of each type (in their first order, repeated), so a tiny model still has e.g. sliding and full layers."""
-    layer_types = values.get("layer_types")
+def _layer_types(values: dict[str, Any], layers: int, field: str = "layer_types") -> dict[str, Any]:
+    """One layer of each type (in their first order, repeated), so a tiny model still has e.g. sliding and full layers.
+    `field`: where the config keeps them (Zamba's `layers_block_type`, which `layer_types` maps to)."""
+    layer_types = values.get(field)
     if not isinstance(layer_types, (list, tuple)) or not layer_types:
         return {}
     kinds = list(dict.fromkeys(layer_types))
     count = max(layers, len(kinds))
+    shared = {}
+    if _int(values.get("num_kv_shared_layers")) and values["num_kv_shared_layers"] > 0:
+        # the last layers reuse the keys/values of the last earlier layer of their type (Gemma 3n): one of each
+        # type computes them, one of each reuses them
+        count = max(count, 2 * len(kinds))
+        shared = {"num_kv_shared_layers": len(kinds)}
     chosen = (kinds * count)[:count]
     counts = {name: count for name in LAYER_COUNT_FIELDS if name in values}
-    return {"layer_types": chosen, **counts}
+    return {field: chosen, **counts, **shared}
+
+
+def _layer_count(values: dict[str, Any]) -> int | None:
+    return next((values[name] for name in LAYER_COUNT_FIELDS if _int(values.get(name))), None)
+
+
+def _without_per_layer_values(values: dict[str, Any], layers: int | None) -> dict[str, Any]:
+    """A nested config's values less those given per layer (lists of `layers` entries, dicts keyed by layer
+    index: Gemma 3n's intermediate sizes, Gemma 4's per_layer_config), which its constructor derives again
+    for the smaller layer count."""
+    if not layers or layers <= LAYERS:  # a layer count that does not shrink: nothing to derive again
+        return values
+    return {name: value for name, value in values.items() if not _per_layer(value, layers)}
+
+
+def _per_layer(value: Any, layers: int) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(value) == layers
+    if isinstance(value, dict) and value:
+        return all(str(key).isdigit() and int(key) < layers for key in value)
+    return False
 
 
 def out_of_vocabulary_token_ids(config: PretrainedConfig) -> dict[str, int]:

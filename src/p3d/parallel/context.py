@@ -33,7 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from p3d import compat
 from p3d.config.schema import CPImpl, CPLayout, Packing
 from p3d.data import TokenBatch
-from p3d.parallel.cp_attention import AllGatherAttention, AttentionOptions, AttentionTimer, CPComm, RingAttention, TilePlan
+from p3d.parallel.cp_attention import AllGatherAttention, AttentionOptions, AttentionTimer, CPComm, RingAttention, TilePlan, attention
 from p3d.parallel.sharding import SequenceSharding
 
 __all__ = [
@@ -116,7 +116,7 @@ def attending_in_one_process(plan: TilePlan) -> Iterator[None]:
 
 
 def context_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Transformers attention interface: query [b, heads, q, d], key/value [b, kv heads, k, d] -> [b, q, heads, d].
+    """Transformers attention interface: query/key [b, heads or kv heads, n, d], value [b, kv heads, n, dv] -> [b, n, heads, dv].
 
     Honours what the layer passes: `sliding_window`, `softcap` and attention sinks (`s_aux`, one logit
     per head). Bidirectional layers (`is_causal=False`) and attention dropout are refused at
@@ -136,7 +136,7 @@ def context_parallel_attention(module, query, key, value, attention_mask, scalin
         output = _torch_ring_attention(query, key, value, scale, _active.timer)
     else:
         schedule = RingAttention if _active.impl is CPImpl.ring else AllGatherAttention
-        output = schedule.apply(query, key, value, sinks, _active.plan, _active.comm, scale, options, _active.timer)
+        output = attention(schedule, query, key, value, sinks, _active.plan, _active.comm, scale, options, _active.timer)
     return output.transpose(1, 2).contiguous(), None
 
 

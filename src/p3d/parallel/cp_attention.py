@@ -25,7 +25,10 @@ masks do: tiles wholly outside the window are skipped), softcapped scores (`cap 
 of the scaled scores, Gemma 2), and attention sinks (one learned logit per head that joins every
 row's softmax without a value, GPT-OSS style): merged into the log-sum-exp after the last tile, so
 the tiles' math does not change, and their gradient is `-p_sink * rowsum(dO * O)`. Grouped-query attention is handled by viewing the
-query heads as [kv heads, group], so K/V are never repeated. Math is fp32 whatever the input.
+query heads as [kv heads, group], so K/V are never repeated. Keys and values of different head
+dims (multi-head latent attention: MiniCPM3, DeepSeek-V3) are zero-padded to one width before the
+schedules (`attention`), which is exact: padded query/key dims add 0 to every score, padded value
+dims give output dims that are cut off again. Math is fp32 whatever the input.
 On CPU each tile runs ATen's fused flash-attention kernel (forward returns the tile's
 log-sum-exp; backward takes the merged output and log-sum-exp); elsewhere the same math runs
 as plain matmuls.
@@ -444,3 +447,20 @@ class AllGatherAttention(torch.autograd.Function):
         key_dtype, value_dtype = ctx.dtypes
         dsinks = _sink_gradient(sinks, lse, delta) if sinks is not None else None
         return dq5.reshape(query.shape).to(query.dtype), dkv[0].to(key_dtype), dkv[1].to(value_dtype), dsinks, None, None, None, None, None
+
+
+def attention(schedule: type[RingAttention] | type[AllGatherAttention], query, key, value, sinks, plan: TilePlan, comm: CPComm, scale: float, options: AttentionOptions, timer: AttentionTimer) -> torch.Tensor:
+    """`schedule` over query/key [b, heads or kv heads, n, dk] and value [b, kv heads, n, dv] -> [b, heads, n, dv].
+
+    The schedules carry K and V as one stacked block, so a value head dim other than the key's is
+    zero-padded to the wider of the two (autograd takes the gradients back through the pad and cut)."""
+    key_dim, value_dim = key.shape[-1], value.shape[-1]
+    width = max(key_dim, value_dim)
+    query, key, value = (_padded(t, width) for t in (query, key, value))
+    output = schedule.apply(query, key, value, sinks, plan, comm, scale, options, timer)
+    return output[..., :value_dim] if value_dim < width else output
+
+
+def _padded(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - tensor.shape[-1]
+    return torch.nn.functional.pad(tensor, (0, missing)) if missing else tensor

@@ -45,8 +45,8 @@ def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_p
     dims = meshes.dims
     if dims.tp > 1:
         sequence_parallel = config.parallel.sequence_parallel
-        localised = architecture(hf_config).localised_attributes
-        apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel, localised)
+        arch = architecture(hf_config)
+        apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel, arch.localised_attributes, arch.localised_widths)
         if sequence_parallel:
             apply_sequence_parallel(model, meshes.tp)
         retie_weights(model)

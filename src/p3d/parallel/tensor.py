@@ -613,9 +613,18 @@ def _parameter_shard_dim(name: str, parameter: torch.Tensor, style: Style) -> in
 
 
 def apply_tensor_parallel(
-    model: nn.Module, plan: dict[str, str], tp_mesh: DeviceMesh, sequence_parallel: bool = False, localised_attributes: Iterable[str] = ()
+    model: nn.Module,
+    plan: dict[str, str],
+    tp_mesh: DeviceMesh,
+    sequence_parallel: bool = False,
+    localised_attributes: Iterable[str] = (),
+    localised_widths: Iterable[str] = (),
 ) -> None:
-    """Shard the planned modules and parameters over `tp_mesh` (the model may still be on the meta device)."""
+    """Shard the planned modules and parameters over `tp_mesh` (the model may still be on the meta device).
+
+    In the modules whose projections the plan splits by heads, the head counts named in `localised_attributes`
+    become tp-local, and so do the widths named in `localised_widths` that equal head count x `head_dim`
+    (the first count of `localised_attributes` the module has)."""
     parameters = dict(model.named_parameters())
     for name, value in match_plan(plan, model, parameters=True).items():
         dim = _parameter_shard_dim(name, parameters[name], Style.parse(value))
@@ -625,16 +634,30 @@ def apply_tensor_parallel(
     matched = match_plan(plan, model)
     rope_dim = _text_config_rope_dim(model)
     parallelize_module(model, tp_mesh, {name: make_style(value, sequence_parallel, rope_dim) for name, value in matched.items()})
-    _localise_attributes(model, matched, tp_mesh.size(), tuple(localised_attributes))
+    _localise_attributes(model, matched, tp_mesh.size(), tuple(localised_attributes), tuple(localised_widths))
 
 
-def _localise_attributes(model: nn.Module, matched: dict[str, str], tp: int, attributes: tuple[str, ...]) -> None:
-    """Divide the head counts (and the like) of modules whose projections now output only this rank's heads."""
+def _localise_attributes(model: nn.Module, matched: dict[str, str], tp: int, counts: tuple[str, ...], widths: tuple[str, ...] = ()) -> None:
+    """Divide the head counts (and the like) of modules whose projections now output only this rank's heads,
+    and their widths that are those of all heads."""
     parents = {name.rpartition(".")[0] for name, value in matched.items() if Style.parse(value).splits_heads}
     for name, module in model.named_modules():
         if name not in parents:
             continue
-        for attribute in attributes:
-            value = getattr(module, attribute, None)
-            if isinstance(value, int) and not isinstance(value, bool):
+        heads_width = _heads_width(module, counts)  # before the counts change
+        localised = list(counts) + [attribute for attribute in widths if heads_width is not None and _int(getattr(module, attribute, None)) == heads_width]
+        for attribute in localised:
+            value = _int(getattr(module, attribute, None))
+            if value is not None:
                 setattr(module, attribute, value // tp)
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _heads_width(module: nn.Module, counts: tuple[str, ...]) -> int | None:
+    """head count x head_dim of an attention module (the first of `counts` it has), or None."""
+    head_dim = _int(getattr(module, "head_dim", None))
+    heads = next((value for value in (_int(getattr(module, count, None)) for count in counts) if value is not None), None)
+    return heads * head_dim if head_dim is not None and heads is not None else None

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=N tests/distributed/helpers/cp_attention_check.py
 Checks every tile size x layout x impl x (plain causal, packed documents) x (no options, a sliding window,
-softcapped scores, attention sinks, all three) with grouped-query heads, against a plain eager reference
+softcapped scores, attention sinks, all three) with grouped-query heads, and value head dims narrower and wider
+than the query/key's (multi-head latent attention) with all options, against a plain eager reference
 of the same semantics as transformers' (window: q - k < window; softcap of the scaled scores; a sink is
 one more logit per head without a value); prints "ok <cases>" on rank 0 or raises.
 """
@@ -14,18 +15,18 @@ import torch.distributed as dist
 
 from p3d.config.schema import CPImpl, CPLayout
 from p3d.parallel import cp_attention
-from p3d.parallel.cp_attention import AllGatherAttention, AttentionOptions, AttentionTimer, CPComm, RingAttention, TilePlan
+from p3d.parallel.cp_attention import AllGatherAttention, AttentionOptions, AttentionTimer, CPComm, RingAttention, TilePlan, attention
 from p3d.parallel.sharding import SequenceSharding
 
 BATCH, HEADS, KV_HEADS, SEQ, DIM = 2, 4, 2, 32, 8
 
 
-def inputs(seed: int):
+def inputs(seed: int, value_dim: int):
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(BATCH, HEADS, SEQ, DIM, generator=generator, dtype=torch.float64)
     k = torch.randn(BATCH, KV_HEADS, SEQ, DIM, generator=generator, dtype=torch.float64)
-    v = torch.randn(BATCH, KV_HEADS, SEQ, DIM, generator=generator, dtype=torch.float64)
-    grad = torch.randn(BATCH, HEADS, SEQ, DIM, generator=generator, dtype=torch.float64)
+    v = torch.randn(BATCH, KV_HEADS, SEQ, value_dim, generator=generator, dtype=torch.float64)
+    grad = torch.randn(BATCH, HEADS, SEQ, value_dim, generator=generator, dtype=torch.float64)
     # two rows with different document boundaries (one document per row would be plain causal)
     documents = torch.stack([torch.arange(SEQ) // 5, (torch.arange(SEQ) >= 13).long() + (torch.arange(SEQ) >= 14).long()])
     return q, k, v, grad, documents
@@ -67,10 +68,10 @@ def reference(q, k, v, grad, documents, scale, options: AttentionOptions, sinks)
     return out.detach(), q.grad, k.grad, v.grad, sinks.grad if sinks is not None else None
 
 
-def check(impl: CPImpl, layout: CPLayout, with_documents: bool, option: str, seed: int) -> None:
+def check(impl: CPImpl, layout: CPLayout, with_documents: bool, option: str, seed: int, value_dim: int = DIM) -> None:
     comm = CPComm(dist.group.WORLD)
     sharding = SequenceSharding(comm.size, layout)
-    q, k, v, grad, documents = inputs(seed)
+    q, k, v, grad, documents = inputs(seed, value_dim)
     documents = documents if with_documents else None
     options, with_sinks = OPTIONS[option]
     sinks = sink_logits(seed) if with_sinks else None
@@ -81,10 +82,10 @@ def check(impl: CPImpl, layout: CPLayout, with_documents: bool, option: str, see
     local_sinks = sinks.clone().requires_grad_() if sinks is not None else None
     plan = TilePlan(sharding, comm.rank, SEQ, documents, torch.device("cpu"))
     schedule = RingAttention if impl is CPImpl.ring else AllGatherAttention
-    out = schedule.apply(*local, local_sinks, plan, comm, scale, options, AttentionTimer(False, torch.device("cpu")))
+    out = attention(schedule, *local, local_sinks, plan, comm, scale, options, AttentionTimer(False, torch.device("cpu")))
     out.backward(grad[:, :, index])
     got = [out.detach(), *(t.grad for t in local)]
-    what = f"{impl.value} {layout.value} documents={with_documents} {option}"
+    what = f"{impl.value} {layout.value} documents={with_documents} {option} value_dim={value_dim}"
     for name, value, full in zip(("out", "dq", "dk", "dv"), got, expected):
         error = (value - full[:, :, index]).abs().max().item()
         assert error < 1e-5, f"{what}: {name} differs by {error:.2e}"
@@ -108,6 +109,9 @@ def main() -> None:
                         for option in OPTIONS:
                             check(impl, layout, with_documents, option, seed=cases)
                             cases += 1
+                for value_dim in (DIM - 3, DIM + 4):  # multi-head latent attention: V narrower / wider than Q, K
+                    check(impl, CPLayout.balanced, True, "all", seed=cases, value_dim=value_dim)
+                    cases += 1
     if dist.get_rank() == 0:
         print(f"ok {cases}")
     dist.destroy_process_group()

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=2 tests/distributed/helpers/tp_styles_check.py
 For each case a small module (Linear or GPT-2's Conv1D layers, embeddings, per-head norms, sinks) is
-built twice from the same seed; one copy is sharded with the case's plan. Outputs, input gradients and
+built twice from the same seed; one copy is sharded with the case's plan (attention modules reshaping with
+their heads' width `embed_dim` included). Outputs, input gradients and
 every parameter's full gradient must agree (float64, 1e-10). Also latent attention (mla_kv_a_proj) and
 transformers' Mixtral MoE block with its experts split over tp (moe_tp_experts). Prints "ok <cases>" on rank 0 or raises.
 """
@@ -45,9 +46,12 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """[q|k|v] in one projection (or separate ones), per-head q/k norms, sinks: the shapes of real attention."""
 
-    def __init__(self, fused: bool = False, conv1d: bool = False, norms: bool = False, sinks: bool = False):
+    def __init__(self, fused: bool = False, conv1d: bool = False, norms: bool = False, sinks: bool = False, embed_dim: int | None = None):
         super().__init__()
-        self.fused, self.num_heads = fused, HEADS
+        self.fused, self.num_heads, self.head_dim = fused, HEADS, HEAD_DIM
+        # XGLM/MVP reshape their output with `embed_dim` (the heads' width); other widths must stay whole
+        self.embed_dim = embed_dim
+        self.reshapes_with_embed_dim = embed_dim == HEADS * HEAD_DIM
         if fused:
             self.qkv = linear(HIDDEN, 3 * HEADS * HEAD_DIM, conv1d)
         else:
@@ -72,7 +76,11 @@ class Attention(nn.Module):
         if self.sinks is not None:
             scores = torch.cat([scores, self.sinks.view(1, -1, 1, 1).expand(batch, -1, length, 1)], dim=-1)
         probs = scores.softmax(-1)[..., :length]
-        return self.out(torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, -1))
+        heads = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+        if self.reshapes_with_embed_dim:
+            return self.out(heads.reshape(batch, length, self.embed_dim))
+        out = self.out(heads.reshape(batch, length, -1))
+        return out / self.embed_dim if self.embed_dim is not None else out
 
 
 class Embeddings(nn.Module):
@@ -99,6 +107,8 @@ CASES = {
         {"q": "colwise", "k": "colwise", "v": "colwise", "q_norm": "replicated_with_grad_allreduce", "k_norm": "replicated_with_grad_allreduce", "out": "rowwise"},
     ),
     "attention-sinks": (lambda: Attention(sinks=True), {"q": "colwise", "k": "colwise", "v": "colwise", "out": "rowwise", "sinks": "colwise", "": "local_params"}),
+    "attention-heads-width": (lambda: Attention(embed_dim=HEADS * HEAD_DIM), {"q": "colwise", "k": "colwise", "v": "colwise", "out": "rowwise"}),
+    "attention-other-width": (lambda: Attention(embed_dim=HIDDEN), {"q": "colwise", "k": "colwise", "v": "colwise", "out": "rowwise"}),
     "vocab-parallel": (lambda: Embeddings(), {"embed": "embedding_rowwise", "head": "colwise_gather_output"}),
     "embedding-colwise": (lambda: Embeddings(), {"embed": "embedding_colwise", "head": "replicate"}),
 }
@@ -182,7 +192,7 @@ def run(name: str, mesh) -> None:
     sharded = nn.Sequential(make()).double()
     sharded.load_state_dict(reference.state_dict())
     sharded.config = _TextConfig()  # what mla_kv_a_proj reads from a model's config
-    apply_tensor_parallel(sharded, {f"0.{key}" if key else "0": style for key, style in plan.items()}, mesh, localised_attributes=("num_heads",))
+    apply_tensor_parallel(sharded, {f"0.{key}" if key else "0": style for key, style in plan.items()}, mesh, localised_attributes=("num_heads",), localised_widths=("embed_dim",))
     generator = torch.Generator().manual_seed(1)
     if isinstance(reference[0], Embeddings):
         inputs = torch.randint(0, VOCAB, (2, 5), generator=generator)
