@@ -127,7 +127,8 @@ Two measurements per case where given. *Measured* is the run as `p3d train` runs
 default allocator), against the plan's total. *With freed blocks returned* runs with
 `MALLOC_MMAP_THRESHOLD_=65536` (every block over 64 KiB its own mapping, unmapped when freed), so
 that peak RSS is the process baseline plus the live tensors: it checks the plan's replay of the
-step (everything but its allocator term) on its own. The allocator term (what glibc keeps in its
+step (everything but its allocator term) on its own, and is what `p3d plan` says of a run with
+`dist.cpu_return_freed_memory=true` (the key sets that threshold; the plan then has no allocator term). The allocator term (what glibc keeps in its
 heaps) is the one fitted constant (`CPU_HEAP_RETENTION`) and the least exact part: the same config
 measured twice on this machine gave peaks 10% apart (Llama 334M dp4 with AC: 4.607 and 4.135 GB;
 GPT-2 tp2cp2: 5.050 and 4.632 GB), and identical ranks of one run differ by up to 8% (the "all
