@@ -59,6 +59,18 @@ def ep_overrides(arch: str, layout: tuple[int, int, int, int], micro: int) -> li
     return ["model=tiny", f"model.arch={arch}", *STEPS, *layout_overrides(tp, dp, cp), f"parallel.ep={ep}", f"train.micro_batch_size={micro}"]
 
 
+def run_matching_one_process(p3d_runner, arch: str, layout: tuple[int, int, int, int], micro: int):
+    """Run `arch` at `layout`; its losses, gradient norms and tokens per expert must be one process's."""
+    tp, dp, cp, _ = layout
+    result = p3d_runner(ep_overrides(arch, layout, micro), nproc=tp * dp * cp)
+    assert_ok(result)
+    reference = reference_records(p3d_runner, arch)
+    assert_matches(result.records, reference)
+    load = ("expert_tokens_min", "expert_tokens_max", "expert_imbalance")
+    assert [[r[key] for key in load] for r in result.records] == [[r[key] for key in load] for r in reference]
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(EP_CASES))
 def test_experts_split_over_expert_parallel_ranks_match_one_process(case, p3d_runner):
@@ -66,12 +78,7 @@ def test_experts_split_over_expert_parallel_ranks_match_one_process(case, p3d_ru
     tokens per expert are one process's; each rank stores half of the expert weights."""
     arch, layout, micro = EP_CASES[case]
     tp, dp, cp, ep = layout
-    result = p3d_runner(ep_overrides(arch, layout, micro), nproc=tp * dp * cp)
-    assert_ok(result)
-    reference = reference_records(p3d_runner, arch)
-    assert_matches(result.records, reference)
-    load = ("expert_tokens_min", "expert_tokens_max", "expert_imbalance")
-    assert [[r[key] for key in load] for r in result.records] == [[r[key] for key in load] for r in reference]
+    result = run_matching_one_process(p3d_runner, arch, layout, micro)
     line = next(line for line in result.stdout.splitlines() if "mixture of experts" in line)
     assert "4 experts, 2 per rank (split over ep=2)" in line
     if dp * cp == ep:  # no FSDP over replicas: each rank stores exactly its two experts
@@ -90,13 +97,7 @@ MATRIX_LAYOUTS = {"tp2": ((2, 1, 1, 1), 4), "ep2": ((1, 2, 1, 2), 2), "dp4ep2": 
 @pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
 def test_every_moe_architecture_at_every_layout_matches_one_process(arch, layout_name, p3d_runner):
     layout, micro = MATRIX_LAYOUTS[layout_name]
-    tp, dp, cp, ep = layout
-    result = p3d_runner(ep_overrides(arch, layout, micro), nproc=tp * dp * cp)
-    assert_ok(result)
-    reference = reference_records(p3d_runner, arch)
-    assert_matches(result.records, reference)
-    load = ("expert_tokens_min", "expert_tokens_max", "expert_imbalance")
-    assert [[r[key] for key in load] for r in result.records] == [[r[key] for key in load] for r in reference]
+    run_matching_one_process(p3d_runner, arch, layout, micro)
 
 
 @pytest.mark.slow
