@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from plain_loop import corpus_windows, model_config, print_result  # the same data, model and result line as the plain loop
 from torch import nn
 
 BUCKET_ELEMENTS = 25 * 2**20 // 4  # 25 MiB of fp32 gradients per all-reduce, as DDP's default bucket
@@ -253,27 +253,16 @@ class GradientBuckets:
             flat.zero_()
 
 
-def corpus_windows(seq_len: int) -> torch.Tensor:
-    from pydoc_data.topics import topics
-
-    data = b"".join(topics[k].encode() + b"\x00" for k in sorted(topics))
-    stream = torch.tensor(list(data), dtype=torch.long)
-    count = len(stream) // (seq_len + 1)
-    return stream[: count * (seq_len + 1)].view(count, seq_len + 1)
-
-
 def balanced_positions(rank: int, cp: int, seq_len: int) -> torch.Tensor:
     chunk = seq_len // (2 * cp)
     return torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk), torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
 
 
 def build_model(args, par: Parallel) -> Llama:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(vocab_size=264, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)  # the plain loop's initial weights
-    hf_model = AutoModelForCausalLM.from_config(config)
+    hf_model = AutoModelForCausalLM.from_config(model_config(args))
     return Llama(hf_model, par)
 
 
@@ -349,10 +338,7 @@ def main() -> None:
             prof.__exit__(None, None, None)
             if dist.get_rank() == 0:
                 Path(args.profile_out).write_text(json.dumps(summarize(prof, timings[-1])))
-    if dist.get_rank() == 0:
-        timed = timings[args.warmup:]
-        print(json.dumps({"tokens_per_s": args.global_batch * args.seq_len / statistics.median(timed), "steps": len(timed),
-                          "losses": [loss.item() for loss in losses]}))
+    print_result(args, timings, losses)
     dist.destroy_process_group()
 
 

@@ -65,6 +65,14 @@ def corpus_windows(seq_len: int) -> torch.Tensor:
     return stream[: count * (seq_len + 1)].view(count, seq_len + 1)
 
 
+def print_result(args, timings: list[float], losses: list[torch.Tensor]) -> None:
+    """Rank 0's one JSON line: median tokens/s of the steps after the warm-up, and every step's loss."""
+    if dist.get_rank() == 0:
+        timed = timings[args.warmup:]
+        print(json.dumps({"tokens_per_s": args.global_batch * args.seq_len / statistics.median(timed), "steps": len(timed),
+                          "losses": [loss.item() for loss in losses]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     for name, default in (("tp", 1), ("dp", 1), ("cp", 1), ("steps", 20), ("warmup", 3), ("seq_len", 256), ("global_batch", 8), ("hidden", 256), ("layers", 4)):
@@ -134,10 +142,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timings.append(time.perf_counter() - started)
-    if dist.get_rank() == 0:
-        timed = timings[args.warmup:]
-        print(json.dumps({"tokens_per_s": args.global_batch * args.seq_len / statistics.median(timed), "steps": len(timed),
-                          "losses": [loss.item() for loss in losses]}))
+    print_result(args, timings, losses)
     dist.destroy_process_group()
 
 
