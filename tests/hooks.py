@@ -158,9 +158,19 @@ def sigterm_launcher_after_step(value: str | None) -> None:
 
 @hook("grad_divide_factor")
 def grad_divide_factor(value: str | None) -> None:
-    """FSDP2 divides each reduced gradient by `value` (p3d sets 1: the loss is already a global mean)."""
+    """FSDP2, or DDP's comm hook, divides each reduced gradient by `value` (p3d sums: the loss is already a
+    global mean)."""
+    import p3d.compat as compat
     import p3d.parallel.parallelize as parallelize
     from torch.distributed.fsdp import FSDPModule
+
+    def divided(summed):
+        def hook(group, bucket):
+            return summed(group, bucket).then(lambda done: done.value().div_(float(value)))
+
+        return hook
+
+    wrap(compat, "_summed_over_ranks", divided)
 
     def make(apply_fsdp):
         def wrong(model, *args, **kwargs):

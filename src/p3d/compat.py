@@ -38,6 +38,40 @@ def replicate_modules(modules: list, mesh: DeviceMesh, mp_policy) -> None:
     replicate(modules if len(modules) > 1 else modules[0], mesh=mesh, mp_policy=mp_policy)
 
 
+def ddp_replicate(module: torch.nn.Module, group, bucket_bytes: int, find_unused_parameters: bool) -> None:
+    """DDP's reducer on `module` in place (private `torch.distributed._composable.replicate`, torch 2.13:
+    no wrapper module, so parameter names, state dicts and DCP checkpoints stay the model's own).
+    Gradients live in flat buckets (`gradient_as_bucket_view`), each bucket's all-reduce is launched
+    from the backward as soon as its last gradient is ready and runs on the backend's own thread
+    meanwhile; the comm hook sums over the ranks (DDP averages; p3d's loss is already a global mean).
+    DDP initialises at the first forward (it broadcasts rank 0's weights then)."""
+    from torch.distributed._composable.replicate import replicate
+
+    replicate(module, process_group=group, bucket_cap_mb=bucket_bytes / 2**20, gradient_as_bucket_view=True,
+              find_unused_parameters=find_unused_parameters)
+    module.register_comm_hook(group, _summed_over_ranks)
+
+
+def _summed_over_ranks(group, bucket):  # no annotations: DDP compares them with its own objects, not strings
+    """DDP comm hook: the bucket's gradients summed over `group`, a future of the reduced bucket."""
+    return dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future().then(lambda done: done.value()[0])
+
+
+def ddp_bucket_assignment(parameters: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Indices of `parameters` (in the order their gradients become ready) per DDP bucket, as DDP assigns
+    them when it rebuilds its buckets after the first step: private `dist._compute_bucket_assignment_by_size`
+    with `dist._DEFAULT_FIRST_BUCKET_BYTES` for the first bucket (torch 2.13). Meta tensors do."""
+    buckets, _ = dist._compute_bucket_assignment_by_size(parameters, [dist._DEFAULT_FIRST_BUCKET_BYTES, bucket_bytes], [False] * len(parameters))
+    return buckets
+
+
+def is_ddp_replicated(module: torch.nn.Module) -> bool:
+    """Whether `ddp_replicate` was applied to `module` (its class is then composable replicate's `DDP`)."""
+    from torch.distributed._composable.replicate import DDP
+
+    return isinstance(module, DDP)
+
+
 def in_backward() -> bool:
     """Whether autograd's engine is running a backward on this thread, e.g. activation checkpointing
     recomputing a block's forward (private `torch._C._current_graph_task_id`, torch 2.13: -1 outside)."""

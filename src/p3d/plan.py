@@ -50,7 +50,7 @@ from p3d.model import build_meta_model
 from p3d.models import decoder_blocks, experts_modules
 from p3d.optim import optimizer_state_sizes
 from p3d.parallel.expert import expert_count
-from p3d.parallel.fsdp import REDUCE_BYTES, syncs_every_micro_batch
+from p3d.parallel.fsdp import REDUCE_BYTES, ddp_bucket_numels, syncs_every_micro_batch
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
 from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
@@ -148,6 +148,8 @@ class Trace:
     micro_batches: int
     reduces_every_micro_batch: bool = True  # FSDP2 reduces gradients after every micro-batch (else the step's last only)
     experts: tuple[int, int, int] | None = None  # mixture of experts: (layers, experts per layer, experts per rank)
+    ddp_buckets: list[int] = field(default_factory=list)  # replicated by DDP: gradient elements per bucket (kept between steps)
+    ddp_group: str = ""  # ... all-reduced over this mesh dimension
 
     @property
     def root(self) -> Unit:
@@ -377,6 +379,7 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         checkpointed_blocks = wrap_for_training(model, config, meshes)
         state = optimizer_state_sizes(model, config.optim)  # the optimizer p3d builds for this model
         fsdp = any(isinstance(module, FSDPModule) for module in model.modules())
+        buckets = ddp_bucket_numels(model)
         names = {module: name for name, module in model.named_modules()}
         blocks = decoder_blocks(model)
         checkpointed = [names[blocks[index]] for index in checkpointed_blocks]
@@ -432,6 +435,8 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         micro_batches=accumulation,
         reduces_every_micro_batch=syncs_every_micro_batch(config.parallel.grad_sync, dims),  # as the trainer decides it
         experts=experts,
+        ddp_buckets=buckets,
+        ddp_group=meshes.data_parallel.mesh_dim_names[-1] if buckets else "",
     )
 
 
@@ -521,7 +526,8 @@ class _Replay:
         # Earlier micro-batches left their gradients: reduced, every sharded gradient in place; not reduced
         # (parallel.grad_sync), each unit's unsharded gradients, summed in the reduce dtype until the last.
         self.holds_unsharded = earlier and trace.fsdp and not trace.reduces_every_micro_batch
-        self.accumulating = earlier and not self.holds_unsharded
+        # DDP's gradients live in its flat buckets from the first backward on.
+        self.accumulating = (earlier and not self.holds_unsharded) or bool(trace.ddp_buckets)
         self.keeps_gradients = not in_backward  # optim.in_backward frees each gradient at once
 
     def run(self) -> Timeline:
@@ -808,6 +814,9 @@ def collectives(trace: Trace, config: P3DConfig) -> list[CollectiveCount]:
         entry.per_micro_batch += times
         entry.bytes_per_micro_batch += times * nbytes
 
+    if trace.ddp_buckets:
+        for numel in trace.ddp_buckets:
+            count("all-reduce of gradients (fp32), one per DDP bucket", trace.ddp_group, 1, numel * REDUCE_BYTES, once)
     for unit in trace.units if trace.fsdp else ():
         if not unit.gathered_numel:
             continue
@@ -873,6 +882,8 @@ def render(plan: Plan, show_ranks: bool = False) -> str:
 def data_parallel(trace: Trace) -> str:
     """How FSDP2 holds the model over the data-parallel ranks, as the root unit says."""
     root = trace.root
+    if trace.ddp_buckets:
+        return f"DDP: every rank holds the whole model, gradients in {len(trace.ddp_buckets)} flat bucket(s) all-reduced during the backward"
     if not trace.fsdp:
         return "no FSDP (one data-parallel rank, fp32)"
     shard = f"FSDP2 shards over {root.group} ({root.group_size} ranks)"

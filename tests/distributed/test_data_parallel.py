@@ -9,6 +9,7 @@ from p3d.config.compose import compose, to_object
 from p3d.config.validate import validate
 from p3d.model import build_meta_model
 from p3d.parallel.fsdp import REDUCE_BYTES, REPLICATE_BUCKET_BYTES, replicate_buckets
+from p3d.plan import make_plan
 from tests.conftest import FAST, assert_ok, hooks_env, run_p3d
 from tests.distributed.test_checkpoint import assert_same_losses
 from tests.hooks import read_reports
@@ -58,8 +59,21 @@ def test_fsdp_options_cut_all_gathers_and_reduce_scatters(p3d_runner, tmp_path):
     assert counts == {"default": (2 * (5 + 3), 2 * 5, 0), "kept": (2 * 5, 2 * 5, 0), "per step": (2 * (5 + 3), 5, 0)}
 
 
-def test_a_larger_replicated_model_is_reduced_in_buckets_of_blocks(p3d_runner, tmp_path):
-    overrides = [*WIDER, *FAST, "train.micro_batch_size=2", "train.steps=1", "parallel.dp_replicate=2"]
+def test_a_larger_replicated_model_is_reduced_in_the_ddp_buckets_the_plan_counts(p3d_runner, tmp_path):
+    """fp32 replicated is DDP's reducer: one all-reduce per bucket of about 25 MiB, as `p3d plan` counts them."""
+    overrides = [*WIDER, *FAST, "train.micro_batch_size=2", "train.steps=3", "parallel.dp_replicate=2"]
+    total, _ = parameter_count(WIDER)
+    config = to_object(compose(overrides))
+    planned = make_plan(config, validate(config, 2)).trace.ddp_buckets
+    assert len(planned) > 2 and sum(planned) == total
+    for step in reductions(p3d_runner, tmp_path, overrides):
+        # the boundaries follow the order the gradients became ready, which the plan takes as the parameters' reversed
+        assert (len(step["all_reduce"]), sum(step["all_reduce"]), step["reduce_scatter"], step["all_gather"]) == (len(planned), total, [], [])
+
+
+def test_a_larger_replicated_model_computing_in_bf16_is_reduced_in_buckets_of_blocks(p3d_runner, tmp_path):
+    """With a compute cast the replicated mode is FSDP2's replicate: blocks grouped into 25 MiB units."""
+    overrides = [*WIDER, *FAST, "train.micro_batch_size=2", "train.steps=1", "parallel.dp_replicate=2", "train.dtype=bf16"]
     total, blocks = parameter_count(WIDER)
     buckets = replicate_buckets([block * REDUCE_BYTES for block in blocks])
     assert buckets == [[2, 3], [0, 1]] and 2 * blocks[0] * REDUCE_BYTES >= REPLICATE_BUCKET_BYTES

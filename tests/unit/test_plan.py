@@ -16,7 +16,7 @@ from p3d import cli
 from p3d import plan as plan_module
 from p3d.config.compose import compose, to_object
 from p3d.config.validate import validate
-from p3d.plan import GB, make_plan
+from p3d.plan import GB, data_parallel, make_plan
 
 PLAN_SOURCE = Path(plan_module.__file__)
 TINY = ["model=tiny_llama", "train.global_batch_size=8"]
@@ -305,10 +305,10 @@ def transients(plan) -> float:
     return parts["gathered weights"] + parts["gathered gradients"] + parts["reduce buffers"]
 
 
-def test_replicated_ranks_hold_the_whole_model_state_and_all_reduce_it_in_buckets():
-    """dp_replicate=2: weights, gradients and optimizer state of one process on each rank (FSDP at dp2:
-    half); FSDP2's replicate keeps its unsharded copy of every weight from forward to backward; one
-    gradient all-reduce per bucket of blocks and the root, once per step with accumulation."""
+def test_replicated_ranks_hold_the_whole_model_state_and_all_reduce_it_in_ddp_buckets():
+    """dp_replicate=2 in fp32 is DDP's reducer: weights, gradients and optimizer state of one process on
+    each rank (FSDP at dp2: half), no gathered copy of the weights, the gradients kept in DDP's flat buckets
+    between steps, all-reduced once per step with accumulation, one all-reduce per bucket as torch assigns them."""
     from p3d.plan import Sizes, collectives, replay_step
 
     one = planned(OPT_4_LAYERS, 1)
@@ -319,15 +319,28 @@ def test_replicated_ranks_hold_the_whole_model_state_and_all_reduce_it_in_bucket
         assert sharded.breakdown()[part] == pytest.approx(one.breakdown()[part] / 2, rel=1e-3)
     whole = one.trace.parameters * 4  # fp32
     timelines = {name: replay_step(result.trace, 0, Sizes(4, 4), in_backward=False) for name, result in (("sharded", sharded), ("replicated", replicated))}
-    assert timelines["replicated"].most["gradients"] == whole  # the stored gradients, by the end of the step
+    assert timelines["replicated"].most["gradients"] == whole + replicated.trace.tied_numel * 4  # and the tied head's second gradient, briefly
     assert timelines["sharded"].most["gradients"] == pytest.approx(whole / 2, rel=1e-3)
-    assert all(unit.keeps_gathered for unit in replicated.trace.units)  # read from FSDP2's state
-    assert timelines["replicated"].most["gathered weights"] == whole
+    assert timelines["replicated"].most["gathered weights"] == 0 and not replicated.trace.fsdp
     assert replicated.trace.micro_batches == 2 and not replicated.trace.reduces_every_micro_batch  # grad_sync=auto: nothing sharded
-    found = collectives(replicated.trace, replicated.config)
-    (reduce,) = found
-    assert (reduce.group, reduce.per_step(2)[0]) == ("dp_cp", 5) and reduce.name.startswith("all-reduce of gradients")  # 4 buckets of one 201 MB block, and the root
-    assert reduce.per_step(2)[1] == whole
+    (reduce,) = collectives(replicated.trace, replicated.config)
+    buckets = replicated.trace.ddp_buckets
+    assert sum(buckets) == one.trace.parameters and len(buckets) > 4  # closed at 25 MiB or more
+    assert (reduce.group, reduce.per_step(2)) == ("dp_cp", (len(buckets), whole)) and reduce.name.startswith("all-reduce of gradients")
+    assert "DDP: every rank holds the whole model" in data_parallel(replicated.trace)
+
+
+def test_replicated_with_a_compute_cast_is_fsdp2_replicate():
+    """bf16 compute over fp32 weights needs FSDP2's cast: FSDP2's replicate keeps its unsharded (bf16) copy
+    of every weight from forward to backward and all-reduces each bucket of blocks, and the root, once."""
+    from p3d.plan import collectives
+
+    replicated = planned([*OPT_4_LAYERS, "parallel.dp_replicate=2", "train.dtype=bf16"], 2)
+    assert replicated.trace.fsdp and not replicated.trace.ddp_buckets
+    assert all(unit.keeps_gathered for unit in replicated.trace.units)  # read from FSDP2's state
+    assert replicated.breakdown()["gathered weights"] == replicated.trace.parameters * 2  # bytes
+    (reduce,) = collectives(replicated.trace, replicated.config)
+    assert (reduce.group, reduce.per_step(2)) == ("dp_cp", (5, replicated.trace.parameters * 4))  # 4 buckets of one 201 MB block, and the root
 
 
 def test_a_bucket_of_blocks_is_one_replicated_unit_with_all_their_parameters():
@@ -335,7 +348,8 @@ def test_a_bucket_of_blocks_is_one_replicated_unit_with_all_their_parameters():
     all-reduced together; the plan counts it once, with both blocks' parameters."""
     from p3d.plan import collectives
 
-    result = planned([*TINY, "model.config.hidden_size=512", "model.config.intermediate_size=2048", "model.config.num_hidden_layers=4", "parallel.dp_replicate=2"], 2)
+    wide = ["model.config.hidden_size=512", "model.config.intermediate_size=2048", "model.config.num_hidden_layers=4"]
+    result = planned([*TINY, *wide, "parallel.dp_replicate=2", "train.dtype=bf16"], 2)  # a compute cast: FSDP2's replicate
     buckets = result.trace.units[:-1]
     assert [unit.modules for unit in buckets] == [["model.layers.0", "model.layers.1"], ["model.layers.2", "model.layers.3"]]
     block = sum(p.numel() for name, p in _meta_model(result).named_parameters() if name.startswith("model.layers.0."))

@@ -1,9 +1,14 @@
-"""Data parallelism with FSDP2's modules: sharded (`fully_shard` over dp*cp: one unit per decoder
-block, then the root), hybrid (HSDP: `fully_shard` over a (replicate, shard) mesh) or replicated
-(FSDP2's `replicate`: decoder blocks grouped into gradient buckets, one all-reduce per bucket).
+"""Data parallelism: sharded (FSDP2's `fully_shard` over dp*cp: one unit per decoder block, then the
+root), hybrid (HSDP: `fully_shard` over a (replicate, shard) mesh) or replicated.
 
-All three keep parameters as DTensors (TP-sharded ones included), so gradient clipping, the
-mixed-precision policy and DCP checkpoints (which reshard between the modes) work the same way.
+Replicated is DDP's reducer where every parameter is a plain fp32 tensor computing in fp32 (no tensor
+or expert parallelism, no bf16) and gradients are reduced once per step: gradients live in flat
+buckets whose all-reduces overlap the backward. Otherwise it is FSDP2's `replicate` (decoder blocks grouped into
+gradient buckets, one all-reduce per bucket after the bucket's backward), which holds DTensors and
+casts for compute; on CPU its all-reduces run in line with the backward.
+
+Gradient clipping and DCP checkpoints (which reshard between the modes) see DTensors or plain
+tensors and treat both alike.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from p3d.compat import replicate_modules
+from p3d.compat import ddp_bucket_assignment, ddp_replicate, is_ddp_replicated, replicate_modules
 from p3d.config.schema import GradSync
 from p3d.distributed.mesh import ParallelDims
 from p3d.models import decoder_blocks, experts_modules
@@ -35,6 +40,7 @@ def apply_fsdp(
     *,
     replicate: bool = False,
     reshard_after_forward: bool = True,
+    reduce_every_micro_batch: bool = False,
 ) -> None:
     """Shard parameters, gradients and optimizer state over `dp_mesh` (1-D: FSDP; 2-D (replicate,
     shard): HSDP), or with `replicate` keep them whole on every rank of the 1-D `dp_mesh`.
@@ -50,11 +56,12 @@ def apply_fsdp(
     fp32 and stored in the weights' dtype.
 
     `reshard_after_forward=False` keeps each block's (and the input embedding's) gathered weights
-    from its forward to its backward instead of gathering them again.
+    from its forward to its backward instead of gathering them again. `reduce_every_micro_batch`
+    (parallel.grad_sync) decides between DDP and FSDP2 for the replicated mode (`replicates_with_ddp`).
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     if replicate:
-        _replicate(model, dp_mesh, policy)
+        _replicate(model, dp_mesh, policy, reduce_every_micro_batch)
     else:
         _shard(model, dp_mesh, policy, experts_mesh, reshard_after_forward)
     for module in model.modules():
@@ -76,7 +83,36 @@ def _shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, exp
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
+def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reduce_every_micro_batch: bool) -> None:
+    if replicates_with_ddp(model, policy.param_dtype, reduce_every_micro_batch):
+        # find_unused_parameters: a forward may leave parameters out (experts without tokens, layers a
+        # model skips); DDP then marks them ready itself instead of waiting for them forever.
+        ddp_replicate(model, mesh.get_group(), REPLICATE_BUCKET_BYTES, find_unused_parameters=True)
+    else:
+        _replicate_with_fsdp(model, mesh, policy)
+
+
+def replicates_with_ddp(model: nn.Module, compute_dtype: torch.dtype, reduce_every_micro_batch: bool) -> bool:
+    """Whether the replicated mode uses DDP's reducer: every parameter a plain tensor (DDP cannot hold
+    DTensors: TP and EP weights) in fp32, computing in fp32 (DDP has no mixed-precision cast, and
+    reduces in the gradients' dtype where p3d reduces in fp32), gradients reduced once per step (DDP's
+    buckets hold the gradients summed over the micro-batches: reducing them after each would sum the
+    earlier micro-batches' again)."""
+    plain_fp32 = all(not isinstance(param, DTensor) and param.dtype == torch.float32 for param in model.parameters())
+    return compute_dtype == torch.float32 and plain_fp32 and not reduce_every_micro_batch
+
+
+def ddp_bucket_numels(model: nn.Module) -> list[int]:
+    """Gradient elements per all-reduce of a model `_replicate` gave to DDP (none otherwise), once DDP has
+    rebuilt its buckets in the order the gradients become ready (the parameters' order reversed; the first
+    step reduces everything at once)."""
+    if not is_ddp_replicated(model):
+        return []
+    ready_order = [param for param in model.parameters() if param.requires_grad][::-1]
+    return [sum(ready_order[index].numel() for index in bucket) for bucket in ddp_bucket_assignment(ready_order, REPLICATE_BUCKET_BYTES)]
+
+
+def _replicate_with_fsdp(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
     """Each bucket of consecutive blocks is one unit, whose gradients are all-reduced together once
     its backward is done (FSDP2 issues it on a stream of its own on CUDA, overlapping the rest of the
     backward; on CPU/gloo it runs in line);
@@ -121,8 +157,8 @@ def syncs_every_micro_batch(grad_sync: GradSync, dims: ParallelDims) -> bool:
 
 def gradient_sync_switch(model: nn.Module, every_micro_batch: bool) -> Callable[[bool], None]:
     """A function `sync(last_micro_batch)` to call before each micro-batch's backward: it turns the
-    gradient reduction off for all but the step's last micro-batch (FSDP2's no_sync)."""
-    if every_micro_batch or not isinstance(model, FSDPModule):
+    gradient reduction off for all but the step's last micro-batch (FSDP2's and DDP's no_sync)."""
+    if every_micro_batch or not (isinstance(model, FSDPModule) or is_ddp_replicated(model)):
         return lambda last: None
 
     enabled = True

@@ -21,7 +21,7 @@ from p3d.models import architecture, experts_modules
 from p3d.parallel.activation import apply_activation_checkpointing, compile_blocks
 from p3d.parallel.expert import shard_experts
 from p3d.parallel.context import enable_context_parallel, uses_p3d_attention
-from p3d.parallel.fsdp import apply_fsdp
+from p3d.parallel.fsdp import apply_fsdp, syncs_every_micro_batch
 from p3d.parallel.sequence import apply_sequence_parallel
 from p3d.parallel.tensor import apply_tensor_parallel
 
@@ -78,5 +78,6 @@ def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes)
             meshes.efsdp if dims.ep > 1 else None,
             replicate=dims.replicated,
             reshard_after_forward=config.parallel.reshard_after_forward,
+            reduce_every_micro_batch=syncs_every_micro_batch(config.parallel.grad_sync, dims),
         )
     return checkpointed
