@@ -271,7 +271,7 @@ class DistConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, xpu or hpu
     backend: str = "auto"  # auto picks from the device: cuda nccl, cpu gloo, xpu xccl, hpu hccl
     timeout_s: int = bounded(600, ge=1)  # collective timeout in seconds
-    cpu_return_freed_memory: bool = False  # on CPU (Linux, glibc): freed buffers over 64 KiB go back to the OS at once, so a rank's peak RSS is its live tensors (what p3d plan counts), at some speed cost
+    cpu_return_freed_memory: bool = False  # on CPU (Linux, glibc): freed buffers over 64 KiB go back to the OS at once, so a rank's peak RSS is its live tensors (what p3d plan counts), at a speed cost (about 0.75x tokens/s at hidden 1024, dp2)
 
 
 @dataclass
