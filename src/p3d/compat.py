@@ -58,9 +58,9 @@ def _summed_over_ranks(group, bucket):  # no annotations: DDP compares them with
 
 
 def ddp_bucket_assignment(parameters: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
-    """Indices of `parameters` (in the order their gradients become ready) per DDP bucket, as DDP assigns
-    them when it rebuilds its buckets after the first step: private `dist._compute_bucket_assignment_by_size`
-    with `dist._DEFAULT_FIRST_BUCKET_BYTES` for the first bucket (torch 2.13). Meta tensors do."""
+    """Indices of `parameters` (in the order their gradients become ready) per DDP bucket, by DDP's own
+    rule: private `dist._compute_bucket_assignment_by_size` with `dist._DEFAULT_FIRST_BUCKET_BYTES` for the
+    first bucket (torch 2.13). Meta tensors do."""
     buckets, _ = dist._compute_bucket_assignment_by_size(parameters, [dist._DEFAULT_FIRST_BUCKET_BYTES, bucket_bytes], [False] * len(parameters))
     return buckets
 

@@ -814,9 +814,8 @@ def collectives(trace: Trace, config: P3DConfig) -> list[CollectiveCount]:
         entry.per_micro_batch += times
         entry.bytes_per_micro_batch += times * nbytes
 
-    if trace.ddp_buckets:
-        for numel in trace.ddp_buckets:
-            count("all-reduce of gradients (fp32), one per DDP bucket", trace.ddp_group, 1, numel * REDUCE_BYTES, once)
+    for numel in trace.ddp_buckets:
+        count("all-reduce of gradients (fp32), one per DDP bucket", trace.ddp_group, 1, numel * REDUCE_BYTES, once)
     for unit in trace.units if trace.fsdp else ():
         if not unit.gathered_numel:
             continue
@@ -880,7 +879,7 @@ def render(plan: Plan, show_ranks: bool = False) -> str:
 
 
 def data_parallel(trace: Trace) -> str:
-    """How FSDP2 holds the model over the data-parallel ranks, as the root unit says."""
+    """How the model is held over the data-parallel ranks: DDP's buckets, or FSDP2's units as the root unit says."""
     root = trace.root
     if trace.ddp_buckets:
         return f"DDP: every rank holds the whole model, gradients in {len(trace.ddp_buckets)} flat bucket(s) all-reduced during the backward"

@@ -2,10 +2,10 @@
 root), hybrid (HSDP: `fully_shard` over a (replicate, shard) mesh) or replicated.
 
 Replicated is DDP's reducer where every parameter is a plain fp32 tensor computing in fp32 (no tensor
-or expert parallelism, no bf16) and gradients are reduced once per step: gradients live in flat
-buckets whose all-reduces overlap the backward. Otherwise it is FSDP2's `replicate` (decoder blocks grouped into
-gradient buckets, one all-reduce per bucket after the bucket's backward), which holds DTensors and
-casts for compute; on CPU its all-reduces run in line with the backward.
+or expert parallelism, no bf16), gradients are reduced once per step and the optimizer does not step
+inside the backward: gradients live in flat buckets whose all-reduces overlap the backward. Otherwise it is FSDP2's `replicate` (decoder blocks
+grouped into gradient buckets, one all-reduce per bucket after the bucket's backward), which holds
+DTensors and casts for compute; on CPU its all-reduces run in line with the backward.
 
 Gradient clipping and DCP checkpoints (which reshard between the modes) see DTensors or plain
 tensors and treat both alike.
@@ -41,6 +41,7 @@ def apply_fsdp(
     replicate: bool = False,
     reshard_after_forward: bool = True,
     reduce_every_micro_batch: bool = False,
+    updates_in_backward: bool = False,
 ) -> None:
     """Shard parameters, gradients and optimizer state over `dp_mesh` (1-D: FSDP; 2-D (replicate,
     shard): HSDP), or with `replicate` keep them whole on every rank of the 1-D `dp_mesh`.
@@ -57,11 +58,12 @@ def apply_fsdp(
 
     `reshard_after_forward=False` keeps each block's (and the input embedding's) gathered weights
     from its forward to its backward instead of gathering them again. `reduce_every_micro_batch`
-    (parallel.grad_sync) decides between DDP and FSDP2 for the replicated mode (`replicates_with_ddp`).
+    (parallel.grad_sync) and `updates_in_backward` (optim.in_backward) decide between DDP and FSDP2 for
+    the replicated mode (`replicates_with_ddp`).
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     if replicate:
-        _replicate(model, dp_mesh, policy, reduce_every_micro_batch)
+        _replicate(model, dp_mesh, policy, reduce_every_micro_batch, updates_in_backward)
     else:
         _shard(model, dp_mesh, policy, experts_mesh, reshard_after_forward)
     for module in model.modules():
@@ -83,8 +85,8 @@ def _shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, exp
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reduce_every_micro_batch: bool) -> None:
-    if replicates_with_ddp(model, policy.param_dtype, reduce_every_micro_batch):
+def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reduce_every_micro_batch: bool, updates_in_backward: bool) -> None:
+    if replicates_with_ddp(model, policy.param_dtype, reduce_every_micro_batch, updates_in_backward):
         # find_unused_parameters: a forward may leave parameters out (experts without tokens, layers a
         # model skips); DDP then marks them ready itself instead of waiting for them forever.
         ddp_replicate(model, mesh.get_group(), REPLICATE_BUCKET_BYTES, find_unused_parameters=True)
@@ -92,20 +94,21 @@ def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy,
         _replicate_with_fsdp(model, mesh, policy)
 
 
-def replicates_with_ddp(model: nn.Module, compute_dtype: torch.dtype, reduce_every_micro_batch: bool) -> bool:
+def replicates_with_ddp(model: nn.Module, compute_dtype: torch.dtype, reduce_every_micro_batch: bool, updates_in_backward: bool) -> bool:
     """Whether the replicated mode uses DDP's reducer: every parameter a plain tensor (DDP cannot hold
     DTensors: TP and EP weights) in fp32, computing in fp32 (DDP has no mixed-precision cast, and
     reduces in the gradients' dtype where p3d reduces in fp32), gradients reduced once per step (DDP's
     buckets hold the gradients summed over the micro-batches: reducing them after each would sum the
-    earlier micro-batches' again)."""
+    earlier micro-batches' again), and no update during the backward (a parameter's post-accumulate
+    hook sees its gradient before DDP has reduced it; FSDP2 calls those hooks after its reduction)."""
     plain_fp32 = all(not isinstance(param, DTensor) and param.dtype == torch.float32 for param in model.parameters())
-    return compute_dtype == torch.float32 and plain_fp32 and not reduce_every_micro_batch
+    return compute_dtype == torch.float32 and plain_fp32 and not reduce_every_micro_batch and not updates_in_backward
 
 
 def ddp_bucket_numels(model: nn.Module) -> list[int]:
-    """Gradient elements per all-reduce of a model `_replicate` gave to DDP (none otherwise), once DDP has
-    rebuilt its buckets in the order the gradients become ready (the parameters' order reversed; the first
-    step reduces everything at once)."""
+    """Gradient elements per all-reduce of a model `_replicate` gave to DDP (none otherwise), the
+    parameters taken in the order their gradients become ready, about the reverse of the model's (so
+    the count and the total are DDP's; a boundary may fall a parameter or two apart)."""
     if not is_ddp_replicated(model):
         return []
     ready_order = [param for param in model.parameters() if param.requires_grad][::-1]

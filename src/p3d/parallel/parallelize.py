@@ -79,5 +79,6 @@ def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes)
             replicate=dims.replicated,
             reshard_after_forward=config.parallel.reshard_after_forward,
             reduce_every_micro_batch=syncs_every_micro_batch(config.parallel.grad_sync, dims),
+            updates_in_backward=config.optim.in_backward,
         )
     return checkpointed
