@@ -47,8 +47,10 @@ def ddp_replicate(module: torch.nn.Module, group, bucket_bytes: int, find_unused
     DDP initialises at the first forward (it broadcasts rank 0's weights then)."""
     from torch.distributed._composable.replicate import replicate
 
+    # broadcast_buffers=False: no broadcast before every forward; the buffers (rotary tables) are built
+    # alike on every rank, and FSDP2's modes do not broadcast them either.
     replicate(module, process_group=group, bucket_cap_mb=bucket_bytes / 2**20, gradient_as_bucket_view=True,
-              find_unused_parameters=find_unused_parameters)
+              find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
     module.register_comm_hook(group, _summed_over_ranks)
 
 
