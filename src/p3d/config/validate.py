@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 from p3d.config.schema import CPImpl, CPLayout, DType, P3DConfig, Packing, bounds_of, range_problem
 from p3d.data import build_tokenizer, check_data_source, check_eval_source
-from p3d.distributed.env import accelerate_problems, backend_problems, glibc_mallopt, resolve_device_type
+from p3d.distributed.env import NEEDS_GLIBC, accelerate_problems, backend_problems, glibc_mallopt, resolve_device_type
 from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
 from p3d.metrics import wandb_credentials_problem
@@ -108,7 +108,7 @@ def _check_options(config: P3DConfig) -> list[str]:
     if wandb_problem and not problems:  # without the package, installing it comes first
         problems.append(wandb_problem)
     if config.dist.cpu_return_freed_memory and glibc_mallopt() is None:
-        problems.append("dist.cpu_return_freed_memory=true needs Linux with glibc (its mallopt); set dist.cpu_return_freed_memory=false")
+        problems.append(NEEDS_GLIBC)
     if config.train.master_dtype is DType.bf16 and config.train.dtype is not DType.bf16:
         problems.append("train.master_dtype=bf16 stores bf16 weights, which compute in bf16: set train.dtype=bf16 (or train.master_dtype=fp32)")
     if config.optim.in_backward and config.optim.grad_clip > 0:

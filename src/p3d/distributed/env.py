@@ -109,6 +109,7 @@ def resolve_backend(requested: str, device_type: str) -> str:
 # glibc's mallopt parameter for the size from which a block is its own mapping (unmapped when freed).
 M_MMAP_THRESHOLD = -3
 RETURNED_BLOCK_BYTES = 64 * 2**10
+NEEDS_GLIBC = "dist.cpu_return_freed_memory=true needs Linux with glibc (its mallopt); set dist.cpu_return_freed_memory=false"
 
 
 def glibc_mallopt():
@@ -129,7 +130,7 @@ def return_freed_memory_at_once() -> None:
     fresh page of every large allocation."""
     mallopt = glibc_mallopt()
     if mallopt is None or mallopt(M_MMAP_THRESHOLD, RETURNED_BLOCK_BYTES) != 1:
-        raise ConfigError("dist.cpu_return_freed_memory=true needs Linux with glibc (its mallopt); set dist.cpu_return_freed_memory=false")
+        raise ConfigError(NEEDS_GLIBC)
 
 
 def init_distributed(cfg: DistConfig) -> DistEnv:
