@@ -158,6 +158,11 @@ class Architecture:
 
         return probe.probe(config, with_documents=False).route
 
+    def self_attentions(self, model: nn.Module) -> list[infer.SelfAttention]:
+        """Each block's self-attention module (with its key and value projections where they are separate), for
+        the routes of context parallelism that keep the model's own attention; blocks without one are left out."""
+        return [found for block in self.decoder_blocks(model) if (found := infer.self_attention(block)) is not None]
+
     def attention_is_plain_causal(self, config: PretrainedConfig) -> bool:
         from p3d.models import probe
 

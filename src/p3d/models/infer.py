@@ -98,6 +98,29 @@ def _projection_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
     return groups
 
 
+@dataclass(frozen=True)
+class SelfAttention:
+    """A block's self-attention module and, where they are separate, its key and value projections."""
+
+    module: nn.Module
+    key: nn.Module | None
+    value: nn.Module | None
+
+
+def self_attention(block: nn.Module) -> SelfAttention | None:
+    """The block's self-attention (the owner of its first query/key/value projections, separate or fused),
+    or None when the block has none p3d recognises."""
+    linears = {name: module for name, module in block.named_modules() if linear_features(module) is not None}
+    try:
+        group = _projection_groups(linears)[0]
+    except NotRecognised:
+        return None
+    root = group[0].rpartition(".")[0]
+    if len(group) == len(QKV_NAMES):
+        return SelfAttention(block.get_submodule(root), linears[group[1]], linears[group[2]])
+    return SelfAttention(block.get_submodule(root), None, None) if root else None
+
+
 def _inside(name: str, root: str) -> bool:
     return name == root or name.startswith(root + ".")
 

@@ -26,22 +26,27 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from p3d.config.schema import CPLayout
 from p3d.models import tiny
 from p3d.parallel.context import (
     attending_in_one_process,
     context_parallel_attention,
+    attend_over_whole_sequence,
+    gather_keys_and_values,
     register_attention,
     replace_attn_methods,
     use_global_positions,
     with_p3d_sdpa,
 )
-from p3d.parallel.cp_attention import TilePlan
-from p3d.parallel.sharding import ChunkRange
+from p3d.parallel.cp_attention import CPComm, TilePlan
+from p3d.parallel.sharding import ChunkRange, SequenceSharding
 
 PROBE_ATTENTION = "p3d_cp_probe"
 SEQ, BATCH, TOLERANCE = 24, 2, 1e-4
 CP2_ORDER = (0, 3, 1, 2)  # the chunks cp=2 (balanced) holds, rank 0's then rank 1's
 DOCUMENT_LENGTHS = (10, 14)
+OTHER_ROUTES = ("sdpa", "attn_method", "gathered_keys", "whole_sequence")
+OWN_ATTENTION_ROUTES = ("gathered_keys", "whole_sequence")  # the model's own attention code stays, dropout and all  # tried in this order where the interface does not serve
 
 
 @dataclass
@@ -62,7 +67,7 @@ class Findings:
     @property
     def route_name(self) -> str:
         """The attention implementation the model runs under the probe's p3d attention."""
-        return {"sdpa": "sdpa", "attn_method": "eager"}.get(self.route, PROBE_ATTENTION)
+        return {"sdpa": "sdpa", "attn_method": "eager", "gathered_keys": "eager", "whole_sequence": "eager"}.get(self.route, PROBE_ATTENTION)
 
     @property
     def plain_causal(self) -> bool:
@@ -155,11 +160,14 @@ def _probe(config: PretrainedConfig, with_documents: bool) -> Findings:
         _record_training_dropout(model)
         findings.attention_calls = 0
         findings.reordered_error = _reordered_error(model)
-        for route in ("sdpa", "attn_method"):  # not through the interface: does it call torch's SDPA itself, or an _attn method?
-            if findings.attention_calls == 0:
-                model = _probe_route(config, route, findings) or model
     except Exception as error:  # noqa: BLE001
         findings.failure = f"its forward with p3d's attention fails ({_first_line(error)})"
+    for route in OTHER_ROUTES:  # not through the interface: torch's SDPA called itself, an _attn method, or by hand?
+        if findings.attention_calls == 0 or not _exact(findings):
+            attempt, routed = _probe_route(config, route)
+            if routed is not None and (findings.attention_calls == 0 or _exact(attempt)):
+                findings.__dict__.update(attempt.__dict__)
+                model = routed
     try:
         if with_documents and findings.attention_calls and not findings.failure:
             findings.documents_error = _documents_error(model, attention=findings.route_name)
@@ -170,26 +178,28 @@ def _probe(config: PretrainedConfig, with_documents: bool) -> Findings:
     return findings
 
 
-def _probe_route(config: PretrainedConfig, route: str, findings: Findings):
-    """The route's findings (into `findings`) and model, if the model's attention can be replaced that way."""
+def _exact(found: Findings) -> bool:
+    return not found.failure and found.reordered_error is not None and found.reordered_error <= TOLERANCE
+
+
+def _probe_route(config: PretrainedConfig, route: str) -> tuple[Findings, object]:
+    """The route's findings and model; the model is None where the route does not reach the model's attention."""
     attempt = Findings(route=route)
-    _recorder.findings = attempt
+    previous, _recorder.findings = _recorder.findings, attempt
     try:
         model = _build(probe_config(config), attention=attempt.route_name)
         _route_through_p3d(model, route)
-        _record_training_dropout(model, attention=attempt.route_name)
+        if route not in OWN_ATTENTION_ROUTES:
+            _record_training_dropout(model, attention=attempt.route_name)
         attempt.attention_calls = 0
         reference = _build(probe_config(config), attention="eager")
-        attempt.reordered_error = _reordered_error(model, attention=attempt.route_name, reference=reference)
+        attempt.reordered_error = _reordered_error(model, attention=attempt.route_name, reference=reference, per_rank=route in OWN_ATTENTION_ROUTES)
         model.p3d_probe_reference = reference
-    except Exception:  # noqa: BLE001 - no SDPA path: the interface finding (no calls) stands
-        return None
+    except Exception:  # noqa: BLE001 - the route cannot run this model
+        return attempt, None
     finally:
-        _recorder.findings = findings
-    if attempt.attention_calls == 0:
-        return None
-    findings.__dict__.update(attempt.__dict__)
-    return model
+        _recorder.findings = previous
+    return attempt, (model if attempt.attention_calls else None)
 
 
 def _first_line(error: Exception) -> str:
@@ -209,11 +219,26 @@ def _build(config: PretrainedConfig, attention: str = "eager"):
 def _route_through_p3d(model, route: str) -> None:
     from p3d.models import architecture
 
-    for block in architecture(model.config).decoder_blocks(model):
+    arch = architecture(model.config)
+    if route in OWN_ATTENTION_ROUTES:
+        attentions = arch.self_attentions(model)
+        if route == "gathered_keys":
+            attentions = [found for found in attentions if found.key is not None]
+            gather_keys_and_values(attentions)
+        else:
+            attend_over_whole_sequence(attentions)
+        for attention in attentions:
+            attention.module.register_forward_pre_hook(_count_attention_call)
+        return
+    for block in arch.decoder_blocks(model):
         if route == "sdpa":
             block.forward = with_p3d_sdpa(block.forward, block, _recorder)
         else:
             replace_attn_methods(block, _recorder)
+
+
+def _count_attention_call(module, args):
+    _recorder.findings.attention_calls += 1
 
 
 def _logits(model, input_ids, position_ids) -> torch.Tensor:
@@ -242,16 +267,54 @@ def _vocab(model) -> int:
 
 
 @torch.no_grad()
-def _reordered_error(model, attention: str = PROBE_ATTENTION, reference=None) -> float:
-    """`reference`: the same model (same weights) whose eager attention is the truth; `model` itself by default."""
+def _reordered_error(model, attention: str = PROBE_ATTENTION, reference=None, per_rank: bool = False) -> float:
+    """`reference`: the same model (same weights) whose eager attention is the truth; `model` itself by default.
+    `per_rank` (the routes that keep the model's attention code): also each cp=2 rank's own tokens alone, what
+    the other rank contributes to each all-gather replayed from the run over all tokens, so the model's code
+    meets more keys than queries (or more tokens than the rank holds) as it will under cp=2."""
     input_ids = _tokens(SEQ, 1) % _vocab(model)
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
     reference = _logits(_with_attention(reference or model, "eager"), input_ids, positions)
     runs, order = _cp2_runs()
     plan = TilePlan(_Runs(runs), 0, SEQ, None, torch.device("cpu"))
-    with attending_in_one_process(plan):
+    recording = _RecordingComm()
+    with attending_in_one_process(plan, recording):
         reordered = _logits(_with_attention(model, attention), input_ids[:, order], positions[:, order])
-    return (reordered - reference[:, order]).abs().max().item()
+    error = (reordered - reference[:, order]).abs().max().item()
+    if per_rank:
+        sharding = SequenceSharding(2, CPLayout.balanced)  # holds the chunks of CP2_ORDER: rank 0 the first half
+        for rank in range(2):
+            tokens = sharding.token_indices(rank, SEQ)
+            with attending_in_one_process(TilePlan(sharding, rank, SEQ, None, torch.device("cpu")), _ReplayComm(rank, recording.outputs)):
+                own = _logits(model, input_ids[:, tokens], positions[:, tokens])
+            error = max(error, (own - reference[:, tokens]).abs().max().item())
+    return error
+
+
+class _RecordingComm(CPComm):
+    """A cp group of one that keeps what each all-gather was given."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.outputs: list[torch.Tensor] = []
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.outputs.append(tensor)
+        return super().all_gather(tensor)
+
+
+class _ReplayComm(CPComm):
+    """cp=2 in one process: this rank's tensors are its own, the other rank's half is replayed from a recorded
+    run over all tokens (laid out as cp=2 holds them: rank 0's tokens first)."""
+
+    def __init__(self, rank: int, recorded: list[torch.Tensor]):
+        super().__init__(None)
+        self.size, self.rank = 2, rank
+        self.recorded = iter(recorded)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        halves = next(self.recorded).chunk(2, dim=1)
+        return torch.stack([tensor if source == self.rank else halves[source] for source in range(2)])
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ LATENT_RANK, ROPE_HEAD_DIM = 32, 8  # multi-head latent attention (DeepSeek): kv
 TINY_TWEAKS: dict[str, dict[str, Any]] = {
     "falcon": {"multi_query": False},  # one shared kv head cannot be split over tp; 4 kv heads can
     "gpt_bigcode": {"multi_query": False},
+    "big_bird": {"attention_type": "original_full"},  # as a decoder BigBird must attend in full (block_sparse raises)
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one global and one local layer
     "mamba2": {"num_heads": 8},
     # its hybrid layers share one transformer, which transformers ties from the first to the others: two of them
@@ -36,6 +37,7 @@ _EXACT = {
     "num_hidden_layers": LAYERS,
     "num_layers": LAYERS,
     "n_layer": LAYERS,
+    "n_layers": LAYERS,
     "vocab_size": VOCAB,
     "num_experts": EXPERTS,
     "num_local_experts": EXPERTS,
@@ -97,7 +99,7 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer")
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
 
 
 def shrink(defaults: PretrainedConfig, keep_features: bool = False, layers: int | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -65,6 +65,7 @@ class _ActiveBatch:
     plan: TilePlan
     comm: CPComm
     timer: AttentionTimer
+    masks: dict = field(default_factory=dict)  # the gathered_keys route's masks, by (dtype, shape)
 
 
 _active: _ActiveBatch | None = None
@@ -105,10 +106,11 @@ class ContextParallel:
 
 
 @contextmanager
-def attending_in_one_process(plan: TilePlan) -> Iterator[None]:
-    """p3d_cp attention over one process's tokens, laid out as `plan` says (the CP probe of models/probe.py)."""
+def attending_in_one_process(plan: TilePlan, comm: CPComm | None = None) -> Iterator[None]:
+    """p3d_cp attention over one process's tokens, laid out as `plan` says (the CP probe of models/probe.py);
+    `comm`: a stand-in for the cp group's collectives (default: a group of one)."""
     global _active
-    _active = _ActiveBatch(CPImpl.ring, plan, CPComm(None), AttentionTimer(False, plan.device))
+    _active = _ActiveBatch(CPImpl.ring, plan, comm or CPComm(None), AttentionTimer(False, plan.device))
     try:
         yield
     finally:
@@ -164,16 +166,20 @@ def register_attention(name: str = ATTENTION_NAME, function=context_parallel_att
     AttentionMaskInterface.register(name, _no_mask)
 
 
-ROUTES = ("interface", "sdpa", "attn_method")
+ROUTES = ("interface", "sdpa", "attn_method", "gathered_keys", "whole_sequence")
 
 
-def enable_context_parallel(model, route: str = "interface", blocks=()) -> None:
+def enable_context_parallel(model, route: str = "interface", blocks=(), attentions=()) -> None:
     """Make the model's attention p3d's. `interface`: through transformers' attention interface (most
     models). `sdpa`: the model calls torch's scaled_dot_product_attention itself (Falcon); inside each
     of `blocks` that call is p3d's attention instead. `attn_method`: the attention modules compute
     softmax(q k^T) v in a method `_attn(query, key, value, attention_mask)` (GPT-J, CodeGen), which
     becomes p3d's attention. In both, the model's mask (built from local positions) is ignored: p3d
-    masks by global index; models/probe.py checks the result is the model's own."""
+    masks by global index. Attention written by hand keeps the model's own code, given what it needs
+    to see the whole sequence: `gathered_keys` (MVP, TrOCR) all-gathers the keys and values of each of
+    `attentions` (`gather_keys_and_values`), `whole_sequence` (BERT-like decoders, XGLM, OpenAI GPT)
+    all-gathers their input (`attend_over_whole_sequence`). models/probe.py checks the result is the
+    model's own before a route is used."""
     register_attention()
     use_global_positions(model)
     if route == "sdpa":
@@ -182,8 +188,158 @@ def enable_context_parallel(model, route: str = "interface", blocks=()) -> None:
     elif route == "attn_method":
         for block in blocks:
             replace_attn_methods(block)
+    elif route == "gathered_keys":
+        gather_keys_and_values(attentions)
+    elif route == "whole_sequence":
+        attend_over_whole_sequence(attentions)
     else:
         model.set_attn_implementation(ATTENTION_NAME)
+
+
+def gather_keys_and_values(attentions) -> None:
+    """The `gathered_keys` route: the allgather schedule, done by the model's own attention code.
+
+    The key and value projections' outputs, this rank's tokens, are all-gathered over the cp group (rank
+    0's tokens, then rank 1's, ...; the backward sums their gradients back to their owners), so the
+    module scores its local queries against every key. Its `attention_mask`, built by the model for the
+    local tokens as if they were a whole sequence, is replaced by the mask of the same format over
+    global indices (`_global_mask`). Per rank: the keys and values of the whole sequence, and the local
+    x all scores the model's eager attention holds."""
+    for found in attentions:
+        found.key.register_forward_hook(_gathered_sequence)
+        found.value.register_forward_hook(_gathered_sequence)
+        found.module.register_forward_pre_hook(_masked_for_gathered_keys, with_kwargs=True)
+
+
+def attend_over_whole_sequence(attentions) -> None:
+    """The `whole_sequence` route, for attention code that sizes its keys by its own input (BERT-like
+    reshapes, causal buffers sliced by length): its input is all-gathered and put in sequence order, it
+    runs on the whole sequence (with the mask of the whole sequence), and each rank keeps the output of
+    its own tokens. Exact, but not split: every cp rank computes the whole attention of every layer and
+    holds its whole x whole scores; the rest of the model (MLPs, norms, head, loss) is split."""
+    for found in attentions:
+        found.module.register_forward_pre_hook(_whole_sequence_input, with_kwargs=True)
+        found.module.register_forward_hook(_own_tokens_of_output)
+
+
+def _serving() -> _ActiveBatch:
+    if _active is None:
+        raise RuntimeError("p3d's context-parallel attention called outside ContextParallel.attending()")
+    return _active
+
+
+def _token_indices(active: _ActiveBatch, rank: int) -> torch.Tensor:
+    plan = active.plan
+    runs = plan.sharding.chunk_ranges(rank, plan.seq_len)
+    return torch.cat([torch.arange(run.global_start, run.global_start + run.length) for run in runs]).to(plan.device)
+
+
+def _gathered_indices(active: _ActiveBatch) -> torch.Tensor:
+    """Global indices of the tokens in all-gather order (rank 0's, then rank 1's, ...)."""
+    return torch.cat([_token_indices(active, source) for source in range(active.comm.size)])
+
+
+def _gathered_sequence(module, args, output):
+    active = _serving()
+    local = len(_token_indices(active, active.plan.rank))
+    if not isinstance(output, torch.Tensor) or output.dim() != 3 or output.shape[1] != local:
+        raise RuntimeError(f"p3d's context-parallel attention expects {type(module).__name__} to give [batch, {local} local tokens, features]")
+    return _GatherSequence.apply(output, active.comm)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """[b, n, f] of each cp rank -> [b, size * n, f] in rank order; backward: the gradients summed back to their owners."""
+
+    @staticmethod
+    def forward(ctx, tensor, comm: CPComm):
+        ctx.comm = comm
+        return comm.all_gather(tensor).transpose(0, 1).flatten(1, 2)  # [size, b, n, f] -> [b, size * n, f]
+
+    @staticmethod
+    def backward(ctx, grad):
+        size = ctx.comm.size
+        return ctx.comm.reduce_scatter(grad.unflatten(1, (size, grad.shape[1] // size)).transpose(0, 1)), None
+
+
+def _masked_for_gathered_keys(module, args, kwargs):
+    active = _serving()
+    return _with_global_mask(module, args, kwargs, _token_indices(active, active.plan.rank), _gathered_indices(active))
+
+
+def _whole_sequence_input(module, args, kwargs):
+    active = _serving()
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    first = next(iter(bound.arguments))  # the hidden states
+    order = torch.argsort(_gathered_indices(active))  # all-gather order -> sequence order
+    bound.arguments[first] = _GatherSequence.apply(_checked_local(module, bound.arguments[first], active), active.comm)[:, order]
+    whole = torch.arange(active.plan.seq_len, device=active.plan.device)
+    return _with_global_mask(module, bound.args, bound.kwargs, whole, whole, optional=True)
+
+
+def _checked_local(module, hidden: torch.Tensor, active: _ActiveBatch) -> torch.Tensor:
+    local = len(_token_indices(active, active.plan.rank))
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] != local:
+        raise RuntimeError(f"p3d's context-parallel attention expects {type(module).__name__}'s input as [batch, {local} local tokens, features]")
+    return hidden
+
+
+def _own_tokens_of_output(module, args, output):
+    active = _serving()
+    own = _token_indices(active, active.plan.rank)
+    if isinstance(output, (tuple, list)):  # (output, attention weights, ...): OpenAI GPT's is a list
+        return type(output)([output[0][:, own], *output[1:]])
+    return output[:, own]
+
+
+def _with_global_mask(module, args, kwargs, queries: torch.Tensor, keys: torch.Tensor, optional: bool = False):
+    """The module's `attention_mask` (built by the model for the local tokens as if they were a whole sequence)
+    replaced by the mask of the same format over these global query and key indices: causal and, with packed
+    documents, within each document. It must be causal (else an error, never wrong results); anything else it
+    might carry (a sliding window) is not rebuilt: models/probe.py runs the route against the model's own
+    attention, with windows shorter than its sequence, before it is used. `optional`: a model may pass none."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    local = bound.arguments.get("attention_mask")
+    if local is None and optional:
+        return bound.args, bound.kwargs
+    if not isinstance(local, torch.Tensor) or local.dim() != 4:
+        raise RuntimeError(f"p3d's context-parallel attention needs {type(module).__name__}'s 4-D attention_mask, got {type(local).__name__}")
+    blocked_when_true = local.dtype == torch.bool and local.device.type != "meta" and _is_causal(~local)  # MPT's convention
+    if local.device.type != "meta" and not (blocked_when_true or _is_causal(local)):
+        raise RuntimeError(f"{type(module).__name__}'s attention mask is not causal: p3d's context-parallel attention cannot rebuild it")
+    active = _serving()
+    key = (local.dtype, tuple(local.shape), len(queries), len(keys))
+    if key not in active.masks:
+        mask = _mask_like(local, _allowed(active.plan, queries, keys))
+        active.masks[key] = ~mask if blocked_when_true else mask
+    bound.arguments["attention_mask"] = active.masks[key]
+    return bound.args, bound.kwargs
+
+
+def _allowed(plan: TilePlan, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[batch or 1, queries, keys]: True where a query may see a key (by global index, and document)."""
+    allowed = (queries[:, None] >= keys[None, :])[None]
+    if plan.document_ids is not None:
+        allowed = allowed & (plan.document_ids[:, queries, None] == plan.document_ids[:, None, keys])
+    return allowed
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    """No query sees a later token, and every query sees itself. (transformers may cut the causal mask into
+    blocks where the local positions jump, as they do between a rank's chunks: the global mask is whole.)"""
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    n = mask.shape[-1]
+    future = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    return not bool((allowed & future).any()) and bool(allowed.diagonal(dim1=-2, dim2=-1).all())
+
+
+def _mask_like(local: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`allowed` [b or 1, n, N] in the local mask's format (bool, or additive 0 / dtype's minimum) and leading dims."""
+    batch = max(local.shape[0], allowed.shape[0])
+    allowed = allowed[:, None].expand(batch, local.shape[1], *allowed.shape[1:])
+    if local.dtype == torch.bool:
+        return allowed
+    blocked = torch.tensor(torch.finfo(local.dtype).min, dtype=local.dtype, device=local.device)
+    return torch.where(allowed, torch.zeros((), dtype=local.dtype, device=local.device), blocked)
 
 
 def use_global_positions(model) -> None:
@@ -209,13 +365,14 @@ def use_global_positions(model) -> None:
 
 
 def _shaped_like(ids: torch.Tensor | None, own: torch.Tensor | None) -> torch.Tensor | None:
-    """The global positions in the shape the module was given its own in ([batch, seq], [1, seq] or [seq])."""
-    if ids is None or own is None or own.shape == ids.shape:
+    """The global positions in the shape the module was given its own in ([batch, seq], [1, seq] or [seq]);
+    one row of them ([seq]) where the model gave none (BART-family embeddings unsqueeze the ones they are given)."""
+    if ids is None or (own is not None and own.shape == ids.shape):
         return ids
-    if not bool((ids == ids[:1]).all()) or own.numel() != ids.shape[-1]:
+    if not bool((ids == ids[:1]).all()) or (own is not None and own.numel() != ids.shape[-1]):
         # validation's probe refuses such models for packed documents; reaching this is a bug, never wrong results
         raise RuntimeError("this model's position embedding takes one row of positions; rows with different positions cannot be given")
-    return ids[0].reshape(own.shape)
+    return ids[0] if own is None else ids[0].reshape(own.shape)
 
 
 def replace_attn_methods(block, attention=None) -> int:

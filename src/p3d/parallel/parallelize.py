@@ -59,7 +59,9 @@ def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_p
 
 def enable_p3d_attention(model: PreTrainedModel, hf_config) -> None:
     arch = architecture(hf_config)
-    enable_context_parallel(model, arch.attention_route(hf_config), arch.decoder_blocks(model))
+    route = arch.attention_route(hf_config)
+    attentions = arch.self_attentions(model) if route in ("gathered_keys", "whole_sequence") else ()
+    enable_context_parallel(model, route, arch.decoder_blocks(model), attentions)
 
 
 def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes) -> list[int]:
