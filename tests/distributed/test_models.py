@@ -5,7 +5,8 @@ A fixed subset of the coverage sweep (benchmarks/model_coverage.py runs every ca
 exercises every TP style of the architecture's plan and p3d's attention in one 4-rank run. The
 attention features CP must honour each get a run: sliding windows and softcapping (Gemma 2),
 sinks (GraniteSWA), learned and offset positions (GPT-2, OPT), embedding scaling (Gemma), a model
-that calls torch's SDPA itself (Falcon), under both ring and allgather, with packed documents.
+that calls torch's SDPA itself (Falcon), attention written by hand (MegatronBERT, MVP), under both
+ring and allgather, with packed documents.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ CP_FEATURES = {
     "opt": ("ring", "documents"),  # learned positions with an offset
     "gemma": ("allgather", "stream"),  # scaled embeddings
     "falcon": ("ring", "documents"),  # torch's SDPA called by the model itself
+    "megatron-bert": ("ring", "documents"),  # attention by hand, run on the gathered whole sequence (whole_sequence)
+    "mvp": ("allgather", "stream"),  # attention by hand, its keys and values gathered (gathered_keys)
 }
 
 
@@ -74,5 +77,17 @@ def test_attention_features_are_exact_under_context_parallelism(arch, p3d_runner
         corpus.write_text("\n".join(json.dumps({"text": f"doc {index}: " + "word " * (index % 7)}) for index in range(400)))
         extra = ("data.packing=documents", f"data.path={corpus}")
     result = p3d_runner(["model=tiny", f"model.arch={arch}", *STEPS, *extra, *layout_overrides(1, 1, 2), f"parallel.cp_impl={impl}"], nproc=2)
+    assert_ok(result)
+    assert_parity(result.losses, reference_losses(p3d_runner, arch, extra))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["xglm", "trocr"])
+def test_attention_by_hand_is_exact_at_tp2cp2_with_its_blocks_recomputed(arch, p3d_runner):
+    """The routes that keep the model's own attention gather over the cp group in hooks, which run again when
+    activation checkpointing recomputes a block in the backward (XGLM: whole_sequence; TrOCR: gathered_keys
+    and p3d's plan with its attention gathered over tp)."""
+    extra = ("train.activation_checkpointing=full",)
+    result = p3d_runner(["model=tiny", f"model.arch={arch}", *STEPS, *extra, *layout_overrides(2, 1, 2)], nproc=4)
     assert_ok(result)
     assert_parity(result.losses, reference_losses(p3d_runner, arch, extra))

@@ -109,6 +109,8 @@ def test_plans_come_from_p3d_transformers_or_the_module_structure():
     falcon = choice("falcon").plan  # a fused query_key_value of unknown layout is gathered
     assert falcon["transformer.h.*.self_attention.query_key_value"] == "colwise_gather_output"
     assert falcon["transformer.h.*.self_attention.dense"] == "rowwise_split_input"
+    bitnet = choice("bitnet").plan  # a norm inside the MLP over its intermediate features: the MLP is gathered
+    assert bitnet["model.layers.*.mlp.up_proj"] == "colwise_gather_output" and bitnet["model.layers.*.mlp.down_proj"] == "rowwise_split_input"
 
 
 def test_validation_reports_where_the_plan_comes_from():
@@ -137,6 +139,33 @@ def test_probe_finds_what_attention_asks_for():
     assert gptj.route == "attn_method" and gptj.reordered_error < 1e-5 and gptj.documents_error < 1e-5
     bloom = probe(hf_config(["model=tiny", "model.arch=bloom"]), with_documents=False)
     assert bloom.attention_calls == 0  # ALiBi computed inline: no way in for p3d's attention
+
+
+def test_probe_keeps_attention_written_by_hand_where_the_model_gives_the_same_results():
+    from p3d.models.probe import probe
+
+    xglm = probe(hf_config(["model=tiny", "model.arch=xglm"]), with_documents=True)
+    assert xglm.route == "whole_sequence" and xglm.reordered_error < 1e-5 and xglm.documents_error < 1e-5
+    mvp = probe(hf_config(["model=tiny", "model.arch=mvp"]), with_documents=False)
+    assert mvp.route == "gathered_keys" and mvp.reordered_error < 1e-5
+    roformer = probe(hf_config(["model=tiny", "model.arch=roformer"]), with_documents=False)  # rotary sized by the local tokens
+    assert roformer.attention_calls == 0
+
+
+def test_probe_runs_each_cp_rank_alone_where_the_model_keeps_its_attention():
+    """XGLM reshapes its keys by its query count: with every token in one process (as many keys as queries) the
+    gathered keys look exact; only a cp rank alone (more keys than queries) shows the mix-up of heads."""
+    from p3d.models import probe as probing
+
+    config = hf_config(["model=tiny", "model.arch=xglm"])
+    attempt, model = probing._probe_route(config, "gathered_keys")
+    assert model is not None and attempt.reordered_error > 1e-3
+    reference = probing._build(probing.probe_config(config))
+    probing._recorder.findings = probing.Findings()  # what the probe's hooks count into
+    try:
+        assert probing._reordered_error(model, attention="eager", reference=reference, per_rank=False) < 1e-5
+    finally:
+        probing._recorder.findings = None
 
 
 def test_parameters_no_init_weights_sets_start_at_zero_not_at_uninitialised_memory():

@@ -11,7 +11,8 @@ and one back down), and plans them the Megatron way:
 - a fused query-key-value projection: its layout (per head, per kv group, or q|k|v) is not visible
   from outside, so it is gathered (colwise_gather_output) and the output projection takes its slice
   (rowwise_split_input). Exact for any layout; the attention itself is not split.
-- the MLP: the up (and gate) projections colwise, the down projection rowwise.
+- the MLP: the up (and gate) projections colwise, the down projection rowwise; gathered as above where
+  the MLP module holds other weights (a norm over the intermediate features, BitNet).
 - the output head: vocabulary-parallel (colwise_gather_output), and the input embedding too
   (embedding_rowwise), which a tied head requires.
 
@@ -81,7 +82,7 @@ def _block_plan(block: nn.Module) -> dict[str, str]:
     output = next(name for name, style in plan.items() if style in ("rowwise", "rowwise_split_input"))
     hidden = linear_features(linears[output])[1]
     rest = {name: module for name, module in linears.items() if not any(_inside(name, root) for root in roots)}
-    return {**plan, **_mlp_plan(rest, hidden)}
+    return {**plan, **_gathered_if_mlp_has_other_weights(block, _mlp_plan(rest, hidden))}
 
 
 def _projection_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
@@ -171,6 +172,20 @@ def _mlp_plan(linears: dict[str, nn.Module], hidden: int) -> dict[str, str]:
     if fused:
         return {**{name: "colwise_gather_output" for name in fused}, down: "rowwise_split_input"}
     return {**{name: "colwise" for name in plain}, down: "rowwise"}
+
+
+def _gathered_if_mlp_has_other_weights(block: nn.Module, mlp: dict[str, str]) -> dict[str, str]:
+    """An MLP module that holds weights besides its projections (BitNet's norm over the intermediate features)
+    sees the whole intermediate width: its up projections gathered, the down projection taking its slice."""
+    root = _common_parent(list(mlp))
+    if not root or not _has_other_weights(block.get_submodule(root), set(mlp), root):
+        return mlp
+    return {name: "rowwise_split_input" if style.startswith("rowwise") else "colwise_gather_output" for name, style in mlp.items()}
+
+
+def _common_parent(names: list[str]) -> str:
+    parents = {name.rpartition(".")[0] for name in names}
+    return parents.pop() if len(parents) == 1 else ""
 
 
 def _embedding_plan(model: nn.Module, names: dict[nn.Module, str]) -> dict[str, str]:
