@@ -177,13 +177,13 @@ class _ShapeOnlyComm(CPComm):
     def all_gather(self, tensor):
         if self.size == 1:
             return super().all_gather(tensor)
-        self._count("CP all-gather of keys and values", tensor)
+        self._count("CP all-gather of keys and values (of its input, for attention written by hand)", tensor)
         return torch.empty((self.size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
 
     def reduce_scatter(self, stacked):
         if self.size == 1:
             return super().reduce_scatter(stacked)
-        self._count("CP reduce-scatter of key and value gradients", stacked)
+        self._count("CP reduce-scatter of their gradients", stacked)
         return torch.empty(stacked.shape[1:], dtype=stacked.dtype, device=stacked.device)
 
 
