@@ -303,3 +303,8 @@ def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
 def scale_in_place(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
     """Multiply every tensor by a 0-d tensor in place, one multi-tensor kernel (private `torch._foreach_mul_`)."""
     torch._foreach_mul_(tensors, factor)
+
+
+def attention_implementation(model) -> str:
+    """The attention implementation transformers runs the model's attention with ('sdpa', 'eager', ...)."""
+    return model.config._attn_implementation

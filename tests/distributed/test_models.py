@@ -64,6 +64,7 @@ CP_FEATURES = {
     "falcon": ("ring", "documents"),  # torch's SDPA called by the model itself
     "megatron-bert": ("ring", "documents"),  # attention by hand, run on the gathered whole sequence (whole_sequence)
     "mvp": ("allgather", "stream"),  # attention by hand, its keys and values gathered (gathered_keys)
+    "bigbird_pegasus": ("ring", "stream"),  # its decoder's attention says is_causal=False and masks causally
 }
 
 
@@ -91,3 +92,12 @@ def test_attention_by_hand_is_exact_at_tp2cp2_with_its_blocks_recomputed(arch, p
     result = p3d_runner(["model=tiny", f"model.arch={arch}", *STEPS, *extra, *layout_overrides(2, 1, 2)], nproc=4)
     assert_ok(result)
     assert_parity(result.losses, reference_losses(p3d_runner, arch, extra))
+
+
+@pytest.mark.slow
+def test_bidirectional_attention_is_exact_under_context_parallelism(p3d_runner):
+    """A bidirectional model (BERT, is_decoder=false) runs its own attention on the gathered whole sequence."""
+    extra = ("model.config.is_decoder=false",)
+    result = p3d_runner(["model=tiny", "model.arch=bert", *STEPS, *extra, *layout_overrides(1, 1, 2)], nproc=2)
+    assert_ok(result)
+    assert_parity(result.losses, reference_losses(p3d_runner, "bert", extra))

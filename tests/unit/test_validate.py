@@ -7,6 +7,7 @@ import pytest
 from p3d.config.compose import compose, to_object
 from p3d.config.validate import validate
 from p3d.errors import ConfigError
+from p3d.models import architecture
 
 
 def problems(overrides, world_size):
@@ -175,9 +176,17 @@ def test_sliding_windows_softcapping_and_sinks_are_allowed_under_cp(packing):
         assert setup.dims.cp == 2
 
 
-def test_bidirectional_attention_is_refused_under_cp():
-    (problem,) = problems(["model.arch=bert", "model.config.is_decoder=false", "parallel=tp1dp1cp2"], 2)
-    assert problem.startswith("model.arch=bert: BertConfig attends bidirectionally") and "parallel.cp=2" in problem
+def test_bidirectional_attention_runs_on_the_whole_sequence_under_cp_and_is_refused_for_packed_documents():
+    bidirectional = ["model.arch=bert", "model.config.is_decoder=false"]
+    setup = validate(to_object(compose([*bidirectional, "parallel=tp1dp1cp2"])), 2)
+    assert architecture(setup.hf_config).attention_route(setup.hf_config) == "whole_sequence"  # every rank all of it: exact
+    (problem,) = problems([*bidirectional, "parallel=tp1dp1cp2", "data.packing=documents"], 2)
+    assert problem.startswith("model.arch=bert: packed documents do not give each document's own results")
+
+
+def test_attention_saying_it_is_not_causal_is_taken_as_causal_where_the_model_masks_causally():
+    setup = validate(to_object(compose(["model.arch=bigbird_pegasus", "parallel=tp1dp1cp2"])), 2)  # its decoder says is_causal=False
+    assert architecture(setup.hf_config).attention_is_causal_by_mask(setup.hf_config)
 
 
 def test_attention_outside_the_interface_is_refused_under_cp():

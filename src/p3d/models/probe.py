@@ -70,6 +70,11 @@ class Findings:
         return {"sdpa": "sdpa", "attn_method": "eager", "gathered_keys": "eager", "whole_sequence": "eager"}.get(self.route, PROBE_ATTENTION)
 
     @property
+    def causal_by_mask(self) -> bool:
+        """Attention modules that say is_causal=False, in a model whose results are those of causal attention."""
+        return self.bidirectional and _exact(self)
+
+    @property
     def plain_causal(self) -> bool:
         return not (self.windows or self.softcap or self.sinks)
 
@@ -86,9 +91,15 @@ class _Recorder:
         if module.training:
             found.dropout = max(found.dropout, float(dropout or 0.0))
             return _eager_stand_in(query, value)
-        if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        if kwargs.get("is_causal") is False:
             found.bidirectional = True
             return _eager_stand_in(query, value)
+        if getattr(module, "is_causal", True) is False:
+            # Only a hint (transformers' eager attention follows the mask the model builds: BigBirdPegasus's
+            # decoder says False and masks causally): marked causal, which the comparison with the model's
+            # own attention then confirms, or not (a bidirectional model).
+            found.bidirectional = True
+            module.is_causal = True
         if kwargs.get("sliding_window"):
             found.windows.add(int(kwargs["sliding_window"]))
         found.softcap |= bool(kwargs.get("softcap"))
@@ -348,7 +359,7 @@ def context_parallel_problems(config: PretrainedConfig, why: str, fix: str, with
         return [f"{keys}: p3d's attention ({why}) has no attention dropout; set it to 0"]
     if found.attention_calls == 0:
         return [f"{name}: its attention does not go through transformers' attention interface, so p3d cannot run it under {why}; {fix}"]
-    if found.bidirectional:
+    if found.bidirectional and not found.causal_by_mask:
         return [f"{name}: {type(config).__name__} attends bidirectionally (is_causal=false or is_decoder=false), which p3d's attention under {why} does not support (causal only); {fix}"]
     if found.reordered_error is None or found.reordered_error > TOLERANCE:
         return [

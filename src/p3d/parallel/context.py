@@ -169,7 +169,7 @@ def register_attention(name: str = ATTENTION_NAME, function=context_parallel_att
 ROUTES = ("interface", "sdpa", "attn_method", "gathered_keys", "whole_sequence")
 
 
-def enable_context_parallel(model, route: str = "interface", blocks=(), attentions=()) -> None:
+def enable_context_parallel(model, route: str = "interface", blocks=(), attentions=(), causal_by_mask: bool = False) -> None:
     """Make the model's attention p3d's. `interface`: through transformers' attention interface (most
     models). `sdpa`: the model calls torch's scaled_dot_product_attention itself (Falcon); inside each
     of `blocks` that call is p3d's attention instead. `attn_method`: the attention modules compute
@@ -179,19 +179,27 @@ def enable_context_parallel(model, route: str = "interface", blocks=(), attentio
     to see the whole sequence: `gathered_keys` (MVP, TrOCR) all-gathers the keys and values of each of
     `attentions` (`gather_keys_and_values`), `whole_sequence` (BERT-like decoders, XGLM, OpenAI GPT)
     all-gathers their input (`attend_over_whole_sequence`). models/probe.py checks the result is the
-    model's own before a route is used."""
+    model's own before a route is used. `causal_by_mask`: the probe found that modules saying
+    `is_causal=False` belong to a model that masks causally (BigBirdPegasus's decoder); they are marked causal."""
     register_attention()
     use_global_positions(model)
+    if causal_by_mask:
+        for module in model.modules():
+            if getattr(module, "is_causal", None) is False:
+                module.is_causal = True
     if route == "sdpa":
         for block in blocks:
             block.forward = with_p3d_sdpa(block.forward, block)
     elif route == "attn_method":
         for block in blocks:
             replace_attn_methods(block)
-    elif route == "gathered_keys":
-        gather_keys_and_values(attentions)
-    elif route == "whole_sequence":
-        attend_over_whole_sequence(attentions)
+    elif route in ("gathered_keys", "whole_sequence"):
+        if compat.attention_implementation(model) != "eager":
+            model.set_attn_implementation("eager")  # as the probe ran it (SDPA's path may leave the mask out)
+        if route == "gathered_keys":
+            gather_keys_and_values(attentions)
+        else:
+            attend_over_whole_sequence(attentions)
     else:
         model.set_attn_implementation(ATTENTION_NAME)
 
