@@ -109,6 +109,8 @@ def test_plans_come_from_p3d_transformers_or_the_module_structure():
     falcon = choice("falcon").plan  # a fused query_key_value of unknown layout is gathered
     assert falcon["transformer.h.*.self_attention.query_key_value"] == "colwise_gather_output"
     assert falcon["transformer.h.*.self_attention.dense"] == "rowwise_split_input"
+    moshi = choice("moshi").plan  # projections wrapped in a module (`q_proj.linear`); an embedding with one row more than the head
+    assert moshi["model.layers.*.self_attn.q_proj.linear"] == "colwise" and "model.embed_tokens" not in moshi
     bitnet = choice("bitnet").plan  # a norm inside the MLP over its intermediate features: the MLP is gathered
     assert bitnet["model.layers.*.mlp.up_proj"] == "colwise_gather_output" and bitnet["model.layers.*.mlp.down_proj"] == "rowwise_split_input"
 

@@ -34,6 +34,7 @@ QKV_NAMES = {
     "key": ("k_proj", "key", "k", "wk", "Wk", "k_lin", "key_proj", "project_k"),
     "value": ("v_proj", "value", "v", "wv", "Wv", "v_lin", "value_proj", "project_v"),
 }
+WRAPPED_LINEAR = "linear"  # a projection module that holds its nn.Linear as `.linear` (Moshi's MoshiLinear)
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "qkv_linear")
 
 
@@ -91,7 +92,7 @@ def _projection_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
     for name in linears:
         for role, leaves in QKV_NAMES.items():
             if _leaf(name) in leaves:
-                by_parent.setdefault(name.rpartition(".")[0], {})[role] = name
+                by_parent.setdefault(_unwrapped(name).rpartition(".")[0], {})[role] = name
     groups = [[found[role] for role in QKV_NAMES] for found in by_parent.values() if len(found) == len(QKV_NAMES)]
     groups += [[name] for name in linears if _leaf(name) in FUSED_QKV_NAMES]
     if not groups:
@@ -116,7 +117,7 @@ def self_attention(block: nn.Module) -> SelfAttention | None:
         group = _projection_groups(linears)[0]
     except NotRecognised:
         return None
-    root = group[0].rpartition(".")[0]
+    root = _unwrapped(group[0]).rpartition(".")[0]
     if len(group) == len(QKV_NAMES):
         return SelfAttention(block.get_submodule(root), linears[group[1]], linears[group[2]])
     return SelfAttention(block.get_submodule(root), None, None) if root else None
@@ -127,7 +128,12 @@ def _inside(name: str, root: str) -> bool:
 
 
 def _leaf(name: str) -> str:
-    return name.rpartition(".")[2]
+    """The name that says what a linear layer is: its own, or its wrapper's (Moshi's `q_proj.linear`)."""
+    return _unwrapped(name).rpartition(".")[2]
+
+
+def _unwrapped(name: str) -> str:
+    return name.removesuffix(f".{WRAPPED_LINEAR}")
 
 
 def _attention_plan(block: nn.Module, linears: dict[str, nn.Module], projections: list[str]) -> tuple[str, dict[str, str]]:
@@ -194,6 +200,7 @@ def _embedding_plan(model: nn.Module, names: dict[nn.Module, str]) -> dict[str, 
     if output is not None and linear_features(output) is not None:
         plan[names[output]] = "colwise_gather_output"
         embedding = model.get_input_embeddings()
-        if isinstance(embedding, nn.Embedding):
+        # over the same vocabulary as the head (a tied head requires it); Moshi's has one more row: replicated
+        if isinstance(embedding, nn.Embedding) and embedding.num_embeddings == linear_features(output)[1]:
             plan[names[embedding]] = "embedding_rowwise"
     return plan

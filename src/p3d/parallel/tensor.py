@@ -640,7 +640,8 @@ def apply_tensor_parallel(
 def _localise_attributes(model: nn.Module, matched: dict[str, str], tp: int, counts: tuple[str, ...], widths: tuple[str, ...] = ()) -> None:
     """Divide the head counts (and the like) of modules whose projections now output only this rank's heads,
     and their widths that are those of all heads."""
-    parents = {name.rpartition(".")[0] for name, value in matched.items() if Style.parse(value).splits_heads}
+    modules = dict(model.named_modules())
+    parents = {_head_owner(modules, name, counts) for name, value in matched.items() if Style.parse(value).splits_heads}
     for name, module in model.named_modules():
         if name not in parents:
             continue
@@ -650,6 +651,19 @@ def _localise_attributes(model: nn.Module, matched: dict[str, str], tp: int, cou
             value = _int(getattr(module, attribute, None))
             if value is not None:
                 setattr(module, attribute, value // tp)
+
+
+def _head_owner(modules: dict[str, nn.Module], name: str, counts: tuple[str, ...]) -> str:
+    """The module that holds the head counts of projection `name`: its parent, or the parent's parent where the
+    parent is a wrapper holding none (Moshi's `q_proj.linear` inside `q_proj`)."""
+    parent = name.rpartition(".")[0]
+    if not _has_any(modules.get(parent), counts) and _has_any(modules.get(parent.rpartition(".")[0]), counts):
+        return parent.rpartition(".")[0]
+    return parent
+
+
+def _has_any(module: nn.Module | None, attributes: tuple[str, ...]) -> bool:
+    return module is not None and any(_int(getattr(module, attribute, None)) is not None for attribute in attributes)
 
 
 def _int(value) -> int | None:
