@@ -23,6 +23,8 @@ LATENT_RANK, ROPE_HEAD_DIM = 32, 8  # multi-head latent attention (DeepSeek): kv
 
 # What a few architectures need beyond the generic shrinking, to build at all or to shard over tp=2.
 TINY_TWEAKS: dict[str, dict[str, Any]] = {
+    # transformers' default config has no rotary parameters per layer type, which its model reads
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     "falcon": {"multi_query": False},  # one shared kv head cannot be split over tp; 4 kv heads can
     "gpt_bigcode": {"multi_query": False},
     "big_bird": {"attention_type": "original_full"},  # as a decoder BigBird must attend in full (block_sparse raises)
