@@ -167,6 +167,7 @@ def register_attention(name: str = ATTENTION_NAME, function=context_parallel_att
 
 
 ROUTES = ("interface", "sdpa", "attn_method", "gathered_keys", "whole_sequence")
+MASK_ARGUMENTS = ("attention_mask", "mask")  # what attention written by hand calls its mask (XLM: `mask`)
 
 
 def enable_context_parallel(model, route: str = "interface", blocks=(), attentions=(), causal_by_mask: bool = False) -> None:
@@ -306,11 +307,16 @@ def _with_global_mask(module, args, kwargs, queries: torch.Tensor, keys: torch.T
     might carry (a sliding window) is not rebuilt: models/probe.py runs the route against the model's own
     attention, with windows shorter than its sequence, before it is used. `optional`: a model may pass none."""
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    local = bound.arguments.get("attention_mask")
+    name = next((name for name in MASK_ARGUMENTS if name in bound.arguments), MASK_ARGUMENTS[0])
+    local = bound.arguments.get(name)
     if local is None and optional:
         return bound.args, bound.kwargs
-    if not isinstance(local, torch.Tensor) or local.dim() != 4:
-        raise RuntimeError(f"p3d's context-parallel attention needs {type(module).__name__}'s 4-D attention_mask, got {type(local).__name__}")
+    if isinstance(local, torch.Tensor) and local.dim() == 2 and (local.device.type == "meta" or bool(_allowed_by(local).all())):
+        # a key-padding mask that lets every key through (bidirectional XLM): so does the whole sequence's
+        bound.arguments[name] = local[:, :1].expand(local.shape[0], len(keys))
+        return bound.args, bound.kwargs
+    if not isinstance(local, torch.Tensor) or local.dim() not in (3, 4):
+        raise RuntimeError(f"p3d's context-parallel attention needs {type(module).__name__}'s 3-D or 4-D {name}, got {type(local).__name__}")
     blocked_when_true = local.dtype == torch.bool and local.device.type != "meta" and _is_causal(~local)  # MPT's convention
     if local.device.type != "meta" and not (blocked_when_true or _is_causal(local)):
         raise RuntimeError(f"{type(module).__name__}'s attention mask is not causal: p3d's context-parallel attention cannot rebuild it")
@@ -319,7 +325,7 @@ def _with_global_mask(module, args, kwargs, queries: torch.Tensor, keys: torch.T
     if key not in active.masks:
         mask = _mask_like(local, _allowed(active.plan, queries, keys))
         active.masks[key] = ~mask if blocked_when_true else mask
-    bound.arguments["attention_mask"] = active.masks[key]
+    bound.arguments[name] = active.masks[key]
     return bound.args, bound.kwargs
 
 
@@ -331,19 +337,25 @@ def _allowed(plan: TilePlan, queries: torch.Tensor, keys: torch.Tensor) -> torch
     return allowed
 
 
+def _allowed_by(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
 def _is_causal(mask: torch.Tensor) -> bool:
     """No query sees a later token, and every query sees itself. (transformers may cut the causal mask into
     blocks where the local positions jump, as they do between a rank's chunks: the global mask is whole.)"""
-    allowed = mask if mask.dtype == torch.bool else mask == 0
+    allowed = _allowed_by(mask)
     n = mask.shape[-1]
     future = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
     return not bool((allowed & future).any()) and bool(allowed.diagonal(dim1=-2, dim2=-1).all())
 
 
 def _mask_like(local: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """`allowed` [b or 1, n, N] in the local mask's format (bool, or additive 0 / dtype's minimum) and leading dims."""
+    """`allowed` [b or 1, n, N] in the local mask's format (bool, or additive 0 / dtype's minimum) and leading
+    dims ([b, heads or 1, n, N], or [b, n, N] as XLM's)."""
     batch = max(local.shape[0], allowed.shape[0])
-    allowed = allowed[:, None].expand(batch, local.shape[1], *allowed.shape[1:])
+    middle = local.shape[1:-2]
+    allowed = allowed.reshape(allowed.shape[0], *(1 for _ in middle), *allowed.shape[1:]).expand(batch, *middle, *allowed.shape[1:])
     if local.dtype == torch.bool:
         return allowed
     blocked = torch.tensor(torch.finfo(local.dtype).min, dtype=local.dtype, device=local.device)
