@@ -657,9 +657,10 @@ def _head_owner(modules: dict[str, nn.Module], name: str, counts: tuple[str, ...
     """The module that holds the head counts of projection `name`: its parent, or the parent's parent where the
     parent is a wrapper holding none (Moshi's `q_proj.linear` inside `q_proj`)."""
     parent = name.rpartition(".")[0]
-    if not _has_any(modules.get(parent), counts) and _has_any(modules.get(parent.rpartition(".")[0]), counts):
-        return parent.rpartition(".")[0]
-    return parent
+    wrapper = modules.get(parent)
+    is_wrapper = wrapper is not None and len(list(wrapper.children())) == 1 and not _has_any(wrapper, counts)
+    above = parent.rpartition(".")[0]
+    return above if is_wrapper and _has_any(modules.get(above), counts) else parent
 
 
 def _has_any(module: nn.Module | None, attributes: tuple[str, ...]) -> bool:
