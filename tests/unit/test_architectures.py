@@ -150,8 +150,10 @@ def test_probe_keeps_attention_written_by_hand_where_the_model_gives_the_same_re
     assert xglm.route == "whole_sequence" and xglm.reordered_error < 1e-5 and xglm.documents_error < 1e-5
     mvp = probe(hf_config(["model=tiny", "model.arch=mvp"]), with_documents=False)
     assert mvp.route == "gathered_keys" and mvp.reordered_error < 1e-5
-    roformer = probe(hf_config(["model=tiny", "model.arch=roformer"]), with_documents=False)  # rotary sized by the local tokens
-    assert roformer.attention_calls == 0
+    roformer = probe(hf_config(["model=tiny", "model.arch=roformer"]), with_documents=False)  # its rotary table comes per token
+    assert roformer.route == "whole_sequence" and roformer.token_arguments == {"sinusoidal_pos": -2} and roformer.reordered_error < 1e-5
+    cpmant = probe(hf_config(["model=tiny", "model.arch=cpmant"]), with_documents=False)  # a prompt before the tokens, a pairwise bias
+    assert cpmant.attention_calls == 0
 
 
 def test_probe_runs_each_cp_rank_alone_where_the_model_keeps_its_attention():

@@ -163,6 +163,12 @@ class Architecture:
         the routes of context parallelism that keep the model's own attention; blocks without one are left out."""
         return [found for block in self.decoder_blocks(model) if (found := infer.self_attention(block)) is not None]
 
+    def attention_token_arguments(self, config: PretrainedConfig) -> dict[str, int]:
+        """The whole_sequence route's per-token arguments of the attention ({name: dim}; see probe.py)."""
+        from p3d.models import probe
+
+        return probe.probe(config, with_documents=False).token_arguments
+
     def attention_is_causal_by_mask(self, config: PretrainedConfig) -> bool:
         """Whether attention modules that say is_causal=False are causal in fact (the model's mask; see probe.py)."""
         from p3d.models import probe

@@ -63,6 +63,7 @@ class Findings:
     documents_error: float | None = None  # ... with two packed documents
     failure: str | None = None  # the probe itself could not run
     route: str = "interface"  # how p3d's attention replaces the model's (see parallel/context.py)
+    token_arguments: dict = field(default_factory=dict)  # whole_sequence: the attention's per-token arguments {name: dim}
 
     @property
     def route_name(self) -> str:
@@ -176,7 +177,7 @@ def _probe(config: PretrainedConfig, with_documents: bool) -> Findings:
     for route in OTHER_ROUTES:  # not through the interface: torch's SDPA called itself, an _attn method, or by hand?
         if findings.attention_calls == 0 or not _exact(findings):
             attempt, routed = _probe_route(config, route)
-            if routed is not None and (findings.attention_calls == 0 or _exact(attempt)):
+            if routed is not None and _exact(attempt):
                 findings.__dict__.update(attempt.__dict__)
                 model = routed
     try:
@@ -237,7 +238,7 @@ def _route_through_p3d(model, route: str) -> None:
             attentions = [found for found in attentions if found.key is not None]
             gather_keys_and_values(attentions)
         else:
-            attend_over_whole_sequence(attentions)
+            attend_over_whole_sequence(attentions, _recorder.findings.token_arguments, discover=True)
         for attention in attentions:
             attention.module.register_forward_pre_hook(_count_attention_call)
         return
@@ -324,7 +325,9 @@ class _ReplayComm(CPComm):
         self.recorded = iter(recorded)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        halves = next(self.recorded).chunk(2, dim=1)
+        recorded = next(self.recorded)
+        (tokens,) = [dim for dim in range(tensor.dim()) if recorded.shape[dim] != tensor.shape[dim]]  # all tokens there, half here
+        halves = recorded.chunk(2, dim=tokens)
         return torch.stack([tensor if source == self.rank else halves[source] for source in range(2)])
 
 
@@ -358,7 +361,11 @@ def context_parallel_problems(config: PretrainedConfig, why: str, fix: str, with
         keys = _dropout_keys(config, found.dropout)
         return [f"{keys}: p3d's attention ({why}) has no attention dropout; set it to 0"]
     if found.attention_calls == 0:
-        return [f"{name}: its attention does not go through transformers' attention interface, so p3d cannot run it under {why}; {fix}"]
+        return [
+            f"{name}: its attention does not go through transformers' attention interface, and p3d's other ways in (its SDPA "
+            f"call, an _attn method, its own code with the keys or the whole sequence gathered) do not give its results, so p3d "
+            f"cannot run it under {why}; {fix}"
+        ]
     if found.bidirectional and not found.causal_by_mask:
         return [f"{name}: {type(config).__name__} attends bidirectionally (is_causal=false or is_decoder=false), which p3d's attention under {why} does not support (causal only); {fix}"]
     if found.reordered_error is None or found.reordered_error > TOLERANCE:

@@ -170,7 +170,7 @@ ROUTES = ("interface", "sdpa", "attn_method", "gathered_keys", "whole_sequence")
 MASK_ARGUMENTS = ("attention_mask", "mask")  # what attention written by hand calls its mask (XLM: `mask`)
 
 
-def enable_context_parallel(model, route: str = "interface", blocks=(), attentions=(), causal_by_mask: bool = False) -> None:
+def enable_context_parallel(model, route: str = "interface", blocks=(), attentions=(), causal_by_mask: bool = False, token_arguments=None) -> None:
     """Make the model's attention p3d's. `interface`: through transformers' attention interface (most
     models). `sdpa`: the model calls torch's scaled_dot_product_attention itself (Falcon); inside each
     of `blocks` that call is p3d's attention instead. `attn_method`: the attention modules compute
@@ -180,7 +180,8 @@ def enable_context_parallel(model, route: str = "interface", blocks=(), attentio
     to see the whole sequence: `gathered_keys` (MVP, TrOCR) all-gathers the keys and values of each of
     `attentions` (`gather_keys_and_values`), `whole_sequence` (BERT-like decoders, XGLM, OpenAI GPT)
     all-gathers their input (`attend_over_whole_sequence`). models/probe.py checks the result is the
-    model's own before a route is used. `causal_by_mask`: the probe found that modules saying
+    model's own before a route is used; `token_arguments`: what it found the attention's per-token
+    arguments to be (`attend_over_whole_sequence`). `causal_by_mask`: the probe found that modules saying
     `is_causal=False` belong to a model that masks causally (BigBirdPegasus's decoder); they are marked causal."""
     register_attention()
     use_global_positions(model)
@@ -200,7 +201,7 @@ def enable_context_parallel(model, route: str = "interface", blocks=(), attentio
         if route == "gathered_keys":
             gather_keys_and_values(attentions)
         else:
-            attend_over_whole_sequence(attentions)
+            attend_over_whole_sequence(attentions, dict(token_arguments or {}))
     else:
         model.set_attn_implementation(ATTENTION_NAME)
 
@@ -220,14 +221,19 @@ def gather_keys_and_values(attentions) -> None:
         found.module.register_forward_pre_hook(_masked_for_gathered_keys, with_kwargs=True)
 
 
-def attend_over_whole_sequence(attentions) -> None:
+def attend_over_whole_sequence(attentions, token_arguments: dict[str, int] | None = None, discover: bool = False) -> None:
     """The `whole_sequence` route, for attention code that sizes its keys by its own input (BERT-like
     reshapes, causal buffers sliced by length): its input is all-gathered and put in sequence order, it
     runs on the whole sequence (with the mask of the whole sequence), and each rank keeps the output of
     its own tokens. Exact, but not split: every cp rank computes the whole attention of every layer and
-    holds its whole x whole scores; the rest of the model (MLPs, norms, head, loss) is split."""
+    holds its whole x whole scores; the rest of the model (MLPs, norms, head, loss) is split.
+
+    `token_arguments`: other arguments with one entry per token ({name: dimension}: RoFormer's rotary
+    table), gathered and ordered likewise. `discover` (the probe): any other tensor argument with exactly
+    one dimension of this rank's token count is taken as one, and written into `token_arguments`."""
+    token_arguments = {} if token_arguments is None else token_arguments
     for found in attentions:
-        found.module.register_forward_pre_hook(_whole_sequence_input, with_kwargs=True)
+        found.module.register_forward_pre_hook(functools.partial(_whole_sequence_input, token_arguments=token_arguments, discover=discover), with_kwargs=True)
         found.module.register_forward_hook(_own_tokens_of_output)
 
 
@@ -257,17 +263,18 @@ def _gathered_sequence(module, args, output):
 
 
 class _GatherSequence(torch.autograd.Function):
-    """[b, n, f] of each cp rank -> [b, size * n, f] in rank order; backward: the gradients summed back to their owners."""
+    """[b, n, f] of each cp rank -> [b, size * n, f] in rank order (the tokens along `dim`, 1 by default);
+    backward: the gradients summed back to their owners."""
 
     @staticmethod
-    def forward(ctx, tensor, comm: CPComm):
-        ctx.comm = comm
-        return comm.all_gather(tensor).transpose(0, 1).flatten(1, 2)  # [size, b, n, f] -> [b, size * n, f]
+    def forward(ctx, tensor, comm: CPComm, dim: int = 1):
+        ctx.comm, ctx.dim = comm, dim
+        return comm.all_gather(tensor).movedim(0, dim).flatten(dim, dim + 1)  # [size, ..., n, ...] -> [..., size * n, ...]
 
     @staticmethod
     def backward(ctx, grad):
-        size = ctx.comm.size
-        return ctx.comm.reduce_scatter(grad.unflatten(1, (size, grad.shape[1] // size)).transpose(0, 1)), None
+        size, dim = ctx.comm.size, ctx.dim
+        return ctx.comm.reduce_scatter(grad.unflatten(dim, (size, grad.shape[dim] // size)).movedim(dim, 0)), None, None
 
 
 def _masked_for_gathered_keys(module, args, kwargs):
@@ -275,14 +282,35 @@ def _masked_for_gathered_keys(module, args, kwargs):
     return _with_global_mask(module, args, kwargs, _token_indices(active, active.plan.rank), _gathered_indices(active))
 
 
-def _whole_sequence_input(module, args, kwargs):
+def _whole_sequence_input(module, args, kwargs, token_arguments: dict[str, int], discover: bool):
     active = _serving()
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     first = next(iter(bound.arguments))  # the hidden states
     order = torch.argsort(_gathered_indices(active))  # all-gather order -> sequence order
+    local = len(_token_indices(active, active.plan.rank))
     bound.arguments[first] = _GatherSequence.apply(_checked_local(module, bound.arguments[first], active), active.comm)[:, order]
+    if discover:
+        token_arguments.update(_per_token_arguments(bound.arguments, skip=(first, *MASK_ARGUMENTS), local=local))
+    for name, dim in token_arguments.items():
+        value = bound.arguments.get(name)
+        if isinstance(value, torch.Tensor):
+            if value.shape[dim] != local:
+                raise RuntimeError(f"p3d's context-parallel attention expects {type(module).__name__}'s {name} with {local} local tokens along dim {dim}")
+            bound.arguments[name] = _GatherSequence.apply(value, active.comm, dim % value.dim()).index_select(dim, order)
     whole = torch.arange(active.plan.seq_len, device=active.plan.device)
     return _with_global_mask(module, bound.args, bound.kwargs, whole, whole, optional=True)
+
+
+def _per_token_arguments(arguments: dict, skip: tuple[str, ...], local: int) -> dict[str, int]:
+    """{name: dimension (from the end)} of the tensor arguments with exactly one dimension (not the first) of `local` entries."""
+    found = {}
+    for name, value in arguments.items():
+        if name in skip or not isinstance(value, torch.Tensor):
+            continue
+        dims = [dim for dim in range(1, value.dim()) if value.shape[dim] == local]
+        if len(dims) == 1:
+            found[name] = dims[0] - value.dim()
+    return found
 
 
 def _checked_local(module, hidden: torch.Tensor, active: _ActiveBatch) -> torch.Tensor:

@@ -61,7 +61,9 @@ def enable_p3d_attention(model: PreTrainedModel, hf_config) -> None:
     arch = architecture(hf_config)
     route = arch.attention_route(hf_config)
     attentions = arch.self_attentions(model) if route in ("gathered_keys", "whole_sequence") else ()
-    enable_context_parallel(model, route, arch.decoder_blocks(model), attentions, arch.attention_is_causal_by_mask(hf_config))
+    enable_context_parallel(
+        model, route, arch.decoder_blocks(model), attentions, arch.attention_is_causal_by_mask(hf_config), arch.attention_token_arguments(hf_config)
+    )
 
 
 def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes) -> list[int]:
