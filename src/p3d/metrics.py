@@ -97,8 +97,14 @@ def matmul_params(model: nn.Module) -> float:
 def flops_per_token(model: nn.Module, hf_config, seq_len: int) -> float:
     """Training FLOPs per token: 6 per matmul parameter, plus causal attention's 12·L·H·S."""
     text = hf_config.get_text_config()
-    attention = 12 * text.num_hidden_layers * text.hidden_size * seq_len
-    return 6 * matmul_params(model) + attention
+    layers, hidden = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    if not isinstance(layers, int):  # configs that name it otherwise (BLT's patch encoder, global and decoder stacks)
+        from p3d.models import decoder_blocks
+
+        layers = len(decoder_blocks(model))
+    if not isinstance(hidden, int):
+        hidden = model.get_input_embeddings().embedding_dim
+    return 6 * matmul_params(model) + 12 * layers * hidden * seq_len
 
 
 class ConsoleSink:

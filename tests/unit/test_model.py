@@ -119,3 +119,17 @@ def test_flops_per_token_count_only_the_experts_a_token_is_routed_to():
     embedding = model.get_input_embeddings().weight.numel()
     dense = sum(p.numel() for p in model.parameters()) - experts - embedding
     assert matmul_params(model) == dense + experts * 2 / 4  # 2 of 4 experts per token
+
+
+def test_flops_per_token_of_a_config_that_names_its_layers_otherwise():
+    """BLT's config has no num_hidden_layers: the attention term counts the model's decoder blocks instead of
+    failing the run."""
+    from transformers import PretrainedConfig
+
+    from p3d.config.schema import ModelConfig
+    from p3d.metrics import flops_per_token, matmul_params
+    from p3d.model import build_hf_config, build_meta_model
+
+    model = build_meta_model(build_hf_config(ModelConfig(arch="llama", tiny=True)))
+    unnamed = PretrainedConfig()  # neither num_hidden_layers nor hidden_size
+    assert flops_per_token(model, unnamed, 32) == 6 * matmul_params(model) + 12 * 2 * 64 * 32
