@@ -200,7 +200,8 @@ def _embedding_plan(model: nn.Module, names: dict[nn.Module, str]) -> dict[str, 
     if output is not None and linear_features(output) is not None:
         plan[names[output]] = "colwise_gather_output"
         embedding = model.get_input_embeddings()
-        # over the same vocabulary as the head (a tied head requires it); Moshi's has one more row: replicated
-        if isinstance(embedding, nn.Embedding) and embedding.num_embeddings == linear_features(output)[1]:
+        # tied to the head (which requires it), or over the same vocabulary; Moshi's has one more row: replicated
+        tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+        if isinstance(embedding, nn.Embedding) and (tied or embedding.num_embeddings == linear_features(output)[1]):
             plan[names[embedding]] = "embedding_rowwise"
     return plan
