@@ -33,6 +33,7 @@ TINY_TWEAKS: dict[str, dict[str, Any]] = {
     "moshi": {"ffn_dim": 4 * INTERMEDIATE},  # its fc1 is gate|up fused: each half (256 / 2) wider than hidden, as real sizes are
     # its hybrid layers share one transformer, which transformers ties from the first to the others: two of them
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
+    "xmod": {"default_language": "en_XX"},  # its language adapters need one (the config's first language; a user sets theirs)
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32]},  # num_heads * head_dim must equal hidden_size * expand
 }
 
