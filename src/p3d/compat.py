@@ -308,3 +308,10 @@ def scale_in_place(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
 def attention_implementation(model) -> str:
     """The attention implementation transformers runs the model's attention with ('sdpa', 'eager', ...)."""
     return model.config._attn_implementation
+
+
+def bloom_alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
+    """BLOOM's ALiBi slope of each head (transformers' private helper, which its model uses)."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    return _get_alibi_slopes(num_heads, device)

@@ -65,6 +65,7 @@ CP_FEATURES = {
     "megatron-bert": ("ring", "documents"),  # attention by hand, run on the gathered whole sequence (whole_sequence)
     "mvp": ("allgather", "stream"),  # attention by hand, its keys and values gathered (gathered_keys)
     "bigbird_pegasus": ("ring", "stream"),  # its decoder's attention says is_causal=False and masks causally
+    "bloom": ("allgather", "documents"),  # whole_sequence with its ALiBi rebuilt for the whole sequence (models/bloom.py)
 }
 
 

@@ -139,8 +139,8 @@ def test_probe_finds_what_attention_asks_for():
     assert falcon.route == "sdpa" and falcon.plain_causal
     gptj = probe(hf_config(["model=tiny", "model.arch=gptj"]), with_documents=True)
     assert gptj.route == "attn_method" and gptj.reordered_error < 1e-5 and gptj.documents_error < 1e-5
-    bloom = probe(hf_config(["model=tiny", "model.arch=bloom"]), with_documents=False)
-    assert bloom.attention_calls == 0  # ALiBi computed inline: no way in for p3d's attention
+    bloom = probe(hf_config(["model=tiny", "model.arch=bloom"]), with_documents=True)  # ALiBi computed inline: its own attention, whole
+    assert bloom.route == "whole_sequence" and bloom.reordered_error < 1e-5 and bloom.documents_error < 1e-5
 
 
 def test_probe_keeps_attention_written_by_hand_where_the_model_gives_the_same_results():

@@ -190,8 +190,8 @@ def test_attention_saying_it_is_not_causal_is_taken_as_causal_where_the_model_ma
 
 
 def test_attention_outside_the_interface_is_refused_under_cp():
-    (problem,) = problems(["model.arch=bloom", "parallel=tp1dp1cp2"], 2)
-    assert problem.startswith("model.arch=bloom: its attention does not go through transformers' attention interface")
+    (problem,) = problems(["model.arch=cpmant", "parallel=tp1dp1cp2"], 2)  # a learned prompt before the tokens, a pairwise bias
+    assert problem.startswith("model.arch=cpmant: its attention does not go through transformers' attention interface, and p3d's other ways in")
 
 
 def test_attention_dropout_is_refused_naming_the_key():

@@ -4,12 +4,12 @@
 attributes); `infer.py` finds a TP plan in the module structure of models that ship none; `tiny.py`
 shrinks any architecture's config; `probe.py` finds what a model's attention needs under context
 parallelism by running its tiny version once. A model type that needs more has a small file here
-(`gpt2.py`: Conv1D weights and a fused q|k|v projection; `opt.py`: post-norm blocks; `git.py`: which
-layers are the decoder; `trocr.py`: an attention that reshapes by its input width; `xlm.py`: layers
-kept in parallel lists; `xmod.py`: per-language adapters).
+(`gpt2.py`: Conv1D weights and a fused q|k|v projection; `opt.py`: post-norm blocks; `bloom.py`: its
+ALiBi under CP; `git.py`: which layers are the decoder; `trocr.py`: an attention that reshapes by its
+input width; `xlm.py`: layers kept in parallel lists; `xmod.py`: per-language adapters).
 """
 
-from p3d.models import git, gpt2, llama, opt, qwen3_moe, trocr, xlm, xmod  # noqa: F401  (each registers its model types)
+from p3d.models import bloom, git, gpt2, llama, opt, qwen3_moe, trocr, xlm, xmod  # noqa: F401  (each registers its model types)
 from p3d.models.architecture import PLAN_SOURCES, Architecture, PlanChoice, architecture
 
 

@@ -12,7 +12,7 @@ subclasses it in a small file of this package and registers there; tiny-config t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -54,6 +54,8 @@ class Architecture:
     localised_widths: ClassVar[tuple[str, ...]] = HEAD_WIDTH_ATTRIBUTES
     sequence_parallel_verified: ClassVar[bool] = False  # loss parity with parallel.sequence_parallel=true is tested
     extra_config_fields: ClassVar[tuple[str, ...]] = ()  # fields the modeling code reads that its config class lacks
+    # the attention's arguments that CP's whole_sequence route rebuilds for the whole sequence: {name: rebuild}
+    whole_sequence_arguments: ClassVar[Mapping[str, Callable]] = {}
 
     def __init__(self, model_type: str):
         self.model_type = model_type

@@ -238,7 +238,7 @@ def _route_through_p3d(model, route: str) -> None:
             attentions = [found for found in attentions if found.key is not None]
             gather_keys_and_values(attentions)
         else:
-            attend_over_whole_sequence(attentions, _recorder.findings.token_arguments, discover=True)
+            attend_over_whole_sequence(attentions, _recorder.findings.token_arguments, discover=True, rebuilt_arguments=arch.whole_sequence_arguments)
         for attention in attentions:
             attention.module.register_forward_pre_hook(_count_attention_call)
         return

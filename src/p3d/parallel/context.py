@@ -170,7 +170,9 @@ ROUTES = ("interface", "sdpa", "attn_method", "gathered_keys", "whole_sequence")
 MASK_ARGUMENTS = ("attention_mask", "mask")  # what attention written by hand calls its mask (XLM: `mask`)
 
 
-def enable_context_parallel(model, route: str = "interface", blocks=(), attentions=(), causal_by_mask: bool = False, token_arguments=None) -> None:
+def enable_context_parallel(
+    model, route: str = "interface", blocks=(), attentions=(), causal_by_mask: bool = False, token_arguments=None, rebuilt_arguments=None
+) -> None:
     """Make the model's attention p3d's. `interface`: through transformers' attention interface (most
     models). `sdpa`: the model calls torch's scaled_dot_product_attention itself (Falcon); inside each
     of `blocks` that call is p3d's attention instead. `attn_method`: the attention modules compute
@@ -181,7 +183,7 @@ def enable_context_parallel(model, route: str = "interface", blocks=(), attentio
     `attentions` (`gather_keys_and_values`), `whole_sequence` (BERT-like decoders, XGLM, OpenAI GPT)
     all-gathers their input (`attend_over_whole_sequence`). models/probe.py checks the result is the
     model's own before a route is used; `token_arguments`: what it found the attention's per-token
-    arguments to be (`attend_over_whole_sequence`). `causal_by_mask`: the probe found that modules saying
+    arguments to be, `rebuilt_arguments`: the model's own rebuilds (`attend_over_whole_sequence`). `causal_by_mask`: the probe found that modules saying
     `is_causal=False` belong to a model that masks causally (BigBirdPegasus's decoder); they are marked causal."""
     register_attention()
     use_global_positions(model)
@@ -201,7 +203,7 @@ def enable_context_parallel(model, route: str = "interface", blocks=(), attentio
         if route == "gathered_keys":
             gather_keys_and_values(attentions)
         else:
-            attend_over_whole_sequence(attentions, dict(token_arguments or {}))
+            attend_over_whole_sequence(attentions, dict(token_arguments or {}), rebuilt_arguments=rebuilt_arguments)
     else:
         model.set_attn_implementation(ATTENTION_NAME)
 
@@ -221,7 +223,7 @@ def gather_keys_and_values(attentions) -> None:
         found.module.register_forward_pre_hook(_masked_for_gathered_keys, with_kwargs=True)
 
 
-def attend_over_whole_sequence(attentions, token_arguments: dict[str, int] | None = None, discover: bool = False) -> None:
+def attend_over_whole_sequence(attentions, token_arguments: dict[str, int] | None = None, discover: bool = False, rebuilt_arguments=None) -> None:
     """The `whole_sequence` route, for attention code that sizes its keys by its own input (BERT-like
     reshapes, causal buffers sliced by length): its input is all-gathered and put in sequence order, it
     runs on the whole sequence (with the mask of the whole sequence), and each rank keeps the output of
@@ -230,10 +232,13 @@ def attend_over_whole_sequence(attentions, token_arguments: dict[str, int] | Non
 
     `token_arguments`: other arguments with one entry per token ({name: dimension}: RoFormer's rotary
     table), gathered and ordered likewise. `discover` (the probe): any other tensor argument with exactly
-    one dimension of this rank's token count is taken as one, and written into `token_arguments`."""
+    one dimension of this rank's token count is taken as one, and written into `token_arguments`.
+    `rebuilt_arguments`: {name: rebuild(module, local value, sequence length) -> the whole sequence's}, for
+    arguments that are not per-token values of global positions (BLOOM's ALiBi, built from local ones)."""
     token_arguments = {} if token_arguments is None else token_arguments
+    hook = functools.partial(_whole_sequence_input, token_arguments=token_arguments, discover=discover, rebuilt=dict(rebuilt_arguments or {}))
     for found in attentions:
-        found.module.register_forward_pre_hook(functools.partial(_whole_sequence_input, token_arguments=token_arguments, discover=discover), with_kwargs=True)
+        found.module.register_forward_pre_hook(hook, with_kwargs=True)
         found.module.register_forward_hook(_own_tokens_of_output)
 
 
@@ -282,15 +287,18 @@ def _masked_for_gathered_keys(module, args, kwargs):
     return _with_global_mask(module, args, kwargs, _token_indices(active, active.plan.rank), _gathered_indices(active))
 
 
-def _whole_sequence_input(module, args, kwargs, token_arguments: dict[str, int], discover: bool):
+def _whole_sequence_input(module, args, kwargs, token_arguments: dict[str, int], discover: bool, rebuilt: dict):
     active = _serving()
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     first = next(iter(bound.arguments))  # the hidden states
     order = torch.argsort(_gathered_indices(active))  # all-gather order -> sequence order
     local = len(_token_indices(active, active.plan.rank))
     bound.arguments[first] = _GatherSequence.apply(_checked_local(module, bound.arguments[first], active), active.comm)[:, order]
+    for name, rebuild in rebuilt.items():
+        if isinstance(bound.arguments.get(name), torch.Tensor):
+            bound.arguments[name] = rebuild(module, bound.arguments[name], active.plan.seq_len)
     if discover:
-        token_arguments.update(_per_token_arguments(bound.arguments, skip=(first, *MASK_ARGUMENTS), local=local))
+        token_arguments.update(_per_token_arguments(bound.arguments, skip=(first, *MASK_ARGUMENTS, *rebuilt), local=local))
     for name, dim in token_arguments.items():
         value = bound.arguments.get(name)
         if isinstance(value, torch.Tensor):

@@ -62,7 +62,8 @@ def enable_p3d_attention(model: PreTrainedModel, hf_config) -> None:
     route = arch.attention_route(hf_config)
     attentions = arch.self_attentions(model) if route in ("gathered_keys", "whole_sequence") else ()
     enable_context_parallel(
-        model, route, arch.decoder_blocks(model), attentions, arch.attention_is_causal_by_mask(hf_config), arch.attention_token_arguments(hf_config)
+        model, route, arch.decoder_blocks(model), attentions, arch.attention_is_causal_by_mask(hf_config), arch.attention_token_arguments(hf_config),
+        arch.whole_sequence_arguments,
     )
 
 
