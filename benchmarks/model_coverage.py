@@ -61,8 +61,17 @@ def is_mixture_of_experts(arch: str) -> bool:
     plan = getattr(text, "base_model_tp_plan", None) or {}
     if any(str(style).startswith("moe_") for style in plan.values()):
         return True
+    return _has_experts(text)
+
+
+def _has_experts(config) -> bool:
+    """An expert count above one in the config or a config nested in it (DBRX keeps it in `ffn_config`)."""
+    from transformers import PretrainedConfig
+
     expert_fields = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-    return any(isinstance(getattr(text, name, None), int) and getattr(text, name) > 1 for name in expert_fields)
+    if any(isinstance(getattr(config, name, None), int) and getattr(config, name) > 1 for name in expert_fields):
+        return True
+    return any(_has_experts(value) for value in vars(config).values() if isinstance(value, PretrainedConfig))
 
 
 def overrides_for(arch: str, layout: str, run_dir: Path) -> list[str]:
