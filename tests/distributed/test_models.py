@@ -5,7 +5,7 @@ A fixed subset of the coverage sweep (benchmarks/model_coverage.py runs every ca
 exercises every TP style of the architecture's plan and p3d's attention in one 4-rank run. The
 attention features CP must honour each get a run: sliding windows and softcapping (Gemma 2),
 sinks (GraniteSWA), learned and offset positions (GPT-2, OPT), embedding scaling (Gemma), a model
-that calls torch's SDPA itself (Falcon), attention written by hand (MegatronBERT, MVP), under both
+that calls torch's SDPA itself (Falcon), attention written by hand (MegatronBERT, BLOOM, TrOCR), under both
 ring and allgather, with packed documents.
 """
 
@@ -63,7 +63,6 @@ CP_FEATURES = {
     "gemma": ("allgather", "stream"),  # scaled embeddings
     "falcon": ("ring", "documents"),  # torch's SDPA called by the model itself
     "megatron-bert": ("ring", "documents"),  # attention by hand, run on the gathered whole sequence (whole_sequence)
-    "mvp": ("allgather", "stream"),  # attention by hand, its keys and values gathered (gathered_keys)
     "bigbird_pegasus": ("ring", "stream"),  # its decoder's attention says is_causal=False and masks causally
     "bloom": ("allgather", "documents"),  # whole_sequence with its ALiBi rebuilt for the whole sequence (models/bloom.py)
 }
@@ -84,15 +83,14 @@ def test_attention_features_are_exact_under_context_parallelism(arch, p3d_runner
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["xglm", "trocr"])
-def test_attention_by_hand_is_exact_at_tp2cp2_with_its_blocks_recomputed(arch, p3d_runner):
+def test_attention_by_hand_is_exact_at_tp2cp2_with_its_blocks_recomputed(p3d_runner):
     """The routes that keep the model's own attention gather over the cp group in hooks, which run again when
-    activation checkpointing recomputes a block in the backward (XGLM: whole_sequence; TrOCR: gathered_keys
-    and p3d's plan with its attention gathered over tp)."""
+    activation checkpointing recomputes a block in the backward (TrOCR: its keys and values gathered, and
+    p3d's plan with its attention gathered over tp)."""
     extra = ("train.activation_checkpointing=full",)
-    result = p3d_runner(["model=tiny", f"model.arch={arch}", *STEPS, *extra, *layout_overrides(2, 1, 2)], nproc=4)
+    result = p3d_runner(["model=tiny", "model.arch=trocr", *STEPS, *extra, *layout_overrides(2, 1, 2)], nproc=4)
     assert_ok(result)
-    assert_parity(result.losses, reference_losses(p3d_runner, arch, extra))
+    assert_parity(result.losses, reference_losses(p3d_runner, "trocr", extra))
 
 
 @pytest.mark.slow
