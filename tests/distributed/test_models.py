@@ -99,4 +99,5 @@ def test_bidirectional_attention_is_exact_under_context_parallelism(p3d_runner):
     extra = ("model.config.is_decoder=false",)
     result = p3d_runner(["model=tiny", "model.arch=bert", *STEPS, *extra, *layout_overrides(1, 1, 2)], nproc=2)
     assert_ok(result)
+    assert "context-parallel attention: the model's own attention code on the whole sequence" in result.stdout  # said at start-up
     assert_parity(result.losses, reference_losses(p3d_runner, "bert", extra))

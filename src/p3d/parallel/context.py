@@ -52,6 +52,10 @@ def resolve_cp_impl(requested: CPImpl, device_type: str, packing: Packing) -> CP
     return CPImpl.torch if device_type == "cuda" and packing is Packing.stream else CPImpl.ring
 
 
+def describe_route(route: str, impl: CPImpl) -> str:
+    return ROUTE_WORDS[route].format(impl=impl.value)
+
+
 def uses_p3d_attention(cp: int, packing: Packing) -> bool:
     """Whether the model's attention is replaced by p3d's (also at cp=1 for packed documents)."""
     return cp > 1 or packing is Packing.documents
@@ -167,6 +171,13 @@ def register_attention(name: str = ATTENTION_NAME, function=context_parallel_att
 
 
 ROUTES = ("interface", "sdpa", "attn_method", "gathered_keys", "whole_sequence")
+ROUTE_WORDS = {  # what the start-up line says each route does
+    "interface": "p3d's {impl} attention, through transformers' attention interface",
+    "sdpa": "p3d's {impl} attention, in place of the model's own SDPA call",
+    "attn_method": "p3d's {impl} attention, as the model's _attn method",
+    "gathered_keys": "the model's own attention code, its keys and values all-gathered over the cp ranks (allgather, whatever parallel.cp_impl)",
+    "whole_sequence": "the model's own attention code on the whole sequence, gathered on every cp rank: that attention is not split",
+}
 MASK_ARGUMENTS = ("attention_mask", "mask")  # what attention written by hand calls its mask (XLM: `mask`)
 
 
