@@ -265,3 +265,10 @@ def test_returning_freed_memory_needs_glibc(monkeypatch):
     monkeypatch.setattr(validate_module, "glibc_mallopt", lambda: None)
     found = problems(["dist.cpu_return_freed_memory=true"], 1)
     assert found == ["dist.cpu_return_freed_memory=true needs Linux with glibc (its mallopt); set dist.cpu_return_freed_memory=false"]
+
+
+def test_a_config_with_several_text_parts_is_refused_in_one_line_not_a_traceback():
+    """MusicGen's config holds a text encoder and a decoder: which text config is meant is ambiguous, and its
+    causal LM cannot be built from it; validation says the latter instead of failing on the former."""
+    (problem,) = problems(["model=tiny", "model.arch=musicgen"], 1)
+    assert problem.startswith("model.config: transformers cannot build MusicgenConfig's model (model.arch=musicgen)")

@@ -17,7 +17,7 @@ from p3d.distributed.mesh import ParallelDims
 from p3d.errors import ConfigError
 from p3d.metrics import wandb_credentials_problem
 from p3d.model import build_checked_meta_model, build_hf_config
-from p3d.models import architecture
+from p3d.models import architecture, tiny
 from p3d.optim import optimizer_problems, schedule_problems
 from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
 from p3d.parallel.sequence import sequence_parallel_problems
@@ -210,8 +210,8 @@ def _check_vocab(config: P3DConfig, hf_config: PretrainedConfig) -> list[str]:
     tokenizer = _collect(problems := [], lambda: build_tokenizer(config.data, config.model))
     if tokenizer is None:
         return problems
-    vocab = hf_config.get_text_config().vocab_size
-    if tokenizer.vocab_size > vocab:
+    vocab = getattr(tiny.text_config(hf_config), "vocab_size", None)  # a composite config with several text parts (MusicGen) has none
+    if isinstance(vocab, int) and tokenizer.vocab_size > vocab:
         return [
             f"model.config.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens "
             f"(data.tokenizer={config.data.tokenizer}): raise model.config.vocab_size"
