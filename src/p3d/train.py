@@ -27,7 +27,7 @@ from p3d.errors import ConfigError, RunError, exits_cleanly
 from p3d.metrics import MetricsLogger, flops_per_token, peak_tflops
 from p3d.models import architecture, experts_modules
 from p3d.optim import build_optimizer, build_scheduler
-from p3d.parallel.context import ContextParallel, SequenceSharding, describe_route, uses_p3d_attention
+from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer
 from p3d.parallel.expert import describe_experts
 from p3d.parallel.parallelize import build_parallel_model
@@ -129,7 +129,7 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
     metrics = MetricsLogger(run_dir, env.is_main, config.logging, config.train.steps, OmegaConf.to_container(cfg, resolve=True))
     metrics.info(f"{config.model.name} ({setup.hf_config.model_type}) on {setup.dims.describe()}, run dir {run_dir}")
     if uses_p3d_attention(setup.dims.cp, config.data.packing):
-        metrics.info(f"context-parallel attention: {describe_route(architecture(setup.hf_config).attention_route(setup.hf_config), setup.cp_impl)}")
+        metrics.info(f"context-parallel attention: {architecture(setup.hf_config).attention_route(setup.hf_config).describe(setup.cp_impl)}")
     if setup.dims.tp > 1:
         metrics.info(f"tensor-parallel plan ({PLAN_SOURCE_WORDS[setup.plan_source]}): " + ", ".join(f"{pattern} {style}" for pattern, style in setup.tp_plan.items()))
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)

@@ -179,14 +179,14 @@ def test_sliding_windows_softcapping_and_sinks_are_allowed_under_cp(packing):
 def test_bidirectional_attention_runs_on_the_whole_sequence_under_cp_and_is_refused_for_packed_documents():
     bidirectional = ["model.arch=bert", "model.config.is_decoder=false"]
     setup = validate(to_object(compose([*bidirectional, "parallel=tp1dp1cp2"])), 2)
-    assert architecture(setup.hf_config).attention_route(setup.hf_config) == "whole_sequence"  # every rank all of it: exact
+    assert architecture(setup.hf_config).attention_route(setup.hf_config).name == "whole_sequence"  # every rank all of it: exact
     (problem,) = problems([*bidirectional, "parallel=tp1dp1cp2", "data.packing=documents"], 2)
     assert problem.startswith("model.arch=bert: packed documents do not give each document's own results")
 
 
 def test_attention_saying_it_is_not_causal_is_taken_as_causal_where_the_model_masks_causally():
     setup = validate(to_object(compose(["model.arch=bigbird_pegasus", "parallel=tp1dp1cp2"])), 2)  # its decoder says is_causal=False
-    assert architecture(setup.hf_config).attention_is_causal_by_mask(setup.hf_config)
+    assert architecture(setup.hf_config).attention_route(setup.hf_config).causal_by_mask
 
 
 def test_attention_outside_the_interface_is_refused_under_cp():

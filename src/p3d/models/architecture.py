@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 
 from p3d.models import infer
 from p3d.models.tiny import EXPERT_COUNT_FIELDS, EXPERTS_PER_TOKEN_FIELDS
+from p3d.parallel.context import AttentionRoute
 from p3d.parallel.expert import expert_count, experts_problems
 from p3d.parallel.tensor import check_plan, match_plan
 
@@ -154,28 +155,18 @@ class Architecture:
 
         return probe.context_parallel_problems(config, why, fix, with_documents)
 
-    def attention_route(self, config: PretrainedConfig) -> str:
-        """How p3d's attention replaces the model's: through the attention interface, or its direct SDPA calls."""
+    def attention_route(self, config: PretrainedConfig) -> AttentionRoute:
+        """How CP runs the model's attention: p3d's through the interface, its SDPA call or `_attn` method, or the
+        model's own code with the keys or the whole sequence gathered (found by probe.py)."""
         from p3d.models import probe
 
-        return probe.probe(config, with_documents=False).route
+        found = probe.probe(config, with_documents=False)
+        return AttentionRoute(found.route, found.causal_by_mask, dict(found.token_arguments), dict(self.whole_sequence_arguments))
 
     def self_attentions(self, model: nn.Module) -> list[infer.SelfAttention]:
         """Each block's self-attention module (with its key and value projections where they are separate), for
         the routes of context parallelism that keep the model's own attention; blocks without one are left out."""
         return [found for block in self.decoder_blocks(model) if (found := infer.self_attention(block)) is not None]
-
-    def attention_token_arguments(self, config: PretrainedConfig) -> dict[str, int]:
-        """The whole_sequence route's per-token arguments of the attention ({name: dim}; see probe.py)."""
-        from p3d.models import probe
-
-        return probe.probe(config, with_documents=False).token_arguments
-
-    def attention_is_causal_by_mask(self, config: PretrainedConfig) -> bool:
-        """Whether attention modules that say is_causal=False are causal in fact (the model's mask; see probe.py)."""
-        from p3d.models import probe
-
-        return probe.probe(config, with_documents=False).causal_by_mask
 
     def attention_is_plain_causal(self, config: PretrainedConfig) -> bool:
         from p3d.models import probe

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from p3d.config.schema import CPLayout
 from p3d.models import tiny
 from p3d.parallel.context import (
+    OWN_ATTENTION_ROUTES,
     attending_in_one_process,
     context_parallel_attention,
     attend_over_whole_sequence,
@@ -45,8 +46,7 @@ PROBE_ATTENTION = "p3d_cp_probe"
 SEQ, BATCH, TOLERANCE = 24, 2, 1e-4
 CP2_ORDER = (0, 3, 1, 2)  # the chunks cp=2 (balanced) holds, rank 0's then rank 1's
 DOCUMENT_LENGTHS = (10, 14)
-OTHER_ROUTES = ("sdpa", "attn_method", "gathered_keys", "whole_sequence")
-OWN_ATTENTION_ROUTES = ("gathered_keys", "whole_sequence")  # the model's own attention code stays, dropout and all  # tried in this order where the interface does not serve
+OTHER_ROUTES = ("sdpa", "attn_method", "gathered_keys", "whole_sequence")  # tried in this order where the interface does not serve
 
 
 @dataclass

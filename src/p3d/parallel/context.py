@@ -21,7 +21,7 @@ import functools
 import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from p3d.parallel.cp_attention import AllGatherAttention, AttentionOptions, Atte
 from p3d.parallel.sharding import SequenceSharding
 
 __all__ = [
-    "ATTENTION_NAME", "ContextParallel", "SequenceSharding", "attending_in_one_process", "enable_context_parallel", "register_attention",
+    "ATTENTION_NAME", "AttentionRoute", "ContextParallel", "SequenceSharding", "attending_in_one_process", "enable_context_parallel", "register_attention",
     "resolve_cp_impl", "uses_p3d_attention",
 ]
 
@@ -50,10 +50,6 @@ def resolve_cp_impl(requested: CPImpl, device_type: str, packing: Packing) -> CP
     if requested is not CPImpl.auto:
         return requested
     return CPImpl.torch if device_type == "cuda" and packing is Packing.stream else CPImpl.ring
-
-
-def describe_route(route: str, impl: CPImpl) -> str:
-    return ROUTE_WORDS[route].format(impl=impl.value)
 
 
 def uses_p3d_attention(cp: int, packing: Packing) -> bool:
@@ -69,7 +65,7 @@ class _ActiveBatch:
     plan: TilePlan
     comm: CPComm
     timer: AttentionTimer
-    masks: dict = field(default_factory=dict)  # the gathered_keys route's masks, by (dtype, shape)
+    masks: dict = field(default_factory=dict)  # the own-attention routes' rebuilt masks, by format and size
 
 
 _active: _ActiveBatch | None = None
@@ -171,6 +167,7 @@ def register_attention(name: str = ATTENTION_NAME, function=context_parallel_att
 
 
 ROUTES = ("interface", "sdpa", "attn_method", "gathered_keys", "whole_sequence")
+OWN_ATTENTION_ROUTES = ("gathered_keys", "whole_sequence")  # the model's own attention code stays
 ROUTE_WORDS = {  # what the start-up line says each route does
     "interface": "p3d's {impl} attention, through transformers' attention interface",
     "sdpa": "p3d's {impl} attention, in place of the model's own SDPA call",
@@ -181,9 +178,21 @@ ROUTE_WORDS = {  # what the start-up line says each route does
 MASK_ARGUMENTS = ("attention_mask", "mask")  # what attention written by hand calls its mask (XLM: `mask`)
 
 
-def enable_context_parallel(
-    model, route: str = "interface", blocks=(), attentions=(), causal_by_mask: bool = False, token_arguments=None, rebuilt_arguments=None
-) -> None:
+@dataclass(frozen=True)
+class AttentionRoute:
+    """How p3d runs a model's attention under CP (what models/probe.py found on its tiny copy)."""
+
+    name: str = "interface"  # one of ROUTES
+    causal_by_mask: bool = False  # modules saying is_causal=False belong to a model that masks causally (BigBirdPegasus)
+    token_arguments: Mapping[str, int] = field(default_factory=dict)  # whole_sequence: the attention's per-token arguments {name: dim}
+    rebuilt_arguments: Mapping[str, Callable] = field(default_factory=dict)  # whole_sequence: the model's own rebuilds {name: rebuild}
+
+    def describe(self, impl: CPImpl) -> str:
+        """What the start-up line says."""
+        return ROUTE_WORDS[self.name].format(impl=impl.value)
+
+
+def enable_context_parallel(model, route: AttentionRoute = AttentionRoute(), blocks=(), attentions=()) -> None:
     """Make the model's attention p3d's. `interface`: through transformers' attention interface (most
     models). `sdpa`: the model calls torch's scaled_dot_product_attention itself (Falcon); inside each
     of `blocks` that call is p3d's attention instead. `attn_method`: the attention modules compute
@@ -191,30 +200,28 @@ def enable_context_parallel(
     becomes p3d's attention. In both, the model's mask (built from local positions) is ignored: p3d
     masks by global index. Attention written by hand keeps the model's own code, given what it needs
     to see the whole sequence: `gathered_keys` (MVP, TrOCR) all-gathers the keys and values of each of
-    `attentions` (`gather_keys_and_values`), `whole_sequence` (BERT-like decoders, XGLM, OpenAI GPT)
+    `attentions` (`gather_keys_and_values`), `whole_sequence` (BERT-like decoders, XGLM, BLOOM)
     all-gathers their input (`attend_over_whole_sequence`). models/probe.py checks the result is the
-    model's own before a route is used; `token_arguments`: what it found the attention's per-token
-    arguments to be, `rebuilt_arguments`: the model's own rebuilds (`attend_over_whole_sequence`). `causal_by_mask`: the probe found that modules saying
-    `is_causal=False` belong to a model that masks causally (BigBirdPegasus's decoder); they are marked causal."""
+    model's own before a route is used."""
     register_attention()
     use_global_positions(model)
-    if causal_by_mask:
+    if route.causal_by_mask:
         for module in model.modules():
             if getattr(module, "is_causal", None) is False:
                 module.is_causal = True
-    if route == "sdpa":
+    if route.name == "sdpa":
         for block in blocks:
             block.forward = with_p3d_sdpa(block.forward, block)
-    elif route == "attn_method":
+    elif route.name == "attn_method":
         for block in blocks:
             replace_attn_methods(block)
-    elif route in ("gathered_keys", "whole_sequence"):
+    elif route.name in OWN_ATTENTION_ROUTES:
         if compat.attention_implementation(model) != "eager":
             model.set_attn_implementation("eager")  # as the probe ran it (SDPA's path may leave the mask out)
-        if route == "gathered_keys":
+        if route.name == "gathered_keys":
             gather_keys_and_values(attentions)
         else:
-            attend_over_whole_sequence(attentions, dict(token_arguments or {}), rebuilt_arguments=rebuilt_arguments)
+            attend_over_whole_sequence(attentions, dict(route.token_arguments), rebuilt_arguments=route.rebuilt_arguments)
     else:
         model.set_attn_implementation(ATTENTION_NAME)
 
@@ -226,7 +233,7 @@ def gather_keys_and_values(attentions) -> None:
     0's tokens, then rank 1's, ...; the backward sums their gradients back to their owners), so the
     module scores its local queries against every key. Its `attention_mask`, built by the model for the
     local tokens as if they were a whole sequence, is replaced by the mask of the same format over
-    global indices (`_global_mask`). Per rank: the keys and values of the whole sequence, and the local
+    global indices (`_with_global_mask`). Per rank: the keys and values of the whole sequence, and the local
     x all scores the model's eager attention holds."""
     for found in attentions:
         found.key.register_forward_hook(_gathered_sequence)

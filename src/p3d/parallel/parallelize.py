@@ -20,7 +20,7 @@ from p3d.model import build_meta_model, materialize, retie_weights
 from p3d.models import architecture, experts_modules
 from p3d.parallel.activation import apply_activation_checkpointing, compile_blocks
 from p3d.parallel.expert import shard_experts
-from p3d.parallel.context import enable_context_parallel, uses_p3d_attention
+from p3d.parallel.context import OWN_ATTENTION_ROUTES, enable_context_parallel, uses_p3d_attention
 from p3d.parallel.fsdp import apply_fsdp, syncs_every_micro_batch
 from p3d.parallel.sequence import apply_sequence_parallel
 from p3d.parallel.tensor import apply_tensor_parallel
@@ -60,11 +60,8 @@ def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_p
 def enable_p3d_attention(model: PreTrainedModel, hf_config) -> None:
     arch = architecture(hf_config)
     route = arch.attention_route(hf_config)
-    attentions = arch.self_attentions(model) if route in ("gathered_keys", "whole_sequence") else ()
-    enable_context_parallel(
-        model, route, arch.decoder_blocks(model), attentions, arch.attention_is_causal_by_mask(hf_config), arch.attention_token_arguments(hf_config),
-        arch.whole_sequence_arguments,
-    )
+    attentions = arch.self_attentions(model) if route.name in OWN_ATTENTION_ROUTES else ()
+    enable_context_parallel(model, route, arch.decoder_blocks(model), attentions)
 
 
 def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes) -> list[int]:
