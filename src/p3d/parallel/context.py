@@ -65,7 +65,7 @@ class _ActiveBatch:
     plan: TilePlan
     comm: CPComm
     timer: AttentionTimer
-    masks: dict = field(default_factory=dict)  # the own-attention routes' rebuilt masks, by format and size
+    cache: dict = field(default_factory=dict)  # the own-attention routes' token indices and masks, built once per micro-batch
 
 
 _active: _ActiveBatch | None = None
@@ -266,15 +266,23 @@ def _serving() -> _ActiveBatch:
     return _active
 
 
+def _cached(active: _ActiveBatch, key, build):
+    if key not in active.cache:
+        active.cache[key] = build()
+    return active.cache[key]
+
+
 def _token_indices(active: _ActiveBatch, rank: int) -> torch.Tensor:
-    plan = active.plan
-    runs = plan.sharding.chunk_ranges(rank, plan.seq_len)
-    return torch.cat([torch.arange(run.global_start, run.global_start + run.length) for run in runs]).to(plan.device)
+    def build():
+        runs = active.plan.sharding.chunk_ranges(rank, active.plan.seq_len)
+        return torch.cat([torch.arange(run.global_start, run.global_start + run.length) for run in runs]).to(active.plan.device)
+
+    return _cached(active, ("tokens", rank), build)
 
 
 def _gathered_indices(active: _ActiveBatch) -> torch.Tensor:
     """Global indices of the tokens in all-gather order (rank 0's, then rank 1's, ...)."""
-    return torch.cat([_token_indices(active, source) for source in range(active.comm.size)])
+    return _cached(active, "gathered", lambda: torch.cat([_token_indices(active, source) for source in range(active.comm.size)]))
 
 
 def _gathered_sequence(module, args, output):
@@ -309,7 +317,7 @@ def _whole_sequence_input(module, args, kwargs, token_arguments: dict[str, int],
     active = _serving()
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     first = next(iter(bound.arguments))  # the hidden states
-    order = torch.argsort(_gathered_indices(active))  # all-gather order -> sequence order
+    order = _cached(active, "order", lambda: torch.argsort(_gathered_indices(active)))  # all-gather order -> sequence order
     local = len(_token_indices(active, active.plan.rank))
     bound.arguments[first] = _GatherSequence.apply(_checked_local(module, bound.arguments[first], active), active.comm)[:, order]
     for name, rebuild in rebuilt.items():
@@ -371,16 +379,26 @@ def _with_global_mask(module, args, kwargs, queries: torch.Tensor, keys: torch.T
         return bound.args, bound.kwargs
     if not isinstance(local, torch.Tensor) or local.dim() not in (3, 4):
         raise RuntimeError(f"p3d's context-parallel attention needs {type(module).__name__}'s 3-D or 4-D {name}, got {type(local).__name__}")
-    blocked_when_true = local.dtype == torch.bool and local.device.type != "meta" and _is_causal(~local)  # MPT's convention
-    if local.device.type != "meta" and not (blocked_when_true or _is_causal(local)):
-        raise RuntimeError(f"{type(module).__name__}'s attention mask is not causal: p3d's context-parallel attention cannot rebuild it")
     active = _serving()
-    key = (local.dtype, tuple(local.shape), len(queries), len(keys))
-    if key not in active.masks:
+    # every layer is usually handed the same mask: checked once per micro-batch (the cache holds it, so its id stays its own)
+    _, blocked_when_true = _cached(active, ("convention", id(local)), lambda: (local, _mask_convention(module, local)))
+    key = ("mask", local.dtype, tuple(local.shape), len(queries), len(keys), blocked_when_true)
+    if key not in active.cache:
         mask = _mask_like(local, _allowed(active.plan, queries, keys))
-        active.masks[key] = ~mask if blocked_when_true else mask
-    bound.arguments[name] = active.masks[key]
+        active.cache[key] = ~mask if blocked_when_true else mask
+    bound.arguments[name] = active.cache[key]
     return bound.args, bound.kwargs
+
+
+def _mask_convention(module, local: torch.Tensor) -> bool:
+    """Whether True means blocked (MPT's boolean masks); an error if the mask is not causal either way."""
+    if local.device.type == "meta":  # `p3d plan`: no values to check
+        return False
+    if local.dtype == torch.bool and _is_causal(~local):
+        return True
+    if not _is_causal(local):
+        raise RuntimeError(f"{type(module).__name__}'s attention mask is not causal: p3d's context-parallel attention cannot rebuild it")
+    return False
 
 
 def _allowed(plan: TilePlan, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
