@@ -1,21 +1,25 @@
 """What a model's attention needs under context parallelism, found by running its tiny version once.
 
-Context parallelism (and packed documents) replace the model's attention with p3d's, which sees the
-whole sequence by global token index, and split the sequence: each rank runs everything else on
-its own tokens, in the order it holds them, with their global positions. That is exact only if
-1. the model's attention goes through transformers' attention interface (else p3d cannot replace it),
-2. what it asks of it (causal, sliding window, softcap, sinks, no dropout) is what p3d's does, and
+Context parallelism (and packed documents) split the sequence: each rank runs everything but attention
+on its own tokens, in the order it holds them, with their global positions; attention sees the whole
+sequence by global token index. That is exact only if
+1. p3d can reach the model's attention: through transformers' attention interface, the model's own
+   SDPA call or `_attn` method (p3d's attention replaces it), or, for attention written by hand, the
+   model's own code given the gathered keys and values or the gathered whole sequence (the routes of
+   parallel/context.py, tried in that order),
+2. what it asks of p3d's attention (causal, sliding window, softcap, sinks, no dropout) is what p3d's does, and
 3. nothing outside attention depends on where a token sits in the local sequence (positions must
    come from `position_ids`, not from counting tokens; no convolutions or recurrences over tokens).
 
 Rather than list architectures, p3d checks this on the model itself: a shrunk copy of the config
 (same architecture and features, tiny sizes), fp32 on the CPU, is run
 - with its own eager attention on a 24-token sequence, and
-- with p3d's attention on the same tokens reordered as cp=2 holds them (chunks 0, 3, 1, 2) and
-  their global positions; with packed documents, also two documents packed into one row with
-  positions restarting, against each document run alone.
-The logits must agree (1e-4). A second, training-mode pass records the dropout the attention asks for.
-Results are cached per config.
+- with p3d's route on the same tokens reordered as cp=2 holds them (chunks 0, 3, 1, 2) and their
+  global positions (for the routes that keep the model's code, also each cp=2 rank alone, the other
+  rank's share of every all-gather replayed); with packed documents, also two documents packed into
+  one row with positions restarting, against each document run alone.
+The logits must agree (1e-4); a route is used only where they do. A second, training-mode pass records
+the dropout the attention asks for. Results are cached per config.
 """
 
 from __future__ import annotations
