@@ -130,6 +130,12 @@ class _Runs:
     def chunk_ranges(self, rank: int, seq_len: int) -> list[ChunkRange]:
         return self.runs
 
+    def token_indices(self, rank: int, seq_len: int) -> torch.Tensor:
+        return torch.cat([torch.arange(run.global_start, run.global_start + run.length) for run in self.runs])
+
+    def gathered_token_indices(self, seq_len: int) -> torch.Tensor:
+        return self.token_indices(0, seq_len)  # one process holds them all
+
 
 def _cp2_runs() -> tuple[list[ChunkRange], torch.Tensor]:
     size = SEQ // len(CP2_ORDER)

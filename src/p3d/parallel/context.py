@@ -272,25 +272,21 @@ def _cached(active: _ActiveBatch, key, build):
     return active.cache[key]
 
 
-def _token_indices(active: _ActiveBatch, rank: int) -> torch.Tensor:
-    def build():
-        runs = active.plan.sharding.chunk_ranges(rank, active.plan.seq_len)
-        return torch.cat([torch.arange(run.global_start, run.global_start + run.length) for run in runs]).to(active.plan.device)
-
-    return _cached(active, ("tokens", rank), build)
+def _token_indices(active: _ActiveBatch) -> torch.Tensor:
+    """Global indices of this rank's tokens, in the order it holds them."""
+    plan = active.plan
+    return _cached(active, "tokens", lambda: plan.sharding.token_indices(plan.rank, plan.seq_len).to(plan.device))
 
 
 def _gathered_indices(active: _ActiveBatch) -> torch.Tensor:
     """Global indices of the tokens in all-gather order (rank 0's, then rank 1's, ...)."""
-    return _cached(active, "gathered", lambda: torch.cat([_token_indices(active, source) for source in range(active.comm.size)]))
+    plan = active.plan
+    return _cached(active, "gathered", lambda: plan.sharding.gathered_token_indices(plan.seq_len).to(plan.device))
 
 
 def _gathered_sequence(module, args, output):
     active = _serving()
-    local = len(_token_indices(active, active.plan.rank))
-    if not isinstance(output, torch.Tensor) or output.dim() != 3 or output.shape[1] != local:
-        raise RuntimeError(f"p3d's context-parallel attention expects {type(module).__name__} to give [batch, {local} local tokens, features]")
-    return _GatherSequence.apply(output, active.comm)
+    return _GatherSequence.apply(_checked_local(module, output, active), active.comm)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -310,7 +306,7 @@ class _GatherSequence(torch.autograd.Function):
 
 def _masked_for_gathered_keys(module, args, kwargs):
     active = _serving()
-    return _with_global_mask(module, args, kwargs, _token_indices(active, active.plan.rank), _gathered_indices(active))
+    return _with_global_mask(module, args, kwargs, _token_indices(active), _gathered_indices(active))
 
 
 def _whole_sequence_input(module, args, kwargs, token_arguments: dict[str, int], discover: bool, rebuilt: dict):
@@ -318,7 +314,7 @@ def _whole_sequence_input(module, args, kwargs, token_arguments: dict[str, int],
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     first = next(iter(bound.arguments))  # the hidden states
     order = _cached(active, "order", lambda: torch.argsort(_gathered_indices(active)))  # all-gather order -> sequence order
-    local = len(_token_indices(active, active.plan.rank))
+    local = len(_token_indices(active))
     bound.arguments[first] = _GatherSequence.apply(_checked_local(module, bound.arguments[first], active), active.comm)[:, order]
     for name, rebuild in rebuilt.items():
         if isinstance(bound.arguments.get(name), torch.Tensor):
@@ -347,16 +343,17 @@ def _per_token_arguments(arguments: dict, skip: tuple[str, ...], local: int) -> 
     return found
 
 
-def _checked_local(module, hidden: torch.Tensor, active: _ActiveBatch) -> torch.Tensor:
-    local = len(_token_indices(active, active.plan.rank))
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] != local:
-        raise RuntimeError(f"p3d's context-parallel attention expects {type(module).__name__}'s input as [batch, {local} local tokens, features]")
-    return hidden
+def _checked_local(module, tensor: torch.Tensor, active: _ActiveBatch) -> torch.Tensor:
+    """`tensor` (a projection's output or the attention's input), checked to be [batch, this rank's tokens, features]."""
+    local = len(_token_indices(active))
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[1] != local:
+        raise RuntimeError(f"p3d's context-parallel attention expects [batch, {local} local tokens, features] at {type(module).__name__}")
+    return tensor
 
 
 def _own_tokens_of_output(module, args, output):
     active = _serving()
-    own = _token_indices(active, active.plan.rank)
+    own = _token_indices(active)
     if isinstance(output, (tuple, list)):  # (output, attention weights, ...): OpenAI GPT's is a list
         return type(output)([output[0][:, own], *output[1:]])
     return output[:, own]
