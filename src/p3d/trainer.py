@@ -25,6 +25,7 @@ from p3d.models import experts_modules
 from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
 from p3d.parallel.fsdp import gradient_sync_switch, syncs_every_micro_batch
+from p3d.parallel.vocab import vocab_parallel_head
 from p3d.resume import ResumePlan
 
 
@@ -56,6 +57,16 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """The token cross-entropy summed over this rank's tokens, in fp32 (the step divides it by the
     step's valid-token count over all ranks; `p3d plan` runs it on the meta device)."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_loss_sums(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the summed token loss to run the backward from, its part over this rank's own tokens, detached).
+    They differ with a vocabulary-parallel head, whose loss covers every dp x cp rank's tokens."""
+    head = vocab_parallel_head(model)
+    if head is not None:
+        return head.token_loss_sums(logits, labels)
+    loss = summed_token_loss(logits, labels)
+    return loss, loss.detach()
 
 
 @dataclass
@@ -226,7 +237,7 @@ class Trainer:
                     for batch in self.eval_sampler.micro_batches(index * self.config.train.global_batch_size):
                         tokens += batch.valid_label_count()
                         with self._attending(batch) as local:
-                            loss_sum += self._summed_token_loss(local)
+                            loss_sum += self._token_loss_sums(local)[1]
         finally:
             self.model.train()
         dist.all_reduce(loss_sum, group=self.meshes.dp_cp.get_group())
@@ -305,9 +316,10 @@ class Trainer:
 
     def _forward_backward(self, batch: TokenBatch, global_tokens: "_GlobalCount") -> torch.Tensor:
         with self._attending(batch) as local:
-            loss = self._summed_token_loss(local) / global_tokens.value()
-            loss.backward()
-        return loss.detach()
+            loss, own = self._token_loss_sums(local)
+            divisor = global_tokens.value()
+            (loss / divisor).backward()
+        return own / divisor
 
     def _attending(self, batch: TokenBatch):
         """This rank's part of the batch (its CP chunks, attention across the cp ranks set up), or the batch."""
@@ -315,9 +327,9 @@ class Trainer:
             return contextlib.nullcontext(batch)
         return self.context_parallel.attending(batch, self.device)
 
-    def _summed_token_loss(self, local: TokenBatch) -> torch.Tensor:
+    def _token_loss_sums(self, local: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False).logits
-        return summed_token_loss(logits, local.labels.to(self.device))
+        return token_loss_sums(self.model, logits, local.labels.to(self.device))
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):

@@ -22,6 +22,7 @@ from p3d.optim import optimizer_problems, schedule_problems
 from p3d.parallel.context import resolve_cp_impl, uses_p3d_attention
 from p3d.parallel.sequence import sequence_parallel_problems
 from p3d.parallel.tensor import resolve_plan
+from p3d.parallel.vocab import vocab_parallel_problems
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ def validate(config: P3DConfig, world_size: int) -> ValidatedSetup:
         problems += arch.tensor_parallel_problems(meta_model, choice, tp_plan, config.parallel.tp)
         problems += arch.expert_parallel_problems(meta_model, config.parallel.ep)
         problems += _check_router_loss(hf_config)
+        if config.parallel.vocab_parallel:
+            problems += vocab_parallel_problems(meta_model, config.parallel.dp_replicate)
         if config.parallel.sequence_parallel:
             local_seq_len = config.data.seq_len // config.parallel.cp
             problems += sequence_parallel_problems(hf_config, meta_model, tp_plan, config.parallel.tp, local_seq_len)

@@ -123,6 +123,7 @@ class ParallelDims:
             "dp_shard_cp": dp_cp % shard_cp,  # Meshes.data_parallel: replicas outside their shards
             "efsdp": dp_cp // self.ep,
             "ep": dp_cp % self.ep,  # Meshes.experts: ep innermost
+            "vocab": rank,  # Meshes.vocab: every rank
         }
 
     @property
@@ -161,6 +162,11 @@ class Meshes:
     def dp_cp(self) -> DeviceMesh:
         """Ranks holding different data: losses and gradients are summed over this 1-D view."""
         return flatten_mesh(self.world, ("dp_replicate", "dp_shard", "cp"), "dp_cp")
+
+    @cached_property
+    def vocab(self) -> DeviceMesh:
+        """Every rank as one 1-D view: a vocabulary-parallel head is sharded over it (parallel.vocab_parallel)."""
+        return flatten_mesh(self.world, MESH_DIMS, "vocab")
 
     @cached_property
     def data_parallel(self) -> DeviceMesh:

@@ -26,6 +26,7 @@ from p3d.config.schema import GradSync
 from p3d.distributed.mesh import ParallelDims
 from p3d.models import decoder_blocks, experts_modules
 from p3d.parallel.tensor import own_tensor
+from p3d.parallel.vocab import head_parameters
 
 # Gradient bytes (fp32, TP-local) per all-reduce of the replicated mode: DDP's default bucket size.
 REPLICATE_BUCKET_BYTES = 25 * 2**20
@@ -82,7 +83,8 @@ def _shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, exp
     for unit, reshard in embedding_units(model):
         _outputs_of_their_own(unit)
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # A vocabulary-parallel head is sharded over every rank already and never gathered (parallel/vocab.py).
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=head_parameters(model) or None)
 
 
 def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reduce_every_micro_batch: bool, updates_in_backward: bool) -> None:
@@ -187,6 +189,8 @@ def embedding_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if inputs is None or outputs is None or outputs.weight is inputs.weight:
         return []
+    if head_parameters(model):  # a vocabulary-parallel head: no unit
+        return [(inputs, True)]
     return [(inputs, True), (outputs, False)]
 
 

@@ -1,6 +1,7 @@
 """Parallelism applied from outside the (single-device) model, in one fixed order.
 
-    meta build -> tensor (and sequence) parallel -> expert parallel -> context-parallel attention
+    meta build -> tensor (and sequence) parallel -> vocabulary-parallel head -> expert parallel
+               -> context-parallel attention
                -> activation checkpointing -> torch.compile -> FSDP2 (sharded, HSDP or replicated)
                -> materialise shards
 
@@ -23,7 +24,8 @@ from p3d.parallel.expert import shard_experts
 from p3d.parallel.context import OWN_ATTENTION_ROUTES, enable_context_parallel, uses_p3d_attention
 from p3d.parallel.fsdp import apply_fsdp, syncs_every_micro_batch
 from p3d.parallel.sequence import apply_sequence_parallel
-from p3d.parallel.tensor import apply_tensor_parallel
+from p3d.parallel.tensor import apply_tensor_parallel, plan_without_module
+from p3d.parallel.vocab import shard_head_over_vocabulary
 
 TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16}
 
@@ -43,18 +45,28 @@ def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_p
     After this the model computes as it will in training (on the meta device too: `p3d plan` runs its
     forward there to measure the activations)."""
     dims = meshes.dims
+    vocab_parallel = shards_vocabulary(config, dims)
     if dims.tp > 1:
         sequence_parallel = config.parallel.sequence_parallel
         arch = architecture(hf_config)
+        if vocab_parallel:  # the head is sharded over every rank below, tp's included
+            tp_plan = plan_without_module(tp_plan, model, model.get_output_embeddings())
         apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel, arch.localised_attributes, arch.localised_widths)
         if sequence_parallel:
             apply_sequence_parallel(model, meshes.tp)
         retie_weights(model)
+    if vocab_parallel:
+        shard_head_over_vocabulary(model, meshes.vocab, meshes.dp_cp, meshes.tp)
     if dims.ep > 1:
         for _, experts in experts_modules(model):
             shard_experts(experts, meshes.ep, tokens_shared=False)
     if uses_p3d_attention(dims.cp, config.data.packing):
         enable_p3d_attention(model, hf_config)
+
+
+def shards_vocabulary(config: P3DConfig, dims) -> bool:
+    """Whether the output head is vocabulary-parallel: asked for, and more than one rank to shard it over."""
+    return config.parallel.vocab_parallel and dims.world_size > 1
 
 
 def enable_p3d_attention(model: PreTrainedModel, hf_config) -> None:

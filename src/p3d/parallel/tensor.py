@@ -137,6 +137,12 @@ def match_plan(plan: dict[str, str], model: nn.Module, parameters: bool = False)
     return matched
 
 
+def plan_without_module(plan: dict[str, str], model: nn.Module, module: nn.Module) -> dict[str, str]:
+    """`plan` less the patterns that match `module`'s name (another parallelism shards it)."""
+    name = next(name for name, candidate in model.named_modules() if candidate is module)
+    return {pattern: style for pattern, style in plan.items() if not _pattern_regex(pattern).fullmatch(name)}
+
+
 def check_plan(plan: dict[str, str], model: nn.Module, tp: int) -> list[str]:
     """Problems with applying `plan` at degree `tp` to `model`, one line each (empty if fine)."""
     if tp == 1:
