@@ -315,3 +315,26 @@ def bloom_alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
     return _get_alibi_slopes(num_heads, device)
+
+
+@contextmanager
+def swapped(module: torch.nn.Module, **attributes):
+    """`module`'s parameters and plain attributes temporarily replaced by `attributes` (any tensor may
+    stand in for a parameter: it goes into the private `_parameters` dict, as torch.func.functional_call
+    does), so that the module's own forward runs on them."""
+    saved = {}
+    for name, value in attributes.items():
+        if name in module._parameters:
+            saved[name] = ("parameter", module._parameters[name])
+            module._parameters[name] = value
+        else:
+            saved[name] = ("attribute", getattr(module, name))
+            object.__setattr__(module, name, value)
+    try:
+        yield module
+    finally:
+        for name, (kind, value) in saved.items():
+            if kind == "parameter":
+                module._parameters[name] = value
+            else:
+                object.__setattr__(module, name, value)

@@ -54,7 +54,8 @@ from p3d.parallel.fsdp import REDUCE_BYTES, ddp_bucket_numels, syncs_every_micro
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
 from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
-from p3d.trainer import summed_token_loss
+from p3d.parallel.vocab import vocab_parallel_head
+from p3d.trainer import token_loss_sums
 
 GB = 1e9  # the plan reports decimal gigabytes
 BYTES = {DType.fp32: 4, DType.bf16: 2}
@@ -94,6 +95,7 @@ class Unit:
     parameters: list[str]  # names of the parameters it owns (not its sub-units')
     gathered_numel: int  # elements of its parameters on this tp rank while gathered
     keeps_gathered: bool  # stays gathered from its forward to its backward
+    gathered: bool = True  # FSDP2 gathers it; false: a vocabulary-parallel head, computed on its shards in place
     checkpointed: bool = False  # activation checkpointing recomputes (some of) its blocks in backward
     parameter_numels: list[int] = field(default_factory=list)  # each of its parameters' elements, gathered
     state_per_shard: list[int] = field(default_factory=list)  # per parameter: optimizer tensors shaped like its shard
@@ -275,7 +277,8 @@ def _trace_step(config: P3DConfig, setup: ValidatedSetup, meshes: Meshes, counts
     batch_size, seq_len = config.train.micro_batch_size, config.data.seq_len
     tokens = torch.zeros(batch_size, seq_len, dtype=torch.long)
     batch = TokenBatch(input_ids=tokens, labels=tokens, position_ids=torch.arange(seq_len).expand(batch_size, seq_len), document_ids=None)
-    group_names = {mesh.get_group().group_name: name for name, mesh in (("dp", meshes.dp), ("cp", meshes.cp), ("tp", meshes.tp))}
+    views = (("vocab", meshes.vocab), ("dp_cp", meshes.dp_cp), ("dp", meshes.dp), ("cp", meshes.cp), ("tp", meshes.tp))  # the last name of a group wins
+    group_names = {mesh.get_group().group_name: name for name, mesh in views}
     if dims.ep > 1:
         group_names[meshes.ep.get_group().group_name] = "ep"
     handles = recorder.hooks(model)
@@ -286,7 +289,7 @@ def _trace_step(config: P3DConfig, setup: ValidatedSetup, meshes: Meshes, counts
                 input_ids = local.input_ids.to("meta")
                 logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=local.position_ids.to("meta"), use_cache=False).logits
                 recorder.stack = ["loss"]
-                loss = summed_token_loss(logits, local.labels.to("meta"))
+                loss, _ = token_loss_sums(model, logits, local.labels.to("meta"))
                 recorder.stack = []
                 loss.backward()
     except Exception as error:  # the model's own code, run on shapes only
@@ -341,6 +344,7 @@ class _Wrapped:
     keeps_gathered: bool
     shard: tuple[str, int] | None = None  # (mesh dimension, size)
     replicate: tuple[str, int] | None = None
+    gathered: bool = True  # false: a vocabulary-parallel head (no FSDP2 unit: sharded, never gathered)
 
     @property
     def name(self) -> str:
@@ -349,10 +353,12 @@ class _Wrapped:
 
 def _units_of(model: nn.Module, fsdp: bool) -> list[_Wrapped]:
     """The FSDP2 units (the modules one `fully_shard` or `replicate` call wrapped together are one unit),
-    or without FSDP the decoder blocks and the rest; the root last."""
+    or without FSDP the decoder blocks and the rest; vocabulary-parallel embeddings are units of their own
+    (one when tied); the root last."""
+    names = {module: name for name, module in model.named_modules()}
+    vocabulary = _vocabulary_units(model, names)
     if not fsdp:
-        names = {module: name for name, module in model.named_modules()}
-        return [_Wrapped([names[block]], True) for block in decoder_blocks(model)] + [_Wrapped([""], True)]
+        return [_Wrapped([names[block]], True) for block in decoder_blocks(model)] + vocabulary + [_Wrapped([""], True)]
     units: dict[int, _Wrapped] = {}
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
@@ -360,7 +366,16 @@ def _units_of(model: nn.Module, fsdp: bool) -> list[_Wrapped]:
             units.setdefault(facts.unit, _Wrapped([], facts.keeps_unsharded_after_forward, facts.shard, facts.replicate)).modules.append(name)
     root = units.pop(compat.fsdp_unit_facts(model).unit)
     root.keeps_gathered = True  # FSDP2 keeps the root gathered once training starts
-    return [*units.values(), root]
+    return [*units.values(), *vocabulary, root]
+
+
+def _vocabulary_units(model: nn.Module, names: dict) -> list[_Wrapped]:
+    if vocab_parallel_head(model) is None:
+        return []
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is embedding.weight:
+        return [_Wrapped([names[embedding], names[head]], True, gathered=False)]
+    return [_Wrapped([names[embedding]], True, gathered=False), _Wrapped([names[head]], True, gathered=False)]
 
 
 def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
@@ -444,7 +459,7 @@ def _unit(wrapped: _Wrapped, owned: list[str], tp_local: dict[str, int], state: 
     group, group_size = wrapped.shard or ("", 1)
     replicate_group, replicate_size = wrapped.replicate or ("", 1)
     return Unit(
-        wrapped.name, owned, sum(tp_local[p] for p in owned), wrapped.keeps_gathered,
+        wrapped.name, owned, sum(tp_local[p] for p in owned), wrapped.keeps_gathered, wrapped.gathered,
         parameter_numels=[tp_local[p] for p in owned],
         state_per_shard=[state[p].per_shard if p in state else 0 for p in owned],
         state_whole_numel=sum(state[p].whole for p in owned if p in state),
@@ -614,7 +629,7 @@ class _Replay:
         return trace.logits_bytes
 
     def gather(self, unit: Unit) -> None:
-        if self.trace.fsdp and unit.name not in self.gathered:
+        if self.trace.fsdp and unit.gathered and unit.name not in self.gathered:
             self.gathered.add(unit.name)
             self.timeline.add("gathered weights", unit.gathered_numel * self.sizes.compute)  # one flat all-gather buffer
 
@@ -624,8 +639,9 @@ class _Replay:
             self.timeline.free("gathered weights", unit.gathered_numel * self.sizes.compute)
 
     def gradients(self, unit: Unit) -> None:
-        """A unit's gradients: unsharded in the compute dtype, then reduce-scattered (FSDP2), or kept as they are."""
-        if not self.trace.fsdp:
+        """A unit's gradients: unsharded in the compute dtype, then reduce-scattered (FSDP2), or kept as they
+        are (no FSDP2; a vocabulary-parallel head, whose shards' gradients are whole sums already)."""
+        if not self.trace.fsdp or not unit.gathered:
             if self.keeps_gradients and not self.accumulating:
                 self.timeline.add("gradients", *self._shard_bytes(unit))
             return
@@ -817,7 +833,7 @@ def collectives(trace: Trace, config: P3DConfig) -> list[CollectiveCount]:
     for numel in trace.ddp_buckets:
         count("all-reduce of gradients (fp32), one per DDP bucket", trace.ddp_group, 1, numel * REDUCE_BYTES, once)
     for unit in trace.units if trace.fsdp else ():
-        if not unit.gathered_numel:
+        if not unit.gathered_numel or not unit.gathered:
             continue
         if unit.group_size > 1:
             gathers = 1 if unit.keeps_gathered else 2

@@ -26,7 +26,7 @@ from p3d.config.schema import GradSync
 from p3d.distributed.mesh import ParallelDims
 from p3d.models import decoder_blocks, experts_modules
 from p3d.parallel.tensor import own_tensor
-from p3d.parallel.vocab import head_parameters
+from p3d.parallel.vocab import vocabulary_parameters
 
 # Gradient bytes (fp32, TP-local) per all-reduce of the replicated mode: DDP's default bucket size.
 REPLICATE_BUCKET_BYTES = 25 * 2**20
@@ -83,8 +83,8 @@ def _shard(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, exp
     for unit, reshard in embedding_units(model):
         _outputs_of_their_own(unit)
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard and reshard_after_forward)
-    # A vocabulary-parallel head is sharded over every rank already and never gathered (parallel/vocab.py).
-    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=head_parameters(model) or None)
+    # Vocabulary-parallel embeddings are sharded over every rank already and never gathered (parallel/vocab.py).
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=vocabulary_parameters(model) or None)
 
 
 def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reduce_every_micro_batch: bool, updates_in_backward: bool) -> None:
@@ -187,10 +187,8 @@ def embedding_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     pair is one parameter and stays in the root unit.
     """
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if inputs is None or outputs is None or outputs.weight is inputs.weight:
-        return []
-    if head_parameters(model):  # a vocabulary-parallel head: no unit
-        return [(inputs, True)]
+    if inputs is None or outputs is None or outputs.weight is inputs.weight or vocabulary_parameters(model):
+        return []  # tied, or vocabulary-parallel (no FSDP2 unit at all)
     return [(inputs, True), (outputs, False)]
 
 

@@ -1,6 +1,6 @@
 """Parallelism applied from outside the (single-device) model, in one fixed order.
 
-    meta build -> tensor (and sequence) parallel -> vocabulary-parallel head -> expert parallel
+    meta build -> tensor (and sequence) parallel -> vocabulary-parallel embeddings -> expert parallel
                -> context-parallel attention
                -> activation checkpointing -> torch.compile -> FSDP2 (sharded, HSDP or replicated)
                -> materialise shards
@@ -25,7 +25,7 @@ from p3d.parallel.context import OWN_ATTENTION_ROUTES, enable_context_parallel, 
 from p3d.parallel.fsdp import apply_fsdp, syncs_every_micro_batch
 from p3d.parallel.sequence import apply_sequence_parallel
 from p3d.parallel.tensor import apply_tensor_parallel, plan_without_module
-from p3d.parallel.vocab import shard_head_over_vocabulary
+from p3d.parallel.vocab import shard_embeddings_over_vocabulary
 
 TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16}
 
@@ -49,14 +49,15 @@ def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_p
     if dims.tp > 1:
         sequence_parallel = config.parallel.sequence_parallel
         arch = architecture(hf_config)
-        if vocab_parallel:  # the head is sharded over every rank below, tp's included
-            tp_plan = plan_without_module(tp_plan, model, model.get_output_embeddings())
+        if vocab_parallel:  # the embeddings are sharded over every rank below, tp's included
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                tp_plan = plan_without_module(tp_plan, model, module)
         apply_tensor_parallel(model, tp_plan, meshes.tp, sequence_parallel, arch.localised_attributes, arch.localised_widths)
         if sequence_parallel:
             apply_sequence_parallel(model, meshes.tp)
         retie_weights(model)
     if vocab_parallel:
-        shard_head_over_vocabulary(model, meshes.vocab, meshes.dp_cp, meshes.tp)
+        shard_embeddings_over_vocabulary(model, meshes.vocab, meshes.dp_cp, meshes.tp, TORCH_DTYPES[config.train.dtype])
     if dims.ep > 1:
         for _, experts in experts_modules(model):
             shard_experts(experts, meshes.ep, tokens_shared=False)

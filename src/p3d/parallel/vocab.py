@@ -1,24 +1,29 @@
-"""Vocabulary parallelism (`parallel.vocab_parallel`): the output head and the loss over vocabulary shards.
+"""Vocabulary parallelism (`parallel.vocab_parallel`): the input embedding, the output head and the loss
+over vocabulary shards.
 
-Without it FSDP2 all-gathers the whole output head for each micro-batch's forward and again for its
-backward, and every rank holds the head's unsharded gradient and a reduce buffer of the same size
-(at a 32k vocabulary and hidden 1024, 0.13 GB each, at the start of the backward where the
-activations of every block are still held); the logits cover the whole vocabulary.
+Without it FSDP2 all-gathers the whole embedding and the whole head for each micro-batch's forward
+and again for its backward, and every rank holds each one's unsharded gradient and a reduce buffer of
+the same size (at a 32k vocabulary and hidden 1024, 0.13 GB each); the logits cover the whole
+vocabulary.
 
-With it the head's weight is sharded over the vocabulary across every rank (a DTensor sharded on
-dim 0 over the flattened dp x cp x tp mesh) and is never gathered. Instead the head's input, the
-hidden states of each rank's own tokens, is all-gathered over the dp x cp ranks (their tokens
-differ; the tp ranks hold the same), each rank computes the logits of all those tokens over its
-vocabulary rows, and the cross-entropy is computed over the shards (the max, the sum of exponentials
-and the target logit all-reduced over every rank, as in Megatron's vocabulary-parallel loss). In
-the backward each rank's logits give the full gradient of its weight rows (summed over every
-rank's tokens, so nothing is reduced) and a partial gradient of every gathered token, summed over
-the tp ranks and reduce-scattered back to the dp x cp ranks that own the tokens.
+With it their weights are sharded over the vocabulary across every rank (DTensors sharded on dim 0
+over the flattened dp x cp x tp mesh) and never gathered; their gradients are each rank's rows,
+summed over every rank's tokens, so nothing is reduced either. What moves is the tokens instead:
 
-Communication per micro-batch: the hidden states (tokens x hidden) instead of the head (vocab x
-hidden) twice, plus two small all-reduces per token. Model code stays as it is: the head module's
-forward is replaced; whatever the model does to the logits after the head must be elementwise
-(scaling, soft-capping), which holds for the architectures whose parity is tested.
+- embedding: the dp x cp ranks' token ids are all-gathered (their tokens differ; the tp ranks hold
+  the same), each rank looks up the ids in its rows (zeros elsewhere), and the partial embeddings are
+  summed over the tp ranks and reduce-scattered back to the rank that owns the tokens; the backward
+  all-gathers their gradients;
+- head: the hidden states are all-gathered over the dp x cp ranks, each rank computes the logits of
+  all those tokens over its rows, and the cross-entropy is computed over the shards (the max, the sum
+  of exponentials and the target logit all-reduced over every rank, as in Megatron's vocabulary-
+  parallel loss); the hidden states' gradients are summed over the tp ranks and reduce-scattered.
+
+So per micro-batch a rank holds and moves tokens x hidden (for every dp x cp rank's tokens) instead of
+vocabulary x hidden: a gain while the vocabulary is larger than the tokens of a micro-batch over all
+dp x cp ranks (`p3d plan` shows both). Model code stays as it is: the two modules' forwards are
+replaced; whatever the model does to the logits after the head must be elementwise (scaling,
+soft-capping), which holds for the architectures whose parity is tested.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from p3d.compat import local_box
+from p3d.compat import local_box, swapped
 from p3d.data import IGNORE_INDEX
 
 _ATTRIBUTE = "_p3d_vocab_parallel"
@@ -49,6 +54,7 @@ class VocabParallelHead:
     data_rank: int
     tp_group: dist.ProcessGroup | None  # the tp ranks (same tokens, other vocabulary rows); None without tp
     vocab_start: int  # the first vocabulary row this rank holds
+    compute_dtype: torch.dtype = torch.float32
 
     def gather_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every dp x cp rank's `tensor` (hidden states, [batch, ...]) concatenated along dim 0 in rank
@@ -72,39 +78,46 @@ class VocabParallelHead:
 
 
 def vocab_parallel_head(model: nn.Module) -> VocabParallelHead | None:
-    """The model's vocabulary-parallel head, if `shard_head_over_vocabulary` made one."""
+    """The model's vocabulary-parallel head, if `shard_embeddings_over_vocabulary` made one."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return getattr(head, _ATTRIBUTE, None)
 
 
-def head_parameters(model: nn.Module) -> set[nn.Parameter]:
-    """The parameters of a vocabulary-parallel head (FSDP2 leaves them alone); empty otherwise."""
+def vocabulary_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters of vocabulary-parallel embeddings (FSDP2 leaves them alone); empty otherwise."""
     if vocab_parallel_head(model) is None:
         return set()
-    return set(model.get_output_embeddings().parameters())
+    return {*model.get_input_embeddings().parameters(), *model.get_output_embeddings().parameters()}
 
 
 def vocab_parallel_problems(model: nn.Module, dp_replicate: int) -> list[str]:
     """Why `parallel.vocab_parallel=true` cannot run for this (meta) model and layout; empty if it can."""
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    fix = "set parallel.vocab_parallel=false"
     problems = []
     if dp_replicate > 1:
-        problems.append("parallel.vocab_parallel=true shards the head over every rank; it does not run with parallel.dp_replicate > 1: set parallel.dp_replicate=1 or parallel.vocab_parallel=false")
+        problems.append(f"parallel.vocab_parallel=true shards the embeddings over every rank; it does not run with parallel.dp_replicate > 1: set parallel.dp_replicate=1 or {fix[4:]}")
     if not isinstance(head, nn.Linear):
-        problems.append(f"parallel.vocab_parallel=true needs the output head to be a Linear layer (this model's is {type(head).__name__}): set parallel.vocab_parallel=false")
-    elif embeddings is not None and head.weight is embeddings.weight:
-        problems.append("parallel.vocab_parallel=true needs an untied output head (this model ties it to the input embedding): set parallel.vocab_parallel=false or model.config.tie_word_embeddings=false")
+        problems.append(f"parallel.vocab_parallel=true needs the output head to be a Linear layer (this model's is {type(head).__name__}): {fix}")
+    if not isinstance(embeddings, nn.Embedding) or embeddings.max_norm is not None or embeddings.sparse:
+        problems.append(f"parallel.vocab_parallel=true needs the input embedding to be a plain Embedding (no max_norm, not sparse; this model's is {type(embeddings).__name__}): {fix}")
     return problems
 
 
-def shard_head_over_vocabulary(model: nn.Module, vocab_mesh: DeviceMesh, data_mesh: DeviceMesh, tp_mesh: DeviceMesh) -> None:
-    """Shard the output head's rows over `vocab_mesh` (1-D, every rank) and compute it as described above.
-
-    The head must not be sharded by tensor parallelism already (it is left out of the TP plan)."""
-    head = model.get_output_embeddings()
-    for leaf in [name for name, _ in head.named_parameters(recurse=False)]:
-        param = head._parameters[leaf]
-        head.register_parameter(leaf, nn.Parameter(distribute_tensor(param, vocab_mesh, [Shard(0)], src_data_rank=None), requires_grad=param.requires_grad))
+def shard_embeddings_over_vocabulary(model: nn.Module, vocab_mesh: DeviceMesh, data_mesh: DeviceMesh, tp_mesh: DeviceMesh, compute_dtype: torch.dtype) -> None:
+    """Shard the input embedding's and the output head's rows over `vocab_mesh` (1-D, every rank; one
+    weight when they are tied) and compute them as described above. Neither may be sharded by tensor
+    parallelism already (they are left out of the TP plan)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is embedding.weight
+    sharded = {}
+    for module in (embedding, head):
+        for leaf in [name for name, _ in module.named_parameters(recurse=False)]:
+            param = module._parameters[leaf]
+            if param not in sharded:
+                sharded[param] = nn.Parameter(distribute_tensor(param, vocab_mesh, [Shard(0)], src_data_rank=None), requires_grad=param.requires_grad)
+            module.register_parameter(leaf, sharded[param])
+    assert tied == (head.weight is embedding.weight)
     sharding = VocabParallelHead(
         vocab_group=vocab_mesh.get_group(),
         data_group=data_mesh.get_group(),
@@ -112,9 +125,26 @@ def shard_head_over_vocabulary(model: nn.Module, vocab_mesh: DeviceMesh, data_me
         data_rank=data_mesh.get_local_rank(),
         tp_group=tp_mesh.get_group() if tp_mesh.size() > 1 else None,
         vocab_start=local_box(head.weight)[0].start,
+        compute_dtype=compute_dtype,
     )
     setattr(head, _ATTRIBUTE, sharding)
+    embedding.forward = partial(_embedding_forward, embedding, embedding.forward, sharding)
     head.forward = partial(_head_forward, head, sharding)
+
+
+def _embedding_forward(embedding: nn.Embedding, own_forward, sharding: VocabParallelHead, input_ids: torch.Tensor) -> torch.Tensor:
+    """This rank's tokens embedded: every dp x cp rank's ids looked up in this rank's rows, the partial
+    embeddings summed over the ranks. The module's own forward runs on the local rows (a model's
+    embedding scale stays), with the padding row's index moved into them."""
+    ids = sharding.gather_labels(input_ids)
+    weight = embedding.weight.to_local()
+    local_ids = ids - sharding.vocab_start
+    here = (local_ids >= 0) & (local_ids < weight.shape[0])
+    padding = embedding.padding_idx
+    local_padding = padding - sharding.vocab_start if padding is not None and 0 <= padding - sharding.vocab_start < weight.shape[0] else None
+    with swapped(embedding, weight=weight.to(sharding.compute_dtype), padding_idx=local_padding):
+        partial_sums = own_forward(torch.where(here, local_ids, 0)) * here.unsqueeze(-1)
+    return _ScatterTokens.apply(partial_sums, sharding)
 
 
 def _head_forward(head: nn.Linear, sharding: VocabParallelHead, hidden: torch.Tensor) -> torch.Tensor:
@@ -151,6 +181,30 @@ class _GatherTokens(torch.autograd.Function):
         own = grad.new_empty((grad.shape[0] // sharding.data_size, *grad.shape[1:]))
         dist.reduce_scatter_single(own, grad, group=sharding.data_group)
         return own, None
+
+
+class _ScatterTokens(torch.autograd.Function):
+    """Partial sums of every dp x cp rank's tokens -> this rank's tokens, summed over every rank
+    (the tp ranks' all-reduced, then reduce-scattered over dp x cp); the backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, partial_sums: torch.Tensor, sharding: VocabParallelHead) -> torch.Tensor:
+        ctx.sharding = sharding
+        partial_sums = partial_sums.contiguous()
+        if sharding.tp_group is not None:
+            dist.all_reduce(partial_sums, group=sharding.tp_group)
+        if sharding.data_size == 1:
+            return partial_sums
+        own = partial_sums.new_empty((partial_sums.shape[0] // sharding.data_size, *partial_sums.shape[1:]))
+        dist.reduce_scatter_single(own, partial_sums, group=sharding.data_group)
+        return own
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sharding = ctx.sharding  # the tp ranks' gradients of the summed embedding are the same
+        if sharding.data_size == 1:
+            return grad, None
+        return _all_gather(grad.contiguous(), sharding.data_group), None
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
