@@ -255,7 +255,7 @@ class _CollectiveCounter(compat.CollectiveRecorder):
 
     def record(self, op: str, group_name: str, tensor: torch.Tensor) -> None:
         group = self.group_names.get(group_name, "other")
-        name = {"all_reduce": "all-reduce", "allreduce_": "all-reduce", "all_gather_into_tensor": "all-gather", "allgather_": "all-gather", "reduce_scatter_tensor": "reduce-scatter", "alltoall_base_": "all-to-all"}.get(op, op)
+        name = {"all_reduce": "all-reduce", "allreduce_": "all-reduce", "all_gather_into_tensor": "all-gather", "allgather_": "all-gather", "_allgather_base_": "all-gather", "reduce_scatter_tensor": "reduce-scatter", "_reduce_scatter_base_": "reduce-scatter", "alltoall_base_": "all-to-all"}.get(op, op)
         entry = self.counts.setdefault(f"{group}:{name}", CollectiveCount(f"{group.upper()} {name} (activations and their gradients)", group))
         entry.per_micro_batch += 1
         entry.bytes_per_micro_batch += tensor.numel() * tensor.element_size()

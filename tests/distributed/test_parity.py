@@ -159,6 +159,23 @@ DP_MODES = {
 }
 
 
+# parallel.vocab_parallel: the embeddings sharded over the vocabulary across every rank. tiny_llama's head
+# is untied (and leaves the TP plan, with SP on); tiny_opt's is tied to its embedding, which has a padding row.
+VOCAB_PARALLEL = {
+    "tiny_llama-tp2dp2cp2-sp": ("tiny_llama", 8, [*layout_overrides(2, 2, 2), "parallel.sequence_parallel=true", "train.micro_batch_size=2"]),
+    "tiny_opt-dp2-accumulating": ("tiny_opt", 2, ["parallel.dp=2", "train.micro_batch_size=1", *clip_overrides(False)]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(VOCAB_PARALLEL))
+def test_vocabulary_parallel_embeddings_match_one_process(case, p3d_runner):
+    model, ranks, overrides = VOCAB_PARALLEL[case]
+    result = p3d_runner([f"model={model}", *FAST, *overrides, "parallel.vocab_parallel=true"], nproc=ranks)
+    assert_ok(result)
+    assert_matches(result.records, reference_records(model, p3d_runner, clipped="optim.grad_clip=0" not in overrides))
+
+
 def run_dp_mode(p3d_runner, mode: str, **kwargs):
     model, ranks, overrides = DP_MODES[mode]
     result = p3d_runner([f"model={model}", *FAST, *overrides], nproc=ranks, **kwargs)

@@ -415,7 +415,7 @@ def test_mesh_coordinates_are_the_meshes_own(sizes):
     for rank in range(dims.world_size):
         with compat.fake_process_group(dims.world_size, rank):
             meshes = Meshes(dims, "cpu")
-            views = [meshes.world, meshes.dp, meshes.dp_cp, meshes.data_parallel] + ([meshes.experts] if dims.ep > 1 else [])
+            views = [meshes.world, meshes.dp, meshes.dp_cp, meshes.data_parallel, meshes.vocab] + ([meshes.experts] if dims.ep > 1 else [])
             coordinates = {name: coordinate for mesh in views for name, coordinate in zip(mesh.mesh_dim_names, mesh.get_coordinate())}
         expected = dims.mesh_coordinates(rank)
         assert {name: expected[name] for name in coordinates} == coordinates, rank
@@ -427,3 +427,33 @@ def test_returning_freed_memory_leaves_no_allocator_term():
     returned = planned([*TINY, "parallel.dp=2", "dist.cpu_return_freed_memory=true"], 2).largest
     assert default.allocator > 0 and returned.allocator == 0
     assert returned.total == pytest.approx(default.total - default.allocator)
+
+
+VOCABULARY = ["model=tiny_llama", "model.config.hidden_size=256", "model.config.intermediate_size=512", "model.config.vocab_size=32000", "train.global_batch_size=8", "train.micro_batch_size=1"]
+
+
+def test_vocabulary_parallel_embeddings_are_sharded_over_every_rank_and_never_gathered():
+    """parallel.vocab_parallel=true (parallel/vocab.py): each rank holds 1/N of the embedding's and the head's
+    vocabulary rows, FSDP2 neither gathers nor reduces them, the token ids and hidden states move over dp x cp
+    instead, and the peak drops by the gathered head, its unsharded gradient and its reduce buffer."""
+    from p3d.plan import collectives
+
+    vocab, hidden = 32000, 256
+    before = planned([*VOCABULARY, "parallel.dp=4"], 4)
+    after = planned([*VOCABULARY, "parallel.dp=4", "parallel.vocab_parallel=true"], 4)
+    units = {unit.name: unit for unit in after.trace.units}
+    assert not units["model.embed_tokens"].gathered and not units["lm_head"].gathered
+    for rank in range(4):
+        assert after.trace.shard_numel[rank]["lm_head"] == after.trace.shard_numel[rank]["model.embed_tokens"] == vocab * hidden // 4
+
+    def fsdp_bytes(plan, what):
+        return sum(c.bytes_per_micro_batch for c in collectives(plan.trace, plan.config) if c.name.startswith(what))
+    # the embedding is gathered for its forward and its backward, the head once (it stays gathered)
+    assert fsdp_bytes(before, "FSDP all-gather") - fsdp_bytes(after, "FSDP all-gather") == 3 * vocab * hidden * 4
+    assert fsdp_bytes(before, "FSDP reduce-scatter") - fsdp_bytes(after, "FSDP reduce-scatter") == 2 * vocab * hidden * 4
+    moved = {c.name: c.per_micro_batch for c in collectives(after.trace, after.config) if not c.name.startswith("FSDP")}
+    # ids, labels, hidden states and the embedding's gradient gathered; the embedding and the hidden states'
+    # gradient reduce-scattered; the loss's max and sums all-reduced (dp x cp is dp here)
+    assert moved == {"DP all-gather (activations and their gradients)": 4, "DP reduce-scatter (activations and their gradients)": 2, "DP all-reduce (activations and their gradients)": 2}
+    assert after.breakdown()["gathered weights"] < before.breakdown()["gathered weights"]
+    assert after.largest.total < before.largest.total - 2 * vocab * hidden * 4

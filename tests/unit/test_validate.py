@@ -272,3 +272,10 @@ def test_a_config_with_several_text_parts_is_refused_in_one_line_not_a_traceback
     causal LM cannot be built from it; validation says the latter instead of failing on the former."""
     (problem,) = problems(["model=tiny", "model.arch=musicgen"], 1)
     assert problem.startswith("model.config: transformers cannot build MusicgenConfig's model (model.arch=musicgen)")
+
+
+def test_vocabulary_parallelism_needs_one_replica_and_plain_embeddings():
+    validate(to_object(compose(["model=tiny_llama", "parallel.vocab_parallel=true", "parallel.dp=2"])), 2)
+    validate(to_object(compose(["model=tiny_opt", "parallel.vocab_parallel=true", "parallel.tp=2"])), 2)  # tied: one weight, sharded once
+    (problem,) = problems(["model=tiny_llama", "parallel.vocab_parallel=true", "parallel.dp_replicate=2"], 2)
+    assert problem.startswith("parallel.vocab_parallel=true") and "parallel.dp_replicate=1" in problem
