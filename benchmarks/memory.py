@@ -35,6 +35,14 @@ LAYOUTS = {  # name: (tp, dp, cp)
     "dp8": (1, 8, 1),
     "tp2dp2cp2": (2, 2, 2),
 }
+# Settings that trade memory: name: (layout, overrides). Vocabulary parallelism never gathers the
+# embedding or the head (parallel/vocab.py); full activation checkpointing keeps each block's input only.
+VOCAB_PARALLEL = "parallel.vocab_parallel=true"
+SETTINGS = {
+    "dp8 + vocab_parallel": ("dp8", [VOCAB_PARALLEL]),
+    "tp2dp2cp2 + vocab_parallel": ("tp2dp2cp2", [VOCAB_PARALLEL]),
+    "dp8 + vocab_parallel + full AC": ("dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full"]),
+}
 
 
 # Each allocation over 64 KiB is its own mapping, given back to the OS when freed: peak RSS then
@@ -76,7 +84,7 @@ class MemorySampler:
 
 
 PHASES = Path(__file__).with_name("memory_phases.py")
-BREAKDOWN_LAYOUTS = ("dp8", "tp2dp2cp2")
+BREAKDOWN_LAYOUTS = ("dp8", "tp2dp2cp2", *SETTINGS)
 HIDDEN, INTERMEDIATE, VOCAB = 1024, 4096, 32000  # the benchmark's Llama shape (see main)
 
 
@@ -157,7 +165,7 @@ def layout_table(results: list[dict], baseline: float, parameters: int) -> list[
     single_share = max(results[0]["per_rank_peak_gb"]) - baseline
     rows = []
     for result in results:
-        if result.get("killed"):
+        if result.get("killed") or result.get("measured_earlier"):  # an earlier run's row keeps that run's figures
             rows.append(result)
             continue
         peak = max(result["per_rank_peak_gb"])
@@ -190,7 +198,7 @@ def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc:
             lines.append(f"| {r['layout']} | {r['ranks']} | killed by the OOM killer | | | | | {r['job_peak_gb']:.2f} when killed |")
             continue
         lines.append(
-            f"| {r['layout']} | {r['ranks']} | {r['max_rank_peak_gb']:.2f} | {r['model_share_gb']:.2f} | {r['ideal_share_gb']:.2f} | "
+            f"| {r['layout']}{' (earlier run)' if r.get('measured_earlier') else ''} | {r['ranks']} | {r['max_rank_peak_gb']:.2f} | {r['model_share_gb']:.2f} | {r['ideal_share_gb']:.2f} | "
             f"{r['share_vs_one_process']:.2f} | {r['share_vs_ideal']:.2f} | {r['job_peak_gb']:.2f} |"
         )
     if before:
@@ -256,7 +264,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16, help="decoder layers of the Llama-shaped model")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from: " + ", ".join(LAYOUTS))
+    parser.add_argument("--layouts", default=",".join([*LAYOUTS, *SETTINGS]), help="comma-separated names from: " + ", ".join([*LAYOUTS, *SETTINGS]))
+    parser.add_argument("--keep-from", help="an earlier memory.json: the layouts (and activation-checkpointing rows) this run does not measure are taken from it")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--before", help="an earlier memory.json (with a 'description' and, optionally, 'breakdowns') to compare against")
     parser.add_argument("--from-json", help="re-render the tables and plot from a memory.json this script wrote, without measuring")
@@ -276,15 +285,24 @@ def main() -> None:
         baseline, results, ac_results = saved["baseline_gb"], saved["layouts"], saved["activation_checkpointing"]
     else:
         baseline = import_baseline_gb()
+        kept = json.loads(Path(args.keep_from).read_text()) if args.keep_from else None
+        measured = args.layouts.split(",")
         with tempfile.TemporaryDirectory() as workdir:
             results = []
-            for name in args.layouts.split(","):
-                results.append(run_layout(name, LAYOUTS[name], model, Path(workdir)))
+            for name in [*LAYOUTS, *SETTINGS]:
+                if name not in measured:
+                    results += [{**row, "measured_earlier": True} for row in (kept or {}).get("layouts", []) if row["layout"] == name]
+                    continue
+                layout, overrides = SETTINGS.get(name, (name, []))
+                results.append(run_layout(name, LAYOUTS[layout], [*model, *overrides], Path(workdir)))
                 print(f"{name}: peaks {results[-1].get('per_rank_peak_gb')}, job {results[-1]['job_peak_gb']} GB", flush=True)
-            ac_results = [
-                run_layout(mode, (1, 1, 1), [*ac_common, f"train.activation_checkpointing={mode}"], Path(workdir))
-                for mode in ("none", "selective", "full")
-            ]
+            if kept:
+                ac_results = kept["activation_checkpointing"]
+            else:
+                ac_results = [
+                    run_layout(mode, (1, 1, 1), [*ac_common, f"train.activation_checkpointing={mode}"], Path(workdir))
+                    for mode in ("none", "selective", "full")
+                ]
     rows = layout_table(results, baseline, parameter_count(args.layers))
     model_desc = f"Llama shape, hidden 1024, {args.layers} layers, vocab 32000 (334M parameters at 16 layers), fp32, seq_len {args.seq_len}, micro-batch 1, {args.steps} steps"
     ac_desc = "tiny_llama widened to hidden 256, 4 layers, seq_len 2048, micro-batch 4, 1 process; selective = every 2nd block"
