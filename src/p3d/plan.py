@@ -54,6 +54,7 @@ from p3d.parallel.fsdp import REDUCE_BYTES, ddp_bucket_numels, syncs_every_micro
 from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_attention
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
 from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
+from p3d.parallel.tensor import plan_without_names
 from p3d.parallel.vocab import vocab_parallel_head
 from p3d.trainer import token_loss_sums
 
@@ -152,6 +153,7 @@ class Trace:
     experts: tuple[int, int, int] | None = None  # mixture of experts: (layers, experts per layer, experts per rank)
     ddp_buckets: list[int] = field(default_factory=list)  # replicated by DDP: gradient elements per bucket (kept between steps)
     ddp_group: str = ""  # ... all-reduced over this mesh dimension
+    vocabulary_modules: list[str] = field(default_factory=list)  # the embedding and head sharded over the vocabulary (parallel.vocab_parallel)
 
     @property
     def root(self) -> Unit:
@@ -452,6 +454,7 @@ def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:
         experts=experts,
         ddp_buckets=buckets,
         ddp_group=meshes.data_parallel.mesh_dim_names[-1] if buckets else "",
+        vocabulary_modules=[module for unit in wrapped if not unit.gathered for module in unit.modules],
     )
 
 
@@ -886,7 +889,9 @@ def render(plan: Plan, show_ranks: bool = False) -> str:
     lines.append(verdict(plan))
     if dims.tp > 1:
         lines += ["", f"# tensor-parallel plan ({setup.plan_source})"]
-        lines += [f"{style:<32} {pattern}" for pattern, style in setup.tp_plan.items()]
+        lines += [f"{style:<32} {pattern}" for pattern, style in plan_without_names(setup.tp_plan, trace.vocabulary_modules).items()]
+    if trace.vocabulary_modules:
+        lines += ["", f"# vocabulary-parallel (sharded over all {dims.world_size} ranks, never gathered): {', '.join(trace.vocabulary_modules)}"]
     lines += ["", "# collectives per step (count, MB: size of the tensors)"]
     for collective in collectives(trace, config):
         count, nbytes = collective.per_step(trace.micro_batches)

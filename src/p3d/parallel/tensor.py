@@ -139,8 +139,11 @@ def match_plan(plan: dict[str, str], model: nn.Module, parameters: bool = False)
 
 def plan_without_module(plan: dict[str, str], model: nn.Module, module: nn.Module) -> dict[str, str]:
     """`plan` less the patterns that match `module`'s name (another parallelism shards it)."""
-    name = next(name for name, candidate in model.named_modules() if candidate is module)
-    return {pattern: style for pattern, style in plan.items() if not _pattern_regex(pattern).fullmatch(name)}
+    return plan_without_names(plan, [name for name, candidate in model.named_modules() if candidate is module])
+
+
+def plan_without_names(plan: dict[str, str], names: list[str]) -> dict[str, str]:
+    return {pattern: style for pattern, style in plan.items() if not any(_pattern_regex(pattern).fullmatch(name) for name in names)}
 
 
 def check_plan(plan: dict[str, str], model: nn.Module, tp: int) -> list[str]:
