@@ -45,8 +45,8 @@ _ATTRIBUTE = "_p3d_vocab_parallel"
 
 
 @dataclass
-class VocabParallelHead:
-    """How one rank computes its share of the head and the loss."""
+class VocabularySharding:
+    """How one rank computes its share of the embedding, the head and the loss."""
 
     vocab_group: dist.ProcessGroup  # every rank: the head's vocabulary is split over them
     data_group: dist.ProcessGroup  # the dp x cp ranks: they hold different tokens
@@ -63,21 +63,22 @@ class VocabParallelHead:
             return tensor
         return _GatherTokens.apply(tensor, self)
 
-    def gather_labels(self, labels: torch.Tensor) -> torch.Tensor:
+    def gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every dp x cp rank's token ids (or labels), in the order of `gather_tokens`."""
         if self.data_size == 1:
-            return labels
-        return _all_gather(labels.contiguous(), self.data_group)
+            return ids
+        return _all_gather(ids.contiguous(), self.data_group)
 
     def token_loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss summed over every dp x cp rank's tokens, the same value on every rank: backward
         from it; its part over this rank's own tokens, detached: what the rank reports)."""
-        all_labels = self.gather_labels(labels).flatten()
+        all_labels = self.gather_ids(labels).flatten()
         losses = _VocabParallelCrossEntropy.apply(logits.float().flatten(0, -2), all_labels, self)
         own = losses.detach().view(self.data_size, -1)[self.data_rank]
         return losses.sum(), own.sum()
 
 
-def vocab_parallel_head(model: nn.Module) -> VocabParallelHead | None:
+def vocab_parallel_head(model: nn.Module) -> VocabularySharding | None:
     """The model's vocabulary-parallel head, if `shard_embeddings_over_vocabulary` made one."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return getattr(head, _ATTRIBUTE, None)
@@ -96,7 +97,7 @@ def vocab_parallel_problems(model: nn.Module, dp_replicate: int) -> list[str]:
     fix = "set parallel.vocab_parallel=false"
     problems = []
     if dp_replicate > 1:
-        problems.append(f"parallel.vocab_parallel=true shards the embeddings over every rank; it does not run with parallel.dp_replicate > 1: set parallel.dp_replicate=1 or {fix[4:]}")
+        problems.append("parallel.vocab_parallel=true shards the embeddings over every rank; it does not run with parallel.dp_replicate > 1: set parallel.dp_replicate=1 or parallel.vocab_parallel=false")
     if not isinstance(head, nn.Linear):
         problems.append(f"parallel.vocab_parallel=true needs the output head to be a Linear layer (this model's is {type(head).__name__}): {fix}")
     if not isinstance(embeddings, nn.Embedding) or embeddings.max_norm is not None or embeddings.sparse:
@@ -109,16 +110,14 @@ def shard_embeddings_over_vocabulary(model: nn.Module, vocab_mesh: DeviceMesh, d
     weight when they are tied) and compute them as described above. Neither may be sharded by tensor
     parallelism already (they are left out of the TP plan)."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head.weight is embedding.weight
-    sharded = {}
+    sharded = {}  # a tied weight is sharded once
     for module in (embedding, head):
         for leaf in [name for name, _ in module.named_parameters(recurse=False)]:
             param = module._parameters[leaf]
             if param not in sharded:
                 sharded[param] = nn.Parameter(distribute_tensor(param, vocab_mesh, [Shard(0)], src_data_rank=None), requires_grad=param.requires_grad)
             module.register_parameter(leaf, sharded[param])
-    assert tied == (head.weight is embedding.weight)
-    sharding = VocabParallelHead(
+    sharding = VocabularySharding(
         vocab_group=vocab_mesh.get_group(),
         data_group=data_mesh.get_group(),
         data_size=data_mesh.size(),
@@ -132,11 +131,11 @@ def shard_embeddings_over_vocabulary(model: nn.Module, vocab_mesh: DeviceMesh, d
     head.forward = partial(_head_forward, head, sharding)
 
 
-def _embedding_forward(embedding: nn.Embedding, own_forward, sharding: VocabParallelHead, input_ids: torch.Tensor) -> torch.Tensor:
+def _embedding_forward(embedding: nn.Embedding, own_forward, sharding: VocabularySharding, input_ids: torch.Tensor) -> torch.Tensor:
     """This rank's tokens embedded: every dp x cp rank's ids looked up in this rank's rows, the partial
     embeddings summed over the ranks. The module's own forward runs on the local rows (a model's
     embedding scale stays), with the padding row's index moved into them."""
-    ids = sharding.gather_labels(input_ids)
+    ids = sharding.gather_ids(input_ids)
     weight = embedding.weight.to_local()
     local_ids = ids - sharding.vocab_start
     here = (local_ids >= 0) & (local_ids < weight.shape[0])
@@ -147,7 +146,7 @@ def _embedding_forward(embedding: nn.Embedding, own_forward, sharding: VocabPara
     return _ScatterTokens.apply(partial_sums, sharding)
 
 
-def _head_forward(head: nn.Linear, sharding: VocabParallelHead, hidden: torch.Tensor) -> torch.Tensor:
+def _head_forward(head: nn.Linear, sharding: VocabularySharding, hidden: torch.Tensor) -> torch.Tensor:
     """Logits of every dp x cp rank's tokens over this rank's vocabulary rows: [dp*cp*batch, ..., rows]."""
     gathered = sharding.gather_tokens(hidden)
     weight = head.weight.to_local().to(gathered.dtype)
@@ -164,7 +163,7 @@ def _all_gather(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 class _GatherTokens(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, sharding: VocabParallelHead) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, sharding: VocabularySharding) -> torch.Tensor:
         ctx.sharding = sharding
         if sharding.data_size == 1:
             return tensor.clone()
@@ -188,7 +187,7 @@ class _ScatterTokens(torch.autograd.Function):
     (the tp ranks' all-reduced, then reduce-scattered over dp x cp); the backward all-gathers."""
 
     @staticmethod
-    def forward(ctx, partial_sums: torch.Tensor, sharding: VocabParallelHead) -> torch.Tensor:
+    def forward(ctx, partial_sums: torch.Tensor, sharding: VocabularySharding) -> torch.Tensor:
         ctx.sharding = sharding
         partial_sums = partial_sums.contiguous()
         if sharding.tp_group is not None:
@@ -212,7 +211,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     labels); the same values on every rank. Its backward is local: each rank's logits' gradient."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, sharding: VocabParallelHead) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, sharding: VocabularySharding) -> torch.Tensor:
         rows = logits.shape[-1]
         group = sharding.vocab_group
         maximum = logits.max(dim=-1).values if rows else logits.new_full(logits.shape[:1], float("-inf"))
