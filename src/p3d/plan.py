@@ -55,7 +55,7 @@ from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_att
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
 from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
 from p3d.parallel.tensor import plan_without_names
-from p3d.parallel.vocab import vocab_parallel_head
+from p3d.parallel.vocab import vocabulary_weights
 from p3d.trainer import token_loss_sums
 
 GB = 1e9  # the plan reports decimal gigabytes
@@ -372,12 +372,7 @@ def _units_of(model: nn.Module, fsdp: bool) -> list[_Wrapped]:
 
 
 def _vocabulary_units(model: nn.Module, names: dict) -> list[_Wrapped]:
-    if vocab_parallel_head(model) is None:
-        return []
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head.weight is embedding.weight:
-        return [_Wrapped([names[embedding], names[head]], True, gathered=False)]
-    return [_Wrapped([names[embedding]], True, gathered=False), _Wrapped([names[head]], True, gathered=False)]
+    return [_Wrapped([names[module] for module in modules], True, gathered=False) for modules in vocabulary_weights(model)]
 
 
 def trace_layout(config: P3DConfig, setup: ValidatedSetup) -> Trace:

@@ -91,6 +91,15 @@ def vocabulary_parameters(model: nn.Module) -> set[nn.Parameter]:
     return {*model.get_input_embeddings().parameters(), *model.get_output_embeddings().parameters()}
 
 
+def vocabulary_weights(model: nn.Module) -> list[list[nn.Module]]:
+    """The modules of each vocabulary-parallel weight: [embedding], [head], or [embedding, head] when
+    tied; empty without vocabulary parallelism."""
+    if vocab_parallel_head(model) is None:
+        return []
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return [[embedding, head]] if head.weight is embedding.weight else [[embedding], [head]]
+
+
 def vocab_parallel_problems(model: nn.Module, dp_replicate: int) -> list[str]:
     """Why `parallel.vocab_parallel=true` cannot run for this (meta) model and layout; empty if it can."""
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
