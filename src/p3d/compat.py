@@ -181,6 +181,7 @@ class FsdpUnitFacts:
     keeps_unsharded_after_forward: bool
     shard: tuple[str, int] | None  # (mesh dimension, size) it shards over: all-gather, reduce-scatter
     replicate: tuple[str, int] | None  # (mesh dimension, size) it replicates over: gradient all-reduce
+    prefetches_in_backward: bool = True  # all-gathers the next unit's weights for backward as its own backward begins
 
 
 def fsdp_unit_facts(module: torch.nn.Module) -> FsdpUnitFacts:
@@ -198,7 +199,15 @@ def fsdp_unit_facts(module: torch.nn.Module) -> FsdpUnitFacts:
     def dimension(index: int | None) -> tuple[str, int] | None:
         return None if index is None else (mesh_info.mesh.mesh_dim_names[index], mesh_info.mesh.size(index))
 
-    return FsdpUnitFacts(id(state), group.post_forward_mesh_info is None, dimension(mesh_info.shard_mesh_dim), dimension(mesh_info.replicate_mesh_dim))
+    prefetches = state._states_to_backward_prefetch != [state]  # see `no_backward_prefetch`
+    return FsdpUnitFacts(id(state), group.post_forward_mesh_info is None, dimension(mesh_info.shard_mesh_dim), dimension(mesh_info.replicate_mesh_dim), prefetches)
+
+
+def no_backward_prefetch(unit: torch.nn.Module) -> None:
+    """Turn off FSDP2's implicit backward prefetch for `unit` (torch 2.13 has no switch for it): given
+    an explicit list, FSDP2 prefetches that list instead of the next unit, and the unit itself is
+    already gathered when its backward begins, so prefetching it does nothing."""
+    unit.set_modules_to_backward_prefetch([unit])
 
 
 @contextmanager

@@ -97,6 +97,7 @@ class Unit:
     gathered_numel: int  # elements of its parameters on this tp rank while gathered
     keeps_gathered: bool  # stays gathered from its forward to its backward
     gathered: bool = True  # FSDP2 gathers it; false: a vocabulary-parallel head, computed on its shards in place
+    prefetches: bool = True  # its backward begins by gathering the next unit's weights (parallel.backward_prefetch)
     checkpointed: bool = False  # activation checkpointing recomputes (some of) its blocks in backward
     parameter_numels: list[int] = field(default_factory=list)  # each of its parameters' elements, gathered
     state_per_shard: list[int] = field(default_factory=list)  # per parameter: optimizer tensors shaped like its shard
@@ -347,6 +348,7 @@ class _Wrapped:
     shard: tuple[str, int] | None = None  # (mesh dimension, size)
     replicate: tuple[str, int] | None = None
     gathered: bool = True  # false: a vocabulary-parallel head (no FSDP2 unit: sharded, never gathered)
+    prefetches: bool = True  # FSDP2 gathers the next unit for backward as this one's backward begins
 
     @property
     def name(self) -> str:
@@ -365,7 +367,8 @@ def _units_of(model: nn.Module, fsdp: bool) -> list[_Wrapped]:
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
             facts = compat.fsdp_unit_facts(module)
-            units.setdefault(facts.unit, _Wrapped([], facts.keeps_unsharded_after_forward, facts.shard, facts.replicate)).modules.append(name)
+            wrapped = _Wrapped([], facts.keeps_unsharded_after_forward, facts.shard, facts.replicate, prefetches=facts.prefetches_in_backward)
+            units.setdefault(facts.unit, wrapped).modules.append(name)
     root = units.pop(compat.fsdp_unit_facts(model).unit)
     root.keeps_gathered = True  # FSDP2 keeps the root gathered once training starts
     return [*units.values(), *vocabulary, root]
@@ -457,7 +460,7 @@ def _unit(wrapped: _Wrapped, owned: list[str], tp_local: dict[str, int], state: 
     group, group_size = wrapped.shard or ("", 1)
     replicate_group, replicate_size = wrapped.replicate or ("", 1)
     return Unit(
-        wrapped.name, owned, sum(tp_local[p] for p in owned), wrapped.keeps_gathered, wrapped.gathered,
+        wrapped.name, owned, sum(tp_local[p] for p in owned), wrapped.keeps_gathered, wrapped.gathered, wrapped.prefetches,
         parameter_numels=[tp_local[p] for p in owned],
         state_per_shard=[state[p].per_shard if p in state else 0 for p in owned],
         state_whole_numel=sum(state[p].whole for p in owned if p in state),
@@ -574,7 +577,7 @@ class _Replay:
         for index, unit in enumerate(backward_order):
             timeline.phase = f"backward {unit.name}"
             self.gather(unit)
-            if index + 1 < len(backward_order):
+            if index + 1 < len(backward_order) and unit.prefetches:
                 self.gather(backward_order[index + 1])  # FSDP2 prefetches the next unit's weights
             timeline.add("activations", unit.checkpointed_bytes, unit.checkpointed_small)  # recomputed
             self.gradients(unit)

@@ -160,10 +160,11 @@ DP_MODES = {
 
 
 # parallel.vocab_parallel: the embeddings sharded over the vocabulary across every rank. tiny_llama's head
-# is untied (and leaves the TP plan, with SP on); tiny_opt's is tied to its embedding, which has a padding row.
+# is untied (and leaves the TP plan, with SP on); tiny_opt's is tied to its embedding, which has a padding
+# row (and FSDP2 gathers each of its blocks only when its backward begins).
 VOCAB_PARALLEL = {
     "tiny_llama-tp2dp2cp2-sp": ("tiny_llama", 8, [*layout_overrides(2, 2, 2), "parallel.sequence_parallel=true", "train.micro_batch_size=2"]),
-    "tiny_opt-dp2-accumulating": ("tiny_opt", 2, ["parallel.dp=2", "train.micro_batch_size=1", *clip_overrides(False)]),
+    "tiny_opt-dp2-accumulating-no-backward-prefetch": ("tiny_opt", 2, ["parallel.dp=2", "train.micro_batch_size=1", "parallel.backward_prefetch=false", *clip_overrides(False)]),
 }
 
 

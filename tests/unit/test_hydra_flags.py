@@ -38,7 +38,7 @@ def test_cfg_package_and_all_and_hydra(capsys):
     out = printed(capsys, cli.train_command, ["--cfg", "job", "--package", "parallel", "parallel=tp2cp2"])
     assert out.splitlines()[0] == "# @package parallel"
     assert yaml.safe_load(out) == {
-        "dp": -1, "dp_replicate": 1, "dp_shard": -1, "reshard_after_forward": True, "grad_sync": "auto",
+        "dp": -1, "dp_replicate": 1, "dp_shard": -1, "reshard_after_forward": True, "backward_prefetch": True, "grad_sync": "auto",
         "cp": 2, "tp": 2, "ep": 1, "cp_layout": "balanced", "cp_impl": "auto", "sequence_parallel": False, "vocab_parallel": False,
     }
     both = yaml.safe_load(printed(capsys, cli.train_command, ["--cfg", "all"]))

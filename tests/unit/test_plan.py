@@ -457,3 +457,15 @@ def test_vocabulary_parallel_embeddings_are_sharded_over_every_rank_and_never_ga
     assert moved == {"DP all-gather (activations and their gradients)": 4, "DP reduce-scatter (activations and their gradients)": 2, "DP all-reduce (activations and their gradients)": 2}
     assert after.breakdown()["gathered weights"] < before.breakdown()["gathered weights"]
     assert after.largest.total < before.largest.total - 2 * vocab * hidden * 4
+
+
+def test_the_plan_reads_backward_prefetch_from_fsdp2(monkeypatch):
+    """parallel.backward_prefetch=false: FSDP2 gathers each unit when its backward begins, one unit's weights
+    less at the peak; the plan reads that from FSDP2's state (with the switch a no-op, it prefetches again)."""
+    base = [*OPT_4_LAYERS, "parallel.dp=4", "train.micro_batch_size=1"]
+    on, off = planned(base, 4), planned([*base, "parallel.backward_prefetch=false"], 4)
+    assert all(unit.prefetches for unit in on.trace.units) and not any(unit.prefetches for unit in off.trace.units)
+    block = max(unit.gathered_numel for unit in on.trace.units if ".layers." in unit.name) * 4  # fp32
+    assert on.breakdown()["gathered weights"] - off.breakdown()["gathered weights"] == pytest.approx(block, rel=0.01)
+    monkeypatch.setattr("p3d.parallel.fsdp.no_backward_prefetch", lambda unit: None)
+    assert all(unit.prefetches for unit in planned([*base, "parallel.backward_prefetch=false"], 4).trace.units)

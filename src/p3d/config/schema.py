@@ -161,6 +161,7 @@ class ParallelConfig:
     dp_replicate: int = bounded(1, ge=1)  # data-parallel replicas: the model state is replicated over them and gradients all-reduced (with dp_shard > 1: HSDP; with dp_shard=1: DDP-style, the whole model on every rank)
     dp_shard: int = bounded(-1, ge=1, also=(-1,))  # data-parallel ranks FSDP2 shards the model state over (together with the cp ranks); -1 takes dp / dp_replicate
     reshard_after_forward: bool = True  # FSDP: free each block's gathered weights after its forward and all-gather them again in backward; false keeps them from forward to backward (one all-gather per block less, the whole TP-local model unsharded in memory)
+    backward_prefetch: bool = True  # FSDP: all-gather the next unit's weights for backward while the current unit's backward runs (overlap); false gathers each when its backward begins (one unit's weights less at the peak)
     grad_sync: GradSync = GradSync.auto  # when gradients are reduced over dp: micro_batch (after every micro-batch's backward), step (after the last micro-batch only; with sharding each rank holds the unsharded gradients until then), auto (step when nothing is sharded, else micro_batch)
     cp: int = bounded(1, ge=1)  # context-parallel degree: the sequence is split over this many ranks
     tp: int = bounded(1, ge=1)  # tensor-parallel degree (innermost mesh dimension)

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from p3d.compat import ddp_bucket_assignment, ddp_replicate, is_ddp_replicated, replicate_modules
+from p3d.compat import ddp_bucket_assignment, ddp_replicate, is_ddp_replicated, no_backward_prefetch, replicate_modules
 from p3d.config.schema import GradSync
 from p3d.distributed.mesh import ParallelDims
 from p3d.models import decoder_blocks, experts_modules
@@ -41,6 +41,7 @@ def apply_fsdp(
     *,
     replicate: bool = False,
     reshard_after_forward: bool = True,
+    backward_prefetch: bool = True,
     reduce_every_micro_batch: bool = False,
     updates_in_backward: bool = False,
 ) -> None:
@@ -58,7 +59,9 @@ def apply_fsdp(
     fp32 and stored in the weights' dtype.
 
     `reshard_after_forward=False` keeps each block's (and the input embedding's) gathered weights
-    from its forward to its backward instead of gathering them again. `reduce_every_micro_batch`
+    from its forward to its backward instead of gathering them again. `backward_prefetch=False` gathers
+    each unit when its backward begins, not while the unit after it computes (one unit's weights less
+    at the peak, no overlap of that all-gather). `reduce_every_micro_batch`
     (parallel.grad_sync) and `updates_in_backward` (optim.in_backward) decide between DDP and FSDP2 for
     the replicated mode (`replicates_with_ddp`).
     """
@@ -67,6 +70,10 @@ def apply_fsdp(
         _replicate(model, dp_mesh, policy, reduce_every_micro_batch, updates_in_backward)
     else:
         _shard(model, dp_mesh, policy, experts_mesh, reshard_after_forward)
+        if not backward_prefetch:
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    no_backward_prefetch(module)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

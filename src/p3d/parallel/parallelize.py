@@ -93,6 +93,7 @@ def wrap_for_training(model: PreTrainedModel, config: P3DConfig, meshes: Meshes)
             meshes.efsdp if dims.ep > 1 else None,
             replicate=dims.replicated,
             reshard_after_forward=config.parallel.reshard_after_forward,
+            backward_prefetch=config.parallel.backward_prefetch,
             reduce_every_micro_batch=syncs_every_micro_batch(config.parallel.grad_sync, dims),
             updates_in_backward=config.optim.in_backward,
         )
