@@ -36,12 +36,15 @@ LAYOUTS = {  # name: (tp, dp, cp)
     "tp2dp2cp2": (2, 2, 2),
 }
 # Settings that trade memory: name: (layout, overrides). Vocabulary parallelism never gathers the
-# embedding or the head (parallel/vocab.py); full activation checkpointing keeps each block's input only.
+# embedding or the head (parallel/vocab.py); full activation checkpointing keeps each block's input only;
+# without backward prefetch FSDP2 holds one unit's gathered weights less.
 VOCAB_PARALLEL = "parallel.vocab_parallel=true"
 SETTINGS = {
     "dp8 + vocab_parallel": ("dp8", [VOCAB_PARALLEL]),
     "tp2dp2cp2 + vocab_parallel": ("tp2dp2cp2", [VOCAB_PARALLEL]),
     "dp8 + vocab_parallel + full AC": ("dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full"]),
+    "tp2dp2cp2 + vocab_parallel, no backward prefetch": ("tp2dp2cp2", [VOCAB_PARALLEL, "parallel.backward_prefetch=false"]),
+    "dp8 + vocab_parallel + full AC, no backward prefetch": ("dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full", "parallel.backward_prefetch=false"]),
 }
 
 
