@@ -43,8 +43,8 @@ SETTINGS = {
     "dp8 + vocab_parallel": ("dp8", [VOCAB_PARALLEL]),
     "tp2dp2cp2 + vocab_parallel": ("tp2dp2cp2", [VOCAB_PARALLEL]),
     "dp8 + vocab_parallel + full AC": ("dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full"]),
-    "tp2dp2cp2 + vocab_parallel, no backward prefetch": ("tp2dp2cp2", [VOCAB_PARALLEL, "parallel.backward_prefetch=false"]),
-    "dp8 + vocab_parallel + full AC, no backward prefetch": ("dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full", "parallel.backward_prefetch=false"]),
+    "tp2dp2cp2 + vocab_parallel + no backward prefetch": ("tp2dp2cp2", [VOCAB_PARALLEL, "parallel.backward_prefetch=false"]),
+    "dp8 + vocab_parallel + full AC + no backward prefetch": ("dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full", "parallel.backward_prefetch=false"]),
 }
 
 
