@@ -287,9 +287,10 @@ def main() -> None:
         saved = json.loads(Path(args.from_json).read_text())
         baseline, results, ac_results = saved["baseline_gb"], saved["layouts"], saved["activation_checkpointing"]
     else:
-        baseline = import_baseline_gb()
         kept = json.loads(Path(args.keep_from).read_text()) if args.keep_from else None
         measured = args.layouts.split(",")
+        # shares are taken above one baseline and against the one-process run: an earlier run's, with its row
+        baseline = kept["baseline_gb"] if kept and "1 process" not in measured else import_baseline_gb()
         with tempfile.TemporaryDirectory() as workdir:
             results = []
             for name in [*LAYOUTS, *SETTINGS]:
