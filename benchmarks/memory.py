@@ -223,16 +223,20 @@ def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc:
                 lines += [f"| {key} | {value:.3f} |" for key, value in b.items() if key != "peak_phase"]
     if any(r.get("breakdown") for r in rows):
         head = VOCAB * HIDDEN * 4 / 2**30
+        block = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN) * 4 / 2**30
         lines += ["", (
-            "What stays above the ideal, and why. The ideal divides everything one process holds by N. Three parts do not divide: "
-            "(1) each process's runtime (data, process groups, allocator) is paid per rank; "
-            "(2) the activations of one micro-batch: at dp8 every rank runs its own micro-batch of the same size as the one process's, "
-            "so data parallelism cannot divide them (cp, tp with sequence parallelism, or activation checkpointing can: compare tp2dp2cp2); "
-            "(3) the FSDP unit in use at the peak, the untied output head at the start of the backward: its gathered weight, its "
-            f"unsharded gradient and the reduce-scatter buffer, {head:.3f} GB each at dp8 and half that under tp2. "
-            "Part (3) could only go with a head that is never gathered (sharded over the vocabulary across all ranks, the hidden "
-            "states all-gathered instead, the loss computed over the vocabulary shards): not built. Part (2) is the price of data "
-            "parallelism. The built-in corpus no longer imports `datasets`, ~0.12 GB per rank (the baseline no longer counts it either)."
+            "What stays above the ideal, and why. The ideal divides everything one process holds by N. Without vocabulary "
+            "parallelism the peak of both 8-rank layouts is the start of the backward, with the output head gathered, its "
+            f"unsharded gradient and its reduce-scatter buffer ({head:.3f} GB each at dp8, half that under tp2), and the input "
+            "embedding is gathered again at the end. `parallel.vocab_parallel=true` shards both over the vocabulary across all "
+            "ranks and never gathers them (the hidden states and token ids are gathered instead: a few MB here); the peak moves "
+            "into the blocks' backward. What remains does not divide by N: (1) each process's runtime (data, process groups, "
+            "allocator) is paid per rank; (2) the activations of one micro-batch: at dp8 every rank runs its own micro-batch of "
+            "the same size as the one process's, so data parallelism cannot divide them (cp, tp with sequence parallelism, or "
+            "activation checkpointing can); (3) FSDP2's working set for one block's backward: its gathered weights, its unsharded "
+            f"gradient and the reduce-scatter buffer, {block:.3f} GB each at dp8 and half that under tp2, plus the next block's "
+            "weights unless `parallel.backward_prefetch=false`. A block is a fixed share of the model (1/16 here) while the ideal "
+            "is 1/N of it, so (3) weighs more as N grows; only FSDP units smaller than a block would shrink it (not built)."
         )]
     lines += ["", f"Activation checkpointing ({ac_desc}):", "", "| train.activation_checkpointing | max per-rank peak RSS (GB) | vs none |", "| --- | --- | --- |"]
     none_peak = max(ac_rows[0]["per_rank_peak_gb"])
