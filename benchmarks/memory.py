@@ -37,7 +37,8 @@ LAYOUTS = {  # name: (tp, dp, cp)
 }
 # Settings that trade memory: name: (layout, overrides). Vocabulary parallelism never gathers the
 # embedding or the head (parallel/vocab.py); full activation checkpointing keeps each block's input only;
-# without backward prefetch FSDP2 holds one unit's gathered weights less.
+# without backward prefetch FSDP2 holds one unit's gathered weights less; the optimizer in the backward
+# frees each gradient as soon as its shard is updated (no clipping, no accumulation: dp8 has none here).
 VOCAB_PARALLEL = "parallel.vocab_parallel=true"
 SETTINGS = {
     "dp8 + vocab_parallel": ("dp8", [VOCAB_PARALLEL]),
@@ -45,6 +46,9 @@ SETTINGS = {
     "dp8 + vocab_parallel + full AC": ("dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full"]),
     "tp2dp2cp2 + vocab_parallel + no backward prefetch": ("tp2dp2cp2", [VOCAB_PARALLEL, "parallel.backward_prefetch=false"]),
     "dp8 + vocab_parallel + full AC + no backward prefetch": ("dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full", "parallel.backward_prefetch=false"]),
+    "dp8 + vocab_parallel + full AC + no backward prefetch + optimizer in backward": (
+        "dp8", [VOCAB_PARALLEL, "train.activation_checkpointing=full", "parallel.backward_prefetch=false", "optim.in_backward=true", "optim.grad_clip=0"],
+    ),
 }
 
 
