@@ -200,6 +200,8 @@ def markdown(rows: list[dict], ac_rows: list[dict], baseline: float, model_desc:
         "| layout | ranks | max per-rank peak RSS (GB) | model share above baseline (GB) | ideal 1/N share (GB) | share vs 1 process | share vs ideal | job peak, whole machine (GB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if any(r.get("measured_earlier") for r in rows):
+        lines[-2:-2] = ["Rows marked (earlier run) were not measured by this run: they come from an earlier run of this script (`--keep-from`), with that run's figures.", ""]
     for r in rows:
         if r.get("killed"):
             lines.append(f"| {r['layout']} | {r['ranks']} | killed by the OOM killer | | | | | {r['job_peak_gb']:.2f} when killed |")
