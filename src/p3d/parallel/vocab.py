@@ -53,7 +53,8 @@ class VocabularySharding:
     data_size: int
     data_rank: int
     tp_group: dist.ProcessGroup | None  # the tp ranks (same tokens, other vocabulary rows); None without tp
-    vocab_start: int  # the first vocabulary row this rank holds
+    vocab_start: int  # the first row of the head this rank holds
+    embedding_start: int  # ... of the input embedding (the same row when tied or as long as the head)
     compute_dtype: torch.dtype = torch.float32
 
     def gather_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -133,6 +134,7 @@ def shard_embeddings_over_vocabulary(model: nn.Module, vocab_mesh: DeviceMesh, d
         data_rank=data_mesh.get_local_rank(),
         tp_group=tp_mesh.get_group() if tp_mesh.size() > 1 else None,
         vocab_start=local_box(head.weight)[0].start,
+        embedding_start=local_box(embedding.weight)[0].start,
         compute_dtype=compute_dtype,
     )
     setattr(head, _ATTRIBUTE, sharding)
@@ -145,11 +147,11 @@ def _embedding_forward(embedding: nn.Embedding, own_forward, sharding: Vocabular
     embeddings summed over the ranks. The module's own forward runs on the local rows (a model's
     embedding scale stays), with the padding row's index moved into them."""
     ids = sharding.gather_ids(input_ids)
-    weight = embedding.weight.to_local()
-    local_ids = ids - sharding.vocab_start
+    weight, start = embedding.weight.to_local(), sharding.embedding_start
+    local_ids = ids - start
     here = (local_ids >= 0) & (local_ids < weight.shape[0])
     padding = embedding.padding_idx
-    local_padding = padding - sharding.vocab_start if padding is not None and 0 <= padding - sharding.vocab_start < weight.shape[0] else None
+    local_padding = padding - start if padding is not None and 0 <= padding - start < weight.shape[0] else None
     with swapped(embedding, weight=weight.to(sharding.compute_dtype), padding_idx=local_padding):
         partial_sums = own_forward(torch.where(here, local_ids, 0)) * here.unsqueeze(-1)
     return _ScatterTokens.apply(partial_sums, sharding)
