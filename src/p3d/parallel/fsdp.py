@@ -191,7 +191,7 @@ def embedding_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     both gradients would be reduced together at the end. As their own units, the input embedding
     is freed after its forward and the output head's gradient is reduced as soon as the backward
     has passed it (the head stays gathered after forward: the backward starts with it). A tied
-    pair is one parameter and stays in the root unit.
+    pair is one parameter and stays in the root unit; vocabulary-parallel ones are no unit at all.
     """
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if inputs is None or outputs is None or outputs.weight is inputs.weight or vocabulary_parameters(model):

@@ -66,7 +66,7 @@ def shard_for_compute(model: PreTrainedModel, config: P3DConfig, hf_config, tp_p
 
 
 def shards_vocabulary(config: P3DConfig, dims) -> bool:
-    """Whether the output head is vocabulary-parallel: asked for, and more than one rank to shard it over."""
+    """Whether the embeddings are vocabulary-parallel: asked for, and more than one rank to shard them over."""
     return config.parallel.vocab_parallel and dims.world_size > 1
 
 
