@@ -169,7 +169,7 @@ class ParallelConfig:
     cp_layout: CPLayout = CPLayout.balanced  # sequence sharding under CP: balanced (rank i holds chunks i and 2cp-1-i) or contiguous
     cp_impl: CPImpl = CPImpl.auto  # CP attention: ring (p2p K/V rotation, any backend), allgather, torch (PyTorch's, CUDA only), auto (torch on CUDA, else ring)
     sequence_parallel: bool = False  # with tp > 1: norms and residuals between TP regions hold 1/tp of the sequence (llama and opt)
-    vocab_parallel: bool = False  # the output head sharded over the vocabulary across every rank and never gathered (each micro-batch's hidden states are all-gathered instead), the loss computed over the shards: less memory and traffic for large vocabularies; needs a Linear head, a plain Embedding and dp_replicate=1 (one process: no effect)
+    vocab_parallel: bool = False  # the input embedding and output head sharded over the vocabulary across every rank and never gathered (each micro-batch's token ids and hidden states are all-gathered instead), the loss computed over the shards: less memory and traffic for large vocabularies; needs a Linear head, a plain Embedding and dp_replicate=1 (one process: no effect)
 
 
 @dataclass
