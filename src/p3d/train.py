@@ -31,6 +31,8 @@ from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_att
 from p3d.parallel.cp_attention import AttentionTimer
 from p3d.parallel.expert import describe_experts
 from p3d.parallel.parallelize import build_parallel_model
+from p3d.parallel.tensor import plan_without_names
+from p3d.parallel.vocab import vocabulary_weights
 from p3d.resume import ResumePlan, hf_config_json, plan_resume, visible_checkpoints
 from p3d.rundir import RunLock, agree_on_run_dir, make_run_dir
 from p3d.trainer import Trainer
@@ -130,9 +132,14 @@ def train(cfg: DictConfig, config: P3DConfig, setup: ValidatedSetup, resume_plan
     metrics.info(f"{config.model.name} ({setup.hf_config.model_type}) on {setup.dims.describe()}, run dir {run_dir}")
     if uses_p3d_attention(setup.dims.cp, config.data.packing):
         metrics.info(f"context-parallel attention: {architecture(setup.hf_config).attention_route(setup.hf_config).describe(setup.cp_impl)}")
-    if setup.dims.tp > 1:
-        metrics.info(f"tensor-parallel plan ({PLAN_SOURCE_WORDS[setup.plan_source]}): " + ", ".join(f"{pattern} {style}" for pattern, style in setup.tp_plan.items()))
     model = build_parallel_model(config, setup.hf_config, setup.tp_plan, meshes, env.device)
+    names = {module: name for name, module in model.named_modules()}
+    vocabulary = [names[module] for modules in vocabulary_weights(model) for module in modules]
+    if setup.dims.tp > 1:
+        applied = plan_without_names(setup.tp_plan, vocabulary)
+        metrics.info(f"tensor-parallel plan ({PLAN_SOURCE_WORDS[setup.plan_source]}): " + ", ".join(f"{pattern} {style}" for pattern, style in applied.items()))
+    if vocabulary:
+        metrics.info(f"vocabulary-parallel over all {setup.dims.world_size} ranks (never gathered): {', '.join(vocabulary)}")
     experts = [module for _, module in experts_modules(model)]
     if experts:
         metrics.info(describe_experts(experts, setup.dims.ep, setup.dims.tp))

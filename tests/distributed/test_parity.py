@@ -174,6 +174,9 @@ def test_vocabulary_parallel_embeddings_match_one_process(case, p3d_runner):
     model, ranks, overrides = VOCAB_PARALLEL[case]
     result = p3d_runner([f"model={model}", *FAST, *overrides, "parallel.vocab_parallel=true"], nproc=ranks)
     assert_ok(result)
+    embedding = "model.embed_tokens" if model == "tiny_llama" else "model.decoder.embed_tokens"
+    assert f"vocabulary-parallel over all {ranks} ranks (never gathered): {embedding}, lm_head" in result.stdout
+    assert "lm_head colwise" not in result.stdout  # left out of the TP plan (tiny_llama's runs under tp2)
     assert_matches(result.records, reference_records(model, p3d_runner, clipped="optim.grad_clip=0" not in overrides))
 
 
