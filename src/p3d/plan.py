@@ -55,7 +55,7 @@ from p3d.parallel.context import ContextParallel, SequenceSharding, uses_p3d_att
 from p3d.parallel.cp_attention import AttentionTimer, CPComm
 from p3d.parallel.parallelize import TORCH_DTYPES, enable_p3d_attention, shard_for_compute, wrap_for_training
 from p3d.parallel.tensor import plan_without_names
-from p3d.parallel.vocab import vocabulary_weights
+from p3d.parallel.vocab import vocab_parallel_head, vocabulary_weights
 from p3d.trainer import token_loss_sums
 
 GB = 1e9  # the plan reports decimal gigabytes
@@ -292,7 +292,7 @@ def _trace_step(config: P3DConfig, setup: ValidatedSetup, meshes: Meshes, counts
                 input_ids = local.input_ids.to("meta")
                 logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=local.position_ids.to("meta"), use_cache=False).logits
                 recorder.stack = ["loss"]
-                loss, _ = token_loss_sums(model, logits, local.labels.to("meta"))
+                loss, _ = token_loss_sums(vocab_parallel_head(model), logits, local.labels.to("meta"))
                 recorder.stack = []
                 loss.backward()
     except Exception as error:  # the model's own code, run on shapes only

@@ -25,7 +25,7 @@ from p3d.models import experts_modules
 from p3d.optim import OptimizerInBackward, apply_hyperparameters, build_scheduler, clip_grad_norm_
 from p3d.parallel.context import ContextParallel
 from p3d.parallel.fsdp import gradient_sync_switch, syncs_every_micro_batch
-from p3d.parallel.vocab import vocab_parallel_head
+from p3d.parallel.vocab import VocabularySharding, vocab_parallel_head
 from p3d.resume import ResumePlan
 
 
@@ -59,10 +59,10 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def token_loss_sums(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sums(head: VocabularySharding | None, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the summed token loss to run the backward from, its part over this rank's own tokens, detached).
-    They differ with a vocabulary-parallel head, whose loss covers every dp x cp rank's tokens."""
-    head = vocab_parallel_head(model)
+    They differ with a vocabulary-parallel head (`vocab_parallel_head(model)`), whose loss covers every
+    dp x cp rank's tokens."""
     if head is not None:
         return head.token_loss_sums(logits, labels)
     loss = summed_token_loss(logits, labels)
@@ -87,6 +87,7 @@ class Trainer:
     eval_sampler: DataParallelSampler | None = None  # the held-out batches, with eval.every > 0
 
     def __post_init__(self):
+        self.vocabulary = vocab_parallel_head(self.model)  # fixed once the model is built: not looked up per micro-batch
         self.state = TrainState()
         self.expert_load = ExpertLoad([module for _, module in experts_modules(self.model)])
         self.load_s: float | None = None  # seconds the checkpoint load took, when resumed
@@ -329,7 +330,7 @@ class Trainer:
 
     def _token_loss_sums(self, local: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(input_ids=local.input_ids.to(self.device), position_ids=local.position_ids.to(self.device), use_cache=False).logits
-        return token_loss_sums(self.model, logits, local.labels.to(self.device))
+        return token_loss_sums(self.vocabulary, logits, local.labels.to(self.device))
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
