@@ -347,3 +347,11 @@ def swapped(module: torch.nn.Module, **attributes):
                 module._parameters[name] = value
             else:
                 object.__setattr__(module, name, value)
+
+
+def traced_all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The sum of `tensor` over `group` as a new tensor, written so that torch.compile traces it into its
+    graph instead of breaking the graph there (the private functional collectives, torch 2.13)."""
+    from torch.distributed import _functional_collectives
+
+    return _functional_collectives.all_reduce(tensor, "sum", group)

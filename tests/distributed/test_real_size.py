@@ -191,3 +191,18 @@ def test_compiled_blocks_run_compiled_and_keep_parity_under_tp_and_cp(p3d_runner
         assert rank["compiled_graphs"] >= 1, rank
         assert rank["compiled_graph_calls"] >= 2 * 6, rank  # each of the 2 blocks, every step (one micro-batch)
     assert_matches(result.records, reference.records)
+
+
+@pytest.mark.slow
+def test_compiled_tensor_parallel_blocks_run_as_one_graph_each(p3d_runner, tmp_path):
+    """The TP all-reduces are traced into a compiled block's graph: with an in-place c10d all-reduce the
+    graph would break at every row-parallel layer and each block would run as several graphs."""
+    reports = tmp_path / "compiled"
+    reference = p3d_runner(["model=tiny_llama", *FAST, "train.micro_batch_size=4"])
+    assert_ok(reference)
+    overrides = ["model=tiny_llama", *FAST, *layout_overrides(2, 1, 1), "train.compile=true", "train.micro_batch_size=4"]
+    result = p3d_runner(overrides, nproc=2, env=hooks_env("probe_compiled_calls", report=reports))
+    assert_ok(result)
+    for rank in read_reports(reports, ranks=2):
+        assert rank["compiled_graph_calls"] == 2 * 6, rank  # 2 blocks x 6 steps x 1 micro-batch, one graph each
+    assert_matches(result.records, reference.records)

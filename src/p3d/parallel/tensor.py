@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from transformers.pytorch_utils import Conv1D
 
+from p3d.compat import traced_all_reduce
 from p3d.errors import ConfigError
 from p3d.parallel.expert import experts_problems, shard_experts
 
@@ -371,7 +372,11 @@ def _unpack(x: torch.Tensor, mesh: DeviceMesh, parts: int) -> DTensor:
 
 
 class SumGradient(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the group (an input shared by the group's ranks)."""
+    """Identity forward; backward sums the gradient over the group (an input shared by the group's ranks).
+
+    This and SumOverGroup sum in place with c10d in eager mode and with a traced collective inside a
+    compiled block (train.compile), where an in-place c10d call would break the block's graph in two.
+    """
 
     @staticmethod
     def forward(ctx, tensor, group):
@@ -380,6 +385,8 @@ class SumGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.compiler.is_compiling():
+            return traced_all_reduce(grad, ctx.group), None
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
@@ -390,6 +397,8 @@ class SumOverGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor, group):
+        if torch.compiler.is_compiling():
+            return traced_all_reduce(tensor, group)
         summed = tensor.contiguous()
         if summed is tensor:
             ctx.mark_dirty(tensor)  # summed in place: the layer's fresh output, which no backward needs
