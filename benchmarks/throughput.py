@@ -1,7 +1,8 @@
 """Throughput of p3d against two hand-written loops, same model, data and layout.
 
     python benchmarks/throughput.py [--layouts dp2,tp2dp2,tp2dp2cp2] [--shapes 256x4:20,1024x4:8]
-        [--repeats 3] [--p3d-overrides 'dp2=parallel.key=value ...'] [--out docs/results]
+        [--repeats 3] [--p3d-overrides 'dp2=parallel.key=value ...'] [--keep-from docs/results/throughput.json]
+        [--out docs/results]
 
 The two baselines (torchrun, gloo, CPU, no p3d code):
 - the plain loop, benchmarks/plain_loop.py: the same TP/FSDP2/CP calls as p3d makes;
@@ -17,7 +18,8 @@ p3d (best) / fast, and the spread of the latter over the repeats.
 
 Every run also checks the fast loop trains the same model: its per-step losses against the plain
 loop's on one process (first --check-steps steps; the largest difference is in the table).
-Writes <out>/throughput.md, .json and .png.
+Writes <out>/throughput.md, .json and .png. With --keep-from, the rows of an earlier run's json for
+shapes and layouts this run does not measure are kept (marked "earlier run" in the table).
 """
 
 from __future__ import annotations
@@ -153,13 +155,26 @@ def report(rows: list[dict], args) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        earlier = " (earlier run)" if r.get("measured_earlier") else ""
         gap = "not checked" if r["fast_loss_max_diff"] is None else f"{r['fast_loss_max_diff']:.1e}"
         settings = " ".join(s for s in r["p3d_settings"]) or "defaults"
         lines.append(
-            f"| hidden {r['hidden']}, {r['layers']} layers ({r['steps']} steps) | {r['layout']} | {r['ranks']} | `{settings}` | {r['p3d_tokens_per_s']:,.0f} | {r['p3d_same_calls_tokens_per_s']:,.0f} | "
+            f"| hidden {r['hidden']}, {r['layers']} layers ({r['steps']} steps) | {r['layout']}{earlier} | {r['ranks']} | `{settings}` | {r['p3d_tokens_per_s']:,.0f} | {r['p3d_same_calls_tokens_per_s']:,.0f} | "
             f"{r['plain_tokens_per_s']:,.0f} | {r['fast_tokens_per_s']:,.0f} | {r['ratio_plain']:.2f} | {r['ratio_fast']:.2f} | {spread(r['ratio_fast_runs'])} | {gap} |"
         )
+    if any(r.get("measured_earlier") for r in rows):
+        lines += ["", "Rows marked (earlier run) were not measured by this run: they come from an earlier run of this script (`--keep-from`), with that run's figures."]
     return "\n".join(lines) + "\n"
+
+
+def with_earlier_rows(rows: list[dict], earlier_json: str | None) -> list[dict]:
+    """This run's rows, and in their places the earlier run's rows for the shapes and layouts it did not measure."""
+    if not earlier_json:
+        return rows
+    measured = {(r["hidden"], r["layers"], r["layout"]) for r in rows}
+    kept = [dict(r, measured_earlier=True) for r in json.loads(Path(earlier_json).read_text()) if (r["hidden"], r["layers"], r["layout"]) not in measured]
+    order = {name: index for index, name in enumerate(LAYOUTS)}
+    return sorted(rows + kept, key=lambda r: (r["hidden"], r["layers"], order[r["layout"]]))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -193,6 +208,7 @@ def main() -> None:
     parser.add_argument("--p3d-overrides", action="append", default=[], metavar="LAYOUT=KEY=VALUE ...",
                         help="extra p3d overrides for a layout (or all), e.g. 'dp2=parallel.dp_replicate=2 parallel.dp_shard=1'; repeatable")
     parser.add_argument("--note", default="", help="a remark on the machine for the report, e.g. 'measured under load'")
+    parser.add_argument("--keep-from", help="an earlier throughput.json: its rows for shapes and layouts this run does not measure are kept")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args()
     extra = parse_overrides(args.p3d_overrides)
@@ -200,7 +216,7 @@ def main() -> None:
         if name not in LAYOUTS:
             raise SystemExit(f"--layouts: unknown layout {name!r} (known: {', '.join(LAYOUTS)})")
     with tempfile.TemporaryDirectory() as workdir:
-        rows = measure(args, extra, Path(workdir))
+        rows = with_earlier_rows(measure(args, extra, Path(workdir)), args.keep_from)
     text = report(rows, args)
     print(text)
     out = Path(args.out)

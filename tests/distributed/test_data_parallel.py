@@ -92,14 +92,16 @@ MODES = {  # name: (ranks, overrides)
     # the embedding and head sharded over the vocabulary across every rank (parallel/vocab.py)
     "vocab-parallel-dp2": (2, ["parallel.dp=2", "parallel.vocab_parallel=true"]),
     "vocab-parallel-tp2dp2": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.vocab_parallel=true"]),
+    # TP weights replicated in fp32: p3d's bucketed reducer (parallel/reducer.py)
+    "replicated-tp2dp2": (4, ["parallel.tp=2", "parallel.dp_replicate=2"]),
 }
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Uninterrupted 8-step runs under FSDP, replicated and vocabulary-parallel, each saving at step 4."""
+    """Uninterrupted 8-step runs under FSDP, replicated (with and without TP) and vocabulary-parallel, each saving at step 4."""
     runs = {}
-    for mode in ("fsdp-dp2", "replicated-dp2", "vocab-parallel-dp2"):
+    for mode in ("fsdp-dp2", "replicated-dp2", "vocab-parallel-dp2", "replicated-tp2dp2"):
         ranks, overrides = MODES[mode]
         runs[mode] = run_p3d(tmp_path_factory.mktemp(mode) / "run", [*RESUME, *overrides], nproc=ranks)
         assert_ok(runs[mode])
@@ -108,7 +110,8 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("saved", "resumed"),
-    [("fsdp-dp2", "replicated-dp2"), ("replicated-dp2", "fsdp-dp2"), ("replicated-dp2", "hsdp-dp4"), ("fsdp-dp2", "vocab-parallel-tp2dp2"), ("vocab-parallel-dp2", "replicated-dp2")],
+    [("fsdp-dp2", "replicated-dp2"), ("replicated-dp2", "fsdp-dp2"), ("replicated-dp2", "hsdp-dp4"), ("fsdp-dp2", "vocab-parallel-tp2dp2"), ("vocab-parallel-dp2", "replicated-dp2"),
+     ("fsdp-dp2", "replicated-tp2dp2"), ("replicated-tp2dp2", "fsdp-dp2")],
 )
 def test_a_checkpoint_resumes_under_another_data_parallel_mode_with_the_uninterrupted_losses(saved, resumed, uninterrupted, tmp_path):
     checkpoint = uninterrupted[saved].run_dir / "checkpoints" / "step_00000004"
@@ -119,3 +122,4 @@ def test_a_checkpoint_resumes_under_another_data_parallel_mode_with_the_uninterr
     assert_same_losses(run.records, uninterrupted[saved].records[4:])
     assert_same_losses(uninterrupted["replicated-dp2"].records, uninterrupted["fsdp-dp2"].records)  # the modes agree uninterrupted too
     assert_same_losses(uninterrupted["vocab-parallel-dp2"].records, uninterrupted["fsdp-dp2"].records)
+    assert_same_losses(uninterrupted["replicated-tp2dp2"].records, uninterrupted["fsdp-dp2"].records)

@@ -332,6 +332,24 @@ def test_replicated_ranks_hold_the_whole_model_state_and_all_reduce_it_in_ddp_bu
     assert "DDP: every rank holds the whole model" in data_parallel(replicated.trace)
 
 
+def test_replicated_tensor_parallel_weights_are_reduced_in_ddp_style_buckets():
+    """dp_replicate=2 with TP in fp32 is p3d's bucketed reducer (DDP's scheme for DTensors, parallel/reducer.py):
+    each rank holds what tp2 alone holds, no FSDP2 unit and no gathered copy, its TP-local gradients in flat
+    buckets by DDP's rule, each all-reduced once per step over the replicas."""
+    from p3d.plan import collectives
+
+    tensor_parallel = planned([*OPT_4_LAYERS, "parallel.tp=2"], 2)
+    replicated = planned([*OPT_4_LAYERS, "parallel.tp=2", "parallel.dp_replicate=2"], 4)
+    for part in ("weights", "optimizer state"):
+        assert replicated.breakdown()[part] == pytest.approx(tensor_parallel.breakdown()[part])
+    assert not replicated.trace.fsdp and replicated.breakdown()["gathered weights"] == 0
+    buckets = replicated.trace.ddp_buckets
+    assert len(buckets) > 4 and sum(buckets) * 4 == pytest.approx(tensor_parallel.breakdown()["weights"], rel=1e-3)
+    reduce = next(c for c in collectives(replicated.trace, replicated.config) if c.name.startswith("all-reduce of gradients"))
+    assert (reduce.group, reduce.per_step(replicated.trace.micro_batches)[0]) == ("dp_cp", len(buckets))
+    assert "DDP: every rank holds the whole model" in data_parallel(replicated.trace)
+
+
 def test_replicated_with_a_compute_cast_is_fsdp2_replicate():
     """bf16 compute over fp32 weights needs FSDP2's cast: FSDP2's replicate keeps its unsharded (bf16) copy
     of every weight from forward to backward and all-reduces each bucket of blocks, and the root, once."""

@@ -3,9 +3,11 @@ root), hybrid (HSDP: `fully_shard` over a (replicate, shard) mesh) or replicated
 
 Replicated is DDP's reducer where every parameter is a plain fp32 tensor computing in fp32 (no tensor
 or expert parallelism, no bf16), gradients are reduced once per step and the optimizer does not step
-inside the backward: gradients live in flat buckets whose all-reduces overlap the backward. Otherwise it is FSDP2's `replicate` (decoder blocks
-grouped into gradient buckets, one all-reduce per bucket after the bucket's backward), which holds
-DTensors and casts for compute; on CPU its all-reduces run in line with the backward.
+inside the backward: gradients live in flat buckets whose all-reduces overlap the backward. With
+tensor-parallel weights under the same conditions it is p3d's bucketed reducer (parallel/reducer.py:
+DDP's scheme for DTensors). Otherwise it is FSDP2's `replicate` (decoder blocks grouped into gradient
+buckets, one all-reduce per bucket after the bucket's backward), which holds DTensors and casts for
+compute; on CPU its all-reduces run in line with the backward.
 
 Gradient clipping and DCP checkpoints (which reshard between the modes) see DTensors or plain
 tensors and treat both alike.
@@ -21,10 +23,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from p3d.compat import ddp_bucket_assignment, ddp_replicate, is_ddp_replicated, no_backward_prefetch, replicate_modules
+from p3d.compat import ddp_replicate, is_ddp_replicated, no_backward_prefetch, replicate_modules
 from p3d.config.schema import GradSync
 from p3d.distributed.mesh import ParallelDims
 from p3d.models import decoder_blocks, experts_modules
+from p3d.parallel.reducer import BucketedReducer, bucket_assignment, bucketed_reducer, local_part, ready_order
 from p3d.parallel.tensor import own_tensor
 from p3d.parallel.vocab import vocabulary_parameters
 
@@ -99,29 +102,47 @@ def _replicate(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy,
         # find_unused_parameters: a forward may leave parameters out (experts without tokens, layers a
         # model skips); DDP then marks them ready itself instead of waiting for them forever.
         ddp_replicate(model, mesh.get_group(), REPLICATE_BUCKET_BYTES, find_unused_parameters=True)
+    elif replicates_with_buckets(model, policy.param_dtype, reduce_every_micro_batch, updates_in_backward):
+        BucketedReducer.install(model, mesh.get_group(), REPLICATE_BUCKET_BYTES)
     else:
         _replicate_with_fsdp(model, mesh, policy)
 
 
+def _reduces_once_in_fp32(model: nn.Module, compute_dtype: torch.dtype, reduce_every_micro_batch: bool, updates_in_backward: bool) -> bool:
+    """What a reducer with flat buckets needs: every parameter in fp32, computing in fp32 (no
+    mixed-precision cast, and p3d reduces in fp32), gradients reduced once per step (the buckets hold
+    the gradients summed over the micro-batches: reducing them after each would sum the earlier
+    micro-batches' again), and no update during the backward (a parameter's post-accumulate hook sees
+    its gradient before the reduction; FSDP2 calls those hooks after its reduction)."""
+    fp32 = all(param.dtype == torch.float32 for param in model.parameters())
+    return compute_dtype == torch.float32 and fp32 and not reduce_every_micro_batch and not updates_in_backward
+
+
 def replicates_with_ddp(model: nn.Module, compute_dtype: torch.dtype, reduce_every_micro_batch: bool, updates_in_backward: bool) -> bool:
     """Whether the replicated mode uses DDP's reducer: every parameter a plain tensor (DDP cannot hold
-    DTensors: TP and EP weights) in fp32, computing in fp32 (DDP has no mixed-precision cast, and
-    reduces in the gradients' dtype where p3d reduces in fp32), gradients reduced once per step (DDP's
-    buckets hold the gradients summed over the micro-batches: reducing them after each would sum the
-    earlier micro-batches' again), and no update during the backward (a parameter's post-accumulate
-    hook sees its gradient before DDP has reduced it; FSDP2 calls those hooks after its reduction)."""
-    plain_fp32 = all(not isinstance(param, DTensor) and param.dtype == torch.float32 for param in model.parameters())
-    return compute_dtype == torch.float32 and plain_fp32 and not reduce_every_micro_batch and not updates_in_backward
+    DTensors: TP and EP weights), reduced once per step in fp32 (`_reduces_once_in_fp32`)."""
+    plain = all(not isinstance(param, DTensor) for param in model.parameters())
+    return plain and _reduces_once_in_fp32(model, compute_dtype, reduce_every_micro_batch, updates_in_backward)
+
+
+def replicates_with_buckets(model: nn.Module, compute_dtype: torch.dtype, reduce_every_micro_batch: bool, updates_in_backward: bool) -> bool:
+    """Whether the replicated mode uses p3d's bucketed reducer (parallel/reducer.py): tensor-parallel
+    weights (DTensors on one 1-D mesh), no experts (a rank's experts may get no tokens, and the
+    reductions must run in the same order on every rank), reduced once per step in fp32."""
+    meshes = {param.device_mesh for param in model.parameters() if isinstance(param, DTensor)}
+    tensor_parallel = len(meshes) == 1 and next(iter(meshes)).ndim == 1
+    return tensor_parallel and not experts_modules(model) and _reduces_once_in_fp32(model, compute_dtype, reduce_every_micro_batch, updates_in_backward)
 
 
 def ddp_bucket_numels(model: nn.Module) -> list[int]:
-    """Gradient elements per all-reduce of a model `_replicate` gave to DDP (none otherwise), the
-    parameters taken in the order their gradients become ready, about the reverse of the model's (so
-    the count and the total are DDP's; a boundary may fall a parameter or two apart)."""
-    if not is_ddp_replicated(model):
+    """Gradient elements per all-reduce of a model `_replicate` gave to DDP or to p3d's bucketed
+    reducer (none otherwise), the parameters taken in the order their gradients become ready, about
+    the reverse of the model's (so the count and the total are DDP's; a boundary may fall a parameter
+    or two apart)."""
+    if not (is_ddp_replicated(model) or bucketed_reducer(model) is not None):
         return []
-    ready_order = [param for param in model.parameters() if param.requires_grad][::-1]
-    return [sum(ready_order[index].numel() for index in bucket) for bucket in ddp_bucket_assignment(ready_order, REPLICATE_BUCKET_BYTES)]
+    order = ready_order(model)
+    return [sum(local_part(order[index]).numel() for index in bucket) for bucket in bucket_assignment(order, REPLICATE_BUCKET_BYTES)]
 
 
 def _replicate_with_fsdp(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
@@ -170,8 +191,11 @@ def syncs_every_micro_batch(grad_sync: GradSync, dims: ParallelDims) -> bool:
 def gradient_sync_switch(model: nn.Module, every_micro_batch: bool) -> Callable[[bool], None]:
     """A function `sync(last_micro_batch)` to call before each micro-batch's backward: it turns the
     gradient reduction off for all but the step's last micro-batch (FSDP2's and DDP's no_sync)."""
-    if every_micro_batch or not (isinstance(model, FSDPModule) or is_ddp_replicated(model)):
+    reducer = bucketed_reducer(model)
+    if every_micro_batch or not (isinstance(model, FSDPModule) or is_ddp_replicated(model) or reducer is not None):
         return lambda last: None
+    if reducer is not None:
+        return reducer.sync
 
     enabled = True
 
