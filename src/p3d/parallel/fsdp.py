@@ -65,8 +65,8 @@ def apply_fsdp(
     from its forward to its backward instead of gathering them again. `backward_prefetch=False` gathers
     each unit when its backward begins, not while the unit after it computes (one unit's weights less
     at the peak, no overlap of that all-gather). `reduce_every_micro_batch`
-    (parallel.grad_sync) and `updates_in_backward` (optim.in_backward) decide between DDP and FSDP2 for
-    the replicated mode (`replicates_with_ddp`).
+    (parallel.grad_sync) and `updates_in_backward` (optim.in_backward) decide between DDP, p3d's bucketed
+    reducer and FSDP2 for the replicated mode (`replicates_with_ddp`, `replicates_with_buckets`).
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     if replicate:
