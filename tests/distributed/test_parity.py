@@ -150,9 +150,8 @@ DP_MODES = {
     "dp_replicate2-accumulating": ("tiny_opt", 2, ["parallel.dp_replicate=2", "train.micro_batch_size=1"]),  # grad_sync=auto: once per step
     "dp_replicate2-sync-every-micro-batch": ("tiny_llama", 2, ["parallel.dp_replicate=2", "train.micro_batch_size=1", "parallel.grad_sync=micro_batch"]),
     "hsdp-dp_replicate2-dp_shard2": ("tiny_llama", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=1"]),
-    "tp2-dp_replicate2": ("tiny_opt", 4, ["parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=2"]),
     # TP weights replicated in fp32: p3d's bucketed reducer, gradients accumulated over two micro-batches
-    "tp2-dp_replicate2-accumulating": ("tiny_llama", 4, ["parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=1"]),
+    "tp2-dp_replicate2-accumulating": ("tiny_opt", 4, ["parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=1"]),
     "cp2-dp_replicate2": ("tiny_llama", 4, ["parallel.cp=2", "parallel.dp_replicate=2", "train.micro_batch_size=2"]),
     "dp2-no-reshard-after-forward": ("tiny_llama", 2, ["parallel.dp=2", "parallel.reshard_after_forward=false", "train.micro_batch_size=1"]),
     "dp2-sync-per-step": ("tiny_opt", 2, ["parallel.dp=2", "parallel.grad_sync=step", "train.micro_batch_size=1"]),
