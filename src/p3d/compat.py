@@ -355,3 +355,10 @@ def traced_all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     from torch.distributed import _functional_collectives
 
     return _functional_collectives.all_reduce(tensor, "sum", group)
+
+
+def when_backward_ends(callback) -> None:
+    """Run `callback` once the backward now running has finished (private autograd engine's
+    `queue_callback`, torch 2.13: what DDP and FSDP2 wait for their reductions with). Call it from
+    inside the backward, e.g. a gradient hook."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)

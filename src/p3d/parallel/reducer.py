@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from p3d.compat import ddp_bucket_assignment
+from p3d.compat import ddp_bucket_assignment, when_backward_ends
 
 _REDUCERS: "weakref.WeakKeyDictionary[nn.Module, BucketedReducer]" = weakref.WeakKeyDictionary()
 
@@ -51,8 +51,7 @@ class BucketedReducer:
         self.buckets: list[torch.Tensor] = []
         self.members: list[list[nn.Parameter]] = []
         self.bucket_of: dict[int, int] = {}
-        self.pending: list[int] = []
-        self.launched: list[bool] = []
+        self.pending: list[int] = []  # per bucket: gradients not yet ready this backward (0: its all-reduce is launched)
         self.handles: list = []
         self.finishing = False
 
@@ -77,9 +76,9 @@ class BucketedReducer:
         self.params = ready_order(model)
         for indices in bucket_assignment(self.params, self.bucket_bytes):
             members = [self.params[index] for index in indices]
-            local = local_part(members[0])
             self.bucket_of.update({id(param): len(self.buckets) for param in members})
-            self.buckets.append(torch.zeros(sum(local_part(param).numel() for param in members), dtype=torch.float32, device=local.device))
+            numel = sum(local_part(param).numel() for param in members)
+            self.buckets.append(torch.zeros(numel, dtype=torch.float32, device=local_part(members[0]).device))
             self.members.append(members)
         self._reset()
         for param in self.params:
@@ -99,28 +98,26 @@ class BucketedReducer:
 
     def _reset(self) -> None:
         self.pending = [len(members) for members in self.members]
-        self.launched = [False] * len(self.members)
 
     def _gradient_ready(self, param: nn.Parameter) -> None:
         if not self.reducing:
             return
         if not self.finishing:
             self.finishing = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            when_backward_ends(self._finish)
         index = self.bucket_of[id(param)]
         self.pending[index] -= 1
         if self.pending[index] == 0:
             self._launch(index)
 
     def _launch(self, index: int) -> None:
-        self.launched[index] = True
         self.handles.append(dist.all_reduce(self.buckets[index], group=self.group, async_op=True))
 
     def _finish(self) -> None:
         """When the backward ends: buckets with a parameter the forward did not use are reduced now (in
         bucket order on every rank), then every reduction is waited for."""
-        for index, launched in enumerate(self.launched):
-            if not launched:
+        for index, waiting_for in enumerate(self.pending):
+            if waiting_for > 0:
                 self._launch(index)
         for handle in self.handles:
             handle.wait()
