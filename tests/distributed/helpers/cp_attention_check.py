@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from p3d.config.schema import CPImpl, CPLayout
+from p3d.distributed.env import shutdown
 from p3d.parallel import cp_attention
 from p3d.parallel.cp_attention import AllGatherAttention, AttentionOptions, AttentionTimer, CPComm, RingAttention, TilePlan, attention
 from p3d.parallel.sharding import SequenceSharding
@@ -114,7 +115,7 @@ def main() -> None:
                     cases += 1
     if dist.get_rank() == 0:
         print(f"ok {cases}")
-    dist.destroy_process_group()
+    shutdown()  # joins gloo's threads while the interpreter is whole (see its docstring)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
+from p3d.distributed.env import shutdown
 from p3d.parallel.tensor import apply_tensor_parallel
 
 HIDDEN, HEADS, HEAD_DIM, VOCAB = 8, 4, 3, 10
@@ -244,7 +245,7 @@ def main() -> None:
     check_all_reduce(mesh)
     if dist.get_rank() == 0:
         print(f"ok {len(CASES) + 1}")
-    dist.destroy_process_group()
+    shutdown(mesh)  # joins gloo's threads while the interpreter is whole (see its docstring)
 
 
 if __name__ == "__main__":
