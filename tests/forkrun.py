@@ -11,7 +11,8 @@ torchrun itself (restarts, SIGTERM, multi-node rendezvous) keep using torchrun.
 Like torchrun it sets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, shares
 its stdout/stderr with the ranks, stops the other ranks when one fails, and exits non-zero then.
 The test hooks named in P3D_TEST_HOOKS (tests/hooks.py) are installed before the fork, so every
-rank runs with them.
+rank runs with them. Under pytest this launcher is itself a fork of tests/zygote.py, which has
+already imported all of the above.
 """
 
 from __future__ import annotations
