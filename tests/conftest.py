@@ -91,7 +91,7 @@ class Zygote:
         data = (json.dumps(request) + "\n").encode()
         while data:
             data = data[self.process.stdin.write(data):]
-        pid = self.answer()["pid"]
+        pid = self.last_pid = self.answer()["pid"]
         answer = self.answer(timeout)
         timed_out = answer is None
         if timed_out:  # end the run, forked ranks included

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import conftest
 from tests.conftest import FAST, _env, assert_ok, hooks_env, run_command, run_p3d
 from tests.distributed.test_checkpoint import SAME_LAYOUT, assert_same_losses
 
@@ -97,6 +98,31 @@ def test_single_process_bad_input_has_no_traceback(tmp_path):
     done = run_command([sys.executable, "-m", "p3d.train", *FAST, "data.seq_len=0"], cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == "p3d: error: data.seq_len=0: must be >= 1"
+
+
+def processes_in_group(group: int) -> list[int]:
+    """Live processes whose process group is `group` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_run_forked_by_the_tests_zygote_ends_as_the_script_would(tmp_path):
+    """run_p3d's runs are children of tests/zygote.py: the same exit code and output as `python -m p3d.train`,
+    and a run past its timeout is killed with its ranks."""
+    fresh = run_command([sys.executable, "-m", "p3d.train", *FAST, "data.seq_len=0", f"run.dir={tmp_path / 'fresh'}"], cwd=tmp_path)
+    forked = run_p3d(tmp_path / "forked", [*FAST, "data.seq_len=0"])
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr) == (2, "", "p3d: error: data.seq_len=0: must be >= 1\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_p3d(tmp_path / "slow", ["train.steps=100000", "checkpoint=none"], nproc=2, timeout=5)
+    assert processes_in_group(conftest._zygote.last_pid) == []
+    assert run_p3d(tmp_path / "after", FAST).returncode == 0  # the zygote serves the next run
 
 
 def test_debug_mode_shows_the_traceback(tmp_path):
