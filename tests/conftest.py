@@ -81,7 +81,7 @@ class Zygote:
 
     def serves(self, env: dict) -> bool:
         changed = {key for key in env.keys() | self.env.keys() if env.get(key) != self.env.get(key)}
-        return self.process.poll() is None and all(key.startswith("P3D_") or key == "PYTEST_CURRENT_TEST" for key in changed)
+        return all(key.startswith("P3D_") or key == "PYTEST_CURRENT_TEST" for key in changed)
 
     def run(self, argv: list[str], env: dict, timeout: float, cwd: Path) -> subprocess.CompletedProcess:
         stdout, stderr = self.outputs / "stdout", self.outputs / "stderr"

@@ -11,7 +11,8 @@ entry point; it leaves the request loop and ends as that script would (an except
 traceback and exits 1, atexit handlers and interpreter teardown run).
 
 The client (tests/conftest.py) only sends runs whose environment differs from this server's in
-P3D_* keys, which p3d and the test hooks read at run time, never at import.
+P3D_* keys, which p3d and the test hooks read at run time, never at import (and pytest's
+PYTEST_CURRENT_TEST).
 
 Protocol, one request at a time, one JSON object per line: the client writes {"argv": [...],
 "cwd": ..., "env": {...}, "stdout": path, "stderr": path}; the server answers {"pid": N} at once and
@@ -27,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-import forkrun  # noqa: F401  (imports torch, transformers' Llama and OPT, datasets, p3d.train and the hooks)
+import forkrun  # importing it imports torch, transformers' Llama and OPT, datasets, p3d.train and the hooks
 import hookrun
 
 import p3d.train

@@ -6,6 +6,7 @@ import resource
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,9 @@ def test_a_run_forked_by_the_tests_zygote_ends_as_the_script_would(tmp_path):
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr) == (2, "", "p3d: error: data.seq_len=0: must be >= 1\n")
     with pytest.raises(subprocess.TimeoutExpired):
         run_p3d(tmp_path / "slow", ["train.steps=100000", "checkpoint=none"], nproc=2, timeout=5)
+    deadline = time.monotonic() + 30  # SIGKILL is delivered asynchronously: ranks may take a moment to go
+    while processes_in_group(conftest._zygote.last_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert processes_in_group(conftest._zygote.last_pid) == []
     assert run_p3d(tmp_path / "after", FAST).returncode == 0  # the zygote serves the next run
 
