@@ -6,6 +6,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,7 @@ class Zygote:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=60)
+        shutil.rmtree(self.outputs, ignore_errors=True)
 
 
 _zygote: Zygote | None = None
