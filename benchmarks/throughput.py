@@ -86,27 +86,37 @@ def p3d_settings(name: str, extra: dict[str, list[str]]) -> list[str]:
     return list(latest.values())
 
 
-def p3d_tokens_per_s(layout, shape, args, settings: list[str], run_dir: Path) -> float:
+def p3d_overrides(layout, shape, args, settings: list[str], run_dir: Path) -> list[str]:
+    """p3d's command-line overrides for the loops' model, data and layout."""
     tp, dp, cp = layout
     hidden, layers, steps = shape
-    overrides = [
+    return [
         "model=tiny_llama", f"model.config.hidden_size={hidden}", f"model.config.intermediate_size={2 * hidden}",
         f"model.config.num_hidden_layers={layers}", "model.config.max_position_embeddings=4096",
         f"data.seq_len={args.seq_len}", f"train.steps={steps}", f"train.global_batch_size={args.global_batch}",
         f"train.micro_batch_size={args.global_batch // dp}", f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.cp={cp}",
         "checkpoint=none", f"run.dir={run_dir}", *settings,
     ]
-    run([*torchrun(tp * dp * cp), "-m", "p3d.train", *overrides])
+
+
+def loop_flags(layout, shape, args, steps: int | None = None) -> list[str]:
+    """The hand-written loops' flags for the same model, data and layout."""
+    tp, dp, cp = layout
+    hidden, layers, shape_steps = shape
+    return [f"--tp={tp}", f"--dp={dp}", f"--cp={cp}", f"--steps={steps or shape_steps}", f"--warmup={min(args.warmup, (steps or shape_steps) - 1)}",
+            f"--seq-len={args.seq_len}", f"--global-batch={args.global_batch}", f"--hidden={hidden}", f"--layers={layers}"]
+
+
+def p3d_tokens_per_s(layout, shape, args, settings: list[str], run_dir: Path) -> float:
+    tp, dp, cp = layout
+    run([*torchrun(tp * dp * cp), "-m", "p3d.train", *p3d_overrides(layout, shape, args, settings, run_dir)])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in records[args.warmup:])
 
 
 def loop_result(script: str, layout, shape, args, steps: int | None = None) -> dict:
     tp, dp, cp = layout
-    hidden, layers, shape_steps = shape
-    flags = [f"--tp={tp}", f"--dp={dp}", f"--cp={cp}", f"--steps={steps or shape_steps}", f"--warmup={min(args.warmup, (steps or shape_steps) - 1)}",
-             f"--seq-len={args.seq_len}", f"--global-batch={args.global_batch}", f"--hidden={hidden}", f"--layers={layers}"]
-    output = run([*torchrun(tp * dp * cp), str(HERE / script), *flags])
+    output = run([*torchrun(tp * dp * cp), str(HERE / script), *loop_flags(layout, shape, args, steps)])
     return json.loads(output.strip().splitlines()[-1])
 
 

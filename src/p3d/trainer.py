@@ -153,16 +153,7 @@ class Trainer:
         try:
             with StopOnSignal() as stop:
                 while self.state.step < steps and not stopping:
-                    record = self.train_step()
-                    stopping, save_status, record["peak_mem_gb"] = self._agree(stop.requested)
-                    if not stopping and self._should_evaluate():
-                        record.update(self.evaluate())
-                    blocked = self.checkpointer.poll(save_status)
-                    if stopping or self._should_save():
-                        blocked += self.checkpointer.save(self.state.step, self.checkpoint_state(), sync=stopping)
-                    if blocked:
-                        record["checkpoint_blocked_s"] = round(blocked, 4)
-                    self.metrics.log(record)
+                    record, stopping = self.run_step(stop.requested)
                 self.checkpointer.wait()
         finally:
             self.batches.close()
@@ -173,6 +164,21 @@ class Trainer:
                 f"is complete; rerun the same command to resume"
             )
         self._write_summary(record, self.state.step - first_step, time.perf_counter() - started, stopped=stopping)
+
+    def run_step(self, stop_requested: bool) -> tuple[dict, bool]:
+        """One step of fit(): train, agree with every rank (a stop request, the pending save, peak memory),
+        validate and save when due, log. Returns the step's record and whether the run stops after it."""
+        record = self.train_step()
+        stopping, save_status, record["peak_mem_gb"] = self._agree(stop_requested)
+        if not stopping and self._should_evaluate():
+            record.update(self.evaluate())
+        blocked = self.checkpointer.poll(save_status)
+        if stopping or self._should_save():
+            blocked += self.checkpointer.save(self.state.step, self.checkpoint_state(), sync=stopping)
+        if blocked:
+            record["checkpoint_blocked_s"] = round(blocked, 4)
+        self.metrics.log(record)
+        return record, stopping
 
     def _agree(self, stop_requested: bool) -> tuple[bool, int, float]:
         """One small all-reduce per step: did any rank get SIGTERM, where is the pending save, and the
