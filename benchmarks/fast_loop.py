@@ -278,35 +278,70 @@ def summarize(prof, wall_s: float) -> dict:
     return summarize(prof, wall_s)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     for name, default in (("tp", 1), ("dp", 1), ("cp", 1), ("steps", 20), ("warmup", 3), ("seq_len", 256), ("global_batch", 8), ("hidden", 256), ("layers", 4)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--profile-step", type=int, default=0, help="profile this step (1-based) with torch.profiler (benchmarks/profile_step.py)")
     parser.add_argument("--profile-out", default="", help="where rank 0 writes the profiled step's summary (JSON)")
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    par = Parallel(args.tp, args.dp, args.cp)
-    model = build_model(args, par)
-    params = list(model.parameters())
-    replicas = args.dp * args.cp
-    buckets = GradientBuckets(params, par.dp_cp_group if replicas > 1 else None)
-    # Norms of tp-split weights are summed over tp; replicated weights' gradients are equal on every tp rank.
-    split = [model.head] + [p for block in model.blocks for p in (block.qkv, block.o, block.gate_up, block.down)]
-    split_ids = {id(p) for p in split}
-    replicated = [p for p in params if id(p) not in split_ids]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, fused=True)
+    return parser.parse_args(argv)
 
-    windows = corpus_windows(args.seq_len)
-    per_rank = args.global_batch // args.dp
-    local = balanced_positions(par.cp_rank, args.cp, args.seq_len) if args.cp > 1 else torch.arange(args.seq_len)
-    mask = None
-    if args.cp > 1:
-        everyone = torch.cat([balanced_positions(r, args.cp, args.seq_len) for r in range(args.cp)])
-        mask = local[:, None] >= everyone[None, :]
-    global_tokens = float(args.global_batch * args.seq_len)  # every label is a real token in this data
+
+class FastLoop:
+    """The model, optimizer and data of the loop, built in an initialised process group; `step(n)` trains step n."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.par = par = Parallel(args.tp, args.dp, args.cp)
+        self.model = model = build_model(args, par)
+        self.params = params = list(model.parameters())
+        self.replicas = args.dp * args.cp
+        self.buckets = GradientBuckets(params, par.dp_cp_group if self.replicas > 1 else None)
+        # Norms of tp-split weights are summed over tp; replicated weights' gradients are equal on every tp rank.
+        self.split = [model.head] + [p for block in model.blocks for p in (block.qkv, block.o, block.gate_up, block.down)]
+        split_ids = {id(p) for p in self.split}
+        self.replicated = [p for p in params if id(p) not in split_ids]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, fused=True)
+
+        self.windows = corpus_windows(args.seq_len)
+        self.per_rank = args.global_batch // args.dp
+        self.local = balanced_positions(par.cp_rank, args.cp, args.seq_len) if args.cp > 1 else torch.arange(args.seq_len)
+        self.mask = None
+        if args.cp > 1:
+            everyone = torch.cat([balanced_positions(r, args.cp, args.seq_len) for r in range(args.cp)])
+            self.mask = self.local[:, None] >= everyone[None, :]
+        self.global_tokens = float(args.global_batch * args.seq_len)  # every label is a real token in this data
+
+    def step(self, step: int) -> torch.Tensor:
+        """Train step `step` (its global batch); returns the step's loss summed over the dp x cp ranks."""
+        args, par, local, params = self.args, self.par, self.local, self.params
+        batch = self.windows[(step * args.global_batch + par.dp_rank * self.per_rank + torch.arange(self.per_rank)) % len(self.windows)]
+        inputs, labels = batch[:, :-1][:, local], batch[:, 1:][:, local]
+        logits = self.model(inputs, local, self.mask)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / self.global_tokens
+        reported = loss.detach().clone()
+        loss_handle = dist.all_reduce(reported, group=par.dp_cp_group, async_op=True) if self.replicas > 1 else None
+        loss.backward()
+        self.buckets.wait()
+        grads = [p.grad for p in params]
+        split_square = torch.stack(torch._foreach_norm([p.grad for p in self.split])).square().sum()
+        if args.tp > 1:
+            dist.all_reduce(split_square, group=par.tp_group)
+        norm = (split_square + torch.stack(torch._foreach_norm([p.grad for p in self.replicated])).square().sum()).sqrt()
+        torch._foreach_mul_(grads, torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+        self.optimizer.step()
+        self.buckets.zero()
+        if loss_handle is not None:
+            loss_handle.wait()
+        return reported
+
+
+def main() -> None:
+    args = parse_args()
+    dist.init_process_group("gloo")
+    loop = FastLoop(args)
     timings, losses = [], []
     for step in range(args.steps):
         profiling = step + 1 == args.profile_step
@@ -314,25 +349,7 @@ def main() -> None:
             prof = profiler()
             prof.__enter__()
         started = time.perf_counter()
-        batch = windows[(step * args.global_batch + par.dp_rank * per_rank + torch.arange(per_rank)) % len(windows)]
-        inputs, labels = batch[:, :-1][:, local], batch[:, 1:][:, local]
-        logits = model(inputs, local, mask)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / global_tokens
-        reported = loss.detach().clone()
-        loss_handle = dist.all_reduce(reported, group=par.dp_cp_group, async_op=True) if replicas > 1 else None
-        loss.backward()
-        buckets.wait()
-        grads = [p.grad for p in params]
-        split_square = torch.stack(torch._foreach_norm([p.grad for p in split])).square().sum()
-        if args.tp > 1:
-            dist.all_reduce(split_square, group=par.tp_group)
-        norm = (split_square + torch.stack(torch._foreach_norm([p.grad for p in replicated])).square().sum()).sqrt()
-        torch._foreach_mul_(grads, torch.clamp(1.0 / (norm + 1e-6), max=1.0))
-        optimizer.step()
-        buckets.zero()
-        if loss_handle is not None:
-            loss_handle.wait()
-        losses.append(reported)
+        losses.append(loop.step(step))
         timings.append(time.perf_counter() - started)
         if profiling:
             prof.__exit__(None, None, None)

@@ -20,13 +20,13 @@ SIZES = SimpleNamespace(seq_len=32, global_batch=4, warmup=1)
 
 
 def test_paired_steps_alternate_p3d_and_the_plain_loop_each_as_it_trains_alone(tmp_path):
-    command = [sys.executable, str(REPO / "benchmarks" / "paired_steps.py"), "--layouts=dp2", "--shapes=64x2:4", "--repeats=1",
+    command = [sys.executable, str(REPO / "benchmarks" / "paired_steps.py"), "--layouts=dp2", "--shapes=64x2:4", "--repeats=1", "--pairs=defaults-plain",
                "--warmup=1", "--seq-len=32", "--global-batch=4", f"--out={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads((tmp_path / "paired_steps.json").read_text())
     (paired,) = row["runs"]
-    assert row["layout"] == "dp2" and row["ratio"] > 0 and len(paired["p3d_losses"]) == len(paired["plain_losses"]) == 4
+    assert (row["pair"], row["layout"]) == ("defaults-plain", "dp2") and row["ratio"] > 0 and len(paired["p3d_losses"]) == len(paired["loop_losses"]) == 4
 
     p3d_alone = run_p3d(tmp_path / "alone", p3d_overrides((1, 2, 1), SHAPE, SIZES, [], tmp_path / "alone"), nproc=2)
     assert p3d_alone.returncode == 0, p3d_alone.stderr[-3000:]
@@ -36,4 +36,4 @@ def test_paired_steps_alternate_p3d_and_the_plain_loop_each_as_it_trains_alone(t
                             str(REPO / "benchmarks" / "plain_loop.py"), *loop_flags((1, 2, 1), SHAPE, SIZES)],
                            capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    assert paired["plain_losses"] == json.loads(plain.stdout.strip().splitlines()[-1])["losses"]
+    assert paired["loop_losses"] == json.loads(plain.stdout.strip().splitlines()[-1])["losses"]
