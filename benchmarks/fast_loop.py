@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from plain_loop import corpus_windows, model_config, print_result  # the same data, model and result line as the plain loop
+from plain_loop import argument_parser, corpus_windows, model_config, print_result  # the same flags, data, model and result line as the plain loop
 from torch import nn
 
 BUCKET_ELEMENTS = 25 * 2**20 // 4  # 25 MiB of fp32 gradients per all-reduce, as DDP's default bucket
@@ -279,9 +279,7 @@ def summarize(prof, wall_s: float) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    for name, default in (("tp", 1), ("dp", 1), ("cp", 1), ("steps", 20), ("warmup", 3), ("seq_len", 256), ("global_batch", 8), ("hidden", 256), ("layers", 4)):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    parser = argument_parser()
     parser.add_argument("--profile-step", type=int, default=0, help="profile this step (1-based) with torch.profiler (benchmarks/profile_step.py)")
     parser.add_argument("--profile-out", default="", help="where rank 0 writes the profiled step's summary (JSON)")
     return parser.parse_args(argv)

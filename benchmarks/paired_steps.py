@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import LAYOUTS, loop_flags, p3d_overrides, p3d_settings, parse_shapes, run, torchrun  # noqa: E402
+from throughput import LAYOUTS, check_layouts, loop_flags, p3d_overrides, p3d_settings, parse_shapes, run, torchrun  # noqa: E402
 
 PAIRS = {"defaults-plain": "plain_loop.py", "best-fast": "fast_loop.py"}
 
@@ -166,9 +166,7 @@ def main() -> None:
     for pair in args.pairs.split(","):
         if pair not in PAIRS:
             raise SystemExit(f"--pairs: unknown pair {pair!r} (known: {', '.join(PAIRS)})")
-    for name in args.layouts.split(","):
-        if name not in LAYOUTS:
-            raise SystemExit(f"--layouts: unknown layout {name!r} (known: {', '.join(LAYOUTS)})")
+    check_layouts(args.layouts)
     with tempfile.TemporaryDirectory() as workdir:
         rows = with_earlier_rows(measure(args, Path(workdir)), args.keep_from)
     text = report(rows, args)

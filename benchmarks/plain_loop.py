@@ -73,11 +73,16 @@ def print_result(args, timings: list[float], losses: list[torch.Tensor]) -> None
                           "losses": [loss.item() for loss in losses]}))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def argument_parser() -> argparse.ArgumentParser:
+    """The loops' flags: layout, steps, sizes (the fast loop adds its profiling flags)."""
     parser = argparse.ArgumentParser()
     for name, default in (("tp", 1), ("dp", 1), ("cp", 1), ("steps", 20), ("warmup", 3), ("seq_len", 256), ("global_batch", 8), ("hidden", 256), ("layers", 4)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return argument_parser().parse_args(argv)
 
 
 class PlainLoop:

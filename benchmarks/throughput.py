@@ -67,6 +67,13 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def check_layouts(text: str) -> None:
+    """--layouts: comma-separated names from LAYOUTS."""
+    for name in text.split(","):
+        if name not in LAYOUTS:
+            raise SystemExit(f"--layouts: unknown layout {name!r} (known: {', '.join(LAYOUTS)})")
+
+
 def parse_overrides(items: list[str]) -> dict[str, list[str]]:
     """['dp2=parallel.a=1 parallel.b=2', 'all=...'] -> {layout: [override, ...]}."""
     table: dict[str, list[str]] = {}
@@ -222,9 +229,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args()
     extra = parse_overrides(args.p3d_overrides)
-    for name in args.layouts.split(","):
-        if name not in LAYOUTS:
-            raise SystemExit(f"--layouts: unknown layout {name!r} (known: {', '.join(LAYOUTS)})")
+    check_layouts(args.layouts)
     with tempfile.TemporaryDirectory() as workdir:
         rows = with_earlier_rows(measure(args, extra, Path(workdir)), args.keep_from)
     text = report(rows, args)
