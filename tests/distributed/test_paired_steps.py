@@ -3,6 +3,7 @@ its p3d steps give the losses `python -m p3d.train` gives, and its plain steps t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,8 +13,17 @@ from types import SimpleNamespace
 from tests.conftest import _env, run_p3d
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from throughput import loop_flags, p3d_overrides  # noqa: E402
+
+
+def _throughput_module():
+    """benchmarks/throughput.py (not a package, and not put on sys.path, where its siblings' names would shadow others)."""
+    spec = importlib.util.spec_from_file_location("p3d_benchmarks_throughput", REPO / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+throughput = _throughput_module()
 
 SHAPE = (64, 2, 4)  # hidden, layers, steps
 SIZES = SimpleNamespace(seq_len=32, global_batch=4, warmup=1)
@@ -28,12 +38,12 @@ def test_paired_steps_alternate_p3d_and_the_plain_loop_each_as_it_trains_alone(t
     (paired,) = row["runs"]
     assert (row["pair"], row["layout"]) == ("defaults-plain", "dp2") and row["ratio"] > 0 and len(paired["p3d_losses"]) == len(paired["loop_losses"]) == 4
 
-    p3d_alone = run_p3d(tmp_path / "alone", p3d_overrides((1, 2, 1), SHAPE, SIZES, [], tmp_path / "alone"), nproc=2)
+    p3d_alone = run_p3d(tmp_path / "alone", throughput.p3d_overrides((1, 2, 1), SHAPE, SIZES, [], tmp_path / "alone"), nproc=2)
     assert p3d_alone.returncode == 0, p3d_alone.stderr[-3000:]
     assert paired["p3d_losses"] == p3d_alone.losses
 
     plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(REPO / "benchmarks" / "plain_loop.py"), *loop_flags((1, 2, 1), SHAPE, SIZES)],
+                            str(REPO / "benchmarks" / "plain_loop.py"), *throughput.loop_flags((1, 2, 1), SHAPE, SIZES)],
                            capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert paired["loop_losses"] == json.loads(plain.stdout.strip().splitlines()[-1])["losses"]
