@@ -37,22 +37,23 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from throughput import LAYOUTS, check_layouts, loop_flags, p3d_overrides, p3d_settings, parse_shapes, run, torchrun  # noqa: E402
 
-PAIRS = {"defaults-plain": "plain_loop.py", "best-fast": "fast_loop.py"}
+PAIRS = {"defaults-plain": ("plain_loop", "PlainLoop"), "best-fast": ("fast_loop", "FastLoop")}  # pair: the loop's module and class
 
 
 def worker(argv: list[str]) -> None:
-    """Under torchrun: `--worker plain_loop.py|fast_loop.py <loop flags> -- <p3d overrides>`."""
+    """Under torchrun: `--worker PAIR <loop flags> -- <p3d overrides>`."""
+    import importlib
+
     import torch.distributed as dist
 
     import p3d.train
     from p3d.trainer import Trainer
 
-    if argv[0] == "fast_loop.py":
-        from fast_loop import FastLoop as Loop, parse_args
-    else:
-        from plain_loop import PlainLoop as Loop, parse_args
+    module_name, class_name = PAIRS[argv[0]]
+    module = importlib.import_module(module_name)
+    Loop = getattr(module, class_name)
     split = argv.index("--")
-    args = parse_args(argv[1:split])
+    args = module.parse_args(argv[1:split])
 
     def alternate(trainer: Trainer) -> None:  # replaces Trainer.fit: the process group and trainer are p3d's
         loop = Loop(args)
@@ -82,7 +83,7 @@ def paired_run(pair: str, name: str, shape, args, run_dir: Path) -> dict:
     layout = LAYOUTS[name]
     tp, dp, cp = layout
     settings = p3d_settings(name, {}) if pair == "best-fast" else []
-    command = [*torchrun(tp * dp * cp), str(Path(__file__).resolve()), "--worker", PAIRS[pair], *loop_flags(layout, shape, args), "--",
+    command = [*torchrun(tp * dp * cp), str(Path(__file__).resolve()), "--worker", pair, *loop_flags(layout, shape, args), "--",
                *p3d_overrides(layout, shape, args, settings, run_dir), "logging.progress=false"]
     line = next(line for line in run(command).splitlines() if line.startswith("PAIRED "))
     result = json.loads(line.removeprefix("PAIRED "))
