@@ -885,6 +885,10 @@ def render(plan: Plan, show_ranks: bool = False) -> str:
         lines.append(f"(ranks range from {distinct[0]:.3f} to {distinct[-1]:.3f} GB: uneven shards)")
     lines.append(f"{'whole job':<22} {plan.job_bytes / GB:8.3f}   (all {dims.world_size} ranks)")
     lines.append(verdict(plan))
+    if plan.largest.allocator > 0:
+        lines.append("(allocator retention is an estimate of what glibc keeps of freed blocks, the least exact term: peak RSS "
+                     "varies by up to 10% between runs of one config; dist.cpu_return_freed_memory=true makes a rank's peak "
+                     "its live tensors, which the plan counts, at a speed cost)")
     if dims.tp > 1:
         lines += ["", f"# tensor-parallel plan ({setup.plan_source})"]
         lines += [f"{style:<32} {pattern}" for pattern, style in plan_without_names(setup.tp_plan, trace.vocabulary_modules).items()]

@@ -170,6 +170,17 @@ def test_device_decides_the_per_process_terms_and_the_verdict():
     assert planned(overrides, 8, device="cuda", device_memory_gb=0.4).fits is False
 
 
+def test_text_plan_says_the_allocator_term_is_an_estimate_only_where_it_counts_one():
+    from p3d.plan import render
+
+    estimate = "allocator retention is an estimate"
+    overrides = [*TINY, "parallel=tp2dp2cp2"]
+    assert estimate in render(planned(overrides, 8, device="cpu", device_memory_gb=24))
+    returned = planned([*overrides, "dist.cpu_return_freed_memory=true"], 8, device="cpu", device_memory_gb=24)
+    assert returned.breakdown()["allocator retention"] == 0 and estimate not in render(returned)
+    assert estimate not in render(planned(overrides, 8, device="cuda", device_memory_gb=80))
+
+
 def test_a_gpu_name_gives_the_device_memory(capsys):
     code, out, err = plan_here(capsys, *TINY, "--world-size", "1", "--device", "cuda", "--device-memory-gb", "h100", "--json")
     assert code == 0, err
