@@ -153,13 +153,13 @@ Each case is planned and run twice:
 
 Why the default allocator's term stays an estimate (measured with glibc's `mallinfo2` and
 `malloc_info` inside the runs): the main heap grows during each backward while the bytes in use in it
-fall, the freed activations' holes not taking the gradient and reduction blocks that follow, and
+fall (the blocks it allocates then do not fit the holes freed before them), and
 settles after two or three steps (SmolLM2 in one process, 10 steps: peak 5.67-5.75 GiB from step 2
 on). Its largest size was 1.4x its in-use high-water for SmolLM2 in one process and 1.5-2.5x for
 the multi-rank FSDP runs probed (OPT-1.3B 8 layers tp2dp2cp2, Llama 150M tp2dp2cp2 and dp8), where the
 peak came at the end of the backward, the grown heap and the embedding's large gradient and
 reduction buffers live together; at the end of a run a rank's heap was mostly 40-odd free chunks of
-1-350 MB. Identical ranks of one run differ by up to 15%
+1-350 MB. Identical ranks of one run differ by up to 17%
 (the "all ranks" column), and the same config measured twice up to 10% (Llama 334M dp4 with AC: 4.607
 and 4.135 GB; GPT-2 tp2cp2: 5.050 and 4.632 GB). Keeping gradients allocated across steps (zeroed,
 not freed) did not change it (Llama 150M shape, 6 layers, dp4: 1.81-1.97 against 1.68-2.04 GiB).
