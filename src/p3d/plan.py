@@ -74,6 +74,8 @@ CPU_PROCESS_BASELINE_B = 0.40e9
 # dist.cpu_return_freed_memory=true, which makes every block over 64 KiB its own mapping).
 CPU_MMAP_THRESHOLD_B = 32 * 2**20
 CPU_HEAP_RETENTION = 0.55
+# Above this share of the machine's memory a CPU verdict with that estimate in it is called tight.
+TIGHT_SHARE = 0.9
 # On a GPU: the CUDA context and the kernels' workspaces, outside torch's allocator (nominal: not
 # measured by p3d; the caching allocator's reserve above the live tensors is not counted either).
 CUDA_CONTEXT_B = 0.5e9
@@ -924,4 +926,13 @@ def verdict(plan: Plan) -> str:
         need, what = plan.largest.total, f"each device has {plan.device_memory_gb:.1f} GB"
     else:
         need, what = plan.job_bytes, f"the machine has {plan.device_memory_gb:.1f} GB for all {plan.setup.dims.world_size} ranks"
-    return f"fits: {'yes' if plan.fits else 'NO'} (needs {need / GB:.1f} GB; {what})"
+    line = f"fits: {'yes' if plan.fits else 'NO'} (needs {need / GB:.1f} GB; {what})"
+    retained = sum(memory.allocator for memory in plan.ranks)
+    live, memory_b = plan.job_bytes - retained, plan.device_memory_gb * GB
+    if plan.device != "cpu" or retained == 0 or live > memory_b:
+        return line
+    if not plan.fits:
+        return line + f"; with dist.cpu_return_freed_memory=true it needs {live / GB:.1f} GB and fits"
+    if need > TIGHT_SHARE * memory_b:  # the allocator term's error is about that large (docs/results/plan_accuracy.md)
+        return line + f"; tight for an estimate of glibc's retention, dist.cpu_return_freed_memory=true needs {live / GB:.1f} GB"
+    return line

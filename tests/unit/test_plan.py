@@ -181,6 +181,23 @@ def test_text_plan_says_the_allocator_term_is_an_estimate_only_where_it_counts_o
     assert estimate not in render(planned(overrides, 8, device="cuda", device_memory_gb=80))
 
 
+def test_a_cpu_verdict_near_the_limit_names_the_key_that_drops_the_allocator_term():
+    from p3d.plan import verdict
+
+    overrides = [*TINY, "parallel=tp2dp2cp2"]
+    default = planned(overrides, 8, device="cpu")
+    live_gb = (default.job_bytes - sum(memory.allocator for memory in default.ranks)) / GB
+    between = (live_gb + default.job_bytes / GB) / 2
+    assert live_gb < between < default.job_bytes / GB
+    tight = planned(overrides, 8, device="cpu", device_memory_gb=between)
+    assert tight.fits is False and f"dist.cpu_return_freed_memory=true it needs {live_gb:.1f} GB and fits" in verdict(tight)
+    assert planned([*overrides, "dist.cpu_return_freed_memory=true"], 8, device="cpu", device_memory_gb=between).fits is True
+    assert "dist.cpu_return_freed_memory" not in verdict(planned(overrides, 8, device="cpu", device_memory_gb=live_gb * 0.9))
+    close = planned(overrides, 8, device="cpu", device_memory_gb=default.job_bytes / GB * 1.02)
+    assert close.fits is True and "tight for an estimate of glibc's retention" in verdict(close)
+    assert "tight" not in verdict(planned(overrides, 8, device="cpu", device_memory_gb=default.job_bytes / GB * 2))
+
+
 def test_a_gpu_name_gives_the_device_memory(capsys):
     code, out, err = plan_here(capsys, *TINY, "--world-size", "1", "--device", "cuda", "--device-memory-gb", "h100", "--json")
     assert code == 0, err
