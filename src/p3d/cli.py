@@ -214,7 +214,7 @@ def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:
     """On CPU, compare `p3d plan`'s memory for the ranks of this machine with its memory."""
     from p3d.distributed.env import resolve_device_type
     from p3d.errors import RunError
-    from p3d.plan import GB, make_plan
+    from p3d.plan import GB, make_plan, returned_memory_advice
 
     if resolve_device_type(config.dist.device) != "cpu":
         return
@@ -222,11 +222,15 @@ def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:
         plan = make_plan(config, setup, "cpu")
     except RunError:  # a model the plan cannot run on the meta device: no estimate, no warning
         return
-    needed = sorted((memory.total for memory in plan.ranks), reverse=True)[:ranks_here]
-    if plan.device_memory_gb is not None and sum(needed) > plan.device_memory_gb * GB:
+    largest = sorted(plan.ranks, key=lambda memory: memory.total, reverse=True)[:ranks_here]
+    needed = sum(memory.total for memory in largest)
+    if plan.device_memory_gb is None:
+        return
+    advice = returned_memory_advice(needed, sum(memory.allocator for memory in largest), plan.device_memory_gb * GB)
+    if needed > plan.device_memory_gb * GB or advice:
         print(
-            f"p3d: warning: {ranks_here} ranks need about {sum(needed) / GB:.1f} GB by `p3d plan` and this machine has "
-            f"{plan.device_memory_gb:.1f} GB; see docs/parallelism.md for memory levers",
+            f"p3d: warning: {ranks_here} ranks need about {needed / GB:.1f} GB by `p3d plan` and this machine has "
+            f"{plan.device_memory_gb:.1f} GB; {advice or 'see docs/parallelism.md for memory levers'}",
             file=sys.stderr,
         )
 

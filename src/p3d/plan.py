@@ -927,12 +927,19 @@ def verdict(plan: Plan) -> str:
     else:
         need, what = plan.job_bytes, f"the machine has {plan.device_memory_gb:.1f} GB for all {plan.setup.dims.world_size} ranks"
     line = f"fits: {'yes' if plan.fits else 'NO'} (needs {need / GB:.1f} GB; {what})"
-    retained = sum(memory.allocator for memory in plan.ranks)
-    live, memory_b = plan.job_bytes - retained, plan.device_memory_gb * GB
-    if plan.device != "cpu" or retained == 0 or live > memory_b:
+    if plan.device != "cpu":
         return line
-    if not plan.fits:
-        return line + f"; with dist.cpu_return_freed_memory=true it needs {live / GB:.1f} GB and fits"
-    if need > TIGHT_SHARE * memory_b:  # the allocator term's error is about that large (docs/results/plan_accuracy.md)
-        return line + f"; tight for an estimate of glibc's retention, dist.cpu_return_freed_memory=true needs {live / GB:.1f} GB"
-    return line
+    advice = returned_memory_advice(need, sum(memory.allocator for memory in plan.ranks), plan.device_memory_gb * GB)
+    return f"{line}; {advice}" if advice else line
+
+
+def returned_memory_advice(need: float, retained: float, memory: float) -> str | None:
+    """On CPU: what dist.cpu_return_freed_memory=true needs (bytes `need` - `retained`), when `need` does not
+    fit `memory` or is within the allocator estimate's error of it and that key would fit; else None."""
+    live = need - retained
+    if retained == 0 or live > memory or need <= TIGHT_SHARE * memory:
+        return None
+    if need > memory:
+        return f"with dist.cpu_return_freed_memory=true it needs {live / GB:.1f} GB and fits"
+    # the allocator term's error is about that large (docs/results/plan_accuracy.md)
+    return f"tight for an estimate of glibc's retention, dist.cpu_return_freed_memory=true needs {live / GB:.1f} GB"

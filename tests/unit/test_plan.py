@@ -198,6 +198,24 @@ def test_a_cpu_verdict_near_the_limit_names_the_key_that_drops_the_allocator_ter
     assert "tight" not in verdict(planned(overrides, 8, device="cpu", device_memory_gb=default.job_bytes / GB * 2))
 
 
+@pytest.mark.parametrize("machine, warned", [("above the job", "tight for an estimate"), ("below the job", "it needs"), ("twice the job", None)])
+def test_p3d_train_warns_before_launch_when_memory_is_tight_on_cpu(monkeypatch, capsys, machine, warned):
+    overrides = [*TINY, "parallel=tp2dp2cp2"]
+    config = to_object(compose(overrides))
+    setup = validate(config, 8)
+    default = planned(overrides, 8, device="cpu")
+    job_gb = default.job_bytes / GB
+    live_gb = job_gb - sum(memory.allocator for memory in default.ranks) / GB
+    memory_gb = {"above the job": job_gb * 1.01, "below the job": (live_gb + job_gb) / 2, "twice the job": job_gb * 2}[machine]
+    monkeypatch.setattr(plan_module, "machine_memory_gb", lambda: memory_gb)
+    cli._warn_if_it_will_not_fit(config, setup, ranks_here=8)
+    err = capsys.readouterr().err
+    if warned is None:
+        assert err == ""
+    else:
+        assert err.startswith("p3d: warning: 8 ranks need about") and warned in err and "dist.cpu_return_freed_memory=true" in err
+
+
 def test_a_gpu_name_gives_the_device_memory(capsys):
     code, out, err = plan_here(capsys, *TINY, "--world-size", "1", "--device", "cuda", "--device-memory-gb", "h100", "--json")
     assert code == 0, err
