@@ -162,7 +162,7 @@ reduction buffers live together; at the end of a run a rank's heap was mostly 40
 1-350 MB. Identical ranks of one run differ by up to 17%
 (the "all ranks" column), and the same config measured twice up to 10% (Llama 334M dp4 with AC: 4.607
 and 4.135 GB; GPT-2 tp2cp2: 5.050 and 4.632 GB). Keeping gradients allocated across steps (zeroed,
-not freed) did not change it (Llama 150M shape, 6 layers, dp4: 1.81-1.97 against 1.68-2.04 GiB).
+not freed) did not change it (Llama 150M shape, 6 layers, dp4: 1.68-2.04 GiB kept, 1.81-1.97 GiB freed).
 
 """
 

@@ -222,10 +222,10 @@ def _warn_if_it_will_not_fit(config, setup, ranks_here: int) -> None:
         plan = make_plan(config, setup, "cpu")
     except RunError:  # a model the plan cannot run on the meta device: no estimate, no warning
         return
-    largest = sorted(plan.ranks, key=lambda memory: memory.total, reverse=True)[:ranks_here]
-    needed = sum(memory.total for memory in largest)
     if plan.device_memory_gb is None:
         return
+    largest = sorted(plan.ranks, key=lambda memory: memory.total, reverse=True)[:ranks_here]
+    needed = sum(memory.total for memory in largest)
     advice = returned_memory_advice(needed, sum(memory.allocator for memory in largest), plan.device_memory_gb * GB)
     if needed > plan.device_memory_gb * GB or advice:
         print(
